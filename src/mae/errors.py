@@ -1,0 +1,25 @@
+"""User-facing errors: each names the bad value and what would be valid.
+
+The CLI turns any `MAEError` into one line on stderr and exit code 2; everything else is a bug and keeps
+its traceback.
+"""
+
+
+class MAEError(Exception):
+    """Base class of errors caused by the user's input (config, data, checkpoint), not by a bug."""
+
+
+class ConfigError(MAEError, ValueError):
+    """An unknown key, a wrong type or an impossible value in a config."""
+
+
+class DataError(MAEError):
+    """A missing, empty or unreadable dataset."""
+
+
+class CheckpointError(MAEError):
+    """A checkpoint that is missing, truncated, unsafe or of another architecture."""
+
+
+class TrainingError(MAEError):
+    """A run that cannot go on (e.g. repeated non-finite losses)."""
