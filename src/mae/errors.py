@@ -23,3 +23,7 @@ class CheckpointError(MAEError):
 
 class TrainingError(MAEError):
     """A run that cannot go on (e.g. repeated non-finite losses)."""
+
+
+class InputError(MAEError, ValueError):
+    """A tensor or argument of the wrong shape or range passed to the library's API."""

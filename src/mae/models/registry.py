@@ -1,0 +1,71 @@
+"""Named architectures and `create_model`, timm style: ``create_model(name, checkpoint_path=None, **overrides)``."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from pathlib import Path
+
+from mae.errors import ConfigError
+from mae.models.mae import MAEConfig, MaskedAutoencoderViT, config_fields
+
+# Encoder widths of the ViT family (ViT-Tiny/Small as in DeiT; Base/Large/Huge as in the paper).
+_ENCODERS = {
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "base": dict(embed_dim=768, depth=12, num_heads=12),
+    "large": dict(embed_dim=1024, depth=24, num_heads=16),
+    "huge": dict(embed_dim=1280, depth=32, num_heads=16),
+}
+_PAPER_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+# Named decoder variants of paper Table 1a/1b: suffix -> decoder fields.
+_DECODERS = {
+    "": _PAPER_DECODER,
+    "_dec512d8b": _PAPER_DECODER,
+    "_dec512d1b": dict(decoder_embed_dim=512, decoder_depth=1, decoder_num_heads=16),
+    "_dec512d2b": dict(decoder_embed_dim=512, decoder_depth=2, decoder_num_heads=16),
+    "_dec512d4b": dict(decoder_embed_dim=512, decoder_depth=4, decoder_num_heads=16),
+    "_dec256d8b": dict(decoder_embed_dim=256, decoder_depth=8, decoder_num_heads=8),
+}
+
+ARCHITECTURES: dict[str, dict] = {
+    f"mae_vit_{size}_patch{patch}{suffix}": dict(patch_size=patch, img_size=224, **enc, **dec)
+    for size, enc in _ENCODERS.items()
+    for patch in (16, 14)
+    for suffix, dec in _DECODERS.items()
+}
+# A model small enough to pre-train on a laptop CPU in minutes (28 x 28 grayscale digits, 7 x 7 patches of 4).
+ARCHITECTURES["mae_vit_micro_patch4_28"] = dict(
+    img_size=28, patch_size=4, in_chans=1, embed_dim=128, depth=6, num_heads=4,
+    decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
+)
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered model names matching a shell-style pattern, e.g. ``list_models('*large*')``."""
+    return sorted(n for n in ARCHITECTURES if fnmatch.fnmatch(n, pattern))
+
+
+def model_config(name: str, **overrides) -> MAEConfig:
+    """The architecture config of a registered name, with any field overridden."""
+    if name not in ARCHITECTURES:
+        close = difflib.get_close_matches(name, ARCHITECTURES, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see `mae models` for the list"
+        raise ConfigError(f"unknown model '{name}'{hint}")
+    unknown = sorted(set(overrides) - set(config_fields()))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], config_fields(), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f" (valid: {', '.join(config_fields())})"
+        raise ConfigError(f"unknown model field '{unknown[0]}'{hint}")
+    return MAEConfig(**{**ARCHITECTURES[name], **overrides})
+
+
+def create_model(name: str, checkpoint_path: str | Path | None = None, **overrides) -> MaskedAutoencoderViT:
+    """Build a registered MAE, optionally loading weights from any checkpoint format the library reads
+    (its own safetensors, the reference ``.pth``, a Hugging Face directory, a timm encoder state_dict)."""
+    model = MaskedAutoencoderViT(model_config(name, **overrides))
+    if checkpoint_path is not None:
+        from mae.interop import load_weights_into  # lazy: interop imports the model module
+
+        load_weights_into(model, checkpoint_path)
+    return model

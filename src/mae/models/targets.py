@@ -1,0 +1,184 @@
+"""What the decoder predicts for each removed patch (paper Table 1d), behind one pluggable interface.
+
+A target maps images [N, C, H, W] to per-patch targets [N, L, dim] and scores predictions on removed patches
+only. Built in: ``pixel``, ``norm_pixel`` (per-patch mean / unbiased variance + 1e-6, the reference's
+``norm_pix_loss``), ``pca`` (coefficients on the top-k principal components of training patches, fitted from
+data and stored in the checkpoint) and ``hog`` (histograms of oriented gradients, as in MaskFeat). Tokenizer
+targets (BEiT's dVAE) plug in through `TokenTarget` with a tokenizer the user supplies, or any other target
+through `register_target`.
+"""
+
+from __future__ import annotations
+
+import abc
+import difflib
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mae.errors import ConfigError, InputError
+from mae.models.patches import patchify
+
+
+class Target(nn.Module, abc.ABC):
+    """Base class: per-patch targets and a loss averaged over removed patches."""
+
+    dim: int  # width of one patch's target; the decoder's prediction head has this many outputs
+
+    @abc.abstractmethod
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        """Images [N, C, H, W] -> per-patch targets [N, L, dim] (or token ids [N, L])."""
+
+    def loss(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean squared error per patch, averaged over removed patches (mask == 1) only."""
+        per_patch = ((pred.float() - target.float()) ** 2).mean(dim=-1)  # [N, L]
+        return (per_patch * mask).sum() / mask.sum()
+
+
+class PixelTarget(Target):
+    """Raw pixels of each patch, optionally normalised by the patch's own mean and unbiased variance."""
+
+    def __init__(self, patch_size: int, in_chans: int, normalize: bool = False, eps: float = 1e-6):
+        super().__init__()
+        self.patch_size, self.normalize, self.eps = patch_size, normalize, eps
+        self.dim = patch_size * patch_size * in_chans
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        target = patchify(imgs, self.patch_size)  # [N, L, p*p*C]
+        if self.normalize:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)  # unbiased, as the reference
+            target = (target - mean) / (var + self.eps) ** 0.5
+        return target
+
+
+class PCATarget(Target):
+    """Coefficients of each (centred) patch on the top-k principal components of training patches.
+
+    The basis lives in buffers, so it travels with the checkpoint. Fit it once with `fit` before training.
+    """
+
+    def __init__(self, patch_size: int, in_chans: int, num_components: int = 96):
+        super().__init__()
+        patch_dim = patch_size * patch_size * in_chans
+        if not 0 < num_components <= patch_dim:
+            raise ConfigError(f"pca_components must be in [1, {patch_dim}] for {patch_size}x{patch_size}x{in_chans}"
+                              f" patches, got {num_components}")
+        self.patch_size, self.dim = patch_size, num_components
+        self.register_buffer("mean", torch.zeros(patch_dim))
+        self.register_buffer("components", torch.zeros(num_components, patch_dim))  # rows: principal axes
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def fit(self, batches: Iterable[torch.Tensor]) -> torch.Tensor:
+        """Fit the basis from image batches [N, C, H, W]; returns the explained-variance ratio of the k axes."""
+        total, s1, s2 = 0, None, None
+        for imgs in batches:
+            patches = patchify(imgs.float(), self.patch_size).reshape(-1, self.mean.numel()).double()  # [M, P]
+            s1 = patches.sum(0) if s1 is None else s1 + patches.sum(0)
+            s2 = patches.T @ patches if s2 is None else s2 + patches.T @ patches
+            total += patches.shape[0]
+        if total < 2:
+            raise InputError("PCA target needs at least two patches to fit")
+        mean = s1 / total
+        cov = (s2 - total * torch.outer(mean, mean)) / (total - 1)
+        eigvals, eigvecs = torch.linalg.eigh(cov)  # ascending
+        order = torch.argsort(eigvals, descending=True)[: self.dim]
+        self.mean.copy_(mean.float())
+        self.components.copy_(eigvecs[:, order].T.float())
+        self.fitted.fill_(True)
+        return eigvals[order].sum() / eigvals.clamp_min(0).sum()
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        if not bool(self.fitted):
+            raise InputError("the PCA target has no basis yet: call model.target.fit(batches) before training")
+        patches = patchify(imgs, self.patch_size).float()  # [N, L, P]
+        return (patches - self.mean) @ self.components.T  # [N, L, k]
+
+
+class HOGTarget(Target):
+    """Histograms of oriented gradients per patch (MaskFeat): per channel, unsigned orientation bins over
+    cells, magnitude-weighted, L2-normalised per patch and channel."""
+
+    def __init__(self, patch_size: int, in_chans: int, bins: int = 9, cell_size: int | None = None):
+        super().__init__()
+        cell = cell_size or max(1, patch_size // 2)
+        if patch_size % cell:
+            raise ConfigError(f"hog cell_size {cell} must divide the patch size {patch_size}")
+        self.patch_size, self.in_chans, self.bins, self.cell = patch_size, in_chans, bins, cell
+        self.cells_per_patch = patch_size // cell
+        self.dim = in_chans * bins * self.cells_per_patch**2
+        kernel = torch.tensor([-1.0, 0.0, 1.0])
+        self.register_buffer("kx", kernel.reshape(1, 1, 1, 3).repeat(in_chans, 1, 1, 1), persistent=False)
+        self.register_buffer("ky", kernel.reshape(1, 1, 3, 1).repeat(in_chans, 1, 1, 1), persistent=False)
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        x = imgs.float()
+        n, c, height, width = x.shape
+        gx = F.conv2d(F.pad(x, (1, 1, 0, 0), mode="reflect"), self.kx, groups=c)  # [N, C, H, W]
+        gy = F.conv2d(F.pad(x, (0, 0, 1, 1), mode="reflect"), self.ky, groups=c)
+        magnitude = torch.sqrt(gx**2 + gy**2)
+        angle = torch.remainder(torch.atan2(gy, gx), math.pi)  # unsigned orientation in [0, pi)
+        index = (angle / math.pi * self.bins).long().clamp_(max=self.bins - 1)
+        hist = torch.zeros(n, c, self.bins, height, width, device=x.device)
+        hist.scatter_(2, index.unsqueeze(2), magnitude.unsqueeze(2))
+        hist = F.avg_pool2d(hist.flatten(1, 2), self.cell, self.cell) * self.cell**2  # sum per cell
+        h, w, k = height // self.patch_size, width // self.patch_size, self.cells_per_patch
+        hist = hist.reshape(n, c, self.bins, h, k, w, k).permute(0, 3, 5, 1, 4, 6, 2)  # [N, h, w, C, k, k, bins]
+        hist = hist.reshape(n, h * w, c, k * k * self.bins)
+        hist = F.normalize(hist, dim=-1)  # per patch and channel
+        return hist.reshape(n, h * w, self.dim)
+
+
+class TokenTarget(Target):
+    """Discrete tokens from a user-supplied tokenizer (e.g. BEiT's dVAE), scored by cross-entropy.
+
+    ``tokenizer(imgs)`` must return token ids [N, L] in [0, vocab_size); its weights are frozen.
+    """
+
+    def __init__(self, tokenizer: nn.Module | Callable[[torch.Tensor], torch.Tensor], vocab_size: int):
+        super().__init__()
+        self.tokenizer, self.dim = tokenizer, vocab_size
+        if isinstance(tokenizer, nn.Module):
+            tokenizer.requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        tokens = self.tokenizer(imgs)
+        if tokens.dtype not in (torch.int32, torch.int64) or tokens.dim() != 2:
+            raise InputError(f"tokenizer must return integer token ids [N, L], got {tokens.dtype} {list(tokens.shape)}")
+        return tokens.long()
+
+    def loss(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        per_patch = F.cross_entropy(pred.float().flatten(0, 1), target.flatten(), reduction="none")
+        return (per_patch.view_as(mask) * mask).sum() / mask.sum()
+
+
+TargetFactory = Callable[..., Target]
+_TARGETS: dict[str, TargetFactory] = {
+    "pixel": lambda patch_size, in_chans, **kw: PixelTarget(patch_size, in_chans, normalize=False),
+    "norm_pixel": lambda patch_size, in_chans, **kw: PixelTarget(patch_size, in_chans, normalize=True),
+    "pca": lambda patch_size, in_chans, pca_components=96, **kw: PCATarget(patch_size, in_chans, pca_components),
+    "hog": lambda patch_size, in_chans, hog_bins=9, **kw: HOGTarget(patch_size, in_chans, hog_bins),
+}
+
+
+def register_target(name: str, factory: TargetFactory) -> None:
+    """Make ``target=name`` available to `create_model`; ``factory(patch_size=, in_chans=, **cfg)`` builds it."""
+    _TARGETS[name] = factory
+
+
+def target_names() -> list[str]:
+    return sorted(_TARGETS)
+
+
+def build_target(name: str, patch_size: int, in_chans: int, **options) -> Target:
+    """Build a registered target by name; unknown names get the closest valid one suggested."""
+    if name not in _TARGETS:
+        close = difflib.get_close_matches(name, _TARGETS, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown target '{name}' (valid: {', '.join(target_names())}){hint}")
+    return _TARGETS[name](patch_size=patch_size, in_chans=in_chans, **options)
