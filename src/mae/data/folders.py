@@ -1,0 +1,177 @@
+"""Image datasets read from folders: a class-folder tree (`root/<class>/**/<image>`) or any tree of images.
+
+Every image comes out 8-bit in the requested mode ('RGB' or 'L'), whatever it was stored as: grey, palette,
+with alpha (composited on white), or 16-bit (scaled 0..65535 -> 0..255). An unreadable file is skipped with a
+warning and replaced by the next readable one (so the order stays deterministic), or raises at once with
+`strict=True`; `verify=True` decodes every file up front so the bad ones are known before training starts.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+
+from mae.errors import DataError
+
+MODES = ("RGB", "L")
+UNLABELED = -1
+"""Label of every image of a plain (class-less) folder."""
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """True for a file with an image extension (case-insensitive) that is not hidden (e.g. macOS `._x.jpg`)."""
+    name = os.path.basename(path)
+    return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
+
+
+def to_mode(image: Image.Image, mode: str) -> Image.Image:
+    """`image` as an 8-bit 'RGB' or 'L' image: alpha is composited on white, 16/32-bit values are scaled, not clipped."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit greys (PNG, TIFF) map 0..65535 -> 0..255; 32-bit 'I' (how older Pillow opens 16-bit PNGs) is read
+        # as the same 16-bit range.
+        values = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.round(np.clip(values, 0, 65535) / 257).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image if image.mode == mode else image.convert(mode)
+
+
+def _check_folder(root: Path) -> None:
+    if not root.exists():
+        raise DataError(f"data path '{root}' does not exist; check the path (a folder of images, or builtin:<name>)")
+    if not root.is_dir():
+        raise DataError(f"data path '{root}' is a file, not a folder; give the folder that holds the images")
+
+
+def _no_images(root: Path) -> DataError:
+    return DataError(f"folder '{root}' holds no image files; accepted extensions: {' '.join(IMG_EXTENSIONS)}")
+
+
+class _ImageFiles(Dataset):
+    """A list of (image path, label) pairs read as PIL images, with the skip / strict policy for unreadable files."""
+
+    def __init__(self, root: Path, samples: list[tuple[str, int]], classes: list[str], transform: Callable | None,
+                 mode: str, strict: bool, verify: bool):
+        if mode not in MODES:
+            raise DataError(f"image mode '{mode}' is not supported; use one of {', '.join(MODES)}")
+        self.root = root
+        self.samples = samples
+        self.classes = classes
+        self.transform = transform
+        self.mode = mode
+        self.strict = strict
+        self.bad_files: list[str] = []
+        """Unreadable files met so far by this process (all of them after `verify=True`)."""
+        if verify:
+            good = [(path, label) for path, label in self.samples if self._try_load(path) is not None]
+            if not good:
+                raise DataError(f"no image in '{root}' could be read ({len(self.bad_files)} corrupt files)")
+            self.samples = good
+
+    @property
+    def targets(self) -> list[int]:
+        return [label for _, label in self.samples]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def in_chans(self) -> int:
+        return 1 if self.mode == "L" else 3
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.bad_files)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _try_load(self, path: str) -> Image.Image | None:
+        """The decoded image, or None (after a warning, once per file) if the file is unreadable and not strict."""
+        try:
+            with Image.open(path) as f:
+                f.load()  # decode now: a truncated file fails here, not inside a transform
+                return to_mode(f, self.mode)
+        except (OSError, ValueError, SyntaxError, EOFError) as e:  # what Pillow raises for bad data
+            if self.strict:
+                raise DataError(f"image file '{path}' is corrupt or unreadable ({e}); delete or replace it, "
+                                "or pass strict=False to skip such files") from e
+            if path not in self.bad_files:
+                self.bad_files.append(path)
+                warnings.warn(f"skipping corrupt or unreadable image file '{path}': {e}", stacklevel=3)
+            return None
+
+    def __getitem__(self, index: int) -> tuple[object, int]:
+        # An unreadable file is replaced by the next readable one, so a given index always gives the same sample.
+        for offset in range(len(self.samples)):
+            path, label = self.samples[(index + offset) % len(self.samples)]
+            image = self._try_load(path)
+            if image is not None:
+                return (self.transform(image) if self.transform is not None else image), label
+        raise DataError(f"no image in '{self.root}' could be read ({len(self.bad_files)} corrupt files)")
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(root='{self.root}', n={len(self)}, classes={self.num_classes}, "
+                f"mode={self.mode!r}, skipped={self.num_skipped})")
+
+
+def find_classes(root: str | os.PathLike) -> list[str]:
+    """Sorted names of the visible sub-folders of `root` (hidden ones like `.ipynb_checkpoints` are not classes)."""
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
+class ClassFolderDataset(_ImageFiles):
+    """`root/<class>/**/<image>` (torchvision's ImageFolder layout); labels index the sorted class names.
+
+    Args:
+        root: the folder whose sub-folders are the classes.
+        transform: applied to the PIL image.
+        mode: 'RGB' or 'L'; every image is converted to it.
+        strict: raise DataError at the first unreadable file instead of skipping it with a warning.
+        verify: decode every file now, so `bad_files` is complete and the bad ones never reach a batch.
+    """
+
+    def __init__(self, root: str | os.PathLike, transform: Callable | None = None, mode: str = "RGB",
+                 strict: bool = False, verify: bool = False):
+        root = Path(root)
+        _check_folder(root)
+        classes = find_classes(root)
+        if not classes:
+            if any(is_image_file(p) for p in root.iterdir()):
+                raise DataError(f"folder '{root}' has images but no class sub-folders; labels need the layout "
+                                f"'{root}/<class name>/<image>' (one sub-folder per class)")
+            raise _no_images(root)
+        # Empty classes are kept so that label indices agree between a train and a val tree.
+        samples = make_dataset(str(root), {c: i for i, c in enumerate(classes)}, is_valid_file=is_image_file,
+                               allow_empty=True)
+        if not samples:
+            raise _no_images(root)
+        super().__init__(root, samples, classes, transform, mode, strict, verify)
+
+
+class PlainFolderDataset(_ImageFiles):
+    """Every image under `root`, recursively, in sorted path order; all labels are `UNLABELED` (-1).
+
+    For pre-training on images without labels. Arguments as for `ClassFolderDataset`.
+    """
+
+    def __init__(self, root: str | os.PathLike, transform: Callable | None = None, mode: str = "RGB",
+                 strict: bool = False, verify: bool = False):
+        root = Path(root)
+        _check_folder(root)
+        paths = []
+        for folder, subfolders, files in os.walk(root, followlinks=True):
+            subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+            paths += [os.path.join(folder, f) for f in files if is_image_file(f)]
+        if not paths:
+            raise _no_images(root)
+        super().__init__(root, [(p, UNLABELED) for p in sorted(paths)], [], transform, mode, strict, verify)

@@ -1,0 +1,94 @@
+"""Pre-training augmentations of the MAE paper (Table 1e) and the evaluation transform, for PIL images.
+
+Each transform takes a PIL image of any size (smaller than the crop is fine: it is upsampled) in mode 'L' or 'RGB'
+and returns a float tensor [in_chans, img_size, img_size] normalised by mean / std. Grey images become RGB by
+replicating the channel; RGB images become grey by ITU-R 601-2 luma.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torchvision.transforms import InterpolationMode, v2
+
+from mae.errors import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+GRAY_MEAN = (0.5,)
+GRAY_STD = (0.5,)
+"""Default for one channel: maps [0, 1] to [-1, 1] whatever the data (dataset statistics such as MNIST's
+0.1307 / 0.3081 fit only that dataset; pass them as mean / std when wanted)."""
+
+AUGMENTATIONS = ("rrc", "fixed_crop", "none", "rrc_jitter")
+"""Names accepted by `build_transform`; 'rrc' is the paper's default."""
+RRC_SCALE = (0.2, 1.0)
+FIXED_CROP_PCT = 0.875
+BICUBIC = InterpolationMode.BICUBIC
+
+
+def default_mean_std(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """ImageNet statistics for 3 channels, (0.5,) / (0.5,) for 1."""
+    _check_chans(in_chans)
+    return (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else (GRAY_MEAN, GRAY_STD)
+
+
+def _check_chans(in_chans: int) -> None:
+    if in_chans not in (1, 3):
+        raise ConfigError(f"in_chans={in_chans} is not supported by the image transforms; use 1 (grey) or 3 (RGB)")
+
+
+def _finish(in_chans: int, mean: Sequence[float] | None, std: Sequence[float] | None) -> list[Callable]:
+    """Channel conversion, then PIL -> float tensor in [0, 1] -> normalised."""
+    default_mean, default_std = default_mean_std(in_chans)
+    mean = tuple(default_mean if mean is None else mean)
+    std = tuple(default_std if std is None else std)
+    if len(mean) != in_chans or len(std) != in_chans:
+        raise ConfigError(f"mean {mean} and std {std} need {in_chans} value(s) each, one per input channel")
+    channels = v2.RGB() if in_chans == 3 else v2.Grayscale(num_output_channels=1)
+    return [channels, v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+
+
+def resize_size(img_size: int, crop_pct: float) -> int:
+    """Shorter side to resize to before a centre / random crop of `img_size` (224 / 0.875 = 256)."""
+    if not 0 < crop_pct <= 1:
+        raise ConfigError(f"crop_pct={crop_pct} must be in (0, 1]; 0.875 resizes 224-px crops from 256 px")
+    return max(img_size, round(img_size / crop_pct))
+
+
+def build_transform(name: str, img_size: int, in_chans: int, mean: Sequence[float] | None = None,
+                    std: Sequence[float] | None = None) -> Callable:
+    """The pre-training augmentation `name` (one of `AUGMENTATIONS`), PIL image -> [in_chans, img_size, img_size].
+
+    - rrc: RandomResizedCrop(scale=(0.2, 1), bicubic) + horizontal flip (the paper's default)
+    - fixed_crop: resize the shorter side to img_size / 0.875, random crop + horizontal flip
+    - none: resize the shorter side to img_size, centre crop
+    - rrc_jitter: rrc + ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4)
+    mean / std default to ImageNet's for 3 channels and (0.5,) / (0.5,) for 1.
+    """
+    flip = v2.RandomHorizontalFlip()
+    rrc = v2.RandomResizedCrop(img_size, scale=RRC_SCALE, interpolation=BICUBIC)
+    geometry: dict[str, list[Callable]] = {
+        "rrc": [rrc, flip],
+        "fixed_crop": [v2.Resize(resize_size(img_size, FIXED_CROP_PCT), interpolation=BICUBIC),
+                       v2.RandomCrop(img_size), flip],
+        "none": [v2.Resize(img_size, interpolation=BICUBIC), v2.CenterCrop(img_size)],
+        "rrc_jitter": [rrc, flip, v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4)],
+    }
+    if name not in geometry:
+        raise ConfigError(f"unknown augmentation '{name}'; valid: {', '.join(AUGMENTATIONS)}")
+    return v2.Compose(geometry[name] + _finish(in_chans, mean, std))
+
+
+def build_eval_transform(img_size: int, in_chans: int, crop_pct: float | None = None,
+                         mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> Callable:
+    """Evaluation transform: resize the shorter side to img_size / crop_pct (bicubic), then centre crop img_size.
+
+    crop_pct=None picks the paper's 0.875 for images above 32 px and 1.0 (resize only) for tiny ones, where cutting
+    the border would lose a large part of the digit or object.
+    """
+    if crop_pct is None:
+        crop_pct = FIXED_CROP_PCT if img_size > 32 else 1.0
+    geometry = [v2.Resize(resize_size(img_size, crop_pct), interpolation=BICUBIC), v2.CenterCrop(img_size)]
+    return v2.Compose(geometry + _finish(in_chans, mean, std))

@@ -1,0 +1,67 @@
+"""Pieces every recipe shares: device choice, output directory, the model section of a config."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mae.errors import ConfigError
+
+log = logging.getLogger("mae")
+
+
+@dataclass
+class ModelSection:
+    """A registered architecture plus optional overrides of its fields (unset = the architecture's value)."""
+
+    name: str = field(default="mae_vit_base_patch16", metadata={"help": "registered model name (see `mae models`)"})
+    img_size: int | None = field(default=None, metadata={"help": "image side in pixels"})
+    patch_size: int | None = None
+    in_chans: int | None = field(default=None, metadata={"help": "1 grey, 3 RGB"})
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float | None = None
+    decoder_embed_dim: int | None = None
+    decoder_depth: int | None = None
+    decoder_num_heads: int | None = None
+    target: str | None = field(default=None, metadata={"help": "pixel | norm_pixel | pca | hog"})
+    norm_pix_loss: bool | None = field(default=None, metadata={"help": "reference switch for target=norm_pixel"})
+    mask_strategy: str | None = field(default=None, metadata={"help": "random | block | grid"})
+    mask_ratio: float | None = field(default=None, metadata={"help": "fraction of patches removed (paper: 0.75)"})
+    mask_in_encoder: bool | None = field(default=None, metadata={"help": "ablation: mask tokens in the encoder"})
+    pca_components: int | None = None
+    hog_bins: int | None = None
+
+    def overrides(self) -> dict:
+        return {k: v for k, v in vars(self).items() if k != "name" and v is not None}
+
+    def validate(self) -> None:
+        from mae.models import model_config
+
+        model_config(self.name, **self.overrides())  # raises ConfigError naming the bad field
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"device '{name}' is not a valid torch device; use auto, cpu, cuda or cuda:N") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device '{name}' requested but CUDA is not available; use device=cpu")
+    return device
+
+
+def prepare_output_dir(path: str) -> Path:
+    out = Path(path).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create output directory '{path}': {e.strerror}; choose another --output-dir") from e
+    return out

@@ -1,0 +1,270 @@
+"""Checkpoints that survive crashes and full disks, and loading that never runs code from a file.
+
+* `atomic_save` writes to a temporary file next to the target, fsyncs it and renames it over the target, so a
+  reader sees either the old file or the new one, never half of one.
+* `safe_load` uses ``torch.load(weights_only=True)``: tensors and plain containers only. Reference MAE
+  checkpoints also pickle an ``argparse.Namespace`` under ``'args'``; that one class is allowed, nothing else.
+* `CheckpointManager` keeps numbered checkpoints plus ``checkpoint-last.pth`` / ``checkpoint-best.pth`` and finds
+  the newest loadable one to resume from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import logging
+import os
+import pickle
+import re
+import shutil
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from mae.errors import CheckpointError
+
+__all__ = ["CheckpointManager", "atomic_save", "safe_load"]
+
+_log = logging.getLogger(__name__)
+
+# the only non-tensor class a reference checkpoint needs: its training arguments
+_SAFE_GLOBALS: list[Any] = [argparse.Namespace]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# writing
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """`torch.save(obj)` to `path` atomically: on any error the previous file at `path` is left untouched."""
+    path = Path(path)
+    _write_atomic(path, lambda f: torch.save(obj, f))
+    return path
+
+
+def _atomic_copy(src: Path, dst: Path) -> None:
+    """Copy `src` to `dst` with the same all-or-nothing guarantee as `atomic_save`."""
+
+    def copy(f: IO[bytes]) -> None:
+        with open(src, "rb") as s:
+            shutil.copyfileobj(s, f, length=16 << 20)
+
+    _write_atomic(dst, copy)
+
+
+def _write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    tmp: str | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        _fsync_dir(path.parent)
+    except OSError as e:
+        raise CheckpointError(f"could not write checkpoint '{path}': {_reason(e)}; {_fix(e)}") from e
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable (POSIX); directories cannot be opened this way on Windows."""
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _reason(e: OSError) -> str:
+    return e.strerror or str(e) or type(e).__name__
+
+
+def _fix(e: OSError) -> str:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free space or change --output-dir"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "make the directory writable or change --output-dir"
+    return "check the output directory or change --output-dir"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------------------------------------------------
+
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a ``.pth``/``.pt`` (weights only) or ``.safetensors`` file without executing anything from it."""
+    path = Path(path)
+    if not path.is_file():
+        what = "is a directory, not a file" if path.is_dir() else "does not exist"
+        raise CheckpointError(f"checkpoint '{path}' {what}; check the path")
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path, map_location)
+    try:
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        match = _GLOBAL.search(str(e))
+        if match:
+            raise CheckpointError(
+                f"refused to load checkpoint '{path}': it would import/run '{match.group(1)}'; only weights are "
+                "loaded (weights_only=True), re-save it with tensors and plain containers only"
+            ) from None
+        raise CheckpointError(
+            f"refused to load checkpoint '{path}': it is not a weights-only PyTorch file ({_first_line(e)}); only "
+            "weights are loaded, re-save it with torch.save(state_dict)"
+        ) from None
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EPERM):
+            raise CheckpointError(f"could not read checkpoint '{path}': {_reason(e)}; check its permissions") from None
+        raise CheckpointError(
+            f"checkpoint '{path}' is truncated or corrupt ({_first_line(e)}); use an earlier checkpoint or "
+            "download it again"
+        ) from None
+    except (RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as e:
+        raise CheckpointError(
+            f"checkpoint '{path}' is truncated or corrupt ({_first_line(e)}); "
+            "use an earlier checkpoint or download it again"
+        ) from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint '{path}' holds a {type(obj).__name__}, expected a dict (a state dict)")
+    return obj
+
+
+def _load_safetensors(path: Path, map_location: str | torch.device) -> dict[str, Any]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device=str(map_location))
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(
+            f"checkpoint '{path}' is truncated or corrupt ({_first_line(e)}); use an earlier file or download it again"
+        ) from None
+
+
+def _first_line(e: BaseException) -> str:
+    """The specific reason in an exception message: torch wraps it in paragraphs of generic advice."""
+    generic = (
+        "Weights only load failed",
+        "In PyTorch",
+        "(1)",
+        "(2)",
+        "Please file an issue",
+        "Check the documentation",
+    )
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    specific = [ln for ln in lines if not ln.startswith(generic)]
+    reason = (specific or lines or [""])[0].split(". This is an internal miniz error")[0][:200]
+    return f"{type(e).__name__}: {reason}" if reason else type(e).__name__
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a directory of checkpoints
+# ---------------------------------------------------------------------------------------------------------------------
+
+_NUMBERED = re.compile(r"^checkpoint-(\d+)\.pth$")
+
+
+class CheckpointManager:
+    """Numbered checkpoints ``checkpoint-{epoch:04d}.pth`` plus ``checkpoint-last.pth`` and ``checkpoint-best.pth``.
+
+    `keep_last` numbered files are kept (None: all; 0: none, only last/best); last and best are never pruned.
+    """
+
+    def __init__(self, output_dir: str | Path, keep_last: int | None = None) -> None:
+        if keep_last is not None and keep_last < 0:
+            raise CheckpointError(f"keep_last must be >= 0 or None (keep all), got {keep_last}")
+        self.output_dir = Path(output_dir)
+        self.keep_last = keep_last
+
+    @property
+    def last_path(self) -> Path:
+        return self.output_dir / "checkpoint-last.pth"
+
+    @property
+    def best_path(self) -> Path:
+        return self.output_dir / "checkpoint-best.pth"
+
+    def path_for(self, epoch: int) -> Path:
+        return self.output_dir / f"checkpoint-{epoch:04d}.pth"
+
+    def save(self, state: dict[str, Any], epoch: int, is_best: bool = False) -> Path:
+        """Write the checkpoint of `epoch` (stored inside as ``state['epoch']`` if absent); returns its path."""
+        if "epoch" not in state:
+            state = {**state, "epoch": epoch}
+        if self.keep_last == 0:
+            written = atomic_save(state, self.last_path)
+        else:
+            written = atomic_save(state, self.path_for(epoch))
+            _atomic_copy(written, self.last_path)
+        if is_best:
+            _atomic_copy(written, self.best_path)
+        self._prune()
+        _log.info("saved checkpoint %s", written)
+        return written
+
+    def numbered(self) -> list[tuple[int, Path]]:
+        """The numbered checkpoints in the directory as (epoch, path), oldest first."""
+        if not self.output_dir.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.output_dir.iterdir() if (m := _NUMBERED.match(p.name))]
+        return sorted(found)
+
+    def _prune(self) -> None:
+        if self.keep_last is None:
+            return
+        numbered = self.numbered()
+        for _, path in numbered[: max(len(numbered) - self.keep_last, 0)]:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def latest_valid(self) -> Path | None:
+        """The newest checkpoint that loads, skipping (with a warning) damaged ones; None when there is none."""
+        found = self.load_latest()
+        return found[0] if found is not None else None
+
+    def load_latest(self, map_location: str | torch.device = "cpu") -> tuple[Path, dict[str, Any]] | None:
+        """Like `latest_valid`, but also returns the loaded state so that resuming reads the file only once.
+
+        ``checkpoint-last.pth`` is tried first; a numbered file with a later epoch (a crash between writing it and
+        updating last) wins over it, and the numbered files are the fallback when last is missing or damaged.
+        """
+        numbered = list(reversed(self.numbered()))  # newest first
+        last = self._try_load(self.last_path, map_location) if self.last_path.is_file() else None
+        if last is not None:
+            last_epoch = last.get("epoch")
+            if isinstance(last_epoch, int):
+                for epoch, path in numbered:
+                    if epoch > last_epoch and (state := self._try_load(path, map_location)) is not None:
+                        return path, state
+            return self.last_path, last
+        for _, path in numbered:
+            if (state := self._try_load(path, map_location)) is not None:
+                return path, state
+        return None
+
+    @staticmethod
+    def _try_load(path: Path, map_location: str | torch.device) -> dict[str, Any] | None:
+        try:
+            return safe_load(path, map_location)
+        except CheckpointError as e:
+            warnings.warn(f"skipping damaged checkpoint '{path}': {e}", stacklevel=4)
+            return None

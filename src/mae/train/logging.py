@@ -1,0 +1,165 @@
+"""Run metrics: one JSON line per record in ``metrics.jsonl`` (plus TensorBoard), progress bars, and loss plots.
+
+Library code never prints: progress goes through tqdm (on stderr), messages through the `logging` module.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import numbers
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mae.errors import MAEError
+
+__all__ = ["MetricsLogger", "plot_curves", "progress"]
+
+_log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+T = TypeVar("T")
+
+
+class MetricsLogger:
+    """Append metric records to ``output_dir/metrics.jsonl`` and, when tensorboard is installed, to TensorBoard.
+
+    Disabled loggers (``enabled=False``, e.g. on ranks other than 0) write nothing. Records are flushed line by
+    line so that a crashed run keeps everything logged before the crash.
+    """
+
+    def __init__(self, output_dir: str | Path, enabled: bool = True, tensorboard: bool = True) -> None:
+        self.output_dir = Path(output_dir)
+        self.enabled = enabled
+        self.path = self.output_dir / "metrics.jsonl"
+        self._file = None
+        self._writer = None
+        self._count = 0
+        if not enabled:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                _log.debug("tensorboard is not installed; logging to %s only", self.path)
+            else:
+                self._writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
+
+    def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """Write one record; `step` (or ``metrics['step']``, else a running count) is the TensorBoard x-axis."""
+        if not self.enabled or self._file is None:
+            return
+        record = {k: _plain(v) for k, v in metrics.items()}
+        if step is None:
+            step = record.get("step") if isinstance(record.get("step"), int) else self._count
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, numbers.Real) and not isinstance(value, bool):
+                    self._writer.add_scalar(key, value, global_step=step)
+        self._count += 1
+
+    def close(self) -> None:
+        """Flush and close the files (safe to call twice)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready value: one-element tensors and numpy scalars become numbers, non-finite floats stay floats."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.item() if value.size == 1 else value.tolist()
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", enabled: bool = True) -> tqdm:
+    """A tqdm bar over `iterable` (ETA and rate included); call ``bar.set_postfix(loss=..., lr=...)`` to show metrics.
+
+    Redraws at most once a second so that long runs writing to a log file stay readable.
+    """
+    return tqdm(iterable, total=total, desc=desc, disable=not enabled, mininterval=1.0, dynamic_ncols=True, leave=False)
+
+
+def plot_curves(metrics_jsonl_path: str | Path, out_png: str | Path, keys: Sequence[str] = ("loss", "lr")) -> Path:
+    """Plot each of `keys` against ``step`` (or the record number) from a metrics.jsonl file, one panel per key."""
+    from matplotlib.figure import Figure  # a bare Figure renders with Agg and leaves pyplot's global state alone
+
+    src, out = Path(metrics_jsonl_path), Path(out_png)
+    records = _read_records(src)
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    for key in keys:
+        xs, ys = [], []
+        for i, rec in enumerate(records):
+            value = rec.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                xs.append(rec.get("step", i))
+                ys.append(value)
+        if xs:
+            series[key] = (xs, ys)
+    if not series:
+        raise MAEError(f"'{src}' has no values for {', '.join(map(repr, keys))}; pick keys that the run logged")
+
+    fig = Figure(figsize=(7, 2.6 * len(series)), layout="constrained")
+    axes = fig.subplots(len(series), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, (key, (xs, ys)) in zip(axes, series.items()):
+        ax.plot(xs, ys, linewidth=1.0)
+        ax.set_ylabel(key)
+        ax.grid(True, alpha=0.3)
+    axes[-1].set_xlabel("step")
+    fig.suptitle(src.parent.name or str(src))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    return out
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    """Records of a metrics.jsonl file; a half-written last line (a run killed mid-write) is skipped."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise MAEError(f"could not read metrics file '{path}': {e.strerror or e}; check the run directory") from e
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                continue
+            raise MAEError(f"metrics file '{path}' has a broken line {number}; remove it and plot again") from None
+        if isinstance(record, dict):
+            records.append(record)
+    return records

@@ -1,0 +1,103 @@
+"""Reconstruction grids like paper Figures 2 and 4: masked input | reconstruction | reconstruction with the
+visible patches pasted back, for each mask ratio, then the original."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from mae.data import build_dataset, build_eval_transform, default_mean_std  # noqa: E402
+from mae.errors import DataError  # noqa: E402
+from mae.models import MaskedAutoencoderViT  # noqa: E402
+
+
+def _denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+    return (x.float().cpu() * s + m).clamp(0, 1)
+
+
+@torch.no_grad()
+def reconstruction_panels(model: MaskedAutoencoderViT, imgs: torch.Tensor, mask_ratio: float,
+                          seed: int = 0) -> dict[str, torch.Tensor]:
+    """Normalised-space tensors [N, C, H, W]: 'masked' (removed patches zeroed), 'recon', 'pasted'."""
+    model.eval()
+    device = next(model.parameters()).device
+    imgs = imgs.to(device)
+    n, length = imgs.shape[0], model.grid_size[0] * model.grid_size[1]
+    noise = torch.rand(n, length, generator=torch.Generator().manual_seed(seed)).to(device)
+    recon, mask = model.reconstruct(imgs, mask_ratio, noise=noise)
+    p = model.patch_size
+    pixel_mask = mask.reshape(n, 1, *model.grid_size).repeat_interleave(p, 2).repeat_interleave(p, 3)  # 1 = removed
+    return {"masked": imgs * (1 - pixel_mask), "recon": recon, "pasted": imgs * (1 - pixel_mask) + recon * pixel_mask,
+            "pixel_mask": pixel_mask}
+
+
+def draw_reconstructions(model: MaskedAutoencoderViT, imgs: torch.Tensor, out: str | Path,
+                         mask_ratios: Sequence[float] = (0.75,), mean: Sequence[float] | None = None,
+                         std: Sequence[float] | None = None, seed: int = 0, title: str | None = None) -> Path:
+    """Write the grid PNG for a batch of normalised images [N, C, H, W]; returns the path."""
+    default_mean, default_std = default_mean_std(model.in_chans)
+    mean, std = mean or default_mean, std or default_std
+    columns: list[tuple[str, torch.Tensor]] = []
+    for ratio in mask_ratios:
+        panels = reconstruction_panels(model, imgs, ratio, seed)
+        masked = _denormalize(panels["masked"], mean, std)
+        masked = masked * (1 - panels["pixel_mask"].cpu()) + 0.5 * panels["pixel_mask"].cpu()  # grey holes
+        columns += [(f"masked {ratio:.0%}", masked), ("reconstruction", _denormalize(panels["recon"], mean, std)),
+                    ("+ visible patches", _denormalize(panels["pasted"], mean, std))]
+    columns.append(("original", _denormalize(imgs, mean, std)))
+
+    n = imgs.shape[0]
+    fig, axes = plt.subplots(n, len(columns), figsize=(1.6 * len(columns), 1.6 * n + 0.6), squeeze=False)
+    for col, (name, batch) in enumerate(columns):
+        for row in range(n):
+            ax = axes[row][col]
+            img = batch[row].permute(1, 2, 0).numpy()
+            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img[..., :3], cmap="gray" if img.shape[-1] == 1 else None,
+                      vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(name, fontsize=8)
+    if title is None:
+        title = "MAE reconstructions"
+        if model.config.target == "norm_pixel":
+            title += " (normalised-pixel model: each predicted patch un-normalised with that patch's own mean/var)"
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def load_images(data: str, model: MaskedAutoencoderViT, num_images: int = 8, split: str = "val",
+                mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> torch.Tensor:
+    """The first ``num_images`` of a dataset's split, resized and centre-cropped to the model's input."""
+    side = model.config.image_hw[0]
+    transform = build_eval_transform(side, model.in_chans, crop_pct=1.0, mean=mean, std=std)
+    try:
+        dataset = build_dataset(data, split, transform=transform, mode="L" if model.in_chans == 1 else "RGB")
+    except DataError:  # a folder without a val split: show training images
+        if split == "train":
+            raise
+        dataset = build_dataset(data, "train", transform=transform, mode="L" if model.in_chans == 1 else "RGB")
+    count = min(num_images, len(dataset))
+    step = max(1, len(dataset) // count)
+    return torch.stack([dataset[i * step][0] for i in range(count)])
+
+
+def save_reconstructions(model: MaskedAutoencoderViT, data: str, out: str | Path, mask_ratios: Sequence[float] = (0.75,),
+                         num_images: int = 8, mean: Sequence[float] | None = None,
+                         std: Sequence[float] | None = None, seed: int = 0) -> Path:
+    """Reconstruction grid for the first images of ``data``'s validation split."""
+    imgs = load_images(data, model, num_images, mean=mean, std=std)
+    return draw_reconstructions(model, imgs, out, mask_ratios, mean, std, seed)
