@@ -16,8 +16,27 @@ from mae.errors import MAEError
 EXIT_USER_ERROR = 2
 
 
-def _config_command(sub, name: str, help_text: str, config_cls_path: str, flags: dict[str, str]) -> None:
+# Commands whose settings are a config dataclass: name -> (help, module). Each module defines a dataclass
+# `CONFIG`-named class listed here, a `run(cfg) -> dict` and optionally `CLI_FLAGS` {flag: dotted key}.
+CONFIG_COMMANDS: dict[str, tuple[str, str]] = {
+    "pretrain": ("pre-train a masked autoencoder", "mae.recipes.pretrain.PretrainConfig"),
+    "finetune": ("end-to-end or partial fine-tuning, or supervised training from scratch",
+                 "mae.recipes.finetune.FinetuneConfig"),
+    "linprobe": ("linear probing of a frozen encoder", "mae.recipes.linprobe.LinprobeConfig"),
+    "knn": ("weighted k-NN classification on frozen features", "mae.recipes.knn.KnnConfig"),
+    "evaluate": ("top-1 / top-5, per-class accuracy and confusion matrix of a classifier",
+                 "mae.recipes.evaluate.EvaluateConfig"),
+    "bench": ("time training steps: images/s, memory, FLOPs, MFU, paper Table 2 ratios",
+              "mae.recipes.bench.BenchConfig"),
+}
+COMMON_FLAGS = {"--data": "data.path", "--output-dir": "output_dir", "--resume": "resume", "--epochs": "epochs",
+                "--precision": "precision", "--device": "device"}
+
+
+def _config_command(sub, name: str, help_text: str, config_cls_path: str) -> None:
     """A command whose settings are a config dataclass: --config, the common flags, then key=value overrides."""
+    module = __import__(config_cls_path.rsplit(".", 1)[0], fromlist=["run"])
+    flags = getattr(module, "CLI_FLAGS", COMMON_FLAGS)
     p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file with settings (see configs/)")
     for flag, key in flags.items():
@@ -116,9 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
-    common = {"--data": "data.path", "--output-dir": "output_dir", "--resume": "resume", "--epochs": "epochs",
-              "--precision": "precision", "--device": "device"}
-    _config_command(sub, "pretrain", "pre-train a masked autoencoder", "mae.recipes.pretrain.PretrainConfig", common)
+    for name, (help_text, cls_path) in CONFIG_COMMANDS.items():
+        try:
+            _config_command(sub, name, help_text, cls_path)
+        except ModuleNotFoundError as e:  # a recipe module that is not part of this installation
+            if not cls_path.startswith(e.name or "-"):
+                raise
 
     p = sub.add_parser("visualize", help="draw reconstructions (paper Figures 2 and 4)")
     p.add_argument("checkpoint", help="a run directory or any checkpoint file the library reads")
