@@ -52,10 +52,20 @@ class MAEConfig:
             self.img_size = tuple(int(s) for s in self.img_size)
             if len(self.img_size) != 2:
                 raise ConfigError(f"img_size must be an int or (height, width), got {self.img_size}")
+        # norm_pix_loss is the reference's name for target="norm_pixel"; after this the two always agree
+        if self.norm_pix_loss and self.target not in ("pixel", "norm_pixel"):
+            raise ConfigError(f"norm_pix_loss=True conflicts with target '{self.target}'; set only one of them")
         if self.norm_pix_loss and self.target == "pixel":
             self.target = "norm_pixel"
         self.norm_pix_loss = self.target == "norm_pixel"
         self.validate()
+
+    def replace(self, **changes) -> MAEConfig:
+        """A copy with some fields changed; a new ``target`` wins over the stored ``norm_pix_loss``."""
+        base = self.to_dict()
+        if "target" in changes and "norm_pix_loss" not in changes:
+            base["norm_pix_loss"] = False
+        return MAEConfig(**{**base, **changes})
 
     @property
     def image_hw(self) -> tuple[int, int]:
@@ -81,8 +91,6 @@ class MAEConfig:
                               f"(valid: {', '.join(masking_lib.MASK_STRATEGIES)})")
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ConfigError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
-        if self.norm_pix_loss and self.target not in ("pixel", "norm_pixel"):
-            raise ConfigError(f"norm_pix_loss=True conflicts with target '{self.target}'")
         if self.target not in target_names():
             build_target(self.target, self.patch_size, self.in_chans)  # raises with a suggestion
         if self.depth < 1 or self.decoder_depth < 0:
@@ -104,9 +112,7 @@ class MaskedAutoencoderViT(nn.Module):
 
     def __init__(self, config: MAEConfig | None = None, **kwargs):
         super().__init__()
-        cfg = config if config is not None else MAEConfig(**kwargs)
-        if config is not None and kwargs:
-            cfg = MAEConfig(**{**cfg.to_dict(), **kwargs})
+        cfg = config.replace(**kwargs) if config is not None else MAEConfig(**kwargs)
         self.config = cfg
         self.patch_size, self.in_chans = cfg.patch_size, cfg.in_chans
         self.grid_size = cfg.grid_size

@@ -58,8 +58,9 @@ def masking_from_mask(mask: torch.Tensor, noise: torch.Tensor | None = None) -> 
     if not torch.all(removed == removed[0]):
         raise InputError(f"every sample must remove the same number of patches, got counts {removed.tolist()}")
     len_keep = mask.shape[1] - int(removed[0].item())
-    key = mask * 2.0 + (noise if noise is not None else torch.zeros_like(mask))  # kept (<1) before removed (>=2)
-    ids_shuffle = torch.argsort(key, dim=1, stable=True)
+    order = torch.argsort(noise, dim=1) if noise is not None else torch.arange(mask.shape[1], device=mask.device)
+    order = order.expand_as(mask)  # patches by ascending noise (or in patch order)
+    ids_shuffle = order.gather(1, torch.argsort(mask.gather(1, order), dim=1, stable=True))  # kept first
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     return Masking(ids_keep=ids_shuffle[:, :len_keep], ids_restore=ids_restore, mask=mask)
 

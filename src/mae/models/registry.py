@@ -57,7 +57,7 @@ def model_config(name: str, **overrides) -> MAEConfig:
         close = difflib.get_close_matches(unknown[0], config_fields(), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else f" (valid: {', '.join(config_fields())})"
         raise ConfigError(f"unknown model field '{unknown[0]}'{hint}")
-    return MAEConfig(**{**ARCHITECTURES[name], **overrides})
+    return MAEConfig(**ARCHITECTURES[name]).replace(**overrides)
 
 
 def create_model(name: str, checkpoint_path: str | Path | None = None, **overrides) -> MaskedAutoencoderViT:
