@@ -163,9 +163,6 @@ def test_masking_from_mask_keeps_the_given_mask_and_orders_kept_by_noise():
     assert torch.argsort(m.ids_restore, dim=1).tolist() == [[3, 4, 1, 5, 2, 0]]
 
 
-@pytest.mark.xfail(reason="masking.py masking_from_mask sorts by key = mask * 2 + noise, which separates kept from "
-                          "removed patches only when noise lies in [0, 1); with other noise (e.g. randn) removed "
-                          "patches land in ids_keep and the encoder sees them", strict=True)
 def test_masking_from_mask_keeps_only_unmasked_patches_for_any_noise():
     """Whatever real-valued noise orders the patches, ids_keep holds exactly the patches with mask == 0."""
     mask = torch.tensor([[1.0, 0.0, 1.0, 0.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0, 0.0, 1.0]])

@@ -1,0 +1,40 @@
+"""Reading and writing checkpoints of the reference MAE release, transformers, timm and this project.
+
+    from mae.interop import load_model, save_model, convert, load_weights_into
+    model = load_model("mae_pretrain_vit_base.pth", model_name="mae_vit_base_patch16")  # any supported format
+    save_model(model, "mae_b.safetensors")                                           # weights + config
+    convert("mae_b.safetensors", "hf_dir", to="hf")        # ViTMAEForPreTraining.from_pretrained("hf_dir")
+    convert("mae_b.safetensors", "vit_b.pth", to="timm")   # timm.create_model(..., num_classes=0), strict load
+
+Our state_dict keys are the reference release's, which are timm's for the encoder; `mae.interop.huggingface`
+maps them to and from transformers' names. `load_weights_into` (behind ``create_model(..., checkpoint_path=)``)
+reads every format and says what it skipped.
+"""
+
+from mae.interop.huggingface import (
+    config_from_hf,
+    from_hf_state_dict,
+    hf_config_dict,
+    save_hf_pretrained,
+    to_hf_state_dict,
+)
+from mae.interop.infer import infer_config
+from mae.interop.loading import (
+    FORMATS,
+    Checkpoint,
+    LoadReport,
+    convert,
+    load_model,
+    load_state_dict_any,
+    load_weights_into,
+    read_checkpoint,
+)
+from mae.interop.native import save_model
+from mae.interop.reference import to_reference_checkpoint
+from mae.interop.timm_vit import encoder_for_timm, timm_vit_kwargs
+
+__all__ = [
+    "FORMATS", "Checkpoint", "LoadReport", "config_from_hf", "convert", "encoder_for_timm", "from_hf_state_dict",
+    "hf_config_dict", "infer_config", "load_model", "load_state_dict_any", "load_weights_into", "read_checkpoint",
+    "save_hf_pretrained", "save_model", "timm_vit_kwargs", "to_hf_state_dict", "to_reference_checkpoint",
+]
