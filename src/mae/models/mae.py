@@ -61,10 +61,12 @@ class MAEConfig:
         self.validate()
 
     def replace(self, **changes) -> MAEConfig:
-        """A copy with some fields changed; a new ``target`` wins over the stored ``norm_pix_loss``."""
+        """A copy with some fields changed; a changed ``target`` or ``norm_pix_loss`` wins over the stored other."""
         base = self.to_dict()
         if "target" in changes and "norm_pix_loss" not in changes:
             base["norm_pix_loss"] = False
+        elif "norm_pix_loss" in changes and "target" not in changes and base["target"] in ("pixel", "norm_pixel"):
+            base["target"] = "norm_pixel" if changes["norm_pix_loss"] else "pixel"
         return MAEConfig(**{**base, **changes})
 
     @property

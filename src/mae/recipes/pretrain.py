@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Subset
 
 from mae.config import save_config, to_dict
 from mae.data import AUGMENTATIONS, build_dataset, build_loader, build_transform, set_epoch
@@ -40,8 +41,11 @@ class PretrainData:
     mean: list[float] | None = field(default=None, metadata={"help": "normalisation mean (default: ImageNet / 0.5)"})
     std: list[float] | None = None
     strict: bool = field(default=False, metadata={"help": "fail on a corrupt image instead of skipping it"})
+    limit: int | None = field(default=None, metadata={"help": "use only the first N images (quick trials)"})
 
     def validate(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"data.limit must be at least 1, got {self.limit}")
         if self.augment not in AUGMENTATIONS:
             raise ConfigError(f"data.augment '{self.augment}' is not one of {', '.join(AUGMENTATIONS)}")
         if self.num_workers < 0:
@@ -116,6 +120,8 @@ def build_pretrain_loader(cfg: PretrainConfig, model_cfg: MAEConfig, dist: DistI
                                 cfg.data.std)
     mode = "L" if model_cfg.in_chans == 1 else "RGB"
     dataset = build_dataset(cfg.data.path, split, transform=transform, mode=mode, strict=cfg.data.strict)
+    if cfg.data.limit is not None and cfg.data.limit < len(dataset):
+        dataset = Subset(dataset, range(cfg.data.limit))
     loader = build_loader(dataset, cfg.batch_size, shuffle=True, num_workers=cfg.data.num_workers, seed=cfg.seed,
                           drop_last=True, distributed=dist.world_size > 1)
     if len(loader) == 0:

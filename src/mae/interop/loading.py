@@ -1,0 +1,354 @@
+"""One entry point for every checkpoint format: detect, convert to our (reference) key names, check, load.
+
+Formats: ``mae`` (this project's safetensors file or directory, or a training checkpoint with its config),
+``reference`` (the reference release's ``{'model': sd}`` ``.pth``), ``hf`` (a transformers ViTMAE directory or
+state_dict) and ``timm`` (a bare ViT encoder state_dict). Every ``.pth`` / ``.bin`` goes through
+`mae.train.checkpoint.safe_load` (weights only; nothing in a file is ever executed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mae.errors import CheckpointError, ConfigError
+from mae.interop import huggingface as hf
+from mae.interop.infer import infer_config, pixel_target_overrides
+from mae.interop.keys import has_decoder, is_finetuned, part_of, shape_str, short_list, strip_prefix
+from mae.interop.native import CONFIG_KEY, FORMAT_VALUE, WEIGHTS_NAME, read_safetensors, save_state_dict
+from mae.interop.reference import hints_from_args, to_reference_checkpoint
+from mae.interop.timm_vit import encoder_for_timm
+from mae.models.mae import MAEConfig, MaskedAutoencoderViT
+from mae.models.pos_embed import resize_pos_embed, sincos_2d
+from mae.models.registry import ARCHITECTURES
+
+_log = logging.getLogger(__name__)
+
+FORMATS = ("mae", "reference", "hf", "timm")
+_ARCH_FIELDS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio",
+                "decoder_embed_dim", "decoder_depth", "decoder_num_heads")
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read from disk: tensors under our key names, its format and whatever it says about itself."""
+
+    state_dict: dict[str, torch.Tensor]
+    format: str  # one of FORMATS
+    config: MAEConfig | None = None  # stored architecture (mae, hf with config.json); None: infer from shapes
+    hints: dict[str, Any] = field(default_factory=dict)  # softer facts (reference args, timm architecture name)
+    path: Path | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.format} checkpoint '{self.path}'" if self.path else f"{self.format} checkpoint"
+
+
+@dataclass
+class LoadReport:
+    """What `load_weights_into` did: keys loaded, model keys left at their initial values, file keys ignored."""
+
+    format: str
+    loaded: list[str]
+    missing: list[str]
+    skipped: list[str]
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Read any supported file or directory and detect its format (see the module docstring)."""
+    path = Path(path)
+    container: dict[str, Any] = {}
+    metadata: dict[str, str] = {}
+    json_config: dict[str, Any] | None = None
+    if path.is_dir():
+        json_config = _read_json(path / hf.HF_CONFIG_NAME)
+        tensors, metadata = _read_directory(path)
+    elif not path.exists():
+        raise CheckpointError(f"checkpoint '{path}' does not exist; check the path")
+    elif path.suffix == ".safetensors":
+        tensors, metadata = read_safetensors(path)
+    else:
+        from mae.train.checkpoint import safe_load
+
+        container = safe_load(path, map_location="cpu")
+        tensors = _unwrap(container, path)
+    tensors = strip_prefix(tensors, "module.")
+
+    if metadata.get("format") == FORMAT_VALUE and CONFIG_KEY in metadata:
+        return Checkpoint(tensors, "mae", _stored_config(json.loads(metadata[CONFIG_KEY]), path), path=path)
+    if isinstance(container.get("model_config"), dict):  # this project's training checkpoint
+        return Checkpoint(tensors, "mae", _stored_config(container["model_config"], path), path=path)
+    if hf.is_hf_state_dict(tensors) or (json_config or {}).get("model_type") == "vit_mae":
+        config = hf.config_from_hf(json_config) if json_config and "model_type" in json_config else None
+        return Checkpoint(hf.from_hf_state_dict(tensors), "hf", config, path=path)
+    if any(part_of(k) in ("encoder", "decoder") for k in tensors):
+        hints = hints_from_args(container.get("args"))
+        if json_config and isinstance(json_config.get("architecture"), str):  # a timm hub directory
+            hints.setdefault("model_name", json_config["architecture"])
+        fmt = "reference" if "model" in container or has_decoder(tensors) else "timm"
+        return Checkpoint(tensors, fmt, hints=hints, path=path)
+    raise CheckpointError(f"'{path}' is not a checkpoint format this library reads (keys: "
+                          f"{short_list(tensors)}); expected an MAE safetensors file, a reference .pth, a "
+                          f"transformers ViTMAE directory or a timm ViT state_dict")
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"'{path}' is not valid JSON ({e})") from None
+    return value if isinstance(value, dict) else None
+
+
+def _read_directory(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if (path / WEIGHTS_NAME).is_file():
+        return read_safetensors(path / WEIGHTS_NAME)
+    index = _read_json(path / "model.safetensors.index.json")
+    if index and isinstance(index.get("weight_map"), dict):  # a sharded transformers checkpoint
+        tensors: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(index["weight_map"].values())):
+            tensors.update(read_safetensors(path / shard)[0])
+        return tensors, {}
+    if (path / "pytorch_model.bin").is_file():
+        from mae.train.checkpoint import safe_load
+
+        return _unwrap(safe_load(path / "pytorch_model.bin", map_location="cpu"), path), {}
+    raise CheckpointError(f"directory '{path}' holds no {WEIGHTS_NAME}, model.safetensors.index.json or "
+                          f"pytorch_model.bin")
+
+
+def _unwrap(obj: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
+    """The state_dict inside a loaded ``.pth``: under 'model' (reference), 'state_dict', or the dict itself."""
+    for key in ("model", "state_dict"):
+        if isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"'{path}' holds no tensors under 'model', 'state_dict' or at the top level "
+                              f"(top-level keys: {short_list(map(str, obj))})")
+    return tensors
+
+
+def _stored_config(values: dict[str, Any], path: Path) -> MAEConfig:
+    known = {f.name for f in fields(MAEConfig)}
+    extra = sorted(set(values) - known)
+    if extra:
+        warnings.warn(f"'{path}' stores config fields this version does not know: {', '.join(extra)} (ignored)",
+                      stacklevel=3)
+    return MAEConfig(**{k: v for k, v in values.items() if k in known})
+
+
+def load_state_dict_any(path: str | Path) -> tuple[dict[str, torch.Tensor], str, dict[str, Any] | None]:
+    """``(state_dict in our key names, format, stored MAEConfig as a dict or None)`` for any supported file.
+
+    The format is 'mae', 'reference', 'hf' or 'timm'; the config is None for files that store none (reference,
+    timm, a bare transformers state_dict): `infer_config` rebuilds it from shapes.
+    """
+    ckpt = read_checkpoint(path)
+    return ckpt.state_dict, ckpt.format, ckpt.config.to_dict() if ckpt.config is not None else None
+
+
+# ---------------------------------------------------------------------------------------------------- checking
+def model_label(config: MAEConfig) -> str:
+    """The registered name of an architecture, or its main numbers when it is not registered."""
+    mine = {k: getattr(config, k) for k in _ARCH_FIELDS}
+    default = MAEConfig()
+    for name, arch in ARCHITECTURES.items():
+        theirs = {k: arch.get(k, getattr(default, k)) for k in _ARCH_FIELDS}
+        if theirs == mine:
+            return name
+    return (f"the model (embed_dim {config.embed_dim}, depth {config.depth}, patch {config.patch_size}, img "
+            f"{config.img_size}, decoder {config.decoder_embed_dim} x {config.decoder_depth})")
+
+
+@dataclass
+class _Fit:
+    load: dict[str, torch.Tensor]
+    missing: list[str]
+    skipped: list[str]
+
+
+def _fit(sd: dict[str, torch.Tensor], model_sd: dict[str, Any], label: str, source: str,
+         strict_encoder: bool = True) -> _Fit:
+    """Match a file's tensors to a model's: raise on shape mismatches (another architecture) and, when strict,
+    on encoder keys the file lacks or keys the model does not know; warn about the expected gaps."""
+    mismatched = [(k, sd[k], m) for k, m in model_sd.items() if k in sd and sd[k].shape != m.shape]  # model order
+    missing = [k for k in model_sd if k not in sd]
+    unexpected = [k for k in sd if k not in model_sd]
+    heads = [k for k in unexpected if part_of(k) == "head"]
+    unexpected = [k for k in unexpected if part_of(k) != "head"]
+    encoder_only = not has_decoder(sd)
+    expected_missing = [k for k in missing if (part_of(k) == "decoder" and encoder_only) or k.startswith("target.")
+                        or (k.startswith("norm.") and is_finetuned(sd))]
+    bad_missing = [k for k in missing if k not in expected_missing]
+    if mismatched or (strict_encoder and (bad_missing or unexpected)):
+        parts = [f"{k} is {shape_str(v)} in the file but {shape_str(m)} in the model" for k, v, m in mismatched[:3]]
+        if len(mismatched) > 3:
+            parts.append(f"... ({len(mismatched) - 3} more)")
+        if bad_missing:
+            parts.append(f"missing from the file: {short_list(bad_missing)}")
+        if unexpected:
+            parts.append(f"not in the model: {short_list(unexpected)}")
+        raise CheckpointError(f"{source} does not fit {label}: " + "; ".join(parts))
+    if bad_missing or unexpected:
+        warnings.warn(f"{source}: loaded what matches; not in the file: {short_list(bad_missing) or '-'}; "
+                      f"ignored: {short_list(unexpected) or '-'}", stacklevel=4)
+    if encoder_only and any(part_of(k) == "decoder" for k in missing):
+        warnings.warn(f"{source} holds the encoder only: no decoder weights (a model loading it keeps its freshly "
+                      f"initialised decoder)", stacklevel=4)
+    targets = [k for k in missing if k.startswith("target.")]
+    if targets:
+        warnings.warn(f"{source} has no {short_list(targets)}: the model's target keeps its current buffers (e.g. "
+                      f"an unfitted PCA basis)", stacklevel=4)
+    if heads:
+        warnings.warn(f"{source}: skipped the classifier keys {short_list(heads)} (an MAE has no classifier)"
+                      + ("; norm.* keeps its initialisation (a fine-tuned file has fc_norm instead)"
+                         if is_finetuned(sd) else ""), stacklevel=4)
+    return _Fit({k: v for k, v in sd.items() if k in model_sd}, missing, heads + unexpected)
+
+
+def _adapt_pos_tables(sd: dict[str, torch.Tensor], file_config: MAEConfig | None,
+                      model: MaskedAutoencoderViT) -> dict[str, torch.Tensor]:
+    """Position tables of another grid size: regenerate fixed sin-cos tables exactly for the model's grid, and
+    resize learned ones (bicubic, with a warning). Other differences are left for `_fit` to report."""
+    model_sd = model.state_dict()
+    out = dict(sd)
+    for key in ("pos_embed", "decoder_pos_embed"):
+        src, dst = sd.get(key), model_sd.get(key)
+        if src is None or dst is None or src.dim() != 3 or src.shape[-1] != dst.shape[-1] \
+                or src.shape[1] == dst.shape[1]:
+            continue
+        num = src.shape[1] - 1
+        if file_config is not None and file_config.grid_size[0] * file_config.grid_size[1] == num:
+            old = file_config.grid_size
+        elif round(num**0.5) ** 2 == num:
+            old = (round(num**0.5),) * 2
+        else:
+            continue
+        dim = src.shape[-1]
+        if torch.allclose(src.float(), sincos_2d(dim, old), atol=1e-5):
+            out[key] = sincos_2d(dim, model.grid_size).to(src.dtype)
+            _log.info("%s: regenerated the fixed sin-cos table for the %s grid (file: %s)", key, model.grid_size, old)
+        else:
+            out[key] = resize_pos_embed(src, old, model.grid_size)
+            warnings.warn(f"{key}: resized the learned position table from a {old[0]}x{old[1]} grid to "
+                          f"{model.grid_size[0]}x{model.grid_size[1]} (bicubic)", stacklevel=3)
+    return out
+
+
+def _load_into(model: MaskedAutoencoderViT, ckpt: Checkpoint, strict_encoder: bool = True,
+               chosen: frozenset[str] = frozenset()) -> LoadReport:
+    """Load ``ckpt`` into ``model``; warn about config fields that differ from the stored ones unless the caller
+    ``chosen`` them on purpose (overrides)."""
+    if ckpt.config is not None:
+        differ = [f"{k} {getattr(ckpt.config, k)} in the file, {getattr(model.config, k)} in the model"
+                  for k in ("num_heads", "decoder_num_heads", "norm_eps", "target")
+                  if k not in chosen and getattr(ckpt.config, k) != getattr(model.config, k)]
+        if differ:
+            warnings.warn(f"{ckpt.label} was saved with another configuration: {'; '.join(differ)}", stacklevel=3)
+    model_sd = model.state_dict()
+    sd = ckpt.state_dict
+    if not any(k in model_sd and v.shape != model_sd[k].shape for k, v in sd.items() if "pos_embed" not in k):
+        sd = _adapt_pos_tables(sd, ckpt.config, model)  # another resolution, same architecture
+    fit = _fit(sd, model_sd, model_label(model.config), ckpt.label, strict_encoder)
+    model.load_state_dict(fit.load, strict=False)
+    _log.info("loaded %d tensors from %s", len(fit.load), ckpt.label)
+    return LoadReport(ckpt.format, sorted(fit.load), fit.missing, fit.skipped)
+
+
+def load_weights_into(model: MaskedAutoencoderViT, path: str | Path, strict_encoder: bool = True) -> LoadReport:
+    """Load whatever of any supported checkpoint fits ``model``.
+
+    Raises CheckpointError when the file is of another architecture (every shape mismatch counts, e.g.
+    "blocks.0.attn.qkv.weight is [3072, 1024] in the file but [2304, 768] in the model") and, with
+    ``strict_encoder``, when encoder keys are missing or the file has keys the model does not know. Expected gaps
+    only warn: an encoder-only file leaves the decoder freshly initialised, a fine-tuned file's ``fc_norm`` /
+    ``head`` are skipped (its encoder loads, ``norm`` keeps its initial values).
+    """
+    return _load_into(model, read_checkpoint(path), strict_encoder)
+
+
+def _resolve_config(ckpt: Checkpoint, model_name: str | None, overrides: dict[str, Any]) -> MAEConfig:
+    overrides = pixel_target_overrides(overrides)
+    if model_name is None and ckpt.config is not None:
+        try:
+            return MAEConfig(**{**ckpt.config.to_dict(), **overrides})
+        except TypeError as e:
+            raise ConfigError(f"bad override: {e}") from None
+    if model_name is not None and ckpt.config is not None:
+        from mae.models.registry import model_config
+
+        return model_config(model_name, **overrides)
+    return infer_config(ckpt.state_dict, model_name, ckpt.hints, **overrides)
+
+
+def load_model(path: str | Path, model_name: str | None = None, **overrides: Any) -> MaskedAutoencoderViT:
+    """Build the model a checkpoint describes and load it. The architecture comes from the stored config (this
+    project's files, transformers directories), else from ``model_name`` / the tensor shapes (`infer_config`);
+    ``overrides`` change config fields (e.g. ``num_heads=`` for an unregistered reference file)."""
+    ckpt = read_checkpoint(path)
+    model = MaskedAutoencoderViT(_resolve_config(ckpt, model_name, overrides))
+    _load_into(model, ckpt, chosen=frozenset(pixel_target_overrides(overrides)))
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------- convert
+def convert(src: str | Path, dst: str | Path, to: str = "mae", model_name: str | None = None,
+            **overrides: Any) -> Path:
+    """Convert any supported checkpoint to ``to``: 'mae' (safetensors file or directory), 'reference' (``.pth``
+    ``{'model': sd}``), 'hf' (a ``ViTMAEForPreTraining`` directory) or 'timm' (encoder state_dict, ``.pth`` or
+    ``.safetensors``). Tensors are copied bit for bit. Files without a stored config get their architecture from
+    ``model_name`` / ``overrides`` / the shapes. Returns the written path."""
+    if to not in FORMATS:
+        raise ConfigError(f"unknown format '{to}' (valid: {', '.join(FORMATS)})")
+    ckpt = read_checkpoint(src)
+    dst = Path(dst)
+    sd = ckpt.state_dict
+    if to == "timm":
+        return _save_plain(encoder_for_timm(sd), dst)
+    if to == "reference":
+        from mae.train.checkpoint import atomic_save
+
+        if dst.suffix == ".safetensors":
+            raise ConfigError(f"the reference format is a .pth file, got '{dst}'")
+        return atomic_save(to_reference_checkpoint(sd), dst)
+    if is_finetuned(sd):
+        target = "transformers' ViTMAEForPreTraining" if to == "hf" else "an MAE"
+        raise CheckpointError(f"{ckpt.label} is a fine-tuned classifier (fc_norm + head on average-pooled tokens, "
+                              f"no final norm): {target} has no counterpart for it, and transformers' "
+                              f"ViTForImageClassification pools the class token instead; convert it to 'timm' "
+                              f"or 'reference' to keep it intact")
+    config = _resolve_config(ckpt, model_name, overrides)
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        shapes = MaskedAutoencoderViT(config).state_dict()
+    fit = _fit(dict(sd), shapes, model_label(config), ckpt.label)
+    if to == "mae":
+        if dst.suffix not in ("", ".safetensors"):
+            raise ConfigError(f"the mae format is a .safetensors file or a directory, got '{dst}'")
+        return save_state_dict(fit.load, config.to_dict(), dst)
+    return hf.save_hf_pretrained(fit.load, dst, config)
+
+
+def _save_plain(state_dict: dict[str, torch.Tensor], dst: Path) -> Path:
+    """A bare state_dict: safetensors when ``dst`` ends in .safetensors, else ``torch.save``."""
+    if dst.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        from mae.interop.native import replace_atomically
+
+        tensors = {k: v.contiguous() for k, v in state_dict.items()}
+        replace_atomically(dst, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        return dst
+    from mae.train.checkpoint import atomic_save
+
+    return atomic_save(state_dict, dst)

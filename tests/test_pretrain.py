@@ -1,0 +1,153 @@
+"""End-to-end pre-training on embedded data: files written, the stored loss curve, accumulation, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mae.config import load_config
+from mae.recipes.pretrain import PretrainConfig, load_run_model, run
+from mae.train.checkpoint import safe_load
+from mae.train.engine import Engine, LRSchedule
+
+REFERENCE_CURVE = Path(__file__).parent / "data" / "pretrain_reference_loss.json"
+
+TINY = [
+    "model.name=mae_vit_micro_patch4_28", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
+    "model.decoder_embed_dim=32", "model.decoder_depth=1", "model.decoder_num_heads=2",
+    "data.path=builtin:mnist5k", "data.limit=256", "data.num_workers=0",
+    "batch_size=32", "epochs=4", "optim.warmup_epochs=1", "optim.base_lr=1e-3", "precision=fp32", "device=cpu",
+    "log_every=1", "save_every=2", "progress=false", "seed=0",
+]
+
+
+def tiny_config(out: Path, *extra: str) -> PretrainConfig:
+    return load_config(PretrainConfig, None, [*TINY, f"output_dir={out}", *extra])
+
+
+def step_losses(run_dir: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r and "epoch_loss" not in r]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("pretrain")
+    return out, run(tiny_config(out))
+
+
+def test_run_writes_every_output_file(tiny_run):
+    """A seeded tiny run writes config, checkpoints, model, metrics, curves and reconstructions."""
+    out, summary = tiny_run
+    for name in ("config.yaml", "checkpoint-last.pth", "checkpoint-0001.pth", "checkpoint-0003.pth",
+                 "model.safetensors", "metrics.jsonl", "loss.png", "reconstructions.png", "summary.json"):
+        assert (out / name).is_file(), name
+    assert summary["updates"] == 4 * 256 // 32
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"epoch", "step", "loss", "lr", "images_per_sec"} <= set(rows[0])
+
+
+def test_first_losses_equal_the_stored_reference_curve(tiny_run):
+    """The first logged losses of the seeded run equal the stored curve (catches any change in semantics:
+    masking, init, data order, augmentation seeding, schedule). Regenerate deliberately with
+    `python tests/test_pretrain.py` when a change is meant to alter it."""
+    out, _ = tiny_run
+    losses = step_losses(out)[:12]
+    reference = json.loads(REFERENCE_CURVE.read_text())["losses"]
+    assert [s for s, _ in losses] == [s for s, _ in reference]
+    for (_, got), (_, want) in zip(losses, reference):
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-6)
+
+
+def test_loss_falls(tiny_run):
+    """Pre-training lowers the masked-patch loss: the last epoch's mean is below the first's."""
+    _, summary = tiny_run
+    assert summary["last_epoch_loss"] < summary["first_epoch_loss"]
+
+
+def test_final_model_reloads_from_run_dir(tiny_run):
+    """`load_run_model` on the run directory returns the trained weights (the last checkpoint)."""
+    out, _ = tiny_run
+    model = load_run_model(out)
+    state = safe_load(out / "checkpoint-last.pth")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state["model"][k]), k
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny_run, tmp_path):
+    """Resuming from the epoch-1 checkpoint gives exactly the uninterrupted run's next per-step losses and
+    final weights (data order, augmentation and masking RNG are restored)."""
+    out, _ = tiny_run
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    run(tiny_config(resumed, f"resume={out / 'checkpoint-0001.pth'}"))
+    full = dict(step_losses(out))
+    again = step_losses(resumed)
+    assert again and again[0][0] == 2 * 256 // 32 + 1
+    for step, loss in again:
+        assert loss == full[step], step
+    a, b = safe_load(out / "checkpoint-last.pth")["model"], safe_load(resumed / "checkpoint-last.pth")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_auto_continues_from_the_newest_checkpoint(tmp_path):
+    """`resume=auto` in a finished run's directory starts after its last epoch (so a longer schedule continues)."""
+    run(tiny_config(tmp_path, "epochs=2"))
+    summary = run(tiny_config(tmp_path, "epochs=3", "resume=auto"))
+    assert summary["updates"] == 3 * 256 // 32
+    epochs = [json.loads(x)["epoch"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert max(epochs) == 2 and epochs.count(2) > 0
+
+
+def test_gradient_accumulation_equals_the_large_batch(tmp_path):
+    """2 micro-batches of 8 accumulated give the same update as one batch of 16 (same masking noise), to 1e-6."""
+    from mae.models import create_model
+
+    torch.manual_seed(0)
+    images = torch.randn(16, 1, 28, 28)
+    noise = torch.rand(16, 49)
+    base = create_model("mae_vit_micro_patch4_28", embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32,
+                        decoder_depth=1, decoder_num_heads=2)
+
+    def updated(accum: int) -> dict[str, torch.Tensor]:
+        model = create_model("mae_vit_micro_patch4_28", embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32,
+                             decoder_depth=1, decoder_num_heads=2)
+        model.load_state_dict(base.state_dict())
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # update = -gradient
+        engine = Engine(model, optimizer, LRSchedule(1.0, total_steps=10, warmup_steps=0, min_lr=1.0),
+                        accum_iter=accum, show_progress=False)
+        size = 16 // accum
+        batches = [(images[i:i + size], noise[i:i + size]) for i in range(0, 16, size)]
+        engine.train_epoch(batches, 0, lambda m, b: m(b[0], 0.75, noise=b[1])[0])
+        assert engine.step == 1
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    one, two = updated(1), updated(2)
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-6, msg=k)
+    assert not torch.equal(one["blocks.0.attn.qkv.weight"], base.state_dict()["blocks.0.attn.qkv.weight"])
+
+
+def test_effective_batch_and_lr_scaling(tmp_path):
+    """lr = base_lr x (batch x accum_iter x processes) / 256, reported in the schedule's peak."""
+    out = tmp_path / "r"
+    run(tiny_config(out, "epochs=1", "accum_iter=2", "batch_size=16", "optim.base_lr=2.56e-3"))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "epoch_loss" not in r]
+    # one epoch = 256 / (16 x 2) = 8 updates, warm-up 1 epoch: the lr at update k is peak * k / 8, peak = 2.56e-3 * 32 / 256
+    peak = 2.56e-3 * 32 / 256
+    assert steps[-1]["step"] == 8
+    assert steps[3]["lr"] == pytest.approx(peak * 3 / 8)
+
+
+if __name__ == "__main__":  # regenerate the stored reference curve
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        run(tiny_config(Path(d)))
+        REFERENCE_CURVE.write_text(json.dumps({"command": "python tests/test_pretrain.py",
+                                               "losses": step_losses(Path(d))[:12]}, indent=1))
+    print(f"wrote {REFERENCE_CURVE}")
