@@ -755,3 +755,15 @@ def test_backward_gives_finite_gradients_to_every_trainable_parameter(overrides)
         assert p.grad is not None, name
         assert torch.isfinite(p.grad).all(), name
         assert torch.count_nonzero(p.grad) > 0, name
+
+
+def test_replacing_norm_pix_loss_alone_switches_the_pixel_target():
+    """`config.replace(norm_pix_loss=False)` on a normalised-pixel config gives the plain pixel target (the two
+    spellings of the same switch never disagree)."""
+    import mae
+
+    cfg = mae.create_model("mae_vit_micro_patch4_28", norm_pix_loss=True).config
+    assert cfg.target == "norm_pixel"
+    off = cfg.replace(norm_pix_loss=False)
+    assert off.target == "pixel" and off.norm_pix_loss is False
+    assert off.replace(norm_pix_loss=True).target == "norm_pixel"

@@ -28,6 +28,10 @@ CONFIG_COMMANDS: dict[str, tuple[str, str]] = {
                  "mae.recipes.evaluate.EvaluateConfig"),
     "bench": ("time training steps: images/s, memory, FLOPs, MFU, paper Table 2 ratios",
               "mae.recipes.bench.BenchConfig"),
+    "detect": ("Mask R-CNN detection and instance segmentation with an MAE backbone (train / evaluate)",
+               "mae.recipes.detect.DetectConfig"),
+    "segment": ("UperNet semantic segmentation with an MAE backbone (train / evaluate)",
+                "mae.recipes.segment.SegmentConfig"),
 }
 COMMON_FLAGS = {"--data": "data.path", "--output-dir": "output_dir", "--resume": "resume", "--epochs": "epochs",
                 "--precision": "precision", "--device": "device"}
