@@ -28,6 +28,8 @@ CONFIG_COMMANDS: dict[str, tuple[str, str]] = {
                  "mae.recipes.evaluate.EvaluateConfig"),
     "bench": ("time training steps: images/s, memory, FLOPs, MFU, paper Table 2 ratios",
               "mae.recipes.bench.BenchConfig"),
+    "sweep": ("run a grid of pre-training configs, each probed and fine-tuned, into one results table",
+              "mae.recipes.sweep.SweepConfig"),
     "detect": ("Mask R-CNN detection and instance segmentation with an MAE backbone (train / evaluate)",
                "mae.recipes.detect.DetectConfig"),
     "segment": ("UperNet semantic segmentation with an MAE backbone (train / evaluate)",

@@ -1,0 +1,220 @@
+"""Ablation sweeps: ``run(SweepConfig)`` pre-trains every config of named grids, evaluates each with the linear
+probe and fine-tuning (or partial fine-tuning), and writes one results table (CSV + Markdown) and plots.
+
+The grids reproduce, at CPU scale, the directions of paper Table 1 and Figures 5, 7 and 9. Every stage of every
+run writes ``summary.json`` in its own directory; a stage whose summary exists is not run again, so an interrupted
+sweep resumes where it stopped. Identical pre-training configs (the default appears in most grids) run once.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mae.config import load_config
+from mae.errors import ConfigError, MAEError
+
+log = logging.getLogger("mae")
+
+CLI_FLAGS = {"--output-dir": "output_dir", "--grids": "grids", "--device": "device"}
+
+# grid name -> (x-axis label, [(row label, pre-training overrides, evaluation stages)])
+# An evaluation stage is "linprobe", "finetune", or "partial:K" / "partial:mlp" (paper Figure 9).
+STANDARD = ("linprobe", "finetune")
+GRIDS: dict[str, tuple[str, list[tuple[str, list[str], tuple[str, ...]]]]] = {
+    "mask_ratio": ("mask ratio (Figure 5)", [
+        (f"{r}%", [f"model.mask_ratio={r / 100}"], STANDARD) for r in (10, 20, 30, 40, 50, 60, 70, 75, 80, 90)]),
+    "decoder_depth": ("decoder depth (Table 1a)", [
+        (str(d), [f"model.decoder_depth={d}"], STANDARD) for d in (1, 2, 4, 8)]),
+    "decoder_width": ("decoder width (Table 1b)", [
+        (str(w), [f"model.decoder_embed_dim={w}"], STANDARD) for w in (32, 64, 128, 256)]),
+    "mask_token": ("mask token (Table 1c)", [
+        ("encoder w/o mask token", [], STANDARD),
+        ("encoder w/ mask token", ["model.mask_in_encoder=true"], STANDARD)]),
+    "target": ("reconstruction target (Table 1d)", [
+        ("pixel (w/o norm)", ["model.target=pixel"], STANDARD),
+        ("pixel (w/ norm)", ["model.target=norm_pixel"], STANDARD),
+        ("PCA", ["model.target=pca", "model.pca_components=8"], STANDARD),
+        ("HOG", ["model.target=hog"], STANDARD)]),
+    "augmentation": ("data augmentation (Table 1e)", [
+        ("none", ["data.augment=none"], STANDARD),
+        ("crop, fixed size", ["data.augment=fixed_crop"], STANDARD),
+        ("crop, rand size", ["data.augment=rrc"], STANDARD),
+        ("crop + color jit", ["data.augment=rrc_jitter"], STANDARD)]),
+    "mask_sampling": ("mask sampling (Table 1f)", [
+        ("random 75%", ["model.mask_strategy=random", "model.mask_ratio=0.75"], STANDARD),
+        ("block 50%", ["model.mask_strategy=block", "model.mask_ratio=0.5"], STANDARD),
+        ("block 75%", ["model.mask_strategy=block", "model.mask_ratio=0.75"], STANDARD),
+        ("grid 75%", ["model.mask_strategy=grid", "model.mask_ratio=0.75"], STANDARD)]),
+    "schedule": ("pre-training epochs (Figure 7)", [
+        (str(e), [f"epochs={e}"], STANDARD) for e in (5, 10, 20, 40)]),
+    "partial": ("fine-tuned blocks (Figure 9)", [
+        ("default", [], ("partial:0", "partial:mlp", "partial:1", "partial:2", "partial:4", "partial:6"))]),
+}
+
+
+@dataclass
+class SweepConfig:
+    """Which grids to run and the presets each stage starts from (then the per-row overrides)."""
+
+    grids: list[str] = field(default_factory=lambda: ["mask_ratio"], metadata={
+        "help": f"grid names ({', '.join(GRIDS)}) or 'all'"})
+    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "one run per seed for every row"})
+    pretrain_config: str = field(default="configs/pretrain/demo_mnist.yaml", metadata={"help": "pre-training preset"})
+    pretrain_overrides: list[str] = field(default_factory=list, metadata={"help": "applied to every pre-training"})
+    linprobe_config: str = "configs/linprobe/linprobe_mnist.yaml"
+    linprobe_overrides: list[str] = field(default_factory=list)
+    finetune_config: str = "configs/finetune/finetune_mnist.yaml"
+    finetune_overrides: list[str] = field(default_factory=list)
+    partial_config: str = "configs/finetune/partial_mnist.yaml"
+    device: str = "auto"
+    output_dir: str = "runs/sweep"
+
+    def grid_names(self) -> list[str]:
+        return list(GRIDS) if self.grids == ["all"] else list(self.grids)
+
+    def validate(self) -> None:
+        unknown = [g for g in self.grid_names() if g not in GRIDS]
+        if unknown:
+            raise ConfigError(f"unknown grid '{unknown[0]}'; valid: {', '.join(GRIDS)} or all")
+        if not self.seeds:
+            raise ConfigError("seeds must list at least one seed")
+
+
+def _key(overrides: list[str]) -> str:
+    return hashlib.sha1("\n".join(sorted(overrides)).encode()).hexdigest()[:10]
+
+
+def _stage(kind: str, preset: str, overrides: list[str], out: Path) -> dict:
+    """Run one pre-training / evaluation stage in this process, or read its summary if it already finished."""
+    done = out / "summary.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    module = {"pretrain": "pretrain", "linprobe": "linprobe", "finetune": "finetune"}[kind]
+    recipe = __import__(f"mae.recipes.{module}", fromlist=["run"])
+    cls = {"pretrain": "PretrainConfig", "linprobe": "LinprobeConfig", "finetune": "FinetuneConfig"}[kind]
+    cfg = load_config(getattr(recipe, cls), preset, [*overrides, f"output_dir={out}", "progress=false"])
+    t0 = time.perf_counter()
+    summary = recipe.run(cfg)
+    summary["stage_seconds"] = time.perf_counter() - t0
+    done.write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _top1(summary: dict) -> float | None:
+    for key in ("best_top1", "top1", "val_top1"):
+        if summary.get(key) is not None:
+            return float(summary[key])
+    return None
+
+
+def run(cfg: SweepConfig) -> dict:
+    """Run the grids; returns the paths of the results table and plots."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    for grid in cfg.grid_names():
+        axis, entries = GRIDS[grid]
+        for label, overrides, stages in entries:
+            for seed in cfg.seeds:
+                pre_overrides = [*cfg.pretrain_overrides, *overrides, f"seed={seed}", f"device={cfg.device}"]
+                pre_dir = out / "pretrain" / _key(pre_overrides)
+                row = {"grid": grid, "axis": axis, "row": label, "seed": seed, "pretrain_dir": str(pre_dir)}
+                try:
+                    pre = _stage("pretrain", cfg.pretrain_config, pre_overrides, pre_dir)
+                    row["pretrain_loss"] = pre.get("last_epoch_loss")
+                    row["pretrain_seconds"] = pre.get("train_seconds")
+                    row["seconds_per_epoch"] = pre["train_seconds"] / pre["epochs"] if pre.get("epochs") else None
+                    checkpoint = pre.get("model_path", str(pre_dir / "model.safetensors"))
+                    for stage in stages:
+                        row[_column(stage)] = _evaluate(cfg, stage, checkpoint, seed, pre_dir)
+                except MAEError as e:  # record and go on: one bad row must not cost the sweep
+                    log.error("sweep %s / %s / seed %d failed: %s", grid, label, seed, e)
+                    row["error"] = str(e)
+                rows.append(row)
+                _write_tables(out, rows)
+    plots = _plot(out, rows)
+    return {"results_csv": str(out / "results.csv"), "results_md": str(out / "results.md"), "plots": plots,
+            "rows": len(rows)}
+
+
+def _column(stage: str) -> str:
+    if stage.startswith("partial:"):
+        return f"partial_{stage.split(':')[1]}_top1"
+    return f"{stage}_top1"
+
+
+def _evaluate(cfg: SweepConfig, stage: str, checkpoint: str, seed: int, pre_dir: Path) -> float | None:
+    common = [f"checkpoint={checkpoint}", f"seed={seed}", f"device={cfg.device}"]
+    if stage == "linprobe":
+        summary = _stage("linprobe", cfg.linprobe_config, [*cfg.linprobe_overrides, *common], pre_dir / "linprobe")
+    elif stage == "finetune":
+        summary = _stage("finetune", cfg.finetune_config, [*cfg.finetune_overrides, *common], pre_dir / "finetune")
+    else:
+        which = stage.split(":")[1]
+        extra = ["mlp_only=true"] if which == "mlp" else [f"trainable_blocks={int(which)}"]
+        summary = _stage("finetune", cfg.partial_config, [*cfg.finetune_overrides, *common, *extra],
+                         pre_dir / f"partial_{which}")
+    return _top1(summary)
+
+
+def _write_tables(out: Path, rows: list[dict]) -> None:
+    columns: list[str] = []
+    for r in rows:
+        columns += [k for k in r if k not in columns]
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = []
+    for grid in dict.fromkeys(r["grid"] for r in rows):
+        part = [r for r in rows if r["grid"] == grid]
+        shown = [c for c in columns if c.endswith("_top1") and any(c in r for r in part)]
+        lines += [f"### {part[0]['axis']}", "", "| " + " | ".join(["setting", "seed", "loss", "s/epoch", *shown]) + " |",
+                  "|" + "---|" * (4 + len(shown))]
+        for r in part:
+            cells = [r["row"], str(r["seed"]), _fmt(r.get("pretrain_loss"), 4), _fmt(r.get("seconds_per_epoch"), 1),
+                     *(_fmt(r.get(c), 1) for c in shown)]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    (out / "results.md").write_text("\n".join(lines))
+
+
+def _fmt(value, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _plot(out: Path, rows: list[dict]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for grid in dict.fromkeys(r["grid"] for r in rows):
+        part = [r for r in rows if r["grid"] == grid]
+        columns = [c for c in dict.fromkeys(k for r in part for k in r) if c.endswith("_top1")]
+        labels = list(dict.fromkeys(r["row"] for r in part))
+        fig, ax = plt.subplots(figsize=(max(4.0, 0.7 * len(labels) + 2), 3.2))
+        for c in columns:
+            means = []
+            for label in labels:
+                vals = [r[c] for r in part if r["row"] == label and r.get(c) is not None]
+                means.append(sum(vals) / len(vals) if vals else float("nan"))
+            ax.plot(range(len(labels)), means, marker="o", label=c.removesuffix("_top1"))
+        ax.set_xticks(range(len(labels)), labels, rotation=30 if len(labels) > 5 else 0, fontsize=8)
+        ax.set_xlabel(part[0]["axis"])
+        ax.set_ylabel("top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / f"{grid}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(str(path))
+    return paths
