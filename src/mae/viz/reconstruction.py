@@ -3,6 +3,7 @@ visible patches pasted back, for each mask ratio, then the original."""
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -69,8 +70,8 @@ def draw_reconstructions(model: MaskedAutoencoderViT, imgs: torch.Tensor, out: s
     if title is None:
         title = "MAE reconstructions"
         if model.config.target == "norm_pixel":
-            title += " (normalised-pixel model: each predicted patch un-normalised with that patch's own mean/var)"
-    fig.suptitle(title, fontsize=9)
+            title += " of a normalised-pixel model: each predicted patch is un-normalised with that patch's own mean and variance"
+    fig.suptitle(textwrap.fill(title, width=int(14 * len(columns))), fontsize=9)
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
