@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -28,6 +29,8 @@ CONFIG_COMMANDS: dict[str, tuple[str, str]] = {
                  "mae.recipes.evaluate.EvaluateConfig"),
     "bench": ("time training steps: images/s, memory, FLOPs, MFU, paper Table 2 ratios",
               "mae.recipes.bench.BenchConfig"),
+    "demo": ("pre-train on embedded MNIST, evaluate against baselines, write runs/demo/report.html",
+             "mae.recipes.demo.DemoConfig"),
     "sweep": ("run a grid of pre-training configs, each probed and fine-tuned, into one results table",
               "mae.recipes.sweep.SweepConfig"),
     "detect": ("Mask R-CNN detection and instance segmentation with an MAE backbone (train / evaluate)",
@@ -76,7 +79,8 @@ def _run_config_command(args: argparse.Namespace) -> int:
     cfg = load_config(cls, args.config, overrides)
     run = _import(args.config_cls.rsplit(".", 1)[0] + ".run")
     summary = run(cfg)
-    _print_summary(summary)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary (rank 0's), not one per process
+        _print_summary(summary)
     return 0
 
 
@@ -135,6 +139,17 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line(e: BaseException) -> str:
+    """The error's own message on one line. An error raised in a DataLoader worker comes back wrapped with the
+    worker's traceback ("Caught DataError in DataLoader worker process 0. Original Traceback ..."): keep its last
+    line, the original message."""
+    text = str(e).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if last.split(": ", 1)[0].replace(".", "").isidentifier() else last
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mae", description="Masked autoencoders (He et al., 2021): pre-train, "
                                      "fine-tune, probe, visualise and convert.")
@@ -179,7 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = list(args.overrides) + extra
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
+    other_rank = os.environ.get("RANK", "0") != "0"  # torchrun: progress messages from rank 0 only
+    logging.basicConfig(level=logging.WARNING if args.quiet or other_rank else logging.INFO, format="%(message)s",
                         stream=sys.stderr)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
@@ -187,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MAEError as e:
         if args.debug:
             raise
-        print(f"mae {args.command}: error: {e}", file=sys.stderr)
+        print(f"mae {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"mae {args.command}: interrupted", file=sys.stderr)

@@ -10,12 +10,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
-from mae.data import build_dataset, build_eval_transform, default_mean_std  # noqa: E402
-from mae.errors import DataError  # noqa: E402
-from mae.models import MaskedAutoencoderViT  # noqa: E402
+from mae.data import build_dataset, build_eval_transform, default_mean_std
+from mae.errors import DataError
+from mae.models import MaskedAutoencoderViT
 
 
 def _denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
