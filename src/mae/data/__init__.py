@@ -32,9 +32,9 @@ from mae.errors import ConfigError, DataError
 __all__ = [
     "AUGMENTATIONS", "DATASETS", "GRAY_MEAN", "GRAY_STD", "IMAGENET_MEAN", "IMAGENET_STD", "UNLABELED",
     "BuiltinDataset", "ClassFolderDataset", "Digits", "EpochSampler", "MNIST5k", "Photos", "PlainFolderDataset",
-    "SeededDataset", "SeededSampler",
+    "SeededDataset", "SeededSampler", "WithMaskNoise",
     "build_dataset", "build_eval_transform", "build_loader", "build_transform", "default_mean_std", "list_builtin",
-    "set_epoch", "to_mode",
+    "set_epoch", "skipped_files", "to_mode",
 ]
 
 BUILTIN_PREFIX = "builtin:"
@@ -165,13 +165,43 @@ class SeededDataset(Dataset):
             return self.dataset[index]
 
 
+class WithMaskNoise(Dataset):
+    """`(image, noise [L])` items: the wrapped item's image and the sample's random-masking noise, uniform in [0, 1).
+
+    The noise is drawn right after the image from the per-sample RNG that `SeededDataset` seeds, so a sample's mask,
+    like its crop, is a pure function of (seed, epoch, index): the same with 1 or N processes, any number of
+    workers, and after a resume. The model keeps the reference semantics (``argsort(noise)``, small = kept).
+    """
+
+    def __init__(self, dataset: Dataset, num_patches: int):
+        self.dataset, self.num_patches = dataset, num_patches
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.dataset[index][0]
+        return image, torch.rand(self.num_patches)  # [L]
+
+
+def skipped_files(dataset: Dataset) -> list[str]:
+    """Unreadable image files skipped so far by a folder dataset (worker processes included), looking through
+    `Subset`, `SeededDataset` and `WithMaskNoise`; [] for datasets that never skip."""
+    while not hasattr(dataset, "unreadable_files") and hasattr(dataset, "dataset"):
+        dataset = dataset.dataset
+    return dataset.unreadable_files() if hasattr(dataset, "unreadable_files") else []
+
+
 def build_loader(dataset: Dataset, batch_size: int, shuffle: bool = True, num_workers: int = 0, seed: int = 0,
                  drop_last: bool = False, distributed: bool = False) -> DataLoader:
     """A DataLoader whose order and augmentations are a pure function of (seed, epoch); call
     `set_epoch(loader, epoch)` each epoch.
 
     Workers persist across epochs and prefetch 4 batches each; batches are pinned when CUDA is available. With
-    `distributed=True` (torch.distributed initialised) each rank reads its own shard through a DistributedSampler.
+    `distributed=True` (torch.distributed initialised) each rank reads its own shard through a DistributedSampler
+    (reseeded by `set_epoch`): rank r of W takes positions r, r + W, ... of the same (seed, epoch) permutation as the
+    single-process `EpochSampler`, so batch k of B per rank holds, over all ranks, exactly the samples (and sample
+    seeds) of batch k of a single-process loader with batch size W x B.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size} must be at least 1")

@@ -4,6 +4,8 @@ Every image comes out 8-bit in the requested mode ('RGB' or 'L'), whatever it wa
 with alpha (composited on white), or 16-bit (scaled 0..65535 -> 0..255). An unreadable file is skipped with a
 warning and replaced by the next readable one (so the order stays deterministic), or raises at once with
 `strict=True`; `verify=True` decodes every file up front so the bad ones are known before training starts.
+Unreadable files are flagged in a shared-memory tensor, so `num_skipped` / `unreadable_files()` count what the
+DataLoader worker processes met too.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
@@ -75,6 +78,9 @@ class _ImageFiles(Dataset):
             if not good:
                 raise DataError(f"no image in '{root}' could be read ({len(self.bad_files)} corrupt files)")
             self.samples = good
+        # one flag per sample, set by whichever process (main or DataLoader worker) fails to read the file
+        self._unreadable = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
+        self._verified_bad = len(self.bad_files)
 
     @property
     def targets(self) -> list[int]:
@@ -90,7 +96,12 @@ class _ImageFiles(Dataset):
 
     @property
     def num_skipped(self) -> int:
-        return len(self.bad_files)
+        """Distinct unreadable files met so far by any process (dropped by `verify` or skipped while loading)."""
+        return self._verified_bad + int(self._unreadable.sum())
+
+    def unreadable_files(self) -> list[str]:
+        """Paths of the files skipped while loading so far, in any process (worker processes included)."""
+        return [self.samples[i][0] for i in self._unreadable.nonzero().flatten().tolist()]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -113,10 +124,12 @@ class _ImageFiles(Dataset):
     def __getitem__(self, index: int) -> tuple[object, int]:
         # An unreadable file is replaced by the next readable one, so a given index always gives the same sample.
         for offset in range(len(self.samples)):
-            path, label = self.samples[(index + offset) % len(self.samples)]
+            i = (index + offset) % len(self.samples)
+            path, label = self.samples[i]
             image = self._try_load(path)
             if image is not None:
                 return (self.transform(image) if self.transform is not None else image), label
+            self._unreadable[i] = 1
         raise DataError(f"no image in '{self.root}' could be read ({len(self.bad_files)} corrupt files)")
 
     def __repr__(self) -> str:

@@ -256,6 +256,6 @@ def _write_report(out: Path, summary: dict, grids: Path, mask_ratios: list[float
                      f"held-out digits at {ratios} masking: masked input, reconstruction, reconstruction with the "
                      f"visible patches pasted back, original")
     info = machine_info()
-    report.add_table("Machine", ["", ""], [(k, v) for k, v in info.items()])
+    report.add_table("Machine", ["", "this run"], [(k, v) for k, v in info.items()])
     return report.write(out / "report.html")
 

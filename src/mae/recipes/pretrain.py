@@ -17,12 +17,20 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Subset
 
 from mae.config import save_config, to_dict
-from mae.data import AUGMENTATIONS, build_dataset, build_loader, build_transform, set_epoch
+from mae.data import (
+    AUGMENTATIONS,
+    WithMaskNoise,
+    build_dataset,
+    build_loader,
+    build_transform,
+    set_epoch,
+    skipped_files,
+)
 from mae.errors import ConfigError
 from mae.models import MAEConfig, MaskedAutoencoderViT, create_model
 from mae.recipes.common import ModelSection, prepare_output_dir, resolve_device
-from mae.train.checkpoint import CheckpointManager, safe_load
-from mae.train.distributed import DistInfo, cleanup, init_distributed
+from mae.train.checkpoint import CheckpointManager, load_model_state, safe_load
+from mae.train.distributed import DistInfo, all_gather_objects, cleanup, init_distributed
 from mae.train.engine import Engine, LRSchedule
 from mae.train.logging import MetricsLogger, plot_curves
 from mae.train.optim import build_optimizer, param_groups
@@ -122,7 +130,9 @@ def build_pretrain_loader(cfg: PretrainConfig, model_cfg: MAEConfig, dist: DistI
     dataset = build_dataset(cfg.data.path, split, transform=transform, mode=mode, strict=cfg.data.strict)
     if cfg.data.limit is not None and cfg.data.limit < len(dataset):
         dataset = Subset(dataset, range(cfg.data.limit))
-    loader = build_loader(dataset, cfg.batch_size, shuffle=True, num_workers=cfg.data.num_workers, seed=cfg.seed,
+    # per-sample masking noise: masks are a function of (seed, epoch, index), like the crops, whatever the world size
+    noisy = WithMaskNoise(dataset, model_cfg.grid_size[0] * model_cfg.grid_size[1])
+    loader = build_loader(noisy, cfg.batch_size, shuffle=True, num_workers=cfg.data.num_workers, seed=cfg.seed,
                           drop_last=True, distributed=dist.world_size > 1)
     if len(loader) == 0:
         raise ConfigError(f"{len(dataset)} training images are fewer than one batch of {cfg.batch_size} per "
@@ -183,7 +193,7 @@ def _run(cfg: PretrainConfig, dist: DistInfo) -> dict:
                     clip_grad=cfg.optim.clip_grad, max_nonfinite=cfg.max_nonfinite, logger=logger,
                     log_every=cfg.log_every, show_progress=cfg.progress and dist.is_main, world_size=dist.world_size)
 
-    start_epoch, history = 0, []
+    start_epoch, history, best_loss, skipped = 0, [], float("inf"), []
     resumed = manager.load_latest() if cfg.resume == "auto" else (
         (cfg.resume, safe_load(cfg.resume)) if cfg.resume else None)
     if resumed is not None:
@@ -191,10 +201,13 @@ def _run(cfg: PretrainConfig, dist: DistInfo) -> dict:
         if state.get("format") != "mae-train":
             raise ConfigError(f"'{resume_path}' is not a training checkpoint of this library (no optimizer state); "
                               f"to start from its weights, convert it and use it as an initialisation instead")
-        model.load_state_dict(state["model"])
+        load_model_state(model, state["model"], resume_path)
         engine.load_state_dict(state["engine"])
         start_epoch, history = int(state["epoch"]) + 1, list(state.get("history", []))
-        restore_rng_state(state["rng"][dist.rank] if isinstance(state["rng"], list) else state["rng"])
+        best_loss = float(state.get("best_loss", best_loss))
+        rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+        if len(rng) == dist.world_size:  # else a new world size: keep the fresh seeding (data and masks do not
+            restore_rng_state(rng[dist.rank])  # depend on it: they are per-sample functions of seed and epoch)
         log.info("resumed from %s at epoch %d (update %d)", resume_path, start_epoch, engine.step)
     elif model_cfg.target == "pca" and not bool(model.target.fitted):
         set_epoch(loader, 0)
@@ -211,33 +224,39 @@ def _run(cfg: PretrainConfig, dist: DistInfo) -> dict:
     mask_ratio = model_cfg.mask_ratio
 
     def loss_fn(m: torch.nn.Module, batch) -> torch.Tensor:
-        return m(batch[0].to(device, non_blocking=True), mask_ratio)[0]
+        images, noise = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        return m(images, mask_ratio, noise=noise)[0]
 
     t_start = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         set_epoch(loader, epoch)
         stats = engine.train_epoch(loader, epoch, loss_fn)
-        epoch_loss = _mean_across(stats.loss, dist, device)
+        epoch_loss = stats.loss  # already the mean over all processes
         history.append({"epoch": epoch, "loss": epoch_loss, "seconds": stats.seconds})
         logger.log({"epoch": epoch, "step": engine.step, "epoch_loss": epoch_loss, "lr": stats.lr,
                     "epoch_seconds": stats.seconds, "images_per_sec": stats.images * dist.world_size / stats.seconds})
-        skipped = getattr(dataset, "num_skipped", 0)
+        skipped = sorted(set().union(*all_gather_objects(skipped_files(dataset))))  # all ranks and their workers
         if skipped:
-            log.warning("epoch %d: %d unreadable image file(s) skipped so far", epoch, skipped)
+            log.warning("epoch %d: %d unreadable image file(s) skipped so far (each replaced by the next readable "
+                        "image; data.strict=true stops instead), e.g. %s", epoch, len(skipped), skipped[0])
         last = epoch + 1 == cfg.epochs
         if (epoch + 1) % cfg.save_every == 0 or last:
             rng = _gather_rng(dist)
+            is_best = epoch_loss < best_loss  # the lowest epoch loss among saved epochs
+            best_loss = epoch_loss if is_best else best_loss
             if dist.is_main:
                 manager.save({"model": model.state_dict(), "engine": engine.state_dict(), "epoch": epoch,
                               "rng": rng, "history": history, "model_config": model_cfg.to_dict(),
-                              "config": to_dict(cfg), "format": "mae-train"}, epoch)
+                              "config": to_dict(cfg), "format": "mae-train", "best_loss": best_loss}, epoch,
+                             is_best=is_best)
     elapsed = time.perf_counter() - t_start
     logger.close()
 
     summary = {"output_dir": str(out), "epochs": cfg.epochs, "updates": engine.step,
                "first_epoch_loss": history[0]["loss"] if history else None,
                "last_epoch_loss": history[-1]["loss"] if history else None,
-               "train_seconds": elapsed, "skipped_steps": engine.nonfinite_total}
+               "train_seconds": elapsed, "skipped_steps": engine.nonfinite_total,
+               "skipped_files": len(skipped)}
     if dist.is_main:
         from mae.interop import save_model
 
@@ -252,14 +271,6 @@ def _run(cfg: PretrainConfig, dist: DistInfo) -> dict:
             summary["reconstructions_png"] = str(out / "reconstructions.png")
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def _mean_across(value: float, dist: DistInfo, device: torch.device) -> float:
-    if dist.world_size == 1:
-        return value
-    t = torch.tensor([value], device=device, dtype=torch.float64)
-    torch.distributed.all_reduce(t)
-    return float(t.item() / dist.world_size)
 
 
 def _gather_rng(dist: DistInfo):

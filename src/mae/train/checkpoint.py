@@ -4,8 +4,9 @@
   reader sees either the old file or the new one, never half of one.
 * `safe_load` uses ``torch.load(weights_only=True)``: tensors and plain containers only. Reference MAE
   checkpoints also pickle an ``argparse.Namespace`` under ``'args'``; that one class is allowed, nothing else.
-* `CheckpointManager` keeps numbered checkpoints plus ``checkpoint-last.pth`` / ``checkpoint-best.pth`` and finds
-  the newest loadable one to resume from.
+* `CheckpointManager` keeps numbered checkpoints plus ``checkpoint-last.pth`` / ``checkpoint-best.pth``, refuses
+  to write a state holding NaN or inf, and finds the newest loadable one to resume from.
+* `load_model_state` loads a state dict into a module and names the keys that do not fit (another architecture).
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ from typing import IO, Any
 
 import torch
 
-from mae.errors import CheckpointError
+from mae.errors import CheckpointError, TrainingError
 
-__all__ = ["CheckpointManager", "atomic_save", "safe_load"]
+__all__ = ["CheckpointManager", "atomic_save", "load_model_state", "safe_load"]
 
 _log = logging.getLogger(__name__)
 
@@ -57,6 +58,22 @@ def _atomic_copy(src: Path, dst: Path) -> None:
             shutil.copyfileobj(s, f, length=16 << 20)
 
     _write_atomic(dst, copy)
+
+
+def _atomic_link(src: Path, dst: Path) -> None:
+    """Make `dst` the same file as `src` atomically: a hard link renamed over `dst` (no second copy of a checkpoint
+    of several GB), or an atomic copy where the file system has no hard links."""
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.link.tmp")
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        os.link(src, tmp)
+        os.replace(tmp, dst)
+        _fsync_dir(dst.parent)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        _atomic_copy(src, dst)
 
 
 def _write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
@@ -207,19 +224,36 @@ class CheckpointManager:
         return self.output_dir / f"checkpoint-{epoch:04d}.pth"
 
     def save(self, state: dict[str, Any], epoch: int, is_best: bool = False) -> Path:
-        """Write the checkpoint of `epoch` (stored inside as ``state['epoch']`` if absent); returns its path."""
+        """Write the checkpoint of `epoch` (stored inside as ``state['epoch']`` if absent); returns its path.
+
+        A state with a NaN or inf floating-point tensor is refused (TrainingError) and nothing is written, so the
+        previous checkpoints stay the newest; so is any failed write (CheckpointError, e.g. a full disk).
+        """
+        bad = _first_nonfinite(state)
+        if bad is not None:
+            raise TrainingError(f"refusing to save the checkpoint of epoch {epoch}: '{bad}' holds NaN or inf (the "
+                                f"weights diverged); the previous checkpoint in '{self.output_dir}' is kept; lower the "
+                                f"learning rate or use --precision fp32")
         if "epoch" not in state:
             state = {**state, "epoch": epoch}
+        self._remove_stale_temporaries()
         if self.keep_last == 0:
             written = atomic_save(state, self.last_path)
         else:
             written = atomic_save(state, self.path_for(epoch))
-            _atomic_copy(written, self.last_path)
+            _atomic_link(written, self.last_path)
         if is_best:
-            _atomic_copy(written, self.best_path)
+            _atomic_link(written, self.best_path)
         self._prune()
         _log.info("saved checkpoint %s", written)
         return written
+
+    def _remove_stale_temporaries(self) -> None:
+        """Temporary files left by a save that was killed before its rename (they are never read)."""
+        if self.output_dir.is_dir():
+            for p in self.output_dir.glob(".checkpoint-*.tmp"):
+                with contextlib.suppress(OSError):
+                    p.unlink()
 
     def numbered(self) -> list[tuple[int, Path]]:
         """The numbered checkpoints in the directory as (epoch, path), oldest first."""
@@ -268,3 +302,51 @@ class CheckpointManager:
         except CheckpointError as e:
             warnings.warn(f"skipping damaged checkpoint '{path}': {e}", stacklevel=4)
             return None
+
+
+def _first_nonfinite(obj: Any, prefix: str = "") -> str | None:
+    """The dotted key of the first floating-point tensor in `obj` (nested dicts / lists) with a NaN or inf."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point() and not bool(torch.isfinite(obj).all()):
+            return prefix or "<tensor>"
+        return None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        found = _first_nonfinite(value, f"{prefix}.{key}" if prefix else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# loading into a module
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_model_state(module: torch.nn.Module, state_dict: dict[str, Any], source: str | Path) -> None:
+    """`module.load_state_dict(state_dict)` (strict), but a file of another architecture raises CheckpointError
+    naming the keys whose shapes differ (file vs model), the missing and the unexpected keys."""
+    own = module.state_dict()
+    if not isinstance(state_dict, dict):
+        raise CheckpointError(f"'{source}' holds a {type(state_dict).__name__} where a state dict was expected")
+    mismatched = [f"{k} is {_shape(state_dict[k])} in the file but {_shape(v)} in the model"
+                  for k, v in own.items() if k in state_dict and _shape(state_dict[k]) != _shape(v)]
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    if mismatched or missing or unexpected:
+        parts = mismatched[:3] + ([f"... ({len(mismatched) - 3} more)"] if len(mismatched) > 3 else [])
+        if missing:
+            parts.append(f"missing from the file: {_few(missing)}")
+        if unexpected:
+            parts.append(f"not in the model: {_few(unexpected)}")
+        raise CheckpointError(f"'{source}' does not fit the model (another architecture?): {'; '.join(parts)}; "
+                              "use the model settings of the run that wrote it")
+    module.load_state_dict(state_dict)
+
+
+def _shape(value: Any) -> str:
+    return str(list(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def _few(keys: list[str], n: int = 4) -> str:
+    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")

@@ -1,16 +1,23 @@
-"""Thin helpers over `torch.distributed` for runs started with torchrun (or as one plain process)."""
+"""Thin helpers over `torch.distributed` for runs started with torchrun (or as one plain process).
+
+torchrun (single node, multi-node, or under SLURM's srun) sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
+MASTER_PORT; `init_distributed` joins that process group (nccl on GPUs, gloo on CPUs). The recipes wrap the model
+in DistributedDataParallel, read a per-rank shard through `mae.data.build_loader(distributed=True)`, and only
+rank 0 writes logs and checkpoints. See docs/robustness.md for launch commands.
+"""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from mae.errors import ConfigError
 
-__all__ = ["DistInfo", "all_reduce_mean", "barrier", "cleanup", "init_distributed", "is_main"]
+__all__ = ["DistInfo", "all_gather_objects", "all_reduce_mean", "barrier", "cleanup", "init_distributed", "is_main"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,9 @@ def init_distributed(device: str | torch.device | None = None) -> DistInfo:
     device = torch.device(device)
     if device.type == "cuda":
         if device.index is None:
+            if local_rank >= torch.cuda.device_count():
+                raise ConfigError(f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} GPU(s); "
+                                  f"start at most that many processes per node (torchrun --nproc_per_node)")
             device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
@@ -81,6 +91,15 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
         out /= dist.get_world_size()
+    return out
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """`obj` of every process, in rank order (``[obj]`` in a single-process run); a collective: call it on all ranks."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
     return out
 
 

@@ -1,23 +1,27 @@
 """The training loop every recipe shares: precision, gradient accumulation, per-iteration lr schedule, gradient
 clipping, non-finite-loss guard, DDP ``no_sync``, progress bar and metrics.
 
-A recipe supplies a ``loss_fn(model, batch) -> loss`` and the loop does the rest:
+A recipe supplies a ``loss_fn(model, batch) -> loss`` (the mean over the batch) and the loop does the rest:
 
     engine = Engine(model, optimizer, schedule, precision="bf16", accum_iter=2)
     for epoch in range(start, epochs):
         stats = engine.train_epoch(loader, epoch, loss_fn)
+
+With several processes (DDP) the logged per-step loss and the epoch loss are means over every process's
+micro-batches (one all-reduce per update, shared with the non-finite vote), so every rank reports the same numbers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn as nn
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from mae.errors import TrainingError
@@ -26,6 +30,8 @@ from mae.train.precision import autocast_context, make_grad_scaler
 from mae.train.schedule import apply_lr, lr_at
 
 LossFn = Callable[[nn.Module, object], torch.Tensor]
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,7 +49,7 @@ class LRSchedule:
 
 @dataclass
 class EpochStats:
-    loss: float  # mean of the finite micro-batch losses of the epoch
+    loss: float  # mean of the finite micro-batch losses of the epoch, over all processes
     lr: float  # lr at the last update
     images: int  # images seen by this process
     seconds: float
@@ -81,26 +87,37 @@ class Engine:
             self.scaler.load_state_dict(state["scaler"])
 
     # -------------------------------------------------------------------------------------------------------------
+    def _ddp(self) -> DistributedDataParallel | None:
+        model = getattr(self.model, "_orig_mod", self.model)  # look through torch.compile's wrapper
+        return model if isinstance(model, DistributedDataParallel) else None
+
     def _sync_context(self, boundary: bool):
         """Skip DDP's gradient all-reduce on micro-batches that do not end an accumulation window."""
-        if isinstance(self.model, DistributedDataParallel) and not boundary:
-            return self.model.no_sync()
+        ddp = self._ddp()
+        if ddp is not None and not boundary:
+            return ddp.no_sync()
         return contextlib.nullcontext()
 
-    def _all_finite(self, finite: bool) -> bool:
-        """Every process must agree to skip, or DDP replicas would diverge."""
-        if self.world_size > 1:
-            flag = torch.tensor([0.0 if finite else 1.0], device=self.device)
-            torch.distributed.all_reduce(flag)
-            return flag.item() == 0
-        return finite
+    def _reduce_window(self, loss_sum: float, count: int, finite: bool) -> tuple[float, int, bool]:
+        """(sum of losses, number of micro-batches, all finite) of the window over every process, in one all-reduce:
+        every process must agree to skip, or the DDP replicas would diverge."""
+        if self.world_size == 1:
+            return loss_sum, count, finite
+        t = torch.tensor([loss_sum if finite else 0.0, float(count), 0.0 if finite else 1.0], dtype=torch.float64,
+                         device=self.device)
+        torch.distributed.all_reduce(t)
+        total, n, bad = t.tolist()
+        return total, int(n), bad == 0
 
     def _update(self, window_finite: bool) -> bool:
-        """End of an accumulation window: step the optimizer, or skip it if any micro-batch loss was non-finite."""
-        if not self._all_finite(window_finite):
+        """End of an accumulation window: step the optimizer, or skip it if any micro-batch loss was non-finite
+        (`window_finite` is already agreed between processes)."""
+        if not window_finite:
             self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite_total += 1
             self._nonfinite_streak += 1
+            _log.warning("update %d skipped: non-finite loss (%d in a row, %d in total; the run stops at %d in a row)",
+                         self.step + 1, self._nonfinite_streak, self.nonfinite_total, self.max_nonfinite)
             if self._nonfinite_streak >= self.max_nonfinite:
                 raise TrainingError(
                     f"loss was non-finite for {self._nonfinite_streak} consecutive steps (step {self.step}); "
@@ -123,6 +140,7 @@ class Engine:
 
         Micro-batches left over after the last full accumulation window are not used, so every update
         sees exactly ``accum_iter`` micro-batches (the same rule as the reference's per-window updates).
+        A window with a non-finite loss on any process is skipped by all of them (no update, counted, logged).
         """
         self.model.train()
         num_batches = num_batches if num_batches is not None else len(loader)  # type: ignore[arg-type]
@@ -132,7 +150,8 @@ class Engine:
                                 f"lower accum_iter or the batch size")
         bar = progress(range(usable), total=usable, desc=f"epoch {epoch}", enabled=self.show_progress)
         it = iter(loader)
-        loss_sum, loss_count, images, window_finite = 0.0, 0, 0, True
+        loss_sum, loss_count, images = 0.0, 0, 0  # finite windows of the epoch, all processes
+        window_sum, window_count, window_finite = 0.0, 0, True  # this process's current window
         log_images, log_t0 = 0, time.perf_counter()
         t0 = time.perf_counter()
         lr = self.schedule(self.step)
@@ -148,28 +167,33 @@ class Engine:
                     loss = loss_fn(self.model, batch)
                 loss_value = loss.item()
                 finite = math.isfinite(loss_value)
-                if finite:
-                    self.scaler.scale(loss / self.accum_iter).backward()
-                    loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
+                # Backward even a non-finite loss: under DDP every process must join the gradient all-reduce;
+                # the window's gradients are discarded below when any loss in it was non-finite.
+                self.scaler.scale(loss / self.accum_iter).backward()
+                window_sum, window_count = window_sum + (loss_value if finite else 0.0), window_count + 1
                 window_finite &= finite
             n = batch_size_of(batch)
             images += n
             log_images += n
             if boundary:
-                updated = self._update(window_finite)
-                window_finite = True
+                total, count, all_finite = self._reduce_window(window_sum, window_count, window_finite)
+                window_sum, window_count, window_finite = 0.0, 0, True
+                step_loss = total / count if all_finite else float("nan")
+                if all_finite:
+                    loss_sum, loss_count = loss_sum + total, loss_count + count
+                updated = self._update(all_finite)
                 if self.step % self.log_every == 0 or not updated or i + 1 == usable:
                     now = time.perf_counter()
                     ips = log_images * self.world_size / max(now - log_t0, 1e-9)
                     log_images, log_t0 = 0, now
-                    record = {"epoch": epoch, "step": self.step, "loss": loss_value, "lr": lr,
+                    record = {"epoch": epoch, "step": self.step, "loss": step_loss, "lr": lr,
                               "images_per_sec": ips, "skipped_steps": self.nonfinite_total}
                     if self.logger is not None:
                         self.logger.log(record)
                     if hasattr(bar, "set_postfix"):
-                        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
+                        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
         if hasattr(bar, "close"):
             bar.close()
-        mean_loss = loss_sum / max(loss_count, 1) if loss_count else float("nan")
+        mean_loss = loss_sum / loss_count if loss_count else float("nan")
         return EpochStats(loss=mean_loss, lr=lr, images=images, seconds=time.perf_counter() - t0,
                           skipped_steps=self.nonfinite_total)
