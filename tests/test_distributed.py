@@ -1,0 +1,231 @@
+"""Distributed training on CPU (gloo): torchrun runs of the real CLI against one-process runs, the sharding of the
+loader, and the engine's DDP behaviour (no_sync during accumulation, agreed skips of non-finite steps)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from mae.data import build_loader, set_epoch
+from mae.train.checkpoint import safe_load
+
+TINY = [
+    "model.name=mae_vit_micro_patch4_28", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
+    "model.decoder_embed_dim=32", "model.decoder_depth=1", "model.decoder_num_heads=2",
+    "data.path=builtin:mnist5k", "data.limit=256", "epochs=2", "optim.warmup_epochs=1", "optim.base_lr=1e-3",
+    "precision=fp32", "device=cpu", "log_every=1", "save_every=1", "progress=false", "seed=0", "visualize=false",
+]
+TIMEOUT = 300  # seconds; a deadlocked collective fails the test instead of hanging it
+
+
+def _env() -> dict[str, str]:
+    # one thread per process: 2 ranks on a small shared CPU run far faster (and steadier) without oversubscription
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def _torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+
+
+def _step_losses(run_dir: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r and "epoch_loss" not in r]
+
+
+def _finish(proc: subprocess.Popen) -> str:
+    out, _ = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run_equals_one_process_run_with_the_same_global_batch(tmp_path):
+    """`torchrun --nproc_per_node 2 -m mae pretrain` (batch 16 per rank, 2 accumulation steps, a loader worker per
+    rank) logs the same per-update losses (1e-5) and ends with the same weights as one process with batch 32: the
+    shards, per-sample crops and masks, the no_sync accumulation, the gradient all-reduce and the all-reduced loss all
+    line up. Only rank 0 writes (one metrics line per update, one summary on stdout).
+
+    Every weight agrees to 1e-5 except the attention key biases: their gradient is analytically zero (softmax ignores
+    a shift common to all keys), so AdamW turns float rounding noise into updates of up to lr x 0.1 per step; those are
+    only required to agree to 1e-4."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = [*TINY, "accum_iter=2"]
+    single = subprocess.Popen([sys.executable, "-m", "mae", "pretrain", *common, "batch_size=32", "data.num_workers=0",
+                               f"output_dir={one}"], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    double = subprocess.Popen(_torchrun("-m", "mae", "pretrain", *common, "batch_size=16", "data.num_workers=1",
+                                        f"output_dir={two}"), env=_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    _finish(single)
+    out = _finish(double)
+
+    assert out.count("updates: 8") == 1  # 2 epochs x 256 / (32 x 2); printed by rank 0 only
+    a, b = _step_losses(one), _step_losses(two)
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 9))  # one line per update: rank 0 alone writes
+    loss_diff = max(abs(x - y) for (_, x), (_, y) in zip(a, b))
+    assert loss_diff < 1e-5, loss_diff
+    wa, wb = safe_load(one / "checkpoint-last.pth")["model"], safe_load(two / "checkpoint-last.pth")["model"]
+    assert wa.keys() == wb.keys()
+    worst, worst_key_bias = 0.0, 0.0
+    for k in wa:
+        diff = (wa[k] - wb[k]).abs()
+        if k.endswith("attn.qkv.bias"):
+            dim = diff.numel() // 3
+            worst_key_bias = max(worst_key_bias, diff[dim:2 * dim].max().item())
+            diff = torch.cat([diff[:dim], diff[2 * dim:]])
+        worst = max(worst, diff.max().item())
+    print(f"1 vs 2 processes: max loss diff {loss_diff:.2e}, max weight diff {worst:.2e} "
+          f"(key biases {worst_key_bias:.2e})")
+    assert worst < 1e-5 and worst_key_bias < 1e-4, (worst, worst_key_bias)
+    assert not torch.equal(wa["blocks.0.attn.proj.weight"], safe_load(one / "checkpoint-0000.pth")["model"][
+        "blocks.0.attn.proj.weight"])  # the weights did move between the two compared points
+
+
+class _IndexAndDraw(torch.utils.data.Dataset):
+    """Item = (index, a draw from the per-sample RNG): shows both the order and the augmentation seed."""
+
+    def __len__(self) -> int:
+        return 40
+
+    def __getitem__(self, index: int) -> tuple[int, float]:
+        return index, torch.rand(()).item()
+
+
+def _batches(loader) -> list[list[tuple[int, float]]]:
+    return [list(zip(idx.tolist(), draw.tolist())) for idx, draw in loader]
+
+
+def test_rank_batches_partition_the_single_process_batches_of_the_same_global_size(monkeypatch):
+    """With distributed=True, batch k of rank 0 and rank 1 (4 each) together hold exactly the samples, with the same
+    per-sample random draws, of batch k of a one-process loader with batch 8; the shards are disjoint, and set_epoch
+    reshuffles them every epoch."""
+    single = build_loader(_IndexAndDraw(), batch_size=8, seed=5, drop_last=True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    ranks = []
+    for rank in (0, 1):
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None, r=rank: r)
+        ranks.append(build_loader(_IndexAndDraw(), batch_size=4, seed=5, drop_last=True, distributed=True))
+    orders = []
+    for epoch in (0, 1):
+        for loader in (single, *ranks):
+            set_epoch(loader, epoch)
+        whole, shard0, shard1 = _batches(single), _batches(ranks[0]), _batches(ranks[1])
+        assert len(whole) == len(shard0) == len(shard1) == 5
+        for k in range(5):
+            assert sorted(shard0[k] + shard1[k]) == sorted(whole[k])
+            assert not {i for i, _ in shard0[k]} & {i for i, _ in shard1[k]}
+        orders.append([i for batch in shard0 for i, _ in batch])
+    assert orders[0] != orders[1]
+
+
+_ENGINE_SCRIPT = textwrap.dedent('''
+    import json, sys
+    import torch
+    from torch import nn
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.nn.parallel import DistributedDataParallel
+    from mae.errors import TrainingError
+    from mae.train.distributed import all_gather_objects, cleanup, init_distributed
+    from mae.train.engine import Engine, LRSchedule
+
+    info = init_distributed("cpu")
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    ddp = DistributedDataParallel(model)
+    allreduces = []
+
+    def counting_hook(state, bucket):
+        allreduces.append(1)
+        return default_hooks.allreduce_hook(state, bucket)
+
+    class Records:
+        rows = []
+        def log(self, row):
+            self.rows.append(row)
+
+    ddp.register_comm_hook(None, counting_hook)
+    engine = Engine(ddp, torch.optim.SGD(model.parameters(), lr=1.0), LRSchedule(0.1, 100, 0, 0.1), accum_iter=2,
+                    max_nonfinite=2, show_progress=False, world_size=info.world_size, logger=Records(), log_every=1)
+    g = torch.Generator().manual_seed(10 + info.rank)  # each rank its own data
+    batches = [(torch.randn(3, 4, generator=g), torch.randn(3, 1, generator=g)) for _ in range(4)]
+    where = {"epoch": 0, "i": 0}
+    nan_at = set()  # (epoch, micro-batch) where this rank's loss is NaN
+    seen = []  # this rank's finite losses of epoch 0
+
+    def loss_fn(m, batch):
+        loss = ((m(batch[0]) - batch[1]) ** 2).mean()
+        key = (where["epoch"], where["i"])
+        where["i"] += 1
+        if key in nan_at:
+            return loss * float("nan")
+        if key[0] == 0:
+            seen.append(loss.item())
+        return loss
+
+    def epoch_run(e):
+        where.update(epoch=e, i=0)
+        return engine.train_epoch(batches, e, loss_fn)
+
+    result = {}
+    stats = epoch_run(0)  # 4 micro-batches, accum 2: 2 updates
+    result["allreduces"] = len(allreduces)
+    result["epoch_loss"] = stats.loss
+    result["step_losses"] = [row["loss"] for row in Records.rows]
+    result["seen"] = seen
+    if info.rank == 1:
+        nan_at = {(1, 1)}  # NaN on rank 1 only, on the micro-batch that ends the first window (the synced one)
+    epoch_run(1)
+    result["skipped"] = engine.nonfinite_total
+    result["step"] = engine.step
+    result["weights"] = [p.detach().flatten().tolist() for p in model.parameters()]
+    if info.rank == 0:
+        nan_at = {(2, 1), (2, 3)}  # two windows in a row on rank 0 only: stop
+    before_stop = [p.detach().clone() for p in model.parameters()]
+    try:
+        epoch_run(2)
+        result["stopped"] = None
+    except TrainingError as e:
+        result["stopped"] = str(e)
+    result["unchanged_at_stop"] = all(torch.equal(a, b) for a, b in zip(before_stop, model.parameters()))
+    all_results = all_gather_objects(result)
+    if info.rank == 0:
+        with open(sys.argv[1], "w") as f:
+            json.dump(all_results, f)
+    cleanup()
+''')
+
+
+@pytest.mark.slow
+def test_engine_under_ddp_syncs_once_per_update_and_skips_non_finite_steps_on_every_rank(tmp_path):
+    """Two gloo processes through torchrun running `Engine` on a DDP model with accum_iter=2:
+    - gradients are all-reduced once per update, not per micro-batch (no_sync inside the accumulation window);
+    - the logged per-update losses and the epoch loss are the same on both ranks: means over both ranks' losses;
+    - a NaN loss on rank 1 only, on the synced micro-batch, skips that update on both ranks (no deadlock, replicas
+      stay identical, counted);
+    - max_nonfinite=2 NaN windows in a row on rank 0 only stop both ranks with TrainingError, weights untouched."""
+    script = tmp_path / "engine_ddp.py"
+    script.write_text(_ENGINE_SCRIPT)
+    out = tmp_path / "result.json"
+    proc = subprocess.run(_torchrun(str(script), str(out)), check=False, env=_env(), capture_output=True,
+                          text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    r0, r1 = json.loads(out.read_text())
+    assert r0["allreduces"] == r1["allreduces"] == 2  # 4 micro-batches would mean no_sync was not used
+    assert r0["epoch_loss"] == r1["epoch_loss"] == pytest.approx(sum(r0["seen"] + r1["seen"]) / 8, rel=1e-12)
+    windows = [(r0["seen"][2 * w] + r0["seen"][2 * w + 1] + r1["seen"][2 * w] + r1["seen"][2 * w + 1]) / 4
+               for w in range(2)]
+    assert r0["step_losses"] == r1["step_losses"] == pytest.approx(windows, rel=1e-12)
+    assert r0["seen"] != r1["seen"]  # the ranks really had different losses to average
+    assert r0["skipped"] == r1["skipped"] == 1 and r0["step"] == r1["step"] == 3  # 2 + (1 skipped, 1 done)
+    assert r0["weights"] == r1["weights"]
+    for r in (r0, r1):
+        assert r["stopped"] is not None and "non-finite for 2 consecutive steps" in r["stopped"]
+        assert r["unchanged_at_stop"]
