@@ -180,8 +180,9 @@ def raw_pixel_probe(linprobe_config: str, overrides: list[str]) -> dict:
         return ((images.float() / 255 - m) / s).flatten(1), labels  # [N, C*H*W]
 
     (xt, yt), (xv, yv) = pixels(train), pixels(val)
-    if cfg.data.train_limit:
-        xt, yt = xt[:cfg.data.train_limit], yt[:cfg.data.train_limit]
+    if cfg.data.train_limit:  # a seeded random subset: the embedded splits are ordered by class
+        keep = torch.randperm(len(xt), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.data.train_limit]
+        xt, yt = xt[keep], yt[keep]
     probe = _PixelProbe(xt.shape[1], train.num_classes)
     steps = max(1, len(xt) // cfg.batch_size)
     batches = FeatureBatches(xt, yt, cfg.batch_size, steps, cfg.seed)

@@ -49,7 +49,7 @@ class PretrainData:
     mean: list[float] | None = field(default=None, metadata={"help": "normalisation mean (default: ImageNet / 0.5)"})
     std: list[float] | None = None
     strict: bool = field(default=False, metadata={"help": "fail on a corrupt image instead of skipping it"})
-    limit: int | None = field(default=None, metadata={"help": "use only the first N images (quick trials)"})
+    limit: int | None = field(default=None, metadata={"help": "use a fixed random subset of N images (quick trials)"})
 
     def validate(self) -> None:
         if self.limit is not None and self.limit < 1:
@@ -101,6 +101,8 @@ class PretrainConfig:
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
     visualize: bool = field(default=True, metadata={"help": "draw reconstructions.png at the end"})
     pca_fit_batches: int = field(default=20, metadata={"help": "batches used to fit a PCA target's basis"})
+    knn_every: int = field(default=0, metadata={
+        "help": "k-NN top-1 / top-5 of the encoder every N epochs on the labelled data.path (0: off)"})
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "accum_iter", "save_every", "log_every", "max_nonfinite"):
@@ -128,8 +130,9 @@ def build_pretrain_loader(cfg: PretrainConfig, model_cfg: MAEConfig, dist: DistI
                                 cfg.data.std)
     mode = "L" if model_cfg.in_chans == 1 else "RGB"
     dataset = build_dataset(cfg.data.path, split, transform=transform, mode=mode, strict=cfg.data.strict)
-    if cfg.data.limit is not None and cfg.data.limit < len(dataset):
-        dataset = Subset(dataset, range(cfg.data.limit))
+    if cfg.data.limit is not None and cfg.data.limit < len(dataset):  # a fixed random subset (splits may be sorted)
+        keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.data.limit]
+        dataset = Subset(dataset, sorted(keep.tolist()))
     # per-sample masking noise: masks are a function of (seed, epoch, index), like the crops, whatever the world size
     noisy = WithMaskNoise(dataset, model_cfg.grid_size[0] * model_cfg.grid_size[1])
     loader = build_loader(noisy, cfg.batch_size, shuffle=True, num_workers=cfg.data.num_workers, seed=cfg.seed,
@@ -235,6 +238,10 @@ def _run(cfg: PretrainConfig, dist: DistInfo) -> dict:
         history.append({"epoch": epoch, "loss": epoch_loss, "seconds": stats.seconds})
         logger.log({"epoch": epoch, "step": engine.step, "epoch_loss": epoch_loss, "lr": stats.lr,
                     "epoch_seconds": stats.seconds, "images_per_sec": stats.images * dist.world_size / stats.seconds})
+        if cfg.knn_every > 0 and ((epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs):
+            from mae.recipes.knn import pretrain_knn  # the `mae knn` monitor: knn_top1 / knn_top5 in metrics.jsonl
+
+            logger.log({"epoch": epoch, "step": engine.step, **pretrain_knn(model, cfg.data)})
         skipped = sorted(set().union(*all_gather_objects(skipped_files(dataset))))  # all ranks and their workers
         if skipped:
             log.warning("epoch %d: %d unreadable image file(s) skipped so far (each replaced by the next readable "
