@@ -1,0 +1,578 @@
+"""What the classification recipes (finetune, linprobe, knn, evaluate) share: config sections, where the encoder
+comes from, labelled datasets, exact distributed evaluation (top-1 / top-5), feature extraction, classifier
+checkpoints and the epoch loop around the shared `Engine`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+
+from mae.data import UNLABELED, build_dataset, build_eval_transform, default_mean_std
+from mae.errors import CheckpointError, ConfigError, DataError, MAEError
+from mae.models.classifier import GLOBAL_POOLS, ClassifierConfig, build_classifier, load_encoder_into
+from mae.models.mae import MAEConfig
+from mae.models.pos_embed import resize_pos_embed
+from mae.train.checkpoint import CheckpointManager, safe_load
+from mae.train.distributed import DistInfo
+from mae.train.engine import Engine
+from mae.train.logging import MetricsLogger
+from mae.train.precision import autocast_context
+from mae.train.rng import capture_rng_state, restore_rng_state
+
+log = logging.getLogger("mae")
+
+CLASSIFIER_FORMAT = "mae-classifier"
+INITS = ("pretrained", "scratch", "random")
+"""'pretrained' loads `checkpoint`; 'scratch' and 'random' (synonyms) start from the MAE's own initialisation."""
+
+
+# ---------------------------------------------------------------------------------------------------- config sections
+@dataclass
+class ClassifierSection:
+    """The classifier built on the encoder; the encoder's own architecture comes from the checkpoint."""
+
+    name: str | None = field(default=None, metadata={
+        "help": "registered MAE architecture: the encoder for init=scratch/random, and a hint (head count) for "
+                "checkpoints that store no config"})
+    img_size: int | None = field(default=None, metadata={
+        "help": "image side (default: the checkpoint's); another size interpolates the position table (bicubic)"})
+    global_pool: str = field(default="avg", metadata={
+        "help": "avg (mean of patch tokens + new fc_norm, the paper's fine-tuning) | token (class token after norm)"})
+    drop_path: float = field(default=0.1, metadata={"help": "stochastic depth rate (paper: 0.1 B/L, 0.2 H)"})
+    num_classes: int | None = field(default=None, metadata={"help": "classes of the head (default: the dataset's)"})
+
+    def validate(self) -> None:
+        if self.global_pool not in GLOBAL_POOLS:
+            raise ConfigError(f"model.global_pool '{self.global_pool}' is not one of {', '.join(GLOBAL_POOLS)}")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ConfigError(f"model.drop_path must be in [0, 1), got {self.drop_path}")
+        if self.img_size is not None and self.img_size < 1:
+            raise ConfigError(f"model.img_size must be positive, got {self.img_size}")
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ConfigError(f"model.num_classes must be >= 1, got {self.num_classes}")
+        if self.name is not None:
+            from mae.models import model_config
+
+            model_config(self.name)  # unknown names raise with a suggestion
+
+
+@dataclass
+class ClassifyData:
+    """A labelled dataset: `builtin:<name>` or a class-folder tree (with train/ and val/ sub-folders)."""
+
+    path: str = field(default="builtin:mnist5k", metadata={
+        "help": "builtin:<name> or a folder of class sub-folders (root/train/<class>/..., root/val/<class>/...)"})
+    num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes"})
+    mean: list[float] | None = field(default=None, metadata={"help": "normalisation mean (default: ImageNet / 0.5)"})
+    std: list[float] | None = None
+    crop_pct: float | None = field(default=None, metadata={
+        "help": "evaluation: resize to img_size / crop_pct, centre crop (default 0.875; 1.0 for images <= 32 px)"})
+    strict: bool = field(default=False, metadata={"help": "fail on a corrupt image instead of skipping it"})
+    train_limit: int | None = field(default=None, metadata={"help": "use only this many training images (smoke runs)"})
+    val_limit: int | None = field(default=None, metadata={"help": "use only this many validation images"})
+
+    def validate(self) -> None:
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        for name in ("train_limit", "val_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"data.{name} must be >= 1 (or null for all), got {value}")
+        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
+            raise ConfigError(f"data.crop_pct must be in (0, 1], got {self.crop_pct}")
+
+
+def check_init(init: str, checkpoint: str | None, model_name: str | None) -> None:
+    """Config-time check of the encoder source (a run fails at start-up, not after loading the data)."""
+    if init not in INITS:
+        raise ConfigError(f"init '{init}' is not one of {', '.join(INITS)}")
+    if init == "pretrained" and not checkpoint:
+        raise ConfigError("init=pretrained needs checkpoint=<run directory or checkpoint file> (or --checkpoint); "
+                          "use init=scratch with model.name=<architecture> to start from random weights")
+    if init != "pretrained" and model_name is None:
+        raise ConfigError(f"init={init} needs model.name=<registered architecture> (see `mae models`)")
+
+
+# ---------------------------------------------------------------------------------------------------- the encoder
+@dataclass
+class EncoderSource:
+    """Encoder weights in reference / timm key names and the architecture they belong to."""
+
+    config: MAEConfig
+    state_dict: dict[str, torch.Tensor]
+    label: str  # for messages: where the weights came from
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory -> its final model (model.safetensors) or newest checkpoint; anything else unchanged."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"checkpoint '{path}' does not exist; pass a run directory or a checkpoint file")
+    if path.is_dir() and (path / "config.yaml").is_file() and not (path / "config.json").is_file():
+        if (path / "model.safetensors").is_file():
+            return path / "model.safetensors"
+        latest = CheckpointManager(path).latest_valid()
+        if latest is None:
+            raise CheckpointError(f"run directory '{path}' holds no checkpoint yet; train first or pass a file")
+        return latest
+    return path
+
+
+def _is_hf_classifier_dir(path: Path) -> bool:
+    if not (path.is_dir() and (path / "config.json").is_file()):
+        return False
+    try:
+        return json.loads((path / "config.json").read_text()).get("model_type") == "vit"
+    except (OSError, ValueError):
+        return False
+
+
+def load_encoder_source(init: str, checkpoint: str | None, model_name: str | None) -> EncoderSource:
+    """The encoder to start from: a checkpoint in any format the library reads, or a fresh MAE initialisation
+    (fixed sin-cos positions, xavier-uniform linears) of the registered architecture `model_name`."""
+    check_init(init, checkpoint, model_name)
+    if init != "pretrained":
+        from mae.models import MaskedAutoencoderViT, model_config
+
+        config = model_config(model_name, decoder_depth=0)  # no decoder: it would be thrown away
+        model = MaskedAutoencoderViT(config)
+        return EncoderSource(model_config(model_name), model.encoder_state_dict(), f"a random {model_name} encoder")
+    path = resolve_checkpoint(checkpoint)
+    if _is_hf_classifier_dir(path):
+        from mae.interop.classifier_export import load_hf_classifier
+
+        sd, ccfg, _ = load_hf_classifier(path)
+        config = MAEConfig(img_size=ccfg.img_size, patch_size=ccfg.patch_size, in_chans=ccfg.in_chans,
+                           embed_dim=ccfg.embed_dim, depth=ccfg.depth, num_heads=ccfg.num_heads,
+                           mlp_ratio=ccfg.mlp_ratio, norm_eps=ccfg.norm_eps)
+        return EncoderSource(config, sd, f"transformers classifier '{path}'")
+    from mae.interop import infer_config, load_state_dict_any
+
+    sd, fmt, stored = load_state_dict_any(path)
+    config = MAEConfig(**stored) if stored is not None else infer_config(sd, model_name)
+    return EncoderSource(config, sd, f"{fmt} checkpoint '{path}'")
+
+
+def build_from_source(source: EncoderSource, head_init_std: float, **classifier_fields: Any
+                      ) -> tuple[nn.Module, ClassifierConfig]:
+    """A classifier for the source's encoder with its weights loaded; logs what was left out."""
+    ccfg = ClassifierConfig.from_mae(source.config, **classifier_fields)
+    model = build_classifier(ccfg, head_init_std=head_init_std)
+    report = load_encoder_into(model, source.state_dict, source.config, source=source.label)
+    log.info("encoder from %s: new %s; not used: %s%s", source.label, _short(report.missing) or "-",
+             _short(report.unexpected) or "-",
+             f"; position table resized to a {ccfg.grid_size[0]}x{ccfg.grid_size[1]} grid" if report.resized else "")
+    return model, ccfg
+
+
+def _short(keys: list[str], n: int = 4) -> str:
+    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def image_mode(in_chans: int) -> str:
+    return "L" if in_chans == 1 else "RGB"
+
+
+def square_side(config: ClassifierConfig) -> int:
+    h, w = config.image_hw
+    if h != w:
+        raise ConfigError(f"the image transforms make square images; img_size {h}x{w} is not square")
+    return h
+
+
+def labelled_dataset(data: ClassifyData, split: str, transform: Callable | None, in_chans: int,
+                     limit: int | None = None, seed: int = 0) -> tuple[Dataset, list[str]]:
+    """A split with class labels, optionally cut to `limit` images (a fixed random subset); and its class names."""
+    dataset = build_dataset(data.path, split, transform=transform, mode=image_mode(in_chans), strict=data.strict,
+                            require_classes=True)
+    classes = [str(c) for c in getattr(dataset, "classes", [])]
+    targets = list(getattr(dataset, "targets", []))
+    if not classes or UNLABELED in targets:
+        raise DataError(f"'{data.path}' ({split}) has no class labels; classification needs class sub-folders "
+                        f"('<root>/{split}/<class>/<image>') or a labelled builtin dataset")
+    if limit is not None and limit < len(dataset):
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit]
+        dataset = Subset(dataset, sorted(order.tolist()))
+    return dataset, classes
+
+
+def eval_transform(data: ClassifyData, img_size: int, in_chans: int) -> Callable:
+    """Resize (bicubic) to img_size / crop_pct and centre-crop img_size, normalised as `data` says."""
+    return build_eval_transform(img_size, in_chans, data.crop_pct, data.mean, data.std)
+
+
+def mean_std(data: ClassifyData, in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The normalisation of `data` (default: ImageNet's for RGB, 0.5 / 0.5 for grey)."""
+    mean, std = default_mean_std(in_chans)
+    return tuple(data.mean or mean), tuple(data.std or std)
+
+
+def train_transform(img_size: int, mean: tuple[float, ...], std: tuple[float, ...],
+                    scale: tuple[float, float] = (0.08, 1.0), hflip: float = 0.5, rand_augment: str | None = None,
+                    reprob: float = 0.0) -> Callable:
+    """timm's ImageNet training pipeline (as ``timm.data.create_transform(is_training=True)``): RandomResizedCrop
+    (bicubic), flip, optional RandAugment, normalise, optional random erasing. PIL 'L' and 'RGB' images both work.
+
+    RandAugment's magnitude is capped just below 10 unless the spec sets ``mmax``: at exactly 10 (reached by
+    m9 + mstd0.5 noise) timm's PosterizeIncreasing keeps 0 bits, which Pillow >= 10 rejects with a ValueError.
+    """
+    from timm.data import rand_augment_transform
+    from timm.data.random_erasing import RandomErasing
+    from timm.data.transforms import MaybeToTensor, RandomResizedCropAndInterpolation, str_to_pil_interp
+    from torchvision import transforms
+
+    steps: list = [RandomResizedCropAndInterpolation(img_size, scale=tuple(scale), interpolation="bicubic")]
+    if hflip > 0:
+        steps.append(transforms.RandomHorizontalFlip(p=hflip))
+    if rand_augment:
+        hparams = {"translate_const": int(img_size * 0.45), "img_mean": tuple(min(255, round(255 * m)) for m in mean),
+                   "interpolation": str_to_pil_interp("bicubic")}
+        if "-mmax" not in rand_augment:
+            hparams["magnitude_max"] = 9.99
+        steps.append(rand_augment_transform(rand_augment, hparams))
+    steps += [MaybeToTensor(), transforms.Normalize(mean=torch.tensor(mean), std=torch.tensor(std))]
+    if reprob > 0:
+        steps.append(RandomErasing(reprob, mode="pixel", max_count=1, device="cpu"))
+    return transforms.Compose(steps)
+
+
+class ShardSampler(Sampler[int]):
+    """Indices ``rank, rank + world_size, ...`` in order: over all ranks every index exactly once.
+
+    Unlike DistributedSampler it pads nothing, so summed counts are exact even when the size does not divide.
+    """
+
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1):
+        self.size, self.rank, self.world_size = size, rank, world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.size, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.size, self.world_size))
+
+
+def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, dist: DistInfo | None = None) -> DataLoader:
+    """In-order loader over this rank's share of `dataset` (every image counted once over all ranks)."""
+    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rank, world),
+                      num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=num_workers > 0)
+
+
+# ---------------------------------------------------------------------------------------------------- evaluation
+@dataclass
+class EvalResult:
+    top1: float  # percent
+    top5: float  # percent (top-k with k = min(5, classes))
+    loss: float  # mean cross-entropy
+    count: int  # images evaluated over all ranks
+    confusion: torch.Tensor | None = None  # [true class, predicted class] counts
+
+    def metrics(self, prefix: str = "") -> dict[str, float]:
+        return {f"{prefix}top1": self.top1, f"{prefix}top5": self.top5, f"{prefix}loss": self.loss}
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
+        tdist.all_reduce(t)
+    return t
+
+
+def topk_counts(logits: torch.Tensor, target: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Numbers of samples whose true class is the top-1 / among the top-k predictions."""
+    top = logits.topk(min(k, logits.shape[1]), dim=1).indices  # [N, k]
+    hits = top == target[:, None]
+    return hits[:, 0].sum(), hits.any(dim=1).sum()
+
+
+def score_logits(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+                 num_classes: int | None = None) -> EvalResult:
+    """Top-1 / top-5 / loss over (logits, target) batches of this rank, summed over all ranks; with `num_classes`
+    also the confusion matrix."""
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # top1 hits, top5 hits, loss sum, count
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device) if num_classes else None
+    for logits, target in batches:
+        logits, target = logits.float(), target.to(logits.device)
+        c1, c5 = topk_counts(logits, target)
+        sums += torch.stack([c1.double(), c5.double(), F.cross_entropy(logits, target, reduction="sum").double(),
+                             torch.tensor(float(len(target)), dtype=torch.float64, device=device)])
+        if cm is not None:
+            cm.index_put_((target, logits.argmax(1)), torch.ones_like(target), accumulate=True)
+    all_reduce_sum(sums)
+    if cm is not None:
+        all_reduce_sum(cm)
+    n = int(sums[3].item())
+    if n == 0:
+        raise DataError("no validation images to evaluate")
+    return EvalResult(top1=100.0 * sums[0].item() / n, top5=100.0 * sums[1].item() / n, loss=sums[2].item() / n,
+                      count=n, confusion=cm.cpu() if cm is not None else None)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precision: str = "fp32",
+             class_index: torch.Tensor | None = None, confusion_classes: int | None = None) -> EvalResult:
+    """Top-1 / top-5 of `model` on this rank's share of `loader`, exact over all ranks. `class_index` restricts the
+    logits to the model classes of a dataset's classes (dataset class i = model class ``class_index[i]``);
+    `confusion_classes` adds the confusion matrix of that many (dataset) classes."""
+    was_training = model.training
+    model.eval()
+    index = class_index.to(device) if class_index is not None else None
+
+    def batches():
+        for images, target in loader:
+            with autocast_context(precision, device):
+                logits = model(images.to(device, non_blocking=True))
+            logits = logits.float()
+            yield (logits[:, index] if index is not None else logits), target.to(device)
+
+    try:
+        return score_logits(batches(), device, confusion_classes)
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def extract_features(fn: Callable[[torch.Tensor], torch.Tensor], loader: DataLoader, device: torch.device,
+                     precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+    """``fn(images)`` over this rank's share of `loader`: (features float32 [N, D], labels [N]) on `device`."""
+    feats, labels = [], []
+    for images, target in loader:
+        with autocast_context(precision, device):
+            out = fn(images.to(device, non_blocking=True))
+        feats.append(out.float())
+        labels.append(target.to(device))
+    if not feats:
+        return torch.zeros(0, 0, device=device), torch.zeros(0, dtype=torch.int64, device=device)
+    return torch.cat(feats), torch.cat(labels)
+
+
+# ---------------------------------------------------------------------------------------------------- run files
+def write_param_groups(path: Path, model: nn.Module, groups: list[dict[str, Any]]) -> Path:
+    """``param_groups.json``: every parameter name with its lr_scale and weight_decay (frozen ones: trainable false)."""
+    entries: dict[str, dict[str, Any]] = {}
+    for i, group in enumerate(groups):
+        for name in group["param_names"]:
+            entries[name] = {"trainable": True, "lr_scale": group.get("lr_scale", 1.0),
+                             "weight_decay": group["weight_decay"], "group": i}
+    out = {name: entries.get(name, {"trainable": False}) for name, _ in model.named_parameters()}
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    return path
+
+
+def classifier_state(model: nn.Module, classifier_config: ClassifierConfig, class_names: list[str],
+                     **extra: Any) -> dict[str, Any]:
+    """The dict a classifier checkpoint holds (weights-only loadable): weights, architecture, class names."""
+    return {"format": CLASSIFIER_FORMAT, "model": model.state_dict(), "classifier_config": classifier_config.to_dict(),
+            "class_names": list(class_names), **extra}
+
+
+def load_classifier(path: str | Path, img_size: int | tuple[int, int] | None = None, use_ema: bool | None = None,
+                    model_name: str | None = None) -> tuple[nn.Module, ClassifierConfig, list[str] | None]:
+    """A classifier from a finetune / linprobe run directory (its best checkpoint), one of their checkpoints, an
+    exported timm file (with its ``.json``), a `ViTForImageClassification` directory, or a timm / reference
+    fine-tuned state_dict (``fc_norm`` + ``head``). ``img_size`` rebuilds it at another resolution (the position
+    table is interpolated, bicubic). ``use_ema`` None takes the EMA weights of a run checkpoint when they were the
+    best. Returns (model in eval mode, its config, class names or None)."""
+    path = Path(path).expanduser()
+    names: list[str] | None = None
+    if _is_hf_classifier_dir(path):
+        from mae.interop.classifier_export import load_hf_classifier
+
+        sd, config, names = load_hf_classifier(path)
+    else:
+        if path.is_dir():
+            candidates = [path / "checkpoint-best.pth", path / "checkpoint-last.pth"]
+            found = next((c for c in candidates if c.is_file()), None)
+            if found is None:
+                raise CheckpointError(f"'{path}' holds no checkpoint-best.pth or checkpoint-last.pth; pass a "
+                                      f"classifier checkpoint file")
+            path = found
+        config = None
+        if path.suffix == ".safetensors":
+            from mae.interop.native import read_safetensors
+
+            sd, _ = read_safetensors(path)
+            sidecar = path.with_suffix(".json")
+            if sidecar.is_file():
+                kwargs = json.loads(sidecar.read_text())
+                config = ClassifierConfig(
+                    img_size=kwargs["img_size"], patch_size=kwargs["patch_size"], in_chans=kwargs["in_chans"],
+                    embed_dim=kwargs["embed_dim"], depth=kwargs["depth"], num_heads=kwargs["num_heads"],
+                    mlp_ratio=kwargs["mlp_ratio"], norm_eps=kwargs.get("norm_eps", 1e-6),
+                    num_classes=kwargs["num_classes"], global_pool=kwargs["global_pool"], fc_norm=kwargs["fc_norm"])
+        else:
+            state = safe_load(path)
+            if state.get("format") == CLASSIFIER_FORMAT:
+                config = ClassifierConfig.from_dict(state["classifier_config"])
+                names = state.get("class_names")
+                if use_ema is None:
+                    use_ema = bool(state.get("best_is_ema"))
+                key = "model_ema" if use_ema else "model"
+                if state.get(key) is None:
+                    raise CheckpointError(f"'{path}' holds no EMA weights (the run had ema=false); use use_ema=false")
+                sd = state[key]
+            else:
+                sd = state.get("model", state.get("state_dict", state))
+                sd = {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+        if config is None:
+            config = _infer_classifier_config(sd, path, model_name)
+    stored_grid = config.grid_size
+    if img_size is not None:
+        config = ClassifierConfig.from_dict({**config.to_dict(), "img_size": img_size})
+    model = build_classifier(config)
+    if "pos_embed" in sd and tuple(stored_grid) != tuple(config.grid_size):
+        sd = {**sd, "pos_embed": resize_pos_embed(sd["pos_embed"], stored_grid, config.grid_size)}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"'{path}' does not fit the classifier it describes: missing {_short(list(missing))}; "
+                              f"unexpected {_short(list(unexpected))}")
+    return model.eval(), config, names
+
+
+def _infer_classifier_config(sd: dict[str, torch.Tensor], path: Path, model_name: str | None) -> ClassifierConfig:
+    if "head.weight" not in sd and "head.1.weight" not in sd:
+        raise CheckpointError(f"'{path}' has no classifier head (head.weight): it is not a fine-tuned classifier; "
+                              f"fine-tune it first (mae finetune) or probe it (mae linprobe / mae knn)")
+    from mae.interop import infer_config
+
+    encoder = {k: v for k, v in sd.items() if not k.startswith(("head.", "fc_norm."))}
+    mae_config = infer_config(encoder, model_name)
+    bn = "head.1.weight" in sd
+    return ClassifierConfig.from_mae(mae_config, num_classes=sd["head.1.weight" if bn else "head.weight"].shape[0],
+                                     global_pool="avg" if "fc_norm.weight" in sd else "token",
+                                     head="bn_linear" if bn else "linear")
+
+
+# ---------------------------------------------------------------------------------------------------- the epoch loop
+@dataclass
+class TrainJob:
+    """Everything `train_and_evaluate` needs; the recipes build it."""
+
+    classifier: nn.Module  # saved in checkpoints (its state_dict includes the trained head)
+    classifier_config: ClassifierConfig
+    class_names: list[str]
+    engine: Engine
+    train_loader: Any  # an iterable with len() and a set_epoch (a DataLoader from build_loader, or FeatureBatches)
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor]
+    evaluate: Callable[[nn.Module], EvalResult]  # scores a classifier (the model, or its EMA copy)
+    epochs: int
+    out: Path
+    dist: DistInfo
+    logger: MetricsLogger
+    manager: CheckpointManager
+    config: dict[str, Any]  # the run's resolved config, stored in checkpoints
+    ema: nn.Module | None = None  # a timm ModelEmaV3
+    save_every: int = 1
+    resume: str | None = None
+    evaluate_model: nn.Module | None = None  # what `evaluate` gets for the live weights (default: classifier)
+
+
+def _set_epoch(loader: Any, epoch: int) -> None:
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+    else:
+        from mae.data import set_epoch
+
+        set_epoch(loader, epoch)
+
+
+def train_and_evaluate(job: TrainJob) -> dict[str, Any]:
+    """Train for the remaining epochs, evaluating top-1 / top-5 after each (and the EMA weights, when kept);
+    keeps ``checkpoint-last.pth`` and ``checkpoint-best.pth`` (best top-1, EMA included when it is better)."""
+    start_epoch, history, best, best_epoch = 0, [], -1.0, -1
+    resumed = job.manager.load_latest() if job.resume == "auto" else (
+        (Path(job.resume), safe_load(job.resume)) if job.resume else None)
+    if resumed is not None:
+        path, state = resumed
+        if state.get("format") != CLASSIFIER_FORMAT or "engine" not in state:
+            raise ConfigError(f"'{path}' is not a training checkpoint of a classification run; resume from the "
+                              f"run's checkpoint-last.pth (or resume=auto)")
+        job.classifier.load_state_dict(state["model"])
+        job.engine.load_state_dict(state["engine"])
+        if job.ema is not None and state.get("model_ema") is not None:
+            job.ema.module.load_state_dict(state["model_ema"])
+        start_epoch, history = int(state["epoch"]) + 1, list(state.get("history", []))
+        best, best_epoch = float(state.get("best_top1", -1.0)), int(state.get("best_epoch", -1))
+        rng = state.get("rng")
+        if rng is not None:
+            restore_rng_state(rng[job.dist.rank] if isinstance(rng, list) else rng)
+        log.info("resumed from %s at epoch %d", path, start_epoch)
+
+    t_start = time.perf_counter()
+    live = job.evaluate_model if job.evaluate_model is not None else job.classifier
+    for epoch in range(start_epoch, job.epochs):
+        _set_epoch(job.train_loader, epoch)
+        stats = job.engine.train_epoch(job.train_loader, epoch, job.loss_fn)
+        t_eval = time.perf_counter()
+        result = job.evaluate(live)
+        record: dict[str, Any] = {"epoch": epoch, "step": job.engine.step, "train_loss": stats.loss,
+                                  "lr": stats.lr, **result.metrics("val_"), "top1": result.top1,
+                                  "top5": result.top5, "epoch_seconds": stats.seconds,
+                                  "eval_seconds": time.perf_counter() - t_eval}
+        record.pop("val_top1"), record.pop("val_top5")
+        epoch_best, ema_better = result.top1, False
+        if job.ema is not None:
+            ema_result = job.evaluate(job.ema.module)
+            record.update(ema_top1=ema_result.top1, ema_top5=ema_result.top5)
+            ema_better = ema_result.top1 > result.top1
+            epoch_best = max(epoch_best, ema_result.top1)
+        is_best = epoch_best > best
+        if is_best:
+            best, best_epoch = epoch_best, epoch
+        record.update(best_top1=best)
+        job.logger.log(record)
+        history.append({k: record[k] for k in ("epoch", "train_loss", "top1", "top5") if k in record})
+        log.info("epoch %d: train loss %.4f, val top-1 %.2f%%, top-5 %.2f%%%s", epoch, record["train_loss"],
+                 result.top1, result.top5,
+                 f" (EMA {record['ema_top1']:.2f}%)" if "ema_top1" in record else "")
+        last = epoch + 1 == job.epochs
+        if is_best or last or (epoch + 1) % job.save_every == 0:
+            rng = _gather_rng(job.dist)
+            if job.dist.is_main:
+                state = classifier_state(
+                    job.classifier, job.classifier_config, job.class_names, epoch=epoch,
+                    engine=job.engine.state_dict(), history=history, best_top1=best, best_epoch=best_epoch,
+                    best_is_ema=ema_better if is_best else None, rng=rng, config=job.config,
+                    model_ema=job.ema.module.state_dict() if job.ema is not None else None)
+                job.manager.save(state, epoch, is_best=is_best)
+    elapsed = time.perf_counter() - t_start
+    final = history[-1] if history else {}
+    return {"best_top1": best, "best_epoch": best_epoch, "last_top1": final.get("top1"),
+            "last_top5": final.get("top5"), "train_seconds": elapsed, "updates": job.engine.step}
+
+
+def _gather_rng(dist: DistInfo) -> Any:
+    state = capture_rng_state()
+    if dist.world_size == 1:
+        return state
+    states: list[Any] = [None] * dist.world_size
+    tdist.all_gather_object(states, state)
+    return states
+
+
+def finish_run(out: Path, summary: dict[str, Any], dist: DistInfo, plot_keys: tuple[str, ...]) -> dict[str, Any]:
+    """Write summary.json and the training curves (rank 0)."""
+    if dist.is_main:
+        from mae.train.logging import plot_curves
+
+        try:
+            plot_curves(out / "metrics.jsonl", out / "curves.png", keys=plot_keys)
+            summary["curves_png"] = str(out / "curves.png")
+        except (MAEError, OSError, ValueError) as e:  # a plot is a convenience: never fail a finished run over it
+            log.warning("could not draw curves.png: %s", e)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -1,0 +1,232 @@
+"""Evaluation of a classifier: ``run(EvaluateConfig) -> summary`` (``mae evaluate``).
+
+Top-1 / top-5 of a fine-tuned or probed classifier (a run directory, one of its checkpoints, an exported timm file,
+a `ViTForImageClassification` directory or a timm / reference fine-tuned state_dict) on a labelled dataset, at its
+own resolution or another one (``img_size``: position table interpolated, bicubic). Writes
+``per_class_accuracy.csv``, ``confusion.png``, ``metrics.jsonl`` and ``summary.json``.
+
+A class-subset mapping (``class_map=FILE``) evaluates on a dataset whose classes are a subset of the model's (e.g.
+the 200-class ImageNet-R / ImageNet-A folders against a 1000-class model): the logits are restricted to the mapped
+classes. The file has one line per dataset class, either ``<model class>`` (lines in the sorted order of the
+dataset's class folders) or ``<folder name> <model class>``; a model class is an index or a class name stored with
+the checkpoint. Blank lines and ``#`` comments are ignored.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mae.config import save_config
+from mae.errors import ConfigError, DataError
+from mae.recipes.classify_common import (
+    ClassifyData,
+    eval_loader,
+    eval_transform,
+    evaluate,
+    labelled_dataset,
+    load_classifier,
+    square_side,
+)
+from mae.recipes.common import prepare_output_dir, resolve_device
+from mae.train.distributed import DistInfo, cleanup, init_distributed
+from mae.train.logging import MetricsLogger
+from mae.train.precision import PRECISIONS, resolve_precision
+
+log = logging.getLogger("mae")
+
+CLI_FLAGS = {"--data": "data.path", "--output-dir": "output_dir", "--checkpoint": "checkpoint",
+             "--class-map": "class_map", "--precision": "precision", "--device": "device"}
+
+
+@dataclass
+class EvaluateConfig:
+    """What to evaluate, on which images."""
+
+    checkpoint: str | None = field(default=None, metadata={
+        "help": "a finetune / linprobe run directory or checkpoint, an exported timm file, a transformers "
+                "ViTForImageClassification directory, or a timm / reference fine-tuned state_dict (required)"})
+    data: ClassifyData = field(default_factory=ClassifyData)
+    split: str = field(default="val", metadata={"help": "train | val (a folder's val/ sub-folder, else the folder)"})
+    class_map: str | None = field(default=None, metadata={
+        "help": "file mapping each dataset class to a model class (index or name), one line per class"})
+    img_size: int | None = field(default=None, metadata={"help": "evaluate at another resolution (bicubic pos. table)"})
+    use_ema: bool | None = field(default=None, metadata={
+        "help": "use the run's EMA weights (default: when they scored best)"})
+    model_name: str | None = field(default=None, metadata={
+        "help": "registered architecture for state_dicts without a config (gives the head count)"})
+    batch_size: int = field(default=128, metadata={"help": "images per forward pass"})
+    output_dir: str = field(default="runs/evaluate", metadata={"help": "CSV, PNG, metrics and summary go here"})
+    precision: str = field(default="auto", metadata={"help": "auto | bf16 | fp16 | fp32"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+
+    def validate(self) -> None:
+        if not self.checkpoint:
+            raise ConfigError("evaluate needs checkpoint=<run directory or classifier checkpoint> (or --checkpoint)")
+        if self.split not in ("train", "val"):
+            raise ConfigError(f"split '{self.split}' is not one of train, val")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision '{self.precision}' is not one of {', '.join(PRECISIONS)}")
+
+
+def read_class_map(path: str | Path, dataset_classes: Sequence[str], model_classes: Sequence[str] | None,
+                   num_model_classes: int) -> torch.Tensor:
+    """Model class index of each dataset class, from a class-map file (see the module docstring)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise DataError(f"cannot read class map '{path}': {e.strerror or e}") from None
+    rows = [ln.split("#", 1)[0].split() for ln in lines]
+    rows = [r for r in rows if r]
+    if any(len(r) > 2 for r in rows):
+        bad = next(r for r in rows if len(r) > 2)
+        raise DataError(f"class map '{path}': line '{' '.join(bad)}' has more than two fields; write "
+                        f"'<model class>' or '<folder name> <model class>' per line")
+    if rows and all(len(r) == 2 for r in rows):
+        by_folder = {folder: target for folder, target in rows}
+        missing = [c for c in dataset_classes if c not in by_folder]
+        if missing:
+            raise DataError(f"class map '{path}' has no line for the dataset class(es) {missing[:4]}; add "
+                            f"'<folder name> <model class>' lines for them")
+        targets = [by_folder[c] for c in dataset_classes]
+    elif all(len(r) == 1 for r in rows):
+        if len(rows) != len(dataset_classes):
+            raise DataError(f"class map '{path}' has {len(rows)} lines but the dataset has {len(dataset_classes)} "
+                            f"classes; write one line per class folder, in sorted folder order")
+        targets = [r[0] for r in rows]
+    else:
+        raise DataError(f"class map '{path}' mixes one-field and two-field lines; use one form throughout")
+    names = {n: i for i, n in enumerate(model_classes or [])}
+    index = []
+    for target in targets:
+        if target.lstrip("-").isdigit():
+            i = int(target)
+        elif target in names:
+            i = names[target]
+        else:
+            raise DataError(f"class map '{path}': '{target}' is neither a class index nor a class name of the model"
+                            + (f" (names: {', '.join(list(names)[:5])}, ...)" if names else " (it stores no names)"))
+        if not 0 <= i < num_model_classes:
+            raise DataError(f"class map '{path}': class index {i} is outside the model's 0..{num_model_classes - 1}")
+        index.append(i)
+    if len(set(index)) != len(index):
+        raise DataError(f"class map '{path}' maps two dataset classes to the same model class")
+    return torch.tensor(index, dtype=torch.long)
+
+
+def class_index_for(dataset_classes: Sequence[str], model_classes: Sequence[str] | None, num_model_classes: int,
+                    class_map: str | None = None) -> torch.Tensor | None:
+    """How dataset classes map to model outputs: a class-map file, else by the stored class names, else identity
+    (None) when the counts agree."""
+    if class_map:
+        return read_class_map(class_map, dataset_classes, model_classes, num_model_classes)
+    if model_classes and list(dataset_classes) == list(model_classes):
+        return None
+    if model_classes and set(dataset_classes) <= set(model_classes):
+        names = {n: i for i, n in enumerate(model_classes)}
+        return torch.tensor([names[c] for c in dataset_classes], dtype=torch.long)
+    if len(dataset_classes) == num_model_classes:
+        return None
+    raise DataError(f"the dataset has {len(dataset_classes)} classes and the model {num_model_classes}, and the class "
+                    f"names do not tell how they match; pass class_map=<file> (one model class per dataset class)")
+
+
+def save_confusion_png(confusion: torch.Tensor, class_names: Sequence[str], path: Path, title: str = "") -> Path:
+    """Row-normalised confusion matrix (true class down, predicted class across)."""
+    from matplotlib.figure import Figure
+
+    cm = confusion.double()
+    rates = cm / cm.sum(dim=1, keepdim=True).clamp_min(1)
+    n = len(class_names)
+    side = min(max(4.0, 0.35 * n + 2), 16.0)
+    fig = Figure(figsize=(side, side), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    if n <= 40:
+        ax.set_xticks(range(n), labels=list(class_names), rotation=90, fontsize=7)
+        ax.set_yticks(range(n), labels=list(class_names), fontsize=7)
+        if n <= 15:
+            for i in range(n):
+                for j in range(n):
+                    if cm[i, j] > 0:
+                        ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                                color="white" if rates[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def write_per_class_csv(confusion: torch.Tensor, class_names: Sequence[str], model_index: Sequence[int],
+                        path: Path) -> Path:
+    """One row per dataset class: its name, model class index, images, correct (top-1) and accuracy in percent."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["class", "model_class", "images", "correct", "top1"])
+        for i, name in enumerate(class_names):
+            total = int(confusion[i].sum())
+            correct = int(confusion[i, i])
+            writer.writerow([name, int(model_index[i]), total, correct,
+                             f"{100.0 * correct / total:.2f}" if total else ""])
+    return path
+
+
+def run(cfg: EvaluateConfig) -> dict:
+    """Evaluate a classifier; returns top-1 / top-5 and the paths of what it wrote."""
+    dist = init_distributed(None if cfg.device == "auto" else resolve_device(cfg.device))
+    try:
+        return _run(cfg, dist)
+    finally:
+        cleanup()
+
+
+def _run(cfg: EvaluateConfig, dist: DistInfo) -> dict[str, Any]:
+    device = dist.device
+    precision = resolve_precision(cfg.precision, device)
+    out = prepare_output_dir(cfg.output_dir)
+    t0 = time.perf_counter()
+    model, ccfg, names = load_classifier(cfg.checkpoint, img_size=cfg.img_size, use_ema=cfg.use_ema,
+                                         model_name=cfg.model_name)
+    model.to(device)
+    tf = eval_transform(cfg.data, square_side(ccfg), ccfg.in_chans)
+    limit = cfg.data.val_limit if cfg.split == "val" else cfg.data.train_limit
+    dataset, classes = labelled_dataset(cfg.data, cfg.split, tf, ccfg.in_chans, limit)
+    index = class_index_for(classes, names, ccfg.num_classes, cfg.class_map)
+    loader = eval_loader(dataset, cfg.batch_size, cfg.data.num_workers, dist)
+    result = evaluate(model, loader, device, precision, class_index=index, confusion_classes=len(classes))
+    seconds = time.perf_counter() - t0
+    model_index = index.tolist() if index is not None else list(range(len(classes)))
+    summary: dict[str, Any] = {
+        "top1": result.top1, "top5": result.top5, "best_top1": result.top1, "loss": result.loss,
+        "images": result.count, "classes": len(classes), "model_classes": ccfg.num_classes,
+        "img_size": ccfg.img_size if isinstance(ccfg.img_size, int) else list(ccfg.img_size),
+        "checkpoint": str(cfg.checkpoint), "seconds": seconds, "output_dir": str(out)}
+    if dist.is_main:
+        save_config(cfg, out / "config.yaml")
+        assert result.confusion is not None
+        summary["per_class_csv"] = str(write_per_class_csv(result.confusion, classes, model_index,
+                                                           out / "per_class_accuracy.csv"))
+        summary["confusion_png"] = str(save_confusion_png(
+            result.confusion, classes, out / "confusion.png",
+            title=f"{Path(str(cfg.checkpoint)).name}: top-1 {result.top1:.2f}%"))
+        with MetricsLogger(out, tensorboard=False) as logger:
+            logger.log({"epoch": 0, "step": 0, "top1": result.top1, "top5": result.top5, "loss": result.loss,
+                        "images": result.count})
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("top-1 %.2f%%, top-5 %.2f%% on %d images (%d classes)", result.top1, result.top5, result.count,
+             len(classes))
+    return summary

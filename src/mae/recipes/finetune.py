@@ -1,0 +1,323 @@
+"""Fine-tuning: ``run(FinetuneConfig) -> summary``; the CLI's ``mae finetune`` only parses and calls this.
+
+One recipe, three protocols of the paper:
+
+- end-to-end fine-tuning (Table 9): AdamW, layer-wise lr decay (scale ``decay ** (depth + 1 - layer_id)``), drop
+  path, RandAugment, mixup / cutmix, label smoothing, random erasing, per-iteration warm-up + cosine, global
+  average pooling + fc_norm, head init std 2e-5; top-1 / top-5 every epoch, best and last checkpoints;
+- partial fine-tuning (section 4.3): ``trainable_blocks=k`` trains the last k blocks (+ norms + head; k=0 is the
+  linear probe's BatchNorm + Linear head on a frozen encoder), ``mlp_only=true`` the last block's MLP sub-block;
+  frozen parts stay in eval mode;
+- supervised training from scratch (Table 11): ``init=scratch model.name=<architecture>``, weight decay 0.3, EMA.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from mae.config import save_config, to_dict
+from mae.data import build_loader
+from mae.errors import ConfigError
+from mae.models.classifier import ClassifierConfig, PartiallyFrozen, trainable_prefixes
+from mae.recipes.classify_common import (
+    ClassifierSection,
+    ClassifyData,
+    EncoderSource,
+    TrainJob,
+    build_from_source,
+    check_init,
+    eval_loader,
+    eval_transform,
+    evaluate,
+    finish_run,
+    labelled_dataset,
+    load_encoder_source,
+    mean_std,
+    square_side,
+    train_and_evaluate,
+    train_transform,
+    write_param_groups,
+)
+from mae.recipes.common import prepare_output_dir, resolve_device
+from mae.train.checkpoint import CheckpointManager
+from mae.train.distributed import DistInfo, cleanup, init_distributed
+from mae.train.engine import Engine, LRSchedule
+from mae.train.logging import MetricsLogger
+from mae.train.optim import build_optimizer, param_groups
+from mae.train.precision import PRECISIONS, resolve_precision
+from mae.train.rng import seed_everything
+from mae.train.schedule import scaled_lr
+
+log = logging.getLogger("mae")
+
+CLI_FLAGS = {"--data": "data.path", "--output-dir": "output_dir", "--checkpoint": "checkpoint", "--resume": "resume",
+             "--epochs": "epochs", "--precision": "precision", "--device": "device"}
+EXPORTS = ("timm", "hf")
+
+
+@dataclass
+class FinetuneAugment:
+    """Training augmentation and label regularisation (paper Table 9; off for a linear-probe-like k=0 run)."""
+
+    rand_augment: str | None = field(default="rand-m9-mstd0.5-inc1", metadata={
+        "help": "timm RandAugment spec (paper: RandAug(9, 0.5)); null turns it off"})
+
+    def __post_init__(self) -> None:
+        if self.rand_augment is not None and not self.rand_augment.startswith("rand"):
+            raise ConfigError(f"aug.rand_augment '{self.rand_augment}' is not a RandAugment spec; use e.g. "
+                              f"'rand-m9-mstd0.5-inc1' or null")
+    scale: tuple[float, float] = field(default=(0.08, 1.0), metadata={"help": "RandomResizedCrop area range"})
+    hflip: float = field(default=0.5, metadata={"help": "horizontal flip probability (0 for digits and text)"})
+    reprob: float = field(default=0.25, metadata={"help": "random erasing probability"})
+    mixup: float = field(default=0.8, metadata={"help": "mixup alpha (0: off)"})
+    cutmix: float = field(default=1.0, metadata={"help": "cutmix alpha (0: off)"})
+    mixup_prob: float = field(default=1.0, metadata={"help": "probability of mixing a batch"})
+    mixup_switch_prob: float = field(default=0.5, metadata={"help": "probability of cutmix instead of mixup"})
+    smoothing: float = field(default=0.1, metadata={"help": "label smoothing"})
+
+    def validate(self) -> None:
+        for name in ("hflip", "reprob", "mixup_prob", "mixup_switch_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"aug.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.mixup < 0 or self.cutmix < 0 or not 0.0 <= self.smoothing < 1.0:
+            raise ConfigError(f"aug.mixup and aug.cutmix must be >= 0 and aug.smoothing in [0, 1), got "
+                              f"{self.mixup}, {self.cutmix}, {self.smoothing}")
+        if not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ConfigError(f"aug.scale must be (min, max) with 0 < min <= max <= 1, got {list(self.scale)}")
+
+    @property
+    def mixes(self) -> bool:
+        return (self.mixup > 0 or self.cutmix > 0) and self.mixup_prob > 0
+
+
+@dataclass
+class FinetuneOptim:
+    base_lr: float = field(default=1e-3, metadata={"help": "lr = base_lr x effective batch / 256 (paper: 1e-3)"})
+    lr: float | None = field(default=None, metadata={"help": "absolute peak lr (overrides base_lr)"})
+    min_lr: float = field(default=1e-6, metadata={"help": "lr at the end of the cosine"})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (not on biases, norms, tokens)"})
+    layer_decay: float | None = field(default=0.75, metadata={
+        "help": "layer-wise lr decay: scale = decay ** (depth + 1 - layer_id); null turns it off"})
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "AdamW betas"})
+    warmup_epochs: float = field(default=5.0, metadata={"help": "linear warm-up (per iteration) from 0"})
+    clip_grad: float | None = field(default=None, metadata={"help": "max gradient norm (paper: none)"})
+
+    def validate(self) -> None:
+        if self.base_lr <= 0 or (self.lr is not None and self.lr <= 0):
+            raise ConfigError(f"learning rate must be positive, got base_lr={self.base_lr}, lr={self.lr}")
+        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
+            raise ConfigError(f"optim.layer_decay must be in (0, 1] (or null), got {self.layer_decay}")
+        if self.warmup_epochs < 0 or self.weight_decay < 0 or self.min_lr < 0:
+            raise ConfigError("optim.warmup_epochs, optim.weight_decay and optim.min_lr must be >= 0")
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything a fine-tuning run needs; saved as config.yaml next to the run."""
+
+    model: ClassifierSection = field(default_factory=ClassifierSection)
+    data: ClassifyData = field(default_factory=ClassifyData)
+    aug: FinetuneAugment = field(default_factory=FinetuneAugment)
+    optim: FinetuneOptim = field(default_factory=FinetuneOptim)
+    checkpoint: str | None = field(default=None, metadata={
+        "help": "pre-trained weights: a run directory or any checkpoint the library reads (mae, reference, HF, timm)"})
+    init: str = field(default="pretrained", metadata={"help": "pretrained | scratch (random init, Table 11)"})
+    trainable_blocks: int | None = field(default=None, metadata={
+        "help": "partial fine-tuning: train only the last k blocks (0 = linear probe head); null = all"})
+    mlp_only: bool = field(default=False, metadata={"help": "partial fine-tuning: only the last block's MLP"})
+    ema: bool = field(default=False, metadata={"help": "keep an EMA of the weights and evaluate it too"})
+    ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay per update (paper Table 11: 0.9999)"})
+    output_dir: str = field(default="runs/finetune", metadata={"help": "checkpoints, logs and metrics go here"})
+    epochs: int = 100
+    batch_size: int = field(default=32, metadata={"help": "images per device per step"})
+    eval_batch_size: int | None = field(default=None, metadata={"help": "default: 2 x batch_size"})
+    accum_iter: int = field(default=1, metadata={"help": "gradient accumulation steps per update"})
+    precision: str = field(default="auto", metadata={"help": "auto | bf16 | fp16 | fp32"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    seed: int = 0
+    save_every: int = field(default=1, metadata={"help": "write checkpoint-last.pth every N epochs (best: always)"})
+    log_every: int = field(default=20, metadata={"help": "optimizer updates between metrics.jsonl lines"})
+    resume: str | None = field(default=None, metadata={"help": "a checkpoint path, or 'auto' for the newest valid"})
+    max_nonfinite: int = field(default=5, metadata={"help": "consecutive non-finite losses before stopping"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    export: list[str] = field(default_factory=list, metadata={
+        "help": "export the best model at the end: timm (model_timm.safetensors) and/or hf (class-token pooling)"})
+
+    def validate(self) -> None:
+        check_init(self.init, self.checkpoint, self.model.name)
+        for name in ("epochs", "batch_size", "accum_iter", "save_every", "log_every", "max_nonfinite"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision '{self.precision}' is not one of {', '.join(PRECISIONS)}")
+        if self.trainable_blocks is not None and self.trainable_blocks < 0:
+            raise ConfigError(f"trainable_blocks must be >= 0 (or null for all), got {self.trainable_blocks}")
+        if self.mlp_only and self.trainable_blocks is not None:
+            raise ConfigError("set either trainable_blocks or mlp_only=true, not both")
+        if self.aug.mixes and self.batch_size % 2:
+            raise ConfigError(f"mixup / cutmix mix each batch with its flipped self and need an even batch_size, "
+                              f"got {self.batch_size}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        unknown = sorted(set(self.export) - set(EXPORTS))
+        if unknown:
+            raise ConfigError(f"export '{unknown[0]}' is not one of {', '.join(EXPORTS)}")
+        if "hf" in self.export and self.model.global_pool != "token":
+            raise ConfigError("export=[hf] needs model.global_pool=token: transformers' ViTForImageClassification has "
+                              "no mean-pool + fc_norm equivalent")
+
+
+def build_train_transform(cfg: FinetuneConfig, img_size: int, mean, std):
+    """The fine-tuning augmentation of `cfg` (see `classify_common.train_transform`)."""
+    return train_transform(img_size, mean, std, scale=tuple(cfg.aug.scale), hflip=cfg.aug.hflip,
+                           rand_augment=cfg.aug.rand_augment, reprob=cfg.aug.reprob)
+
+
+def build_finetune_model(source: EncoderSource, cfg: FinetuneConfig, num_classes: int
+                         ) -> tuple[torch.nn.Module, ClassifierConfig, PartiallyFrozen]:
+    """The classifier of a fine-tuning run with the encoder loaded, and its `PartiallyFrozen` wrapper (the module
+    to train). ``trainable_blocks=0`` gets the linear probe's BatchNorm + Linear head (std 0.01): it *is* the probe."""
+    probe_head = cfg.trainable_blocks == 0
+    model, ccfg = build_from_source(
+        source, head_init_std=0.01 if probe_head else 2e-5, img_size=cfg.model.img_size, num_classes=num_classes,
+        global_pool=cfg.model.global_pool, drop_path_rate=cfg.model.drop_path,
+        head="bn_linear" if probe_head else "linear")
+    wrapper = PartiallyFrozen(model, trainable_prefixes(ccfg.depth, cfg.trainable_blocks, cfg.mlp_only))
+    return model, ccfg, wrapper
+
+
+def run(cfg: FinetuneConfig) -> dict:
+    """Fine-tune (or train from scratch); returns a summary with the best top-1."""
+    dist = init_distributed(None if cfg.device == "auto" else resolve_device(cfg.device))
+    try:
+        return _run(cfg, dist)
+    finally:
+        cleanup()
+
+
+def _run(cfg: FinetuneConfig, dist: DistInfo) -> dict:
+    device = dist.device
+    precision = resolve_precision(cfg.precision, device)
+    out = prepare_output_dir(cfg.output_dir)
+    seed_everything(cfg.seed + dist.rank)
+
+    source = load_encoder_source(cfg.init, cfg.checkpoint, cfg.model.name)
+    in_chans = source.config.in_chans
+    img_size = cfg.model.img_size or None
+    # data first: the number of classes sizes the head
+    side = square_side(ClassifierConfig.from_mae(source.config, img_size=img_size, num_classes=0))
+    mean, std = mean_std(cfg.data, in_chans)
+    train_set, classes = labelled_dataset(cfg.data, "train", build_train_transform(cfg, side, mean, std), in_chans,
+                                          cfg.data.train_limit, cfg.seed)
+    num_classes = cfg.model.num_classes or len(classes)
+    model, ccfg, wrapper = build_finetune_model(source, cfg, num_classes)
+    val_set, val_classes = labelled_dataset(cfg.data, "val", eval_transform(cfg.data, side, in_chans), in_chans,
+                                            cfg.data.val_limit, cfg.seed)
+    if val_classes != classes:
+        raise ConfigError(f"the train and val splits of '{cfg.data.path}' have different classes "
+                          f"({len(classes)} vs {len(val_classes)}); give both splits the same class folders")
+    if num_classes < len(classes):
+        raise ConfigError(f"model.num_classes={num_classes} is fewer than the dataset's {len(classes)} classes")
+    model.to(device)
+    groups = param_groups(model, cfg.optim.weight_decay, layer_decay=cfg.optim.layer_decay, num_layers=ccfg.depth)
+    loader = build_loader(train_set, cfg.batch_size, shuffle=True, num_workers=cfg.data.num_workers, seed=cfg.seed,
+                          drop_last=True, distributed=dist.world_size > 1)
+    if len(loader) < cfg.accum_iter:
+        raise ConfigError(f"{len(train_set)} training images make {len(loader)} batches of {cfg.batch_size} per "
+                          f"process, fewer than accum_iter={cfg.accum_iter}; lower batch_size")
+    val_loader = eval_loader(val_set, cfg.eval_batch_size or 2 * cfg.batch_size, cfg.data.num_workers, dist)
+    effective_batch = cfg.batch_size * cfg.accum_iter * dist.world_size
+    peak_lr = cfg.optim.lr if cfg.optim.lr is not None else scaled_lr(cfg.optim.base_lr, effective_batch)
+    updates_per_epoch = len(loader) // cfg.accum_iter
+    schedule = LRSchedule(peak_lr, total_steps=cfg.epochs * updates_per_epoch,
+                          warmup_steps=round(cfg.optim.warmup_epochs * updates_per_epoch), min_lr=cfg.optim.min_lr)
+    optimizer = build_optimizer(groups, "adamw", lr=peak_lr, betas=tuple(cfg.optim.betas),
+                                weight_decay=cfg.optim.weight_decay)
+
+    ema = None
+    if cfg.ema:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=cfg.ema_decay)
+        optimizer.register_step_post_hook(lambda *_: ema.update(model))
+
+    mixup_fn, criterion = _loss(cfg, num_classes)
+
+    def loss_fn(m: torch.nn.Module, batch) -> torch.Tensor:
+        images = batch[0].to(device, non_blocking=True)
+        target = batch[1].to(device, non_blocking=True)
+        if mixup_fn is not None:
+            images, target = mixup_fn(images, target)
+        return criterion(m(images), target)
+
+    train_model: torch.nn.Module = wrapper
+    if dist.world_size > 1:
+        train_model = DistributedDataParallel(wrapper, device_ids=[device.index] if device.type == "cuda" else None)
+    logger = MetricsLogger(out, enabled=dist.is_main)
+    engine = Engine(train_model, optimizer, schedule, precision=precision, device=device, accum_iter=cfg.accum_iter,
+                    clip_grad=cfg.optim.clip_grad, max_nonfinite=cfg.max_nonfinite, logger=logger,
+                    log_every=cfg.log_every, show_progress=cfg.progress and dist.is_main, world_size=dist.world_size)
+    if dist.is_main:
+        save_config(cfg, out / "config.yaml")
+        write_param_groups(out / "param_groups.json", model, groups)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log.info("classifier: %d classes, %s pooling, %.2f M parameters (%.2f M trainable); %d train / %d val "
+                 "images; effective batch %d; peak lr %.3g; precision %s on %s", num_classes, ccfg.global_pool,
+                 sum(p.numel() for p in model.parameters()) / 1e6, trainable / 1e6, len(train_set), len(val_set),
+                 effective_batch, peak_lr, precision, device)
+
+    job = TrainJob(
+        classifier=model, classifier_config=ccfg, class_names=classes, engine=engine, train_loader=loader,
+        loss_fn=loss_fn, evaluate=lambda m: evaluate(m, val_loader, device, precision), epochs=cfg.epochs, out=out,
+        dist=dist, logger=logger, manager=CheckpointManager(out, keep_last=0), config=to_dict(cfg), ema=ema,
+        save_every=cfg.save_every, resume=cfg.resume, evaluate_model=wrapper)
+    result = train_and_evaluate(job)
+    logger.close()
+    summary = {"output_dir": str(out), "protocol": _protocol(cfg), **result,
+               "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+               "best_checkpoint": str(out / "checkpoint-best.pth")}
+    if dist.is_main and cfg.export:
+        summary.update(_export(cfg, out, classes))
+    return finish_run(out, summary, dist, ("loss", "lr", "top1"))
+
+
+def _protocol(cfg: FinetuneConfig) -> str:
+    if cfg.init != "pretrained":
+        return "scratch"
+    if cfg.mlp_only:
+        return "partial (last block's MLP)"
+    if cfg.trainable_blocks is not None:
+        return f"partial ({cfg.trainable_blocks} blocks)"
+    return "end-to-end"
+
+
+def _loss(cfg: FinetuneConfig, num_classes: int):
+    """timm's Mixup + SoftTargetCrossEntropy (label smoothing inside Mixup), else label-smoothed cross-entropy."""
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if cfg.aug.mixes:
+        mixup = Mixup(mixup_alpha=cfg.aug.mixup, cutmix_alpha=cfg.aug.cutmix, prob=cfg.aug.mixup_prob,
+                      switch_prob=cfg.aug.mixup_switch_prob, mode="batch", label_smoothing=cfg.aug.smoothing,
+                      num_classes=num_classes)
+        return mixup, SoftTargetCrossEntropy()
+    if cfg.aug.smoothing > 0:
+        return None, LabelSmoothingCrossEntropy(smoothing=cfg.aug.smoothing)
+    return None, torch.nn.CrossEntropyLoss()
+
+
+def _export(cfg: FinetuneConfig, out, classes: list[str]) -> dict:
+    from mae.interop.classifier_export import save_hf_classifier, save_timm_classifier
+    from mae.recipes.classify_common import load_classifier
+
+    model, ccfg, names = load_classifier(out / "checkpoint-best.pth")
+    paths = {}
+    if "timm" in cfg.export:
+        paths["timm_export"] = str(save_timm_classifier(model, out / "model_timm.safetensors", ccfg))
+    if "hf" in cfg.export:
+        paths["hf_export"] = str(save_hf_classifier(model, out / "hf", ccfg, class_names=names or classes))
+    return paths

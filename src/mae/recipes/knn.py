@@ -1,0 +1,243 @@
+"""Weighted k-NN classification on frozen features: ``run(KnnConfig) -> summary`` (``mae knn``), and
+`knn_monitor` for tracking representation quality every few epochs of pre-training.
+
+As in InstDisc / DINO: L2-normalised features, cosine similarity of each validation image to every training image,
+the k most similar neighbours vote for their class with weight ``exp(similarity / T)``; classes are ranked by their
+summed votes (top-1 / top-5). Defaults k = 20, T = 0.07.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+import torch.nn.functional as F
+from torch import nn
+
+from mae.config import save_config
+from mae.errors import ConfigError, DataError
+from mae.models.classifier import ClassifierConfig
+from mae.recipes.classify_common import (
+    ClassifierSection,
+    ClassifyData,
+    all_reduce_sum,
+    build_from_source,
+    check_init,
+    eval_loader,
+    eval_transform,
+    extract_features,
+    labelled_dataset,
+    load_encoder_source,
+    square_side,
+    topk_counts,
+)
+from mae.recipes.common import prepare_output_dir, resolve_device
+from mae.train.distributed import DistInfo, cleanup, init_distributed
+from mae.train.logging import MetricsLogger
+from mae.train.precision import PRECISIONS, resolve_precision
+from mae.train.rng import seed_everything
+
+log = logging.getLogger("mae")
+
+CLI_FLAGS = {"--data": "data.path", "--output-dir": "output_dir", "--checkpoint": "checkpoint",
+             "--precision": "precision", "--device": "device"}
+
+
+def _knn_model() -> ClassifierSection:
+    return ClassifierSection(global_pool="token", drop_path=0.0)
+
+
+@dataclass
+class KnnConfig:
+    """A k-NN evaluation of frozen features (also the settings of the pre-training monitor)."""
+
+    model: ClassifierSection = field(default_factory=_knn_model)
+    data: ClassifyData = field(default_factory=ClassifyData)
+    checkpoint: str | None = field(default=None, metadata={
+        "help": "pre-trained weights: a run directory or any checkpoint the library reads (mae, reference, HF, timm)"})
+    init: str = field(default="pretrained", metadata={"help": "pretrained | random (a random-encoder baseline)"})
+    k: int = field(default=20, metadata={"help": "neighbours that vote"})
+    temperature: float = field(default=0.07, metadata={"help": "vote weight exp(cosine similarity / temperature)"})
+    batch_size: int = field(default=256, metadata={"help": "images per forward pass"})
+    output_dir: str = field(default="runs/knn", metadata={"help": "metrics.jsonl, summary.json and config.yaml"})
+    precision: str = field(default="auto", metadata={"help": "auto | bf16 | fp16 | fp32"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    seed: int = 0
+
+    def validate(self) -> None:
+        check_init(self.init, self.checkpoint, self.model.name)
+        if self.k < 1 or self.batch_size < 1:
+            raise ConfigError(f"k and batch_size must be at least 1, got k={self.k}, batch_size={self.batch_size}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be positive, got {self.temperature}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision '{self.precision}' is not one of {', '.join(PRECISIONS)}")
+
+
+# ---------------------------------------------------------------------------------------------------- the classifier
+@torch.no_grad()
+def knn_scores(train_feats: torch.Tensor, train_labels: torch.Tensor, query_feats: torch.Tensor, num_classes: int,
+               k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
+    """Summed neighbour votes [Q, num_classes] of each query: cosine similarity to every training feature, the `k`
+    most similar vote for their label with weight ``exp(sim / temperature)``."""
+    train = F.normalize(train_feats.float(), dim=1)
+    k = min(k, len(train))
+    out = []
+    for start in range(0, len(query_feats), chunk):
+        q = F.normalize(query_feats[start:start + chunk].float(), dim=1)
+        sim, idx = (q @ train.T).topk(k, dim=1)  # [B, k]
+        weights = (sim / temperature).exp()
+        votes = torch.zeros(len(q), num_classes, device=q.device, dtype=weights.dtype)
+        out.append(votes.scatter_add_(1, train_labels[idx], weights))
+    return torch.cat(out) if out else torch.zeros(0, num_classes, device=query_feats.device)
+
+
+def _all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate a tensor's rows from every rank (ranks may hold different numbers of rows)."""
+    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
+        return t
+    world = tdist.get_world_size()
+    n = torch.tensor([len(t)], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    tdist.all_gather(sizes, n)
+    most = int(max(s.item() for s in sizes))
+    padded = torch.zeros((most, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[: len(t)] = t
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    tdist.all_gather(parts, padded)
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+
+
+def encoder_features(model: nn.Module, pool: str = "token"):
+    """A function images -> pooled frozen features for an MAE (`MaskedAutoencoderViT`) or a timm ViT classifier."""
+    from mae.models import MaskedAutoencoderViT
+
+    if isinstance(model, MaskedAutoencoderViT):
+        def mae_features(images: torch.Tensor) -> torch.Tensor:
+            tokens = model.forward_features(images)  # [N, 1+L, D], after the final norm
+            return tokens[:, 0] if pool == "token" else tokens[:, 1:].mean(dim=1)
+        return mae_features
+
+    def vit_features(images: torch.Tensor) -> torch.Tensor:
+        return model.forward_head(model.forward_features(images), pre_logits=True)
+    return vit_features
+
+
+@torch.no_grad()
+def knn_evaluate(features, train_loader, val_loader, num_classes: int, device: torch.device, k: int = 20,
+                 temperature: float = 0.07, precision: str = "fp32") -> dict[str, float]:
+    """k-NN top-1 / top-5 (percent) of `features` (images -> [N, D]): every rank extracts its share, the training
+    features are gathered on every rank, each rank scores its validation share, counts are summed."""
+    train_feats, train_labels = extract_features(features, train_loader, device, precision)
+    train_feats, train_labels = _all_gather_rows(train_feats), _all_gather_rows(train_labels)
+    val_feats, val_labels = extract_features(features, val_loader, device, precision)
+    counts = torch.zeros(3, dtype=torch.float64, device=device)
+    if len(val_feats):
+        votes = knn_scores(train_feats, train_labels, val_feats, num_classes, k, temperature)
+        c1, c5 = topk_counts(votes, val_labels)
+        counts += torch.stack([c1.double(), c5.double(), torch.tensor(float(len(val_labels)), device=device,
+                                                                      dtype=torch.float64)])
+    all_reduce_sum(counts)
+    n = max(counts[2].item(), 1.0)
+    return {"knn_top1": 100.0 * counts[0].item() / n, "knn_top5": 100.0 * counts[1].item() / n,
+            "knn_images": int(counts[2].item())}
+
+
+# ---------------------------------------------------------------------------------------------------- monitor
+def knn_monitor(model: nn.Module, cfg: KnnConfig | None = None, device: torch.device | None = None
+                ) -> dict[str, float]:
+    """k-NN top-1 / top-5 of a model being trained (an MAE or a timm ViT), on `cfg.data` (train -> val), with
+    `cfg.k`, `cfg.temperature`, `cfg.model.global_pool`. Leaves the model in the mode it found it in. Call it on
+    every rank of a distributed run (each extracts its share of the images)."""
+    cfg = cfg or KnnConfig()
+    from mae.data import build_eval_transform
+
+    config = model.config if hasattr(model, "config") else getattr(model, "classifier_config", None)
+    if config is None:
+        raise ConfigError("knn_monitor needs an MAE or a classifier built by mae (its config gives the image size)")
+    h, w = config.image_hw
+    if h != w:
+        raise ConfigError(f"the k-NN transforms make square images; img_size {h}x{w} is not square")
+    device = device or next(model.parameters()).device
+    tf = build_eval_transform(h, config.in_chans, cfg.data.crop_pct, cfg.data.mean, cfg.data.std)
+    train_set, classes = labelled_dataset(cfg.data, "train", tf, config.in_chans, cfg.data.train_limit, cfg.seed)
+    val_set, _ = labelled_dataset(cfg.data, "val", tf, config.in_chans, cfg.data.val_limit, cfg.seed)
+    dist = _dist_info(device)
+    was_training = model.training
+    model.eval()
+    try:
+        return knn_evaluate(encoder_features(model, cfg.model.global_pool), eval_loader(train_set, cfg.batch_size, 0, dist),
+                            eval_loader(val_set, cfg.batch_size, 0, dist), len(classes), device, cfg.k, cfg.temperature)
+    finally:
+        model.train(was_training)
+
+
+def pretrain_knn(model: nn.Module, data: Any, k: int = 20, temperature: float = 0.07) -> dict[str, float]:
+    """The k-NN monitor of ``mae pretrain knn_every=N``: top-1 / top-5 of the encoder's class token on the
+    pre-training data's labelled train -> val splits (`data` is the pre-training config's data section)."""
+    cfg = KnnConfig(data=ClassifyData(path=data.path, num_workers=0, mean=data.mean, std=data.std,
+                                      strict=getattr(data, "strict", False)), k=k, temperature=temperature)
+    try:
+        return knn_monitor(model, cfg)
+    except DataError as e:
+        raise DataError(f"knn_every needs labelled data (a builtin dataset or class folders with train/ and val/): "
+                        f"{e}") from None
+
+
+def _dist_info(device: torch.device) -> DistInfo:
+    if tdist.is_available() and tdist.is_initialized():
+        rank, world = tdist.get_rank(), tdist.get_world_size()
+    else:
+        rank, world = 0, 1
+    return DistInfo(rank=rank, world_size=world, local_rank=rank, device=device, is_main=rank == 0)
+
+
+# ---------------------------------------------------------------------------------------------------- the command
+def run(cfg: KnnConfig) -> dict:
+    """k-NN evaluation of a checkpoint's (or a random) encoder; returns top-1 / top-5."""
+    dist = init_distributed(None if cfg.device == "auto" else resolve_device(cfg.device))
+    try:
+        return _run(cfg, dist)
+    finally:
+        cleanup()
+
+
+def _run(cfg: KnnConfig, dist: DistInfo) -> dict[str, Any]:
+    device = dist.device
+    precision = resolve_precision(cfg.precision, device)
+    out = prepare_output_dir(cfg.output_dir)
+    seed_everything(cfg.seed)
+    t0 = time.perf_counter()
+    source = load_encoder_source(cfg.init, cfg.checkpoint, cfg.model.name)
+    in_chans = source.config.in_chans
+    side = square_side(ClassifierConfig.from_mae(source.config, img_size=cfg.model.img_size, num_classes=0))
+    tf = eval_transform(cfg.data, side, in_chans)
+    train_set, classes = labelled_dataset(cfg.data, "train", tf, in_chans, cfg.data.train_limit, cfg.seed)
+    val_set, val_classes = labelled_dataset(cfg.data, "val", tf, in_chans, cfg.data.val_limit, cfg.seed)
+    if val_classes != classes:
+        raise ConfigError(f"the train and val splits of '{cfg.data.path}' have different classes "
+                          f"({len(classes)} vs {len(val_classes)}); give both splits the same class folders")
+    model, _ = build_from_source(source, head_init_std=0.0, img_size=cfg.model.img_size, num_classes=0,
+                                 global_pool=cfg.model.global_pool, fc_norm=False, drop_path_rate=0.0)
+    model.to(device).eval()
+    result = knn_evaluate(encoder_features(model), eval_loader(train_set, cfg.batch_size, cfg.data.num_workers, dist),
+                          eval_loader(val_set, cfg.batch_size, cfg.data.num_workers, dist), len(classes), device,
+                          cfg.k, cfg.temperature, precision)
+    seconds = time.perf_counter() - t0
+    summary = {"output_dir": str(out), "top1": result["knn_top1"], "top5": result["knn_top5"],
+               "best_top1": result["knn_top1"], "k": cfg.k, "temperature": cfg.temperature,
+               "train_images": len(train_set), "val_images": result["knn_images"], "seconds": seconds}
+    if dist.is_main:
+        save_config(cfg, out / "config.yaml")
+        with MetricsLogger(out, tensorboard=False) as logger:
+            logger.log({"epoch": 0, "step": 0, "top1": summary["top1"], "top5": summary["top5"], "k": cfg.k,
+                        "temperature": cfg.temperature, "seconds": seconds})
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("k-NN (k=%d, T=%g): top-1 %.2f%%, top-5 %.2f%% on %d val images (%d train) in %.1f s", cfg.k,
+             cfg.temperature, summary["top1"], summary["top5"], summary["val_images"], len(train_set), seconds)
+    return summary

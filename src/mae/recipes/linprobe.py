@@ -1,0 +1,297 @@
+"""Linear probing: ``run(LinprobeConfig) -> summary``; the CLI's ``mae linprobe`` only parses and calls this.
+
+Paper Table 10: a frozen encoder (kept in eval mode), its class-token feature (or the mean of its patch tokens,
+``model.global_pool=avg``), ``BatchNorm1d(affine=False, eps=1e-6)`` + Linear (init std 0.01), LARS (base lr 0.1,
+no weight decay, momentum 0.9), per-iteration warm-up + cosine, RandomResizedCrop + flip. With ``aug.augment=none``
+the features are extracted once (encoder in eval mode over the train and val sets, kept in memory) and the head
+trains on them: the same probe, orders of magnitude faster.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from mae.config import save_config, to_dict
+from mae.data import build_loader
+from mae.errors import ConfigError
+from mae.models.classifier import ClassifierConfig, PartiallyFrozen, trainable_prefixes
+from mae.recipes.classify_common import (
+    ClassifierSection,
+    ClassifyData,
+    EncoderSource,
+    EvalResult,
+    TrainJob,
+    build_from_source,
+    check_init,
+    eval_loader,
+    eval_transform,
+    evaluate,
+    extract_features,
+    finish_run,
+    labelled_dataset,
+    load_encoder_source,
+    mean_std,
+    score_logits,
+    square_side,
+    train_and_evaluate,
+    train_transform,
+    write_param_groups,
+)
+from mae.recipes.common import prepare_output_dir, resolve_device
+from mae.train.checkpoint import CheckpointManager
+from mae.train.distributed import DistInfo, cleanup, init_distributed
+from mae.train.engine import Engine, LRSchedule
+from mae.train.logging import MetricsLogger
+from mae.train.optim import build_optimizer, param_groups
+from mae.train.precision import PRECISIONS, resolve_precision
+from mae.train.rng import seed_everything
+from mae.train.schedule import scaled_lr
+
+log = logging.getLogger("mae")
+
+CLI_FLAGS = {"--data": "data.path", "--output-dir": "output_dir", "--checkpoint": "checkpoint", "--resume": "resume",
+             "--epochs": "epochs", "--precision": "precision", "--device": "device"}
+PROBE_AUGMENTATIONS = ("rrc", "none")
+
+
+@dataclass
+class LinprobeAugment:
+    augment: str = field(default="rrc", metadata={
+        "help": "rrc (RandomResizedCrop + flip, the paper's) | none (cached features: extracted once, fast)"})
+    scale: tuple[float, float] = field(default=(0.08, 1.0), metadata={"help": "RandomResizedCrop area range"})
+    hflip: float = field(default=0.5, metadata={"help": "horizontal flip probability (0 for digits and text)"})
+
+    def validate(self) -> None:
+        if self.augment not in PROBE_AUGMENTATIONS:
+            raise ConfigError(f"aug.augment '{self.augment}' is not one of {', '.join(PROBE_AUGMENTATIONS)}")
+        if not 0.0 <= self.hflip <= 1.0:
+            raise ConfigError(f"aug.hflip must be in [0, 1], got {self.hflip}")
+        if not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ConfigError(f"aug.scale must be (min, max) with 0 < min <= max <= 1, got {list(self.scale)}")
+
+
+@dataclass
+class LinprobeOptim:
+    name: str = field(default="lars", metadata={"help": "lars (paper, batch 16384) | sgd (works similarly at 4096)"})
+    base_lr: float = field(default=0.1, metadata={"help": "lr = base_lr x effective batch / 256"})
+    lr: float | None = field(default=None, metadata={"help": "absolute peak lr (overrides base_lr)"})
+    min_lr: float = 0.0
+    weight_decay: float = field(default=0.0, metadata={"help": "paper: 0"})
+    momentum: float = 0.9
+    warmup_epochs: float = field(default=10.0, metadata={"help": "linear warm-up (per iteration) from 0"})
+
+    def validate(self) -> None:
+        if self.name not in ("lars", "sgd"):
+            raise ConfigError(f"optim.name '{self.name}' is not one of lars, sgd")
+        if self.base_lr <= 0 or (self.lr is not None and self.lr <= 0):
+            raise ConfigError(f"learning rate must be positive, got base_lr={self.base_lr}, lr={self.lr}")
+        if self.warmup_epochs < 0 or self.weight_decay < 0 or self.min_lr < 0:
+            raise ConfigError("optim.warmup_epochs, optim.weight_decay and optim.min_lr must be >= 0")
+
+
+def _probe_model() -> ClassifierSection:
+    return ClassifierSection(global_pool="token", drop_path=0.0)
+
+
+@dataclass
+class LinprobeConfig:
+    """Everything a linear-probing run needs; saved as config.yaml next to the run."""
+
+    model: ClassifierSection = field(default_factory=_probe_model)
+    data: ClassifyData = field(default_factory=ClassifyData)
+    aug: LinprobeAugment = field(default_factory=LinprobeAugment)
+    optim: LinprobeOptim = field(default_factory=LinprobeOptim)
+    checkpoint: str | None = field(default=None, metadata={
+        "help": "pre-trained weights: a run directory or any checkpoint the library reads (mae, reference, HF, timm)"})
+    init: str = field(default="pretrained", metadata={"help": "pretrained | random (a random-encoder baseline)"})
+    output_dir: str = field(default="runs/linprobe", metadata={"help": "checkpoints, logs and metrics go here"})
+    epochs: int = 90
+    batch_size: int = field(default=256, metadata={"help": "images (or cached features) per device per step"})
+    eval_batch_size: int | None = field(default=None, metadata={"help": "default: batch_size"})
+    accum_iter: int = field(default=1, metadata={"help": "gradient accumulation steps per update"})
+    precision: str = field(default="auto", metadata={"help": "auto | bf16 | fp16 | fp32"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    seed: int = 0
+    save_every: int = field(default=1, metadata={"help": "write checkpoint-last.pth every N epochs (best: always)"})
+    log_every: int = field(default=20, metadata={"help": "optimizer updates between metrics.jsonl lines"})
+    resume: str | None = field(default=None, metadata={"help": "a checkpoint path, or 'auto' for the newest valid"})
+    max_nonfinite: int = field(default=5, metadata={"help": "consecutive non-finite losses before stopping"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def validate(self) -> None:
+        check_init(self.init, self.checkpoint, self.model.name)
+        for name in ("epochs", "batch_size", "accum_iter", "save_every", "log_every", "max_nonfinite"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.batch_size < 2:
+            raise ConfigError("the probe's BatchNorm needs batch_size >= 2")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision '{self.precision}' is not one of {', '.join(PRECISIONS)}")
+
+
+def build_probe(source: EncoderSource, cfg_model: ClassifierSection, num_classes: int
+                ) -> tuple[torch.nn.Module, ClassifierConfig, PartiallyFrozen]:
+    """The probe: the encoder, the paper's pooling (class token after the pre-trained norm, or the mean of the
+    normed patch tokens for global_pool=avg) and a BatchNorm + Linear head (std 0.01); returns the classifier, its
+    config and the `PartiallyFrozen` wrapper in which only the head trains (the encoder stays in eval mode)."""
+    model, ccfg = build_from_source(
+        source, head_init_std=0.01, img_size=cfg_model.img_size, num_classes=num_classes,
+        global_pool=cfg_model.global_pool, fc_norm=False, drop_path_rate=0.0, head="bn_linear")
+    return model, ccfg, PartiallyFrozen(model, trainable_prefixes(ccfg.depth, head_only=True))
+
+
+class FeatureBatches:
+    """Shuffled mini-batches of cached features, a pure function of (seed, epoch); `steps` batches per epoch (the
+    same on every rank, so DDP ranks stay in step)."""
+
+    def __init__(self, feats: torch.Tensor, labels: torch.Tensor, batch_size: int, steps: int, seed: int = 0):
+        self.feats, self.labels, self.batch_size, self.steps, self.seed, self.epoch = (
+            feats, labels, batch_size, steps, seed, 0)
+        self.feature_seconds = 0.0  # time it took to extract the features
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        order = torch.randperm(len(self.feats), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        order = order.to(self.feats.device)
+        for i in range(self.steps):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            yield self.feats[idx], self.labels[idx]
+
+
+def run(cfg: LinprobeConfig) -> dict:
+    """Train a linear probe on a frozen encoder; returns a summary with the best top-1."""
+    dist = init_distributed(None if cfg.device == "auto" else resolve_device(cfg.device))
+    try:
+        return _run(cfg, dist)
+    finally:
+        cleanup()
+
+
+def _run(cfg: LinprobeConfig, dist: DistInfo) -> dict:
+    device = dist.device
+    precision = resolve_precision(cfg.precision, device)
+    out = prepare_output_dir(cfg.output_dir)
+    seed_everything(cfg.seed + dist.rank)
+
+    source = load_encoder_source(cfg.init, cfg.checkpoint, cfg.model.name)
+    in_chans = source.config.in_chans
+    side = square_side(ClassifierConfig.from_mae(source.config, img_size=cfg.model.img_size, num_classes=0))
+    mean, std = mean_std(cfg.data, in_chans)
+    cached = cfg.aug.augment == "none"
+    tf_eval = eval_transform(cfg.data, side, in_chans)
+    # cached features come from the evaluation transform: no augmentation
+    tf_train = tf_eval if cached else train_transform(side, mean, std, scale=tuple(cfg.aug.scale), hflip=cfg.aug.hflip)
+    train_set, classes = labelled_dataset(cfg.data, "train", tf_train, in_chans, cfg.data.train_limit, cfg.seed)
+    num_classes = cfg.model.num_classes or len(classes)
+    model, ccfg, wrapper = build_probe(source, cfg.model, num_classes)
+    val_set, val_classes = labelled_dataset(cfg.data, "val", tf_eval, in_chans, cfg.data.val_limit, cfg.seed)
+    if val_classes != classes:
+        raise ConfigError(f"the train and val splits of '{cfg.data.path}' have different classes "
+                          f"({len(classes)} vs {len(val_classes)}); give both splits the same class folders")
+    model.to(device)
+    groups = param_groups(model, cfg.optim.weight_decay)
+    eval_bs = cfg.eval_batch_size or cfg.batch_size
+    val_loader = eval_loader(val_set, eval_bs, cfg.data.num_workers, dist)
+    logger = MetricsLogger(out, enabled=dist.is_main)
+
+    if cached:
+        train_loader, evaluate_fn, engine_model = _cached_features(cfg, model, wrapper, train_set, val_loader, dist,
+                                                                   device, precision, eval_bs)
+    else:
+        train_loader = build_loader(train_set, cfg.batch_size, shuffle=True, num_workers=cfg.data.num_workers,
+                                    seed=cfg.seed, drop_last=True, distributed=dist.world_size > 1)
+        engine_model = wrapper
+
+        def evaluate_fn(m: torch.nn.Module) -> EvalResult:
+            return evaluate(m, val_loader, device, precision)
+
+    if len(train_loader) < cfg.accum_iter:
+        raise ConfigError(f"{len(train_set)} training images make {len(train_loader)} batches of {cfg.batch_size} "
+                          f"per process, fewer than accum_iter={cfg.accum_iter}; lower batch_size")
+    effective_batch = cfg.batch_size * cfg.accum_iter * dist.world_size
+    peak_lr = cfg.optim.lr if cfg.optim.lr is not None else scaled_lr(cfg.optim.base_lr, effective_batch)
+    updates_per_epoch = len(train_loader) // cfg.accum_iter
+    schedule = LRSchedule(peak_lr, total_steps=cfg.epochs * updates_per_epoch,
+                          warmup_steps=round(cfg.optim.warmup_epochs * updates_per_epoch), min_lr=cfg.optim.min_lr)
+    optimizer = build_optimizer(groups, cfg.optim.name, lr=peak_lr, weight_decay=cfg.optim.weight_decay,
+                                momentum=cfg.optim.momentum)
+    if dist.world_size > 1:
+        engine_model = DistributedDataParallel(engine_model,
+                                               device_ids=[device.index] if device.type == "cuda" else None)
+    engine = Engine(engine_model, optimizer, schedule, precision=precision, device=device, accum_iter=cfg.accum_iter,
+                    max_nonfinite=cfg.max_nonfinite, logger=logger, log_every=cfg.log_every,
+                    show_progress=cfg.progress and dist.is_main, world_size=dist.world_size)
+
+    def loss_fn(m: torch.nn.Module, batch) -> torch.Tensor:
+        x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        return F.cross_entropy(m(x), y)
+
+    if dist.is_main:
+        save_config(cfg, out / "config.yaml")
+        write_param_groups(out / "param_groups.json", model, groups)
+        log.info("linear probe: %d classes, %s features%s; %d train / %d val images; effective batch %d; peak lr "
+                 "%.3g (%s); precision %s on %s", num_classes, ccfg.global_pool,
+                 " (cached)" if cached else "", len(train_set), len(val_set), effective_batch, peak_lr,
+                 cfg.optim.name, precision, device)
+    job = TrainJob(
+        classifier=model, classifier_config=ccfg, class_names=classes, engine=engine, train_loader=train_loader,
+        loss_fn=loss_fn, evaluate=evaluate_fn, epochs=cfg.epochs, out=out, dist=dist, logger=logger,
+        manager=CheckpointManager(out, keep_last=0), config=to_dict(cfg), save_every=cfg.save_every,
+        resume=cfg.resume, evaluate_model=wrapper)
+    result = train_and_evaluate(job)
+    logger.close()
+    summary = {"output_dir": str(out), "protocol": "linear probe" + (" (cached features)" if cached else ""),
+               **result, "best_checkpoint": str(out / "checkpoint-best.pth")}
+    if cached:
+        summary["feature_seconds"] = train_loader.feature_seconds
+    return finish_run(out, summary, dist, ("loss", "lr", "top1"))
+
+
+def _cached_features(cfg: LinprobeConfig, model, wrapper, train_set, val_loader, dist: DistInfo,
+                     device: torch.device, precision: str, eval_bs: int):
+    """Extract the frozen features once (this rank's share of train and val); the head then trains on them."""
+    import time
+
+    t0 = time.perf_counter()
+    wrapper.eval()
+
+    def features(images: torch.Tensor) -> torch.Tensor:
+        return model.forward_head(model.forward_features(images), pre_logits=True)
+
+    train_feats, train_labels = extract_features(features, eval_loader(train_set, eval_bs, cfg.data.num_workers,
+                                                                       dist), device, precision)
+    val_feats, val_labels = extract_features(features, val_loader, device, precision)
+    steps = len(train_feats) // cfg.batch_size
+    if dist.world_size > 1:  # every rank takes the same number of steps
+        t = torch.tensor([steps], device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        steps = int(t.item())
+    batches = FeatureBatches(train_feats, train_labels, cfg.batch_size, steps, cfg.seed + dist.rank)
+    batches.feature_seconds = time.perf_counter() - t0
+    log.info("cached %d train and %d val features of width %d in %.1f s", len(train_feats), len(val_feats),
+             train_feats.shape[1] if train_feats.dim() == 2 else 0, batches.feature_seconds)
+
+    head = model.head
+
+    @torch.no_grad()
+    def evaluate_fn(_: torch.nn.Module) -> EvalResult:
+        was = head.training
+        head.eval()
+        try:
+            chunks = ((head(val_feats[i:i + eval_bs]), val_labels[i:i + eval_bs])
+                      for i in range(0, len(val_feats), eval_bs))
+            return score_logits(chunks, device)
+        finally:
+            head.train(was)
+
+    return batches, evaluate_fn, head

@@ -1,0 +1,139 @@
+"""Linear probing: a frozen encoder with a BatchNorm(affine=False) + Linear head trained by LARS, on cached
+features (augment=none) or on augmented images."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mae.config import load_config
+from mae.errors import DataError
+from mae.interop import save_model
+from mae.models import create_model
+from mae.recipes.classify_common import load_classifier, load_encoder_source
+from mae.recipes.linprobe import FeatureBatches, LinprobeConfig, build_probe, run
+from mae.train.optim import build_optimizer, param_groups
+
+TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2, "decoder_embed_dim": 16, "decoder_depth": 1,
+        "decoder_num_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_model(create_model("mae_vit_micro_patch4_28", **TINY), path)
+    return path
+
+
+def _probe(checkpoint, pool="token"):
+    source = load_encoder_source("pretrained", str(checkpoint), None)
+    cfg = load_config(LinprobeConfig, None, [f"checkpoint={checkpoint}", f"model.global_pool={pool}"])
+    return build_probe(source, cfg.model, 10)
+
+
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_probe_step_changes_only_the_head(tiny_checkpoint, pool):
+    """After a LARS step every encoder parameter and buffer is bit-identical; only the head's Linear changed, the
+    encoder stayed in eval mode and the head's BatchNorm (affine=False, eps 1e-6) tracked batch statistics."""
+    torch.manual_seed(0)
+    model, config, wrapper = _probe(tiny_checkpoint, pool)
+    assert config.head == "bn_linear" and not model.head[0].affine and model.head[0].eps == 1e-6
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    groups = param_groups(model, 0.0)
+    assert {n for g in groups for n in g["param_names"]} == {"head.1.weight", "head.1.bias"}
+    opt = build_optimizer(groups, "lars", lr=0.1, momentum=0.9)
+    wrapper.train()
+    assert not model.blocks.training and not model.norm.training and model.head.training
+    loss = torch.nn.functional.cross_entropy(wrapper(torch.randn(16, 1, 28, 28)), torch.arange(16) % 10)
+    loss.backward()
+    opt.step()
+    after = model.state_dict()
+    changed = {k for k in after if not torch.equal(before[k], after[k])}
+    assert changed == {"head.1.weight", "head.1.bias", "head.0.running_mean", "head.0.running_var",
+                       "head.0.num_batches_tracked"}
+
+
+def test_probe_head_init_and_features(tiny_checkpoint):
+    """Head weights start normal (trunc_normal_ at +-2, as the reference) with std ~0.01 and bias 0; token features are the class token after the
+    pre-trained norm, avg features the mean of the normed patch tokens (the pre-trained norm is loaded in both)."""
+    torch.manual_seed(0)
+    model, _, _ = _probe(tiny_checkpoint, "token")
+    w = model.head[1].weight
+    assert 0.006 < w.std().item() < 0.014 and torch.all(model.head[1].bias == 0)
+    avg, _, _ = _probe(tiny_checkpoint, "avg")
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        tokens = model.forward_features(x)  # [N, 1+L, D], normed
+        torch.testing.assert_close(model.forward_head(tokens, pre_logits=True), tokens[:, 0])
+        torch.testing.assert_close(avg.forward_head(avg.forward_features(x), pre_logits=True),
+                                   tokens[:, 1:].mean(1))
+
+
+def test_feature_batches_are_a_function_of_seed_and_epoch():
+    """Cached-feature batches: the same (seed, epoch) gives the same order, another epoch another, and an epoch
+    covers `steps` full batches without repeats."""
+    feats, labels = torch.arange(20.0).unsqueeze(1), torch.arange(20)
+    batches = FeatureBatches(feats, labels, batch_size=6, steps=3, seed=1)
+    first = [y.tolist() for _, y in batches]
+    assert [y.tolist() for _, y in batches] == first and len(first) == 3
+    flat = [i for batch in first for i in batch]
+    assert len(set(flat)) == 18
+    batches.set_epoch(1)
+    assert [y.tolist() for _, y in batches] != first
+
+
+def test_cached_linprobe_runs_end_to_end(tiny_checkpoint, tmp_path):
+    """augment=none: features extracted once, the head trains on them (SGD) for 3 epochs and learns; the run
+    writes metrics.jsonl (top1/top5 per epoch), param_groups.json (head only), config.yaml and a best checkpoint
+    whose reloaded classifier scores the reported top-1 on the images."""
+    out = tmp_path / "lp"
+    summary = run(load_config(LinprobeConfig, None, [
+        f"checkpoint={tiny_checkpoint}", f"output_dir={out}", "epochs=3", "batch_size=32", "data.train_limit=320",
+        "data.val_limit=100", "data.num_workers=0", "precision=fp32", "progress=false", "aug.augment=none",
+        "optim.warmup_epochs=0", "optim.name=sgd", "optim.base_lr=2.0"]))
+    assert summary["protocol"] == "linear probe (cached features)" and summary["best_top1"] > 20.0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if "top1" in r] == [0, 1, 2]
+    groups = json.loads((out / "param_groups.json").read_text())
+    assert {n for n, g in groups.items() if g["trainable"]} == {"head.1.weight", "head.1.bias"}
+    assert groups["head.1.weight"]["weight_decay"] == 0.0
+    assert (out / "config.yaml").is_file()
+    from mae.recipes.evaluate import EvaluateConfig
+    from mae.recipes.evaluate import run as evaluate_run
+
+    ev = evaluate_run(load_config(EvaluateConfig, None, [f"checkpoint={out}", f"output_dir={tmp_path / 'ev'}",
+                                                         "data.val_limit=100", "precision=fp32",
+                                                         "data.num_workers=0"]))
+    assert ev["top1"] == pytest.approx(summary["best_top1"])
+    _, config, _ = load_classifier(out)
+    assert config.head == "bn_linear" and config.global_pool == "token"
+
+
+def test_augmented_linprobe_runs_one_epoch(tiny_checkpoint, tmp_path):
+    """The paper's probe (RandomResizedCrop + flip on images, encoder frozen) runs an epoch through the shared
+    Engine and leaves the encoder untouched."""
+    out = tmp_path / "lp_aug"
+    summary = run(load_config(LinprobeConfig, None, [
+        f"checkpoint={tiny_checkpoint}", f"output_dir={out}", "epochs=1", "batch_size=32", "data.train_limit=64",
+        "data.val_limit=32", "data.num_workers=0", "precision=fp32", "progress=false", "aug.hflip=0"]))
+    assert summary["updates"] == 2
+    state = torch.load(out / "checkpoint-last.pth", weights_only=True)
+    source = load_encoder_source("pretrained", str(tiny_checkpoint), None)
+    for key in ("blocks.0.attn.qkv.weight", "cls_token", "norm.weight"):
+        assert torch.equal(state["model"][key], source.state_dict[key]), key
+
+
+def test_unlabelled_folder_is_refused(tiny_checkpoint, tmp_path):
+    """A folder of images without class sub-folders cannot be probed: DataError naming the expected layout."""
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    for i in range(3):
+        Image.new("L", (28, 28)).save(tmp_path / "images" / f"{i}.png")
+    cfg = load_config(LinprobeConfig, None, [f"checkpoint={tiny_checkpoint}", f"data.path={tmp_path / 'images'}",
+                                             f"output_dir={tmp_path / 'out'}", "aug.augment=none"])
+    with pytest.raises(DataError, match="class sub-folders"):
+        run(cfg)
