@@ -1,0 +1,205 @@
+"""Semantic segmentation: ``run(SegmentConfig) -> summary``; ``mae segment`` parses and calls it.
+
+UperNet on a ViT pyramid with relative position bias (zero at start) in every block, trained end to end with AdamW
+and layer-wise lr decay (paper section 5, appendix A.4); ADE20K-style data (images + label PNGs, value 0 ignored);
+mIoU, pixel accuracy and mean class accuracy.
+
+    mae segment --config configs/segment/synthetic_tiny.yaml --checkpoint runs/pretrain/model.safetensors
+    mae segment mode=evaluate weights=runs/segment --data data/ADEChallengeData2016
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mae.errors import ConfigError
+from mae.transfer.backbone import ViTPyramid, check_pyramid
+from mae.transfer.segmentation import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    NORMS,
+    SegmentationFolder,
+    SegmentationTransform,
+    Segmenter,
+    evaluate_segmentation,
+    segmentation_loss,
+)
+from mae.transfer.synthetic import generate_synthetic, synthetic_root
+from mae.transfer.training import (
+    BackboneSection,
+    SyntheticSection,
+    TransferJob,
+    TransferOptim,
+    TransferRun,
+    backbone_spec,
+    eval_progress,
+    load_task_checkpoint,
+    make_backbone,
+    prepare_run,
+    seeded_loader,
+    train_and_evaluate,
+)
+
+log = logging.getLogger("mae")
+
+CLI_FLAGS = {"--data": "data.path", "--output-dir": "output_dir", "--checkpoint": "backbone.checkpoint",
+             "--init": "backbone.init", "--mode": "mode", "--weights": "weights", "--resume": "resume",
+             "--epochs": "epochs", "--precision": "precision", "--device": "device"}
+FORMAT = "mae-segment"
+METRICS = ("mIoU", "aAcc", "mAcc")
+
+
+@dataclass
+class SegmentData:
+    """ADE20K-style data: ``path/images/<split>`` and ``path/annotations/<split>`` (label PNGs, same stems)."""
+
+    path: str = field(default="data/ADEChallengeData2016", metadata={
+        "help": "dataset root; 'synthetic' generates shapes into output_dir/synthetic, 'synthetic:<folder>' there"})
+    train_split: str = field(default="training", metadata={"help": "split folder name ('train' is tried too)"})
+    val_split: str = field(default="validation", metadata={"help": "split folder name ('val' is tried too)"})
+    num_classes: int = field(default=150, metadata={"help": "classes after reduce_zero_label (ADE20K: 150)"})
+    class_names: list[str] | None = field(default=None, metadata={"help": "names for the per-class IoU"})
+    reduce_zero_label: bool = field(default=True, metadata={
+        "help": "label 0 is 'unlabelled' (ignored) and v becomes class v-1 (ADE20K's convention)"})
+    ignore_index: int = 255
+    crop_size: int = field(default=512, metadata={"help": "training crop side"})
+    scale: int = field(default=512, metadata={"help": "short side before the random ratio (train) / for eval"})
+    ratio_range: tuple[float, float] = field(default=(0.5, 2.0), metadata={"help": "random rescale range"})
+    eval_scale: int | None = field(default=512, metadata={"help": "eval short side (null: native size)"})
+    hflip: float = 0.5
+    limit: int | None = field(default=None, metadata={"help": "use only the first N training images"})
+    val_limit: int | None = field(default=None, metadata={"help": "score only the first N val images"})
+    synthetic: SyntheticSection = field(default_factory=SyntheticSection)
+
+    def validate(self) -> None:
+        if self.num_classes < 2:
+            raise ConfigError(f"data.num_classes must be at least 2, got {self.num_classes}")
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise ConfigError(f"data.class_names has {len(self.class_names)} names for {self.num_classes} classes")
+        if not 0 <= self.ignore_index <= 255 or self.ignore_index < self.num_classes:
+            raise ConfigError(f"data.ignore_index must be in [num_classes, 255], got {self.ignore_index}")
+        if self.crop_size < 32 or self.scale < 32 or (self.eval_scale is not None and self.eval_scale < 32):
+            raise ConfigError("data.crop_size, data.scale and data.eval_scale must be at least 32")
+        if not 0 < self.ratio_range[0] <= self.ratio_range[1]:
+            raise ConfigError(f"data.ratio_range must be increasing and positive, got {list(self.ratio_range)}")
+        if not 0.0 <= self.hflip <= 1.0:
+            raise ConfigError(f"data.hflip must be in [0, 1], got {self.hflip}")
+
+
+@dataclass
+class SegmentHead:
+    """UperNet decoder and auxiliary FCN head."""
+
+    channels: int = field(default=512, metadata={"help": "UperNet width"})
+    pool_scales: list[int] = field(default_factory=lambda: [1, 2, 3, 6], metadata={"help": "PPM bins"})
+    aux_channels: int = field(default=256, metadata={"help": "auxiliary FCN head width (0: no auxiliary head)"})
+    aux_weight: float = field(default=0.4, metadata={"help": "weight of the auxiliary loss"})
+    dropout: float = 0.1
+    norm: str = field(default="bn", metadata={"help": "bn | gn (GroupNorm for batches of 1 image)"})
+
+    def validate(self) -> None:
+        if self.norm not in NORMS:
+            raise ConfigError(f"head.norm '{self.norm}' is not one of {', '.join(NORMS)}")
+        if self.channels < 1 or self.aux_channels < 0 or self.aux_weight < 0 or not 0 <= self.dropout < 1:
+            raise ConfigError("head: channels >= 1, aux_channels >= 0, aux_weight >= 0 and dropout in [0, 1)")
+
+
+def _default_backbone() -> BackboneSection:
+    return BackboneSection(rel_pos_bias=True)
+
+
+@dataclass
+class SegmentConfig(TransferRun):
+    """Everything a segmentation run needs; saved as config.yaml next to the run."""
+
+    backbone: BackboneSection = field(default_factory=_default_backbone)
+    data: SegmentData = field(default_factory=SegmentData)
+    head: SegmentHead = field(default_factory=SegmentHead)
+    optim: TransferOptim = field(default_factory=lambda: TransferOptim(lr=1e-4, weight_decay=0.05, layer_decay=0.65))
+
+    def validate(self) -> None:
+        super().validate()
+        if self.mode == "train":
+            self.backbone.check_source()
+        if self.mode == "train" and self.head.norm == "bn" and self.batch_size < 2:
+            raise ConfigError("head.norm=bn needs batch_size >= 2 (BatchNorm over one image's pooled map fails); "
+                              "raise batch_size or use head.norm=gn")
+
+
+def segmenter_from_task(task: dict[str, Any], backbone: ViTPyramid | None = None) -> Segmenter:
+    """Build the model a task spec (stored in every segment checkpoint) describes."""
+    if backbone is None:
+        spec = dict(task["backbone"])
+        check_pyramid(spec["pyramid"], spec["depth"], spec["patch_size"], spec["strides"])
+        backbone = ViTPyramid(**spec)
+    head = task["head"]
+    return Segmenter(backbone, len(task["classes"]), channels=head["channels"], pool_scales=head["pool_scales"],
+                     aux_channels=head["aux_channels"], dropout=head["dropout"], norm=head["norm"])
+
+
+def _data(cfg: SegmentConfig, out: Path) -> tuple[Path, list[str], int]:
+    """(root, class names, num_classes), generating synthetic data when asked (its classes override data.*)."""
+    root = synthetic_root(cfg.data.path, out)
+    if root is not None:
+        data = generate_synthetic(root, cfg.data.synthetic.spec())
+        names = data.segmentation_classes
+        if cfg.data.num_classes != len(names):
+            log.info("synthetic data: %d classes (%s)", len(names), ", ".join(names))
+        return data.root, names, len(names)
+    names = cfg.data.class_names or [str(i) for i in range(cfg.data.num_classes)]
+    return Path(cfg.data.path).expanduser(), list(names), cfg.data.num_classes
+
+
+def run(cfg: SegmentConfig) -> dict[str, Any]:
+    """Train (mode=train) or score (mode=evaluate) an UperNet segmenter; returns mIoU / aAcc / mAcc and run facts."""
+    device, precision, out = prepare_run(cfg)
+    root, names, num_classes = _data(cfg, out)
+    d = cfg.data
+    eval_transform = SegmentationTransform(scale=d.eval_scale, crop_size=None, ignore_index=d.ignore_index)
+    val_set = SegmentationFolder(root, d.val_split, num_classes, d.reduce_zero_label, d.ignore_index, eval_transform,
+                                 limit=d.val_limit)
+    progress = eval_progress(cfg.progress, "evaluate")
+
+    def evaluate(model: torch.nn.Module) -> dict[str, Any]:
+        return evaluate_segmentation(model, val_set, device, cfg.eval_batch_size, precision, names, progress)
+
+    if cfg.mode == "evaluate":
+        task, state, path = load_task_checkpoint(cfg.weights, FORMAT)
+        if len(task["classes"]) != num_classes:
+            raise ConfigError(f"'{path}' predicts {len(task['classes'])} classes but data.num_classes is "
+                              f"{num_classes}")
+        model = segmenter_from_task(task).to(device)
+        model.load_state_dict(state)
+        metrics = evaluate(model)
+        (out / "eval.json").write_text(json.dumps(metrics, indent=1))
+        return {"weights": str(path), "val_images": len(val_set), **{k: metrics[k] for k in METRICS}}
+
+    train_transform = SegmentationTransform(scale=d.scale, crop_size=d.crop_size, ratio_range=tuple(d.ratio_range),
+                                            hflip=d.hflip, ignore_index=d.ignore_index)
+    train_set = SegmentationFolder(root, d.train_split, num_classes, d.reduce_zero_label, d.ignore_index,
+                                   train_transform, limit=d.limit)
+    backbone, report = make_backbone(cfg.backbone, d.crop_size)
+    h = cfg.head
+    task = {"backbone": backbone_spec(backbone), "classes": names, "ignore_index": d.ignore_index,
+            "reduce_zero_label": d.reduce_zero_label, "image_mean": list(IMAGENET_MEAN),
+            "image_std": list(IMAGENET_STD), "head": {"channels": h.channels, "pool_scales": list(h.pool_scales),
+                                                      "aux_channels": h.aux_channels, "dropout": h.dropout,
+                                                      "norm": h.norm}}
+    model = segmenter_from_task(task, backbone).to(device)
+    loader = seeded_loader(train_set, cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers)
+
+    def loss_fn(m: torch.nn.Module, batch) -> torch.Tensor:
+        images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        return segmentation_loss(m(images), labels, d.ignore_index, h.aux_weight)
+
+    job = TransferJob(model=model, backbone=backbone, backbone_prefix="backbone.", train_loader=loader,
+                      loss_fn=loss_fn, evaluate=evaluate, best_key="mIoU", task=task, format=FORMAT, run=cfg,
+                      optim=cfg.optim, config=cfg, device=device, precision=precision, out=out,
+                      train_images=len(train_set), init_report=report, metric_keys=METRICS)
+    return train_and_evaluate(job)
