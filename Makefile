@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/mae pretrain --config configs/pretrain/demo_mnist.yaml --output-dir runs/demo
+	$(BIN)/mae demo --output-dir runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
