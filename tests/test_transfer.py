@@ -14,7 +14,7 @@ from PIL import Image
 
 import mae
 from mae.config import load_config
-from mae.errors import CheckpointError, ConfigError
+from mae.errors import CheckpointError, ConfigError, DataError
 from mae.interop import convert, save_model
 from mae.models.pos_embed import resize_pos_embed
 from mae.transfer import (
@@ -180,8 +180,8 @@ def test_layer_decay_groups_cover_backbone_blocks_and_heads(tiny_mae):
 # ---------------------------------------------------------------------------------------------------- data
 def test_synthetic_dataset_agrees_across_formats_and_is_deterministic(shapes, tmp_path):
     """For every image the COCO instance masks of class k are exactly the label-PNG pixels of value k + 2, the rest
-    is background (1); boxes enclose their masks; a second generation with the same settings is identical, and a
-    folder with matching meta.json is reused untouched."""
+    is background (1); boxes enclose their masks; a second generation with the same settings is identical, a
+    folder with matching meta.json is reused untouched, and one made with other settings is not overwritten."""
     from pycocotools import mask as mask_utils
 
     data = generate_synthetic(shapes, num_train=4, num_val=2, image_size=64, max_objects=3)
@@ -203,6 +203,8 @@ def test_synthetic_dataset_agrees_across_formats_and_is_deterministic(shapes, tm
     stamp = data.coco("training").stat().st_mtime_ns
     assert generate_synthetic(shapes, num_train=4, num_val=2, image_size=64, max_objects=3).coco(
         "training").stat().st_mtime_ns == stamp
+    with pytest.raises(DataError, match="other settings"):  # never silently replace data another run may read
+        generate_synthetic(shapes, num_train=5, num_val=2, image_size=64, max_objects=3)
     again = generate_synthetic(tmp_path / "again", num_train=4, num_val=2, image_size=64, max_objects=3)
     for name in ("images/training/000003.png", "annotations/validation/000001.png", "coco/instances_training.json"):
         assert (again.root / name).read_bytes() == (data.root / name).read_bytes(), name

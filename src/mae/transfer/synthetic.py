@@ -231,12 +231,14 @@ def _write_split(root: Path, split: str, count: int, spec: SyntheticSpec, photos
     data.coco(split).write_text(json.dumps(coco))
 
 
-def generate_synthetic(root: str | Path, spec: SyntheticSpec | None = None, **settings) -> SyntheticDataset:
+def generate_synthetic(root: str | Path, spec: SyntheticSpec | None = None, overwrite: bool = False,
+                       **settings) -> SyntheticDataset:
     """Write (or reuse) a synthetic scene dataset in ``root``, in COCO and ADE20K-style formats (module docstring).
 
     ``settings`` override `SyntheticSpec` fields (num_train, num_val, image_size, max_objects, seed, ...). A folder
-    whose meta.json records the same settings is reused as is; any other content of ``root/images``,
-    ``root/annotations`` and ``root/coco`` is replaced.
+    whose meta.json records the same settings is reused as is. A folder generated with other settings raises
+    DataError (another run may be reading it) unless ``overwrite``, which replaces ``root/images``,
+    ``root/annotations`` and ``root/coco``.
     """
     spec = SyntheticSpec(**{**(asdict(spec) if spec else {}), **settings})
     spec.validate()
@@ -248,11 +250,16 @@ def generate_synthetic(root: str | Path, spec: SyntheticSpec | None = None, **se
     meta_path = root / "meta.json"
     if meta_path.is_file():
         try:
-            if json.loads(meta_path.read_text()) == meta:
-                _log.info("synthetic data: reusing %s", root)
-                return SyntheticDataset(root)
+            stored = json.loads(meta_path.read_text())
         except ValueError:
-            pass
+            stored = None
+        if stored == meta:
+            _log.info("synthetic data: reusing %s", root)
+            return SyntheticDataset(root)
+        if not overwrite:
+            theirs = stored.get("spec") if isinstance(stored, dict) else None
+            raise DataError(f"'{root}' holds synthetic data generated with other settings ({theirs}, asked for "
+                            f"{asdict(spec)}); use the same data.synthetic settings, another folder, or delete it")
     try:
         root.mkdir(parents=True, exist_ok=True)
         meta_path.unlink(missing_ok=True)  # written last: a half-written folder is never reused
