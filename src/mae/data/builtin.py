@@ -12,6 +12,8 @@ transform, so the same transforms serve built-in and folder datasets; `as_tensor
 
 from __future__ import annotations
 
+import abc
+
 import functools
 import importlib.util
 from collections.abc import Callable
@@ -148,7 +150,7 @@ def _photo_crops(split: str, per_photo: int, seed: int) -> tuple[np.ndarray, np.
     return images, labels
 
 
-class BuiltinDataset(Dataset):
+class BuiltinDataset(Dataset, abc.ABC):
     """A split of an embedded dataset held in memory as uint8 arrays; items are `(PIL image, label)`.
 
     Subclasses set the class attributes and `_arrays`. `mode` ('L' or 'RGB') converts the images; None keeps the
@@ -172,8 +174,9 @@ class BuiltinDataset(Dataset):
         self._images, labels = self._arrays(split)  # [N, H, W] or [N, H, W, 3] uint8, read-only
         self.targets: list[int] = labels.tolist()
 
+    @abc.abstractmethod
     def _arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError
+        """The split's images (uint8 [N, H, W] or [N, H, W, 3]) and labels [N]."""
 
     @property
     def num_classes(self) -> int:
