@@ -113,6 +113,7 @@ class DetectHead:
 class DetectConfig(TransferRun):
     """Everything a detection run needs; saved as config.yaml next to the run."""
 
+    output_dir: str = field(default="runs/detect", metadata={"help": "checkpoints, metrics and summary go here"})
     backbone: BackboneSection = field(default_factory=BackboneSection)
     data: DetectData = field(default_factory=DetectData)
     head: DetectHead = field(default_factory=DetectHead)

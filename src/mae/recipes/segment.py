@@ -118,6 +118,7 @@ def _default_backbone() -> BackboneSection:
 class SegmentConfig(TransferRun):
     """Everything a segmentation run needs; saved as config.yaml next to the run."""
 
+    output_dir: str = field(default="runs/segment", metadata={"help": "checkpoints, metrics and summary go here"})
     backbone: BackboneSection = field(default_factory=_default_backbone)
     data: SegmentData = field(default_factory=SegmentData)
     head: SegmentHead = field(default_factory=SegmentHead)
