@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from mae.bench.measure import machine_info
-from mae.bench.step import build_hf, build_ours, timed_step
+from mae.bench.step import build_hf, build_ours, time_alternating, timed_step
 from mae.models import model_config
 
 
@@ -70,10 +70,7 @@ def main() -> None:
     for t in trainees:
         for _ in range(args.warmup):
             timed_step(t)
-    times: dict[str, list[float]] = {t.label: [] for t in trainees}
-    for _ in range(args.steps):
-        for t in trainees:
-            times[t.label].append(timed_step(t)[0])
+    times = time_alternating(trainees, args.steps)
     rows = {k: {"step_seconds": statistics.median(v), "images_per_s": args.batch_size / statistics.median(v),
                 "all": v} for k, v in times.items()}
     # speed-ups as medians of per-round ratios (each round times every trainee within seconds: fair under load)

@@ -9,6 +9,7 @@ synthetic tensor already on the device, so the input pipeline is left out (the `
 from __future__ import annotations
 
 import contextlib
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -251,12 +252,13 @@ def warm_up(trainee: Trainee, steps: int) -> list[float]:
     return times
 
 
-def time_alternating(trainees: list[Trainee], steps: int) -> dict[str, list[float]]:
-    """Time `steps` steps of each trainee, interleaved one step at a time (A B A B ...) so that slow drifts of
-    the machine (other processes, clocks, thermals) hit every trainee alike."""
+def time_alternating(trainees: list[Trainee], steps: int, seed: int = 0) -> dict[str, list[float]]:
+    """Time `steps` steps of each trainee in rounds of one step each, in a new random order every round, so that
+    drifts of the machine (other processes, clocks, thermals) hit every trainee alike, periodic ones included."""
     times: dict[str, list[float]] = {t.label: [] for t in trainees}
+    rng = random.Random(seed)
     for _ in range(steps):
-        for t in trainees:
+        for t in rng.sample(trainees, len(trainees)):
             times[t.label].append(timed_step(t)[0])
     return times
 
