@@ -42,8 +42,15 @@ COMMON_FLAGS = {"--data": "data.path", "--output-dir": "output_dir", "--resume":
                 "--precision": "precision", "--device": "device"}
 
 
-def _config_command(sub, name: str, help_text: str, config_cls_path: str) -> None:
-    """A command whose settings are a config dataclass: --config, the common flags, then key=value overrides."""
+def _config_command(sub, name: str, help_text: str, config_cls_path: str, full: bool = True) -> None:
+    """A command whose settings are a config dataclass: --config, the common flags, then key=value overrides.
+
+    With ``full=False`` only its name and help line are registered: its recipe module (and what that imports) is
+    loaded only for the command actually run.
+    """
+    if not full:
+        sub.add_parser(name, help=help_text)
+        return
     module = __import__(config_cls_path.rsplit(".", 1)[0], fromlist=["run"])
     flags = getattr(module, "CLI_FLAGS", COMMON_FLAGS)
     p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -150,7 +157,8 @@ def _one_line(e: BaseException) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI parser; with ``command`` given, only that config command is built in full (fast start-up)."""
     parser = argparse.ArgumentParser(prog="mae", description="Masked autoencoders (He et al., 2021): pre-train, "
                                      "fine-tune, probe, visualise and convert.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -158,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     for name, (help_text, cls_path) in CONFIG_COMMANDS.items():
         try:
-            _config_command(sub, name, help_text, cls_path)
+            _config_command(sub, name, help_text, cls_path, full=command is None or command == name)
         except ModuleNotFoundError as e:  # a recipe module that is not part of this installation
             if not cls_path.startswith(e.name or "-"):
                 raise
@@ -186,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in CONFIG_COMMANDS else "")
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may stand anywhere among the flags; argparse only collects the first run of them
     stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]

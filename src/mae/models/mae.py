@@ -162,7 +162,7 @@ class MaskedAutoencoderViT(nn.Module):
                 nn.init.normal_(getattr(self, name), std=0.02)
         for name, child in self.named_children():
             if name != "target":  # a target may hold a user's pretrained tokenizer: never re-initialise it
-                child.apply(_init_linear_and_norm)
+                child.apply(init_linear_and_norm)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute block activations in the backward pass: less memory for large models, ~30% more compute."""
@@ -285,7 +285,8 @@ class MaskedAutoencoderViT(nn.Module):
         return {"stem": r"^cls_token|^pos_embed|^patch_embed", "blocks": r"^blocks\.(\d+)"}
 
 
-def _init_linear_and_norm(module: nn.Module) -> None:
+def init_linear_and_norm(module: nn.Module) -> None:
+    """The reference initialisation of one module: xavier-uniform Linear with zero bias, LayerNorm 1 / 0."""
     if isinstance(module, nn.Linear):
         nn.init.xavier_uniform_(module.weight)
         if module.bias is not None:

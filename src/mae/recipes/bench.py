@@ -39,8 +39,8 @@ from mae.bench.suites import (
 from mae.config import to_dict
 from mae.errors import ConfigError
 from mae.models import model_config
-from mae.recipes.common import ModelSection, prepare_output_dir, resolve_device
-from mae.train.precision import PRECISIONS, resolve_precision
+from mae.recipes.common import ModelSection, prepare_output_dir, require_at_least, require_precision, resolve_device
+from mae.train.precision import resolve_precision
 
 log = logging.getLogger("mae")
 
@@ -129,13 +129,10 @@ class BenchConfig:
         if unknown or not self.suites():
             raise ConfigError(f"unknown suite '{unknown[0] if unknown else self.suite}'; choose from "
                               f"{', '.join(SUITES)} (comma-separated) or 'all'")
-        for name in ("batch_size", "warmup", "steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        require_at_least(self, ("batch_size", "warmup", "steps"))
         if self.threads < 0:
             raise ConfigError(f"threads must be >= 0 (0 keeps torch's default), got {self.threads}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision '{self.precision}' is not one of {', '.join(PRECISIONS)}")
+        require_precision(self.precision)
         for key, values in (("peer.precisions", self.peer.precisions), ("scaling.precisions", self.scaling.precisions)):
             for p in values:
                 if p not in ("fp32", "bf16", "fp16"):

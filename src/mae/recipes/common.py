@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
 from mae.errors import ConfigError
 
 log = logging.getLogger("mae")
+T = TypeVar("T")
+
+if TYPE_CHECKING:
+    from mae.train.distributed import DistInfo
 
 
 @dataclass
@@ -65,3 +71,30 @@ def prepare_output_dir(path: str) -> Path:
     except OSError as e:
         raise ConfigError(f"cannot create output directory '{path}': {e.strerror}; choose another --output-dir") from e
     return out
+
+
+def require_at_least(obj: object, names: tuple[str, ...], minimum: int = 1, prefix: str = "") -> None:
+    """Raise a ConfigError naming the first of ``names`` whose value is below ``minimum`` (None means unset)."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value < minimum:
+            raise ConfigError(f"{prefix}{name} must be at least {minimum}, got {value}")
+
+
+def require_precision(value: str) -> None:
+    from mae.train.precision import PRECISIONS
+
+    if value not in PRECISIONS:
+        raise ConfigError(f"precision '{value}' is not one of {', '.join(PRECISIONS)}")
+
+
+def run_distributed(device: str, body: Callable[[DistInfo], T]) -> T:
+    """Join torchrun's process group (or run as one process) on ``device``, run ``body(dist)``, always leave the
+    group: the entry point every training and evaluation recipe shares."""
+    from mae.train.distributed import cleanup, init_distributed
+
+    dist = init_distributed(None if device == "auto" else resolve_device(device))
+    try:
+        return body(dist)
+    finally:
+        cleanup()

@@ -36,10 +36,10 @@ from mae.recipes.classify_common import (
     load_classifier,
     square_side,
 )
-from mae.recipes.common import prepare_output_dir, resolve_device
-from mae.train.distributed import DistInfo, cleanup, init_distributed
+from mae.recipes.common import prepare_output_dir, require_precision, run_distributed
+from mae.train.distributed import DistInfo
 from mae.train.logging import MetricsLogger
-from mae.train.precision import PRECISIONS, resolve_precision
+from mae.train.precision import resolve_precision
 
 log = logging.getLogger("mae")
 
@@ -75,8 +75,7 @@ class EvaluateConfig:
             raise ConfigError(f"split '{self.split}' is not one of train, val")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision '{self.precision}' is not one of {', '.join(PRECISIONS)}")
+        require_precision(self.precision)
 
 
 def read_class_map(path: str | Path, dataset_classes: Sequence[str], model_classes: Sequence[str] | None,
@@ -187,11 +186,7 @@ def write_per_class_csv(confusion: torch.Tensor, class_names: Sequence[str], mod
 
 def run(cfg: EvaluateConfig) -> dict:
     """Evaluate a classifier; returns top-1 / top-5 and the paths of what it wrote."""
-    dist = init_distributed(None if cfg.device == "auto" else resolve_device(cfg.device))
-    try:
-        return _run(cfg, dist)
-    finally:
-        cleanup()
+    return run_distributed(cfg.device, lambda dist: _run(cfg, dist))
 
 
 def _run(cfg: EvaluateConfig, dist: DistInfo) -> dict[str, Any]:

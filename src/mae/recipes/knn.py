@@ -36,10 +36,10 @@ from mae.recipes.classify_common import (
     square_side,
     topk_counts,
 )
-from mae.recipes.common import prepare_output_dir, resolve_device
-from mae.train.distributed import DistInfo, cleanup, init_distributed
+from mae.recipes.common import prepare_output_dir, require_precision, run_distributed
+from mae.train.distributed import DistInfo
 from mae.train.logging import MetricsLogger
-from mae.train.precision import PRECISIONS, resolve_precision
+from mae.train.precision import resolve_precision
 from mae.train.rng import seed_everything
 
 log = logging.getLogger("mae")
@@ -75,8 +75,7 @@ class KnnConfig:
             raise ConfigError(f"k and batch_size must be at least 1, got k={self.k}, batch_size={self.batch_size}")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be positive, got {self.temperature}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision '{self.precision}' is not one of {', '.join(PRECISIONS)}")
+        require_precision(self.precision)
 
 
 # ---------------------------------------------------------------------------------------------------- the classifier
@@ -200,11 +199,7 @@ def _dist_info(device: torch.device) -> DistInfo:
 # ---------------------------------------------------------------------------------------------------- the command
 def run(cfg: KnnConfig) -> dict:
     """k-NN evaluation of a checkpoint's (or a random) encoder; returns top-1 / top-5."""
-    dist = init_distributed(None if cfg.device == "auto" else resolve_device(cfg.device))
-    try:
-        return _run(cfg, dist)
-    finally:
-        cleanup()
+    return run_distributed(cfg.device, lambda dist: _run(cfg, dist))
 
 
 def _run(cfg: KnnConfig, dist: DistInfo) -> dict[str, Any]:

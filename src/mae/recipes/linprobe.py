@@ -42,13 +42,13 @@ from mae.recipes.classify_common import (
     train_transform,
     write_param_groups,
 )
-from mae.recipes.common import prepare_output_dir, resolve_device
+from mae.recipes.common import prepare_output_dir, require_at_least, require_precision, run_distributed
 from mae.train.checkpoint import CheckpointManager
-from mae.train.distributed import DistInfo, cleanup, init_distributed
+from mae.train.distributed import DistInfo
 from mae.train.engine import Engine, LRSchedule
 from mae.train.logging import MetricsLogger
 from mae.train.optim import build_optimizer, param_groups
-from mae.train.precision import PRECISIONS, resolve_precision
+from mae.train.precision import resolve_precision
 from mae.train.rng import seed_everything
 from mae.train.schedule import scaled_lr
 
@@ -125,13 +125,10 @@ class LinprobeConfig:
 
     def validate(self) -> None:
         check_init(self.init, self.checkpoint, self.model.name)
-        for name in ("epochs", "batch_size", "accum_iter", "save_every", "log_every", "max_nonfinite"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        require_at_least(self, ("epochs", "batch_size", "accum_iter", "save_every", "log_every", "max_nonfinite"))
         if self.batch_size < 2:
             raise ConfigError("the probe's BatchNorm needs batch_size >= 2")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision '{self.precision}' is not one of {', '.join(PRECISIONS)}")
+        require_precision(self.precision)
 
 
 def build_probe(source: EncoderSource, cfg_model: ClassifierSection, num_classes: int
@@ -170,11 +167,7 @@ class FeatureBatches:
 
 def run(cfg: LinprobeConfig) -> dict:
     """Train a linear probe on a frozen encoder; returns a summary with the best top-1."""
-    dist = init_distributed(None if cfg.device == "auto" else resolve_device(cfg.device))
-    try:
-        return _run(cfg, dist)
-    finally:
-        cleanup()
+    return run_distributed(cfg.device, lambda dist: _run(cfg, dist))
 
 
 def _run(cfg: LinprobeConfig, dist: DistInfo) -> dict:

@@ -28,9 +28,15 @@ from mae.data import (
 )
 from mae.errors import ConfigError
 from mae.models import MAEConfig, MaskedAutoencoderViT, create_model
-from mae.recipes.common import ModelSection, prepare_output_dir, resolve_device
+from mae.recipes.common import (
+    ModelSection,
+    prepare_output_dir,
+    require_at_least,
+    require_precision,
+    run_distributed,
+)
 from mae.train.checkpoint import CheckpointManager, load_model_state, safe_load
-from mae.train.distributed import DistInfo, all_gather_objects, cleanup, init_distributed
+from mae.train.distributed import DistInfo, all_gather_objects
 from mae.train.engine import Engine, LRSchedule
 from mae.train.logging import MetricsLogger, plot_curves
 from mae.train.optim import build_optimizer, param_groups
@@ -105,13 +111,10 @@ class PretrainConfig:
         "help": "k-NN top-1 / top-5 of the encoder every N epochs on the labelled data.path (0: off)"})
 
     def validate(self) -> None:
-        for name in ("epochs", "batch_size", "accum_iter", "save_every", "log_every", "max_nonfinite"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        require_at_least(self, ("epochs", "batch_size", "accum_iter", "save_every", "log_every", "max_nonfinite"))
         if self.keep_last < 0:
             raise ConfigError(f"keep_last must be >= 0, got {self.keep_last}")
-        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
-            raise ConfigError(f"precision '{self.precision}' is not one of auto, bf16, fp16, fp32")
+        require_precision(self.precision)
 
 
 def build_model(section: ModelSection) -> MaskedAutoencoderViT:
@@ -155,11 +158,7 @@ def fit_pca_target(model: MaskedAutoencoderViT, loader, num_batches: int) -> flo
 
 def run(cfg: PretrainConfig) -> dict:
     """Pre-train an MAE; returns a summary (losses of the first and last epoch, time, output paths)."""
-    dist = init_distributed(None if cfg.device == "auto" else resolve_device(cfg.device))
-    try:
-        return _run(cfg, dist)
-    finally:
-        cleanup()
+    return run_distributed(cfg.device, lambda dist: _run(cfg, dist))
 
 
 def _run(cfg: PretrainConfig, dist: DistInfo) -> dict:

@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mae.errors import CheckpointError, ConfigError
-from mae.models.mae import MAEConfig
+from mae.models.mae import MAEConfig, init_linear_and_norm
 from mae.models.pos_embed import resize_pos_embed, sincos_2d
 from mae.train.optim import default_layer_id
 
@@ -166,14 +166,7 @@ class ViTPyramid(nn.Module):
         w = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.cls_token, std=0.02)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        self.apply(init_linear_and_norm)
         if self.rel_pos_bias is not None:
             for rpb in self.rel_pos_bias:
                 nn.init.zeros_(rpb.relative_position_bias_table)

@@ -19,12 +19,12 @@ from torch.utils.data import DataLoader, Dataset
 from mae.config import save_config, to_dict
 from mae.data import EpochSampler, SeededDataset, SeededSampler, set_epoch
 from mae.errors import CheckpointError, ConfigError, MAEError
-from mae.recipes.common import prepare_output_dir, resolve_device
+from mae.recipes.common import prepare_output_dir, require_at_least, require_precision, resolve_device
 from mae.train.checkpoint import CheckpointManager, safe_load
 from mae.train.engine import Engine, LRSchedule
 from mae.train.logging import MetricsLogger, plot_curves, progress
 from mae.train.optim import build_optimizer
-from mae.train.precision import PRECISIONS, resolve_precision
+from mae.train.precision import resolve_precision
 from mae.train.rng import capture_rng_state, restore_rng_state, seed_everything
 from mae.transfer.backbone import PYRAMIDS, EncoderLoadReport, ViTPyramid, backbone_param_groups, build_backbone
 from mae.transfer.synthetic import SyntheticSpec
@@ -136,13 +136,10 @@ class TransferRun:
             raise ConfigError(f"mode '{self.mode}' is not one of {', '.join(MODES)}")
         if self.mode == "evaluate" and not self.weights:
             raise ConfigError("mode=evaluate needs weights=<run directory or checkpoint>")
-        for name in ("epochs", "batch_size", "accum_iter", "eval_batch_size", "eval_every", "save_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        require_at_least(self, ("epochs", "batch_size", "accum_iter", "eval_batch_size", "eval_every", "save_every", "log_every"))
         if self.num_workers < 0 or self.keep_last < 0:
             raise ConfigError("num_workers and keep_last must be >= 0")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision '{self.precision}' is not one of {', '.join(PRECISIONS)}")
+        require_precision(self.precision)
 
 
 # ---------------------------------------------------------------------------------------------------- building
