@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CPU figures of docs/benchmarks.md, one suite after another (about 1.5 h on the 2-core AMD EPYC).
-# Results: benchmarks/results/cpu/<name>/bench.{json,md} (+ PNGs); proposals_*.json from benchmarks/proposals.py.
+# Results: benchmarks/results/cpu/<name>/bench.{json,md} (+ PNGs).
 #   bash benchmarks/cpu_suite.sh             # everything
 #   bash benchmarks/cpu_suite.sh peer_vitb   # only the named runs
 # OMP_WAIT_POLICY=PASSIVE: on a machine shared with other jobs, OpenMP's default spin-waiting makes two threads
@@ -23,24 +23,13 @@ bench() {  # bench NAME ARGS...
     "$@" 2>&1 | grep -v Warning | tail -n 40
   [[ -n "$cache" ]] && rm -rf "$cache"
 }
-proposals() {  # proposals NAME ARGS...
-  local name=$1; shift
-  want "$name" || return 0
-  echo "=== $name ($(date +%T), load $(cut -d' ' -f1-3 /proc/loadavg))"
-  "$PY" benchmarks/proposals.py --out "$R/$name.json" "$@" 2>&1 | grep -v Warning
-}
 
 bench table1c --suite table1c
 bench peer_vitb --suite peer --model mae_vit_base_patch16 --batch-size 16 warmup=1 steps=8
-proposals proposals_vitb --model mae_vit_base_patch16 --batch-size 16 --warmup 1 --steps 8
 bench peer_micro28 --suite peer --model mae_vit_micro_patch4_28 --batch-size 128 warmup=3 steps=20
-proposals proposals_micro28 --model mae_vit_micro_patch4_28 --batch-size 128 --warmup 3 --steps 20
 bench peer_tiny32 --suite peer --model mae_vit_micro_patch4_28 model.img_size=32 model.in_chans=3 --batch-size 128 \
   warmup=3 steps=20
-proposals proposals_tiny32 --model mae_vit_micro_patch4_28 --img-size 32 --in-chans 3 --batch-size 128 --warmup 3 \
-  --steps 20
 bench table2 --suite table2 table2.batch_size=4 warmup=1 steps=3
-bench table2_fused --suite table2 table2.batch_size=4 warmup=1 steps=3 optimizer=fused
 bench scaling --suite scaling --model mae_vit_base_patch16 warmup=1 steps=2 "scaling.precisions=[fp32]"
 bench data --suite data data.batches=16
 bench compile_micro28 --suite peer --model mae_vit_micro_patch4_28 --batch-size 128 compile=true warmup=3 steps=20 \

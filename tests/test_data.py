@@ -388,3 +388,38 @@ def test_loader_refuses_distributed_without_process_group_and_empty_datasets():
         build_loader(_Indices(), batch_size=8, distributed=True)
     with pytest.raises(ConfigError, match="batch_size=0"):
         build_loader(_Indices(), batch_size=0)
+
+
+def test_tensor_decoding_of_jpegs_matches_pil_and_keeps_the_skip_rules(tmp_path):
+    """decode='tensor' reads JPEGs with torchvision.io as uint8 tensors: after the same transform they agree with
+    PIL's to JPEG-decoder precision; PNGs still go through PIL (alpha on white); corrupt JPEGs are still skipped with
+    a warning, or raise with strict=True; unknown decoders are refused."""
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        smooth = np.kron(rng.integers(0, 256, (8, 10, 3), dtype=np.uint8), np.ones((6, 6, 1), dtype=np.uint8))
+        _save(tmp_path / f"photo{i}.jpg", Image.fromarray(smooth), quality=95)
+    _make_images(tmp_path / "kinds")
+    (tmp_path / "bad").mkdir()
+    _make_corrupt(tmp_path / "bad")
+    transform = build_transform("none", 32, 3)
+    pil = PlainFolderDataset(tmp_path, transform=transform)
+    fast = PlainFolderDataset(tmp_path, transform=transform, decode="tensor")
+    assert [p for p, _ in pil.samples] == [p for p, _ in fast.samples]
+    with pytest.warns(UserWarning, match="skipping corrupt"):
+        pairs = [(pil[i][0], fast[i][0]) for i in range(len(pil))]
+    assert {Path(p).name for p in fast.bad_files} == {"truncated.jpg", "garbage.jpg"}
+    for a, b in pairs:
+        assert a.shape == b.shape == (3, 32, 32) and b.dtype == torch.float32
+        assert (a - b).abs().max() < 0.1  # [-2, 2.6] after ImageNet normalisation: within a few 8-bit levels
+    raw = PlainFolderDataset(tmp_path / "kinds", decode="tensor")
+    items = _by_name(raw)
+    assert items["photo.jpg"][0].shape == (3, 30, 40) and items["photo.jpg"][0].dtype == torch.uint8
+    assert items["rgba.png"][0].getpixel((5, 0)) == (255, 255, 255)
+    grey = _by_name(PlainFolderDataset(tmp_path / "kinds", mode="L", decode="tensor"))
+    assert grey["photo.jpg"][0].shape == (1, 30, 40)
+    with pytest.raises(DataError, match="garbage.jpg' is corrupt"):  # the first in sorted order
+        strict = PlainFolderDataset(tmp_path / "bad", strict=True, decode="tensor")
+        [strict[i] for i in range(len(strict))]
+    with pytest.raises(DataError, match="decoder 'nvjpeg' is not supported"):
+        PlainFolderDataset(tmp_path, decode="nvjpeg")
+    assert isinstance(build_dataset(str(tmp_path / "kinds"), decode="tensor")[0][0], (Image.Image, torch.Tensor))

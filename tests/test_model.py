@@ -767,3 +767,27 @@ def test_replacing_norm_pix_loss_alone_switches_the_pixel_target():
     off = cfg.replace(norm_pix_loss=False)
     assert off.target == "pixel" and off.norm_pix_loss is False
     assert off.replace(norm_pix_loss=True).target == "norm_pixel"
+
+
+def test_attention_matches_timm_and_keeps_its_keys():
+    """Our Attention (fp32 attention product on CPU under bf16 autocast) has timm's keys and gives timm's output in
+    fp32 exactly and under bf16 autocast to bf16 precision; dropout in the attention only while training."""
+    from timm.layers import Attention as TimmAttention
+
+    from mae.models.mae import Attention
+
+    torch.manual_seed(0)
+    ours, ref = Attention(64, num_heads=4, qkv_bias=True), TimmAttention(64, num_heads=4, qkv_bias=True)
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 10, 64)
+    torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast, slow = ours(x), ref(x)
+    assert fast.dtype == torch.bfloat16
+    torch.testing.assert_close(fast.float(), slow.float(), rtol=0.05, atol=0.05)
+    dropping = Attention(64, num_heads=4, qkv_bias=True, attn_drop=0.5)
+    dropping.load_state_dict(ours.state_dict())
+    assert torch.equal(dropping.eval()(x), ours(x)) and not torch.equal(dropping.train()(x), ours(x))
+    with pytest.raises(ConfigError, match="must divide"):
+        Attention(64, num_heads=5)

@@ -122,11 +122,14 @@ def test_layer_decay_scales(vit):
 
 
 def test_build_optimizer_variants(vit):
-    """adamw/sgd/lars build over the groups, keep lr_scale, use foreach on CPU; unknown names are a ConfigError."""
+    """adamw/sgd/lars build over the groups, keep lr_scale, use the fused kernels on CPU (this torch has them; foreach
+    on request); unknown names are a ConfigError."""
     groups = param_groups(vit, weight_decay=0.05)
     adamw = build_optimizer(groups, "adamw", lr=1e-3)
     assert isinstance(adamw, torch.optim.AdamW)
-    assert adamw.defaults["betas"] == (0.9, 0.95) and adamw.defaults["foreach"] and not adamw.defaults["fused"]
+    assert adamw.defaults["betas"] == (0.9, 0.95) and adamw.defaults["fused"] and not adamw.defaults["foreach"]
+    foreach = build_optimizer(groups, "adamw", lr=1e-3, fused=False)
+    assert foreach.defaults["foreach"] and not foreach.defaults["fused"]
     assert [g["weight_decay"] for g in adamw.param_groups] == [g["weight_decay"] for g in groups]
     assert isinstance(build_optimizer(groups, "sgd", lr=0.1), torch.optim.SGD)
     lars = build_optimizer(groups, "lars", lr=0.1)

@@ -2,10 +2,12 @@
 
 Two decoders, the same augmentation (the paper's RandomResizedCrop(224, scale 0.2-1, bicubic) + horizontal flip):
 
-- ``pil``: what the library's folder datasets do today: PIL decode -> RGB -> torchvision v2 transforms on the PIL
-  image -> float tensor, normalised in the worker (``mae.data.build_transform('rrc', ...)``).
-- ``tensor``: ``torchvision.io.decode_jpeg`` -> uint8 tensor -> v2 transforms on the uint8 tensor; batches stay
-  uint8 (4x less to copy between processes) and are scaled / normalised per batch where they are consumed.
+- ``pil``: the folder datasets with ``decode='pil'`` (as fine-tuning reads, its RandAugment being PIL-only): PIL
+  decode -> RGB -> v2 transforms on the PIL image -> float tensor, normalised in the worker
+  (``mae.data.build_transform('rrc', ...)``).
+- ``tensor``: ``torchvision.io.decode_jpeg`` -> uint8 tensor -> v2 transforms on the uint8 tensor, as ``mae pretrain``
+  decodes JPEGs by default (``data.decode=tensor``); here batches also stay uint8 (4x less to copy between
+  processes) and are scaled / normalised per batch where they are consumed.
 - ``nvjpeg`` (CUDA only): workers only read the file bytes; the main process decodes the batch on the GPU with
   ``decode_jpeg(device='cuda')`` and crops / flips / normalises there.
 

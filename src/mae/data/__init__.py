@@ -66,7 +66,7 @@ def _split_folder(root: Path, split: str) -> Path:
 
 
 def build_dataset(spec: str, split: str = "train", transform: Callable | None = None, mode: str | None = None,
-                  strict: bool = False, require_classes: bool = False) -> Dataset:
+                  strict: bool = False, require_classes: bool = False, decode: str = "pil") -> Dataset:
     """A dataset of `(image, label)` from `builtin:<name>` or a folder.
 
     A folder's `train` / `val` sub-folder is used for that split when present, else the whole folder. Inside it,
@@ -80,6 +80,8 @@ def build_dataset(spec: str, split: str = "train", transform: Callable | None = 
         mode: 'RGB' or 'L'; None keeps a built-in dataset's native mode and reads folders as 'RGB'.
         strict: raise at the first corrupt image file instead of skipping it with a warning.
         require_classes: the folder must have class sub-folders (for fine-tuning and linear probing).
+        decode: for folders, 'tensor' decodes JPEGs with torchvision.io into uint8 tensors (the transform then gets
+            tensors; v2 transforms take both) instead of PIL; built-in datasets ignore it.
     """
     if spec.startswith(BUILTIN_PREFIX):
         name = spec[len(BUILTIN_PREFIX):]
@@ -98,8 +100,8 @@ def build_dataset(spec: str, split: str = "train", transform: Callable | None = 
     has_classes = any(_has_direct_images(Path(e.path)) for e in os.scandir(root)
                       if e.is_dir() and not e.name.startswith("."))
     if has_classes or require_classes:
-        return ClassFolderDataset(root, transform=transform, mode=mode, strict=strict)
-    return PlainFolderDataset(root, transform=transform, mode=mode, strict=strict)
+        return ClassFolderDataset(root, transform=transform, mode=mode, strict=strict, decode=decode)
+    return PlainFolderDataset(root, transform=transform, mode=mode, strict=strict, decode=decode)
 
 
 class EpochSampler(Sampler[int]):

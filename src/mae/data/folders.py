@@ -6,6 +6,10 @@ warning and replaced by the next readable one (so the order stays deterministic)
 `strict=True`; `verify=True` decodes every file up front so the bad ones are known before training starts.
 Unreadable files are flagged in a shared-memory tensor, so `num_skipped` / `unreadable_files()` count what the
 DataLoader worker processes met too.
+
+`decode='tensor'` reads JPEG files with `torchvision.io.decode_jpeg` into uint8 tensors (about 2x faster than PIL
+with the same v2 transforms; see docs/benchmarks.md); other formats, and any JPEG that libjpeg-turbo refuses, still
+go through PIL and the rules above.
 """
 
 from __future__ import annotations
@@ -19,11 +23,19 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from torchvision import tv_tensors
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
 from mae.errors import DataError
 
 MODES = ("RGB", "L")
+DECODERS = ("pil", "tensor")
+JPEG_EXTENSIONS = (".jpg", ".jpeg")
+# torchvision 0.29 marks its decoders deprecated in favour of TorchCodec (not a dependency here); they work, and a
+# warning per decoded image would bury the training log.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
 UNLABELED = -1
 """Label of every image of a plain (class-less) folder."""
 
@@ -62,9 +74,12 @@ class _ImageFiles(Dataset):
     """A list of (image path, label) pairs read as PIL images, with the skip / strict policy for unreadable files."""
 
     def __init__(self, root: Path, samples: list[tuple[str, int]], classes: list[str], transform: Callable | None,
-                 mode: str, strict: bool, verify: bool):
+                 mode: str, strict: bool, verify: bool, decode: str = "pil"):
         if mode not in MODES:
             raise DataError(f"image mode '{mode}' is not supported; use one of {', '.join(MODES)}")
+        if decode not in DECODERS:
+            raise DataError(f"image decoder '{decode}' is not supported; use one of {', '.join(DECODERS)}")
+        self.decode = decode
         self.root = root
         self.samples = samples
         self.classes = classes
@@ -106,8 +121,14 @@ class _ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _try_load(self, path: str) -> Image.Image | None:
+    def _try_load(self, path: str) -> Image.Image | tv_tensors.Image | None:
         """The decoded image, or None (after a warning, once per file) if the file is unreadable and not strict."""
+        if self.decode == "tensor" and path.lower().endswith(JPEG_EXTENSIONS):
+            try:
+                read_mode = ImageReadMode.GRAY if self.mode == "L" else ImageReadMode.RGB
+                return tv_tensors.Image(decode_jpeg(read_file(path), mode=read_mode))  # uint8 [C, H, W]
+            except RuntimeError:
+                pass  # not a JPEG libjpeg-turbo takes (or a damaged one): PIL decides, with the usual skip / strict
         try:
             with Image.open(path) as f:
                 f.load()  # decode now: a truncated file fails here, not inside a transform
@@ -147,14 +168,15 @@ class ClassFolderDataset(_ImageFiles):
 
     Args:
         root: the folder whose sub-folders are the classes.
-        transform: applied to the PIL image.
+        transform: applied to the PIL image (a uint8 `tv_tensors.Image` for JPEGs with decode='tensor').
         mode: 'RGB' or 'L'; every image is converted to it.
         strict: raise DataError at the first unreadable file instead of skipping it with a warning.
         verify: decode every file now, so `bad_files` is complete and the bad ones never reach a batch.
+        decode: 'pil', or 'tensor' to decode JPEGs with torchvision.io (faster; other formats still use PIL).
     """
 
     def __init__(self, root: str | os.PathLike, transform: Callable | None = None, mode: str = "RGB",
-                 strict: bool = False, verify: bool = False):
+                 strict: bool = False, verify: bool = False, decode: str = "pil"):
         root = Path(root)
         _check_folder(root)
         classes = find_classes(root)
@@ -168,7 +190,7 @@ class ClassFolderDataset(_ImageFiles):
                                allow_empty=True)
         if not samples:
             raise _no_images(root)
-        super().__init__(root, samples, classes, transform, mode, strict, verify)
+        super().__init__(root, samples, classes, transform, mode, strict, verify, decode)
 
 
 class PlainFolderDataset(_ImageFiles):
@@ -178,7 +200,7 @@ class PlainFolderDataset(_ImageFiles):
     """
 
     def __init__(self, root: str | os.PathLike, transform: Callable | None = None, mode: str = "RGB",
-                 strict: bool = False, verify: bool = False):
+                 strict: bool = False, verify: bool = False, decode: str = "pil"):
         root = Path(root)
         _check_folder(root)
         paths = []
@@ -187,4 +209,5 @@ class PlainFolderDataset(_ImageFiles):
             paths += [os.path.join(folder, f) for f in files if is_image_file(f)]
         if not paths:
             raise _no_images(root)
-        super().__init__(root, [(p, UNLABELED) for p in sorted(paths)], [], transform, mode, strict, verify)
+        super().__init__(root, [(p, UNLABELED) for p in sorted(paths)], [], transform, mode, strict, verify,
+                         decode)

@@ -27,7 +27,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from mae.errors import CheckpointError, ConfigError
-from mae.models.mae import MAEConfig
+from mae.models.mae import Attention, MAEConfig
 from mae.models.pos_embed import resize_pos_embed
 
 __all__ = [
@@ -145,7 +145,7 @@ def build_classifier(config: ClassifierConfig, head_init_std: float = 2e-5) -> V
     The encoder weights keep timm's initialisation until `load_encoder_into` replaces them. The config is kept as
     ``model.classifier_config`` for saving and export.
     """
-    model = VisionTransformer(**config.timm_kwargs())
+    model = VisionTransformer(**config.timm_kwargs(), attn_layer=Attention)  # timm's names; fp32 attention on CPU
     if config.head == "bn_linear" and config.num_classes > 0:
         # the linear probe (paper Table 10): a BatchNorm without affine parameters normalises the frozen features
         model.head = nn.Sequential(nn.BatchNorm1d(config.embed_dim, affine=False, eps=1e-6),

@@ -13,6 +13,7 @@ from functools import partial
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch.utils.checkpoint import checkpoint
@@ -108,6 +109,41 @@ def config_fields() -> list[str]:
     return [f.name for f in fields(MAEConfig)]
 
 
+class Attention(nn.Module):
+    """Multi-head self-attention with timm's parameter names (``qkv``, ``proj``): state_dicts are unchanged, and
+    ``scaled_dot_product_attention`` picks the flash / memory-efficient kernels on GPU.
+
+    On CPU the attention product runs in fp32 even under bf16 autocast: PyTorch's CPU flash-attention kernel is
+    2-10x slower in bf16 than in fp32 at ViT head sizes (its backward above all); the matmuls around it stay bf16.
+    Used by the MAE and by the classifiers built on its encoder (`build_classifier`).
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_norm: bool = False,
+                 proj_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0, **_norm_and_scale_args):
+        super().__init__()
+        if qk_norm or dim % num_heads:
+            raise ConfigError(f"attention of width {dim} with {num_heads} heads (qk_norm={qk_norm}) is not supported; "
+                              "the width must divide into the heads and qk_norm must be off")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        n, length, dim = x.shape
+        qkv = self.qkv(x).reshape(n, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # [N, heads, T, dim / heads]
+        drop = self.attn_drop if self.training else 0.0
+        if q.device.type == "cpu" and q.dtype != torch.float32:
+            with torch.autocast("cpu", enabled=False):
+                out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask,
+                                                     dropout_p=drop, is_causal=is_causal).to(q.dtype)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop, is_causal=is_causal)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(n, length, dim)))  # [N, T, D]
+
+
 class MaskedAutoencoderViT(nn.Module):
     """Masked autoencoder with a ViT backbone. ``forward(imgs)`` returns ``(loss, pred, mask)`` like the reference:
     pred [N, L, target_dim], mask [N, L] with 1 for removed patches."""
@@ -120,7 +156,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.grid_size = cfg.grid_size
         num_patches = self.grid_size[0] * self.grid_size[1]
         norm_layer = partial(nn.LayerNorm, eps=cfg.norm_eps)
-        block = partial(Block, mlp_ratio=cfg.mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+        block = partial(Block, mlp_ratio=cfg.mlp_ratio, qkv_bias=True, norm_layer=norm_layer, attn_layer=Attention)
         self.grad_checkpointing = False
 
         # encoder
@@ -188,11 +224,18 @@ class MaskedAutoencoderViT(nn.Module):
                      mask: torch.Tensor | None = None, device: torch.device | str = "cpu") -> masking_lib.Masking:
         """Masking for a batch: from an explicit ``mask`` [N, L], else the model's strategy (``noise`` [N, L]
         drives the random strategy, which makes the shuffle reproducible)."""
+        if mask is None and self.config.mask_strategy == "random":
+            return masking_lib.random_masking(n, self.grid_size, mask_ratio, device, noise)  # compiles, no break
+        return self._host_masking(n, mask_ratio, noise, mask, device)
+
+    @torch.compiler.disable
+    def _host_masking(self, n: int, mask_ratio: float, noise: torch.Tensor | None, mask: torch.Tensor | None,
+                      device: torch.device | str) -> masking_lib.Masking:
+        """Masks built with Python loops and host syncs (block, grid, explicit): run eagerly under torch.compile,
+        one graph break instead of one per loop iteration (and no recompilation per batch)."""
         if mask is not None:
             return masking_lib.masking_from_mask(mask.to(device), noise)
         strategy = self.config.mask_strategy
-        if strategy == "random":
-            return masking_lib.random_masking(n, self.grid_size, mask_ratio, device, noise)
         if strategy == "block":
             return masking_lib.block_masking(n, self.grid_size, mask_ratio, device)
         return masking_lib.grid_masking(n, self.grid_size, device)

@@ -26,6 +26,7 @@ from mae.data import (
     set_epoch,
     skipped_files,
 )
+from mae.data.folders import DECODERS
 from mae.errors import ConfigError
 from mae.models import MAEConfig, MaskedAutoencoderViT, create_model
 from mae.recipes.common import (
@@ -52,6 +53,8 @@ class PretrainData:
     path: str = field(default="builtin:mnist5k", metadata={"help": "builtin:<name>, a class-folder tree or a folder of images"})
     augment: str = field(default="rrc", metadata={"help": "rrc | fixed_crop | none | rrc_jitter (paper Table 1e)"})
     num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes"})
+    decode: str = field(default="tensor", metadata={
+        "help": "tensor: JPEGs decoded by torchvision.io to uint8 (about 2x PIL's speed) | pil"})
     mean: list[float] | None = field(default=None, metadata={"help": "normalisation mean (default: ImageNet / 0.5)"})
     std: list[float] | None = None
     strict: bool = field(default=False, metadata={"help": "fail on a corrupt image instead of skipping it"})
@@ -64,6 +67,8 @@ class PretrainData:
             raise ConfigError(f"data.augment '{self.augment}' is not one of {', '.join(AUGMENTATIONS)}")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.decode not in DECODERS:
+            raise ConfigError(f"data.decode '{self.decode}' is not one of {', '.join(DECODERS)}")
 
 
 @dataclass
@@ -132,7 +137,8 @@ def build_pretrain_loader(cfg: PretrainConfig, model_cfg: MAEConfig, dist: DistI
     transform = build_transform(cfg.data.augment, _image_side(model_cfg), model_cfg.in_chans, cfg.data.mean,
                                 cfg.data.std)
     mode = "L" if model_cfg.in_chans == 1 else "RGB"
-    dataset = build_dataset(cfg.data.path, split, transform=transform, mode=mode, strict=cfg.data.strict)
+    dataset = build_dataset(cfg.data.path, split, transform=transform, mode=mode, strict=cfg.data.strict,
+                            decode=cfg.data.decode)
     if cfg.data.limit is not None and cfg.data.limit < len(dataset):  # a fixed random subset (splits may be sorted)
         keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.data.limit]
         dataset = Subset(dataset, sorted(keep.tolist()))

@@ -7,6 +7,7 @@ Each group is a plain dict that torch optimizers accept as is: ``params``, ``par
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
@@ -101,7 +102,7 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """An optimizer over `groups` (from `param_groups`, or plain parameters).
 
-    ``adamw``: torch AdamW, fused kernels when every parameter is on CUDA, foreach otherwise (`fused` forces
+    ``adamw``: torch AdamW, fused kernels when every parameter is on CUDA or the CPU, foreach otherwise (`fused` forces
     either). ``sgd``: torch SGD with `momentum`. ``lars``: timm's LARS (the linear-probing optimizer), adapting
     the step of matrices only and never decaying 1-D parameters, as the MAE reference does. A group's own
     ``weight_decay`` wins over the `weight_decay` argument.
@@ -110,8 +111,9 @@ def build_optimizer(
     params = [p for g in groups for p in g["params"]]
     if not params:
         raise ConfigError("the optimizer got no trainable parameters; check which parameters are frozen")
-    if fused is None:
-        fused = all(p.is_cuda and p.is_floating_point() for p in params)
+    if fused is None:  # fused kernels exist for CUDA and (torch >= 2.4) CPU; on CPU foreach is the slowest choice
+        fused = all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in params) and (
+            all(p.is_cuda for p in params) or _has_cpu_fused_adamw())
     impl: dict[str, bool] = {"fused": True} if fused else {"foreach": True}
 
     key = name.lower()
@@ -122,6 +124,16 @@ def build_optimizer(
     if key == "lars":
         return Lars(_split_for_lars(groups, weight_decay), lr=lr, momentum=momentum, weight_decay=weight_decay)
     raise ConfigError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+@functools.cache
+def _has_cpu_fused_adamw() -> bool:
+    """Whether this torch has the fused AdamW kernel for CPU tensors (added in torch 2.4); probed once."""
+    try:
+        torch.optim.AdamW([torch.zeros(1, requires_grad=True)], fused=True)
+    except RuntimeError:
+        return False
+    return True
 
 
 def _as_groups(groups: Sequence[dict[str, Any]] | Iterable[nn.Parameter]) -> list[dict[str, Any]]:
