@@ -47,6 +47,21 @@ def test_sweep_rejects_an_unknown_grid():
         load_config(SweepConfig, None, ["grids=[mask_ratios]"])
 
 
+def test_sweep_runs_only_the_chosen_rows(tmp_path):
+    """rows=[grid/label] restricts the grids to those rows; rows of different grids that resolve to the same
+    pre-training config (each grid's default) share one run; a misspelt row is refused with a suggestion."""
+    cfg = load_config(SweepConfig, None, [
+        "grids=[mask_ratio,target]", "rows=['mask_ratio/75%','target/pixel (w/ norm)']", f"output_dir={tmp_path}",
+        "device=cpu",
+        f"pretrain_overrides=[{','.join(TINY_PRETRAIN)}]", f"linprobe_overrides=[{','.join(TINY_EVAL)}]",
+        f"finetune_overrides=[{','.join(TINY_EVAL)}]"])
+    rows = list(csv.DictReader(open(run(cfg)["results_csv"])))
+    assert [r["row"] for r in rows] == ["75%", "pixel (w/ norm)"]
+    assert rows[0]["pretrain_dir"] == rows[1]["pretrain_dir"] and len(list((tmp_path / "pretrain").iterdir())) == 1
+    with pytest.raises(ConfigError, match="did you mean 'mask_ratio/50%'"):
+        load_config(SweepConfig, None, ["grids=[mask_ratio]", "rows=[mask_ratio/50]"])
+
+
 def test_raw_pixel_baseline_learns_digits():
     """The demo's raw-pixel linear classifier (the probe's BN + linear head on pixels) is far above chance on
     MNIST after a few epochs: a floor the learned representation is compared against."""

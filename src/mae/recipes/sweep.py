@@ -9,6 +9,8 @@ sweep resumes where it stopped. Identical pre-training configs (the default appe
 from __future__ import annotations
 
 import csv
+import dataclasses
+import difflib
 import hashlib
 import json
 import logging
@@ -65,6 +67,8 @@ class SweepConfig:
     grids: list[str] = field(default_factory=lambda: ["mask_ratio"], metadata={
         "help": f"grid names ({', '.join(GRIDS)}) or 'all'"})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "one run per seed for every row"})
+    rows: list[str] = field(default_factory=list, metadata={
+        "help": "only these rows, as grid/label (e.g. ['mask_ratio/50%', 'target/HOG']); empty: every row"})
     pretrain_config: str = field(default="configs/pretrain/demo_mnist.yaml", metadata={"help": "pre-training preset"})
     pretrain_overrides: list[str] = field(default_factory=list, metadata={"help": "applied to every pre-training"})
     linprobe_config: str = "configs/linprobe/linprobe_mnist.yaml"
@@ -84,10 +88,23 @@ class SweepConfig:
             raise ConfigError(f"unknown grid '{unknown[0]}'; valid: {', '.join(GRIDS)} or all")
         if not self.seeds:
             raise ConfigError("seeds must list at least one seed")
+        known = {f"{g}/{label}" for g in self.grid_names() for label, _, _ in GRIDS[g][1]}
+        for wanted in self.rows:
+            if wanted not in known:
+                close = difflib.get_close_matches(wanted, sorted(known), n=1)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                raise ConfigError(f"row '{wanted}' is not in the grids {self.grid_names()}; {hint}rows are written "
+                                  "grid/label, e.g. mask_ratio/50%")
 
 
-def _key(overrides: list[str]) -> str:
-    return hashlib.sha1("\n".join(sorted(overrides)).encode()).hexdigest()[:10]
+def _key(preset: str, overrides: list[str]) -> str:
+    """A pre-training's directory name: a hash of its resolved config, so rows that spell the same config
+    differently (the default of each grid) share one run."""
+    from mae.recipes.pretrain import PretrainConfig
+
+    resolved = dataclasses.asdict(load_config(PretrainConfig, preset, overrides))
+    resolved.pop("output_dir", None)
+    return hashlib.sha1(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def _stage(kind: str, preset: str, overrides: list[str], out: Path) -> dict:
@@ -121,9 +138,11 @@ def run(cfg: SweepConfig) -> dict:
     for grid in cfg.grid_names():
         axis, entries = GRIDS[grid]
         for label, overrides, stages in entries:
+            if cfg.rows and f"{grid}/{label}" not in cfg.rows:
+                continue
             for seed in cfg.seeds:
                 pre_overrides = [*cfg.pretrain_overrides, *overrides, f"seed={seed}", f"device={cfg.device}"]
-                pre_dir = out / "pretrain" / _key(pre_overrides)
+                pre_dir = out / "pretrain" / _key(cfg.pretrain_config, pre_overrides)
                 row = {"grid": grid, "axis": axis, "row": label, "seed": seed, "pretrain_dir": str(pre_dir)}
                 try:
                     pre = _stage("pretrain", cfg.pretrain_config, pre_overrides, pre_dir)
