@@ -45,3 +45,7 @@ bench data 120 --suite data "data.decoders=[pil,tensor,nvjpeg]" "data.workers=[0
   data.batches=16 data.batch_size=64
 
 "$PY" benchmarks/summarize.py "$OUT" | tee "$OUT/summary.md"
+
+# 5. the CUDA-only tests (pre-training with data.decode=nvjpeg end to end, precision, ...)
+echo "=== the CUDA-only tests"
+timeout 300 "$PY" -m pytest -q -rs tests/test_device_decode.py tests/test_train_utils.py 2>&1 | tail -n 5 | tee "$OUT/pytest_cuda.txt"

@@ -195,7 +195,8 @@ def skipped_files(dataset: Dataset) -> list[str]:
 
 
 def build_loader(dataset: Dataset, batch_size: int, shuffle: bool = True, num_workers: int = 0, seed: int = 0,
-                 drop_last: bool = False, distributed: bool = False) -> DataLoader:
+                 drop_last: bool = False, distributed: bool = False,
+                 collate_fn: Callable | None = None) -> DataLoader:
     """A DataLoader whose order and augmentations are a pure function of (seed, epoch); call
     `set_epoch(loader, epoch)` each epoch.
 
@@ -226,6 +227,7 @@ def build_loader(dataset: Dataset, batch_size: int, shuffle: bool = True, num_wo
         drop_last=drop_last,
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
+        collate_fn=collate_fn,
     )
 
 

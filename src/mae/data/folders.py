@@ -9,7 +9,8 @@ DataLoader worker processes met too.
 
 `decode='tensor'` reads JPEG files with `torchvision.io.decode_jpeg` into uint8 tensors (about 2x faster than PIL
 with the same v2 transforms; see docs/benchmarks.md); other formats, and any JPEG that libjpeg-turbo refuses, still
-go through PIL and the rules above.
+go through PIL and the rules above. `decode='encoded'` (for decoding on the GPU, see `mae.data.device_decode`) yields
+each JPEG's bytes and header size undecoded; it takes JPEG files only.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ from torchvision import tv_tensors
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
+from mae.data.device_decode import EncodedJpeg
 from mae.errors import DataError
 
 MODES = ("RGB", "L")
-DECODERS = ("pil", "tensor")
+DECODERS = ("pil", "tensor", "encoded")
 JPEG_EXTENSIONS = (".jpg", ".jpeg")
 # torchvision 0.29 marks its decoders deprecated in favour of TorchCodec (not a dependency here); they work, and a
 # warning per decoded image would bury the training log.
@@ -80,6 +82,11 @@ class _ImageFiles(Dataset):
         if decode not in DECODERS:
             raise DataError(f"image decoder '{decode}' is not supported; use one of {', '.join(DECODERS)}")
         self.decode = decode
+        if decode == "encoded":
+            other = next((path for path, _ in samples if not path.lower().endswith(JPEG_EXTENSIONS)), None)
+            if other is not None:
+                raise DataError(f"decoding on the GPU (data.decode=nvjpeg) reads JPEG files only, and '{other}' is "
+                                "not one; convert the folder to JPEG or use data.decode=tensor")
         self.root = root
         self.samples = samples
         self.classes = classes
@@ -121,8 +128,17 @@ class _ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _try_load(self, path: str) -> Image.Image | tv_tensors.Image | None:
+    def _try_load(self, path: str) -> Image.Image | tv_tensors.Image | EncodedJpeg | None:
         """The decoded image, or None (after a warning, once per file) if the file is unreadable and not strict."""
+        if self.decode == "encoded":
+            try:
+                with Image.open(path) as f:  # reads the header only: the size, and whether it is a JPEG at all
+                    if f.format != "JPEG":
+                        raise ValueError(f"a {f.format} image named like a JPEG")
+                    width, height = f.size
+                return EncodedJpeg(read_file(path), height, width)
+            except (OSError, ValueError, SyntaxError, EOFError) as e:
+                return self._unreadable_file(path, e)
         if self.decode == "tensor" and path.lower().endswith(JPEG_EXTENSIONS):
             try:
                 read_mode = ImageReadMode.GRAY if self.mode == "L" else ImageReadMode.RGB
@@ -134,13 +150,17 @@ class _ImageFiles(Dataset):
                 f.load()  # decode now: a truncated file fails here, not inside a transform
                 return to_mode(f, self.mode)
         except (OSError, ValueError, SyntaxError, EOFError) as e:  # what Pillow raises for bad data
-            if self.strict:
-                raise DataError(f"image file '{path}' is corrupt or unreadable ({e}); delete or replace it, "
-                                "or pass strict=False to skip such files") from e
-            if path not in self.bad_files:
-                self.bad_files.append(path)
-                warnings.warn(f"skipping corrupt or unreadable image file '{path}': {e}", stacklevel=3)
-            return None
+            return self._unreadable_file(path, e)
+
+    def _unreadable_file(self, path: str, e: Exception) -> None:
+        """Raise (strict), or warn once per file and return None."""
+        if self.strict:
+            raise DataError(f"image file '{path}' is corrupt or unreadable ({e}); delete or replace it, "
+                            "or pass strict=False to skip such files") from e
+        if path not in self.bad_files:
+            self.bad_files.append(path)
+            warnings.warn(f"skipping corrupt or unreadable image file '{path}': {e}", stacklevel=4)
+        return None
 
     def __getitem__(self, index: int) -> tuple[object, int]:
         # An unreadable file is replaced by the next readable one, so a given index always gives the same sample.

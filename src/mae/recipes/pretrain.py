@@ -23,10 +23,11 @@ from mae.data import (
     build_dataset,
     build_loader,
     build_transform,
+    default_mean_std,
     set_epoch,
     skipped_files,
 )
-from mae.data.folders import DECODERS
+from mae.data.device_decode import DEVICE_AUGMENTATIONS, CropPlan, DeviceDecoder, collate_encoded
 from mae.errors import ConfigError
 from mae.models import MAEConfig, MaskedAutoencoderViT, create_model
 from mae.recipes.common import (
@@ -47,6 +48,8 @@ from mae.train.schedule import scaled_lr
 
 log = logging.getLogger("mae")
 
+PRETRAIN_DECODERS = ("tensor", "pil", "nvjpeg")
+
 
 @dataclass
 class PretrainData:
@@ -54,7 +57,8 @@ class PretrainData:
     augment: str = field(default="rrc", metadata={"help": "rrc | fixed_crop | none | rrc_jitter (paper Table 1e)"})
     num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes"})
     decode: str = field(default="tensor", metadata={
-        "help": "tensor: JPEGs decoded by torchvision.io to uint8 (about 2x PIL's speed) | pil"})
+        "help": "tensor: JPEGs decoded by torchvision.io to uint8 (about 2x PIL's speed) | pil | nvjpeg: JPEGs "
+                "decoded, cropped and normalised on the GPU (CUDA only; augment rrc or none)"})
     mean: list[float] | None = field(default=None, metadata={"help": "normalisation mean (default: ImageNet / 0.5)"})
     std: list[float] | None = None
     strict: bool = field(default=False, metadata={"help": "fail on a corrupt image instead of skipping it"})
@@ -67,8 +71,14 @@ class PretrainData:
             raise ConfigError(f"data.augment '{self.augment}' is not one of {', '.join(AUGMENTATIONS)}")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
-        if self.decode not in DECODERS:
-            raise ConfigError(f"data.decode '{self.decode}' is not one of {', '.join(DECODERS)}")
+        if self.decode not in PRETRAIN_DECODERS:
+            raise ConfigError(f"data.decode '{self.decode}' is not one of {', '.join(PRETRAIN_DECODERS)}")
+        if self.decode == "nvjpeg" and self.augment not in DEVICE_AUGMENTATIONS:
+            raise ConfigError(f"data.decode=nvjpeg supports data.augment {' or '.join(DEVICE_AUGMENTATIONS)}, not "
+                              f"'{self.augment}'; use data.decode=tensor for the others")
+        if self.decode == "nvjpeg" and self.path.startswith("builtin:"):
+            raise ConfigError(f"data.decode=nvjpeg decodes JPEG files, and {self.path} is an embedded array "
+                              "dataset; use data.decode=tensor")
 
 
 @dataclass
@@ -134,22 +144,40 @@ def _image_side(cfg: MAEConfig) -> int:
 
 
 def build_pretrain_loader(cfg: PretrainConfig, model_cfg: MAEConfig, dist: DistInfo, split: str = "train"):
-    transform = build_transform(cfg.data.augment, _image_side(model_cfg), model_cfg.in_chans, cfg.data.mean,
-                                cfg.data.std)
+    """The training loader, whose batches are ``(images [N, C, H, W], noise [N, L])``, or with data.decode=nvjpeg
+    ``((JPEG bytes, crop boxes), noise)`` for `device_batch_fn` to finish on the device."""
+    on_device = cfg.data.decode == "nvjpeg"
+    if on_device:
+        transform = CropPlan(cfg.data.augment)
+    else:
+        transform = build_transform(cfg.data.augment, _image_side(model_cfg), model_cfg.in_chans, cfg.data.mean,
+                                    cfg.data.std)
     mode = "L" if model_cfg.in_chans == 1 else "RGB"
     dataset = build_dataset(cfg.data.path, split, transform=transform, mode=mode, strict=cfg.data.strict,
-                            decode=cfg.data.decode)
+                            decode="encoded" if on_device else cfg.data.decode)
     if cfg.data.limit is not None and cfg.data.limit < len(dataset):  # a fixed random subset (splits may be sorted)
         keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.data.limit]
         dataset = Subset(dataset, sorted(keep.tolist()))
     # per-sample masking noise: masks are a function of (seed, epoch, index), like the crops, whatever the world size
     noisy = WithMaskNoise(dataset, model_cfg.grid_size[0] * model_cfg.grid_size[1])
     loader = build_loader(noisy, cfg.batch_size, shuffle=True, num_workers=cfg.data.num_workers, seed=cfg.seed,
-                          drop_last=True, distributed=dist.world_size > 1)
+                          drop_last=True, distributed=dist.world_size > 1,
+                          collate_fn=collate_encoded if on_device else None)
     if len(loader) == 0:
         raise ConfigError(f"{len(dataset)} training images are fewer than one batch of {cfg.batch_size} per "
                           f"process; lower batch_size")
     return dataset, loader
+
+
+def device_batch_fn(cfg: PretrainConfig, model_cfg: MAEConfig, device: torch.device):
+    """What turns a loader batch's images into the model's input on `device`: a copy, or the GPU decoding."""
+    if cfg.data.decode != "nvjpeg":
+        return lambda images: images.to(device, non_blocking=True)
+    if device.type != "cuda" or model_cfg.in_chans != 3:
+        raise ConfigError(f"data.decode=nvjpeg decodes RGB JPEGs on a CUDA GPU, not on {device.type} with "
+                          f"in_chans={model_cfg.in_chans}; use data.decode=tensor")
+    mean, std = default_mean_std(3)
+    return DeviceDecoder(device, _image_side(model_cfg), cfg.data.mean or mean, cfg.data.std or std)
 
 
 @torch.no_grad()
@@ -175,6 +203,7 @@ def _run(cfg: PretrainConfig, dist: DistInfo) -> dict:
 
     model = build_model(cfg.model).to(device)
     model_cfg = model.config
+    images_of = device_batch_fn(cfg, model_cfg, device)  # refuses nvjpeg without CUDA before any data is read
     dataset, loader = build_pretrain_loader(cfg, model_cfg, dist)
     effective_batch = cfg.batch_size * cfg.accum_iter * dist.world_size
     peak_lr = cfg.optim.lr if cfg.optim.lr is not None else scaled_lr(cfg.optim.base_lr, effective_batch)
@@ -219,7 +248,7 @@ def _run(cfg: PretrainConfig, dist: DistInfo) -> dict:
         log.info("resumed from %s at epoch %d (update %d)", resume_path, start_epoch, engine.step)
     elif model_cfg.target == "pca" and not bool(model.target.fitted):
         set_epoch(loader, 0)
-        fit_pca_target(model, ((x.to(device), y) for x, y in loader), cfg.pca_fit_batches)
+        fit_pca_target(model, ((images_of(x), y) for x, y in loader), cfg.pca_fit_batches)
         seed_everything(cfg.seed + dist.rank)
 
     if dist.is_main:
@@ -232,7 +261,7 @@ def _run(cfg: PretrainConfig, dist: DistInfo) -> dict:
     mask_ratio = model_cfg.mask_ratio
 
     def loss_fn(m: torch.nn.Module, batch) -> torch.Tensor:
-        images, noise = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        images, noise = images_of(batch[0]), batch[1].to(device, non_blocking=True)
         return m(images, mask_ratio, noise=noise)[0]
 
     t_start = time.perf_counter()
