@@ -41,6 +41,20 @@ def test_sweep_runs_a_two_config_grid_and_resumes(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("summary.json")} == stamps
 
 
+def test_sweep_draws_figure_6_from_the_mask_sampling_grid(tmp_path):
+    """Random and grid masking rows: both are probed, and the sweep draws their masks and reconstructions side by
+    side (paper Figure 6)."""
+    cfg = load_config(SweepConfig, None, [
+        "grids=[mask_sampling]", "rows=['mask_sampling/random 75%','mask_sampling/grid 75%']",
+        f"output_dir={tmp_path}", "device=cpu", f"pretrain_overrides=[{','.join(TINY_PRETRAIN)}]",
+        f"linprobe_overrides=[{','.join(TINY_EVAL)}]", f"finetune_overrides=[{','.join(TINY_EVAL)}]"])
+    summary = run(cfg)
+    figure = tmp_path / "mask_sampling_figure6.png"
+    assert str(figure) in summary["plots"] and figure.stat().st_size > 10_000
+    rows = list(csv.DictReader(open(summary["results_csv"])))
+    assert [r["row"] for r in rows] == ["random 75%", "grid 75%"] and all(r["linprobe_top1"] for r in rows)
+
+
 def test_sweep_rejects_an_unknown_grid():
     """A misspelt grid name is a config error naming the valid grids."""
     with pytest.raises(ConfigError, match="mask_ratio"):

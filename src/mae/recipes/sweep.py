@@ -158,6 +158,9 @@ def run(cfg: SweepConfig) -> dict:
                 rows.append(row)
                 _write_tables(out, rows)
     plots = _plot(out, rows)
+    figure6 = _mask_sampling_figure(out, rows)
+    if figure6:
+        plots.append(figure6)
     return {"results_csv": str(out / "results.csv"), "results_md": str(out / "results.md"), "plots": plots,
             "rows": len(rows)}
 
@@ -206,6 +209,21 @@ def _write_tables(out: Path, rows: list[dict]) -> None:
 
 def _fmt(value, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _mask_sampling_figure(out: Path, rows: list[dict]) -> str | None:
+    """Paper Figure 6 from the mask-sampling grid's models (one seed): each strategy's masks and reconstructions."""
+    done = {r["row"]: r for r in rows if r["grid"] == "mask_sampling" and not r.get("error")}
+    if not done:
+        return None
+    from mae.interop import load_model
+    from mae.recipes.pretrain import PretrainConfig
+    from mae.viz.reconstruction import draw_mask_sampling, load_images
+
+    models = [(label, load_model(str(Path(r["pretrain_dir"]) / "model.safetensors"))) for label, r in done.items()]
+    data = load_config(PretrainConfig, Path(next(iter(done.values()))["pretrain_dir"]) / "config.yaml").data
+    images = load_images(data.path, models[0][1], num_images=6, mean=data.mean, std=data.std)
+    return str(draw_mask_sampling(models, images, out / "mask_sampling_figure6.png", data.mean, data.std))
 
 
 def _plot(out: Path, rows: list[dict]) -> list[str]:

@@ -54,8 +54,16 @@ def draw_reconstructions(model: MaskedAutoencoderViT, imgs: torch.Tensor, out: s
         columns += [(f"masked {ratio:.0%}", masked), ("reconstruction", _denormalize(panels["recon"], mean, std)),
                     ("+ visible patches", _denormalize(panels["pasted"], mean, std))]
     columns.append(("original", _denormalize(imgs, mean, std)))
+    if title is None:
+        title = "MAE reconstructions"
+        if model.config.target == "norm_pixel":
+            title += " of a normalised-pixel model: each predicted patch is un-normalised with that patch's own mean and variance"
+    return _save_grid(columns, title, out)
 
-    n = imgs.shape[0]
+
+def _save_grid(columns: Sequence[tuple[str, torch.Tensor]], title: str, out: str | Path) -> Path:
+    """One row per image, one titled column per (name, images [N, C, H, W] in [0, 1]) pair, saved as a PNG."""
+    n = columns[0][1].shape[0]
     fig, axes = plt.subplots(n, len(columns), figsize=(1.6 * len(columns), 1.6 * n + 0.6), squeeze=False)
     for col, (name, batch) in enumerate(columns):
         for row in range(n):
@@ -67,10 +75,6 @@ def draw_reconstructions(model: MaskedAutoencoderViT, imgs: torch.Tensor, out: s
             ax.set_yticks([])
             if row == 0:
                 ax.set_title(name, fontsize=8)
-    if title is None:
-        title = "MAE reconstructions"
-        if model.config.target == "norm_pixel":
-            title += " of a normalised-pixel model: each predicted patch is un-normalised with that patch's own mean and variance"
     fig.suptitle(textwrap.fill(title, width=int(14 * len(columns))), fontsize=9)
     fig.tight_layout()
     out = Path(out)
@@ -102,3 +106,24 @@ def save_reconstructions(model: MaskedAutoencoderViT, data: str, out: str | Path
     """Reconstruction grid for the first images of ``data``'s validation split."""
     imgs = load_images(data, model, num_images, mean=mean, std=std)
     return draw_reconstructions(model, imgs, out, mask_ratios, mean, std, seed)
+
+
+@torch.no_grad()
+def draw_mask_sampling(models: Sequence[tuple[str, MaskedAutoencoderViT]], imgs: torch.Tensor, out: str | Path,
+                       mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                       seed: int = 0) -> Path:
+    """Paper Figure 6: for each (label, model) pair, the image masked by that model's own strategy (random, block,
+    grid) at its own ratio, and the model's reconstruction with the visible patches pasted back; originals last."""
+    first = models[0][1]
+    default_mean, default_std = default_mean_std(first.in_chans)
+    mean, std = mean or default_mean, std or default_std
+    columns: list[tuple[str, torch.Tensor]] = []
+    for label, model in models:
+        torch.manual_seed(seed)  # block masking draws from torch's RNG: the same masks every time
+        panels = reconstruction_panels(model, imgs, model.config.mask_ratio, seed)
+        hole = panels["pixel_mask"].cpu()
+        masked = _denormalize(panels["masked"], mean, std) * (1 - hole) + 0.5 * hole
+        columns += [(label, masked), ("reconstruction", _denormalize(panels["pasted"], mean, std))]
+    columns.append(("original", _denormalize(imgs, mean, std)))
+    return _save_grid(columns, "Mask sampling strategies (paper Figure 6): masked input and reconstruction (visible "
+                      "patches pasted back) of the model pre-trained with each", out)
