@@ -70,10 +70,9 @@ def test_device_decoding_refuses_what_it_cannot_read(tmp_path):
     (folder / "p1.jpg").write_bytes(data[: data.index(b"\xff\xda") + 20])  # headers intact, scan data cut
     items = [PlainFolderDataset(folder, transform=CropPlan("none"), decode="encoded")[i][0] for i in (1, 2)]
     batch = collate_encoded([(item, torch.zeros(4)) for item in items])[0]
-    with pytest.raises(DataError, match="could not be decoded on cpu.*data.decode=tensor"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            DeviceDecoder("cpu", 32, IMAGENET_MEAN, IMAGENET_STD)(batch)
+    with pytest.raises(DataError, match="could not be decoded on cpu.*data.decode=tensor"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        DeviceDecoder("cpu", 32, IMAGENET_MEAN, IMAGENET_STD)(batch)
 
 
 def test_nvjpeg_config_errors(tmp_path):

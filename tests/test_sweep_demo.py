@@ -51,7 +51,7 @@ def test_sweep_draws_figure_6_from_the_mask_sampling_grid(tmp_path):
     summary = run(cfg)
     figure = tmp_path / "mask_sampling_figure6.png"
     assert str(figure) in summary["plots"] and figure.stat().st_size > 10_000
-    rows = list(csv.DictReader(open(summary["results_csv"])))
+    rows = list(csv.DictReader(Path(summary["results_csv"]).read_text().splitlines()))
     assert [r["row"] for r in rows] == ["random 75%", "grid 75%"] and all(r["linprobe_top1"] for r in rows)
 
 
@@ -69,7 +69,7 @@ def test_sweep_runs_only_the_chosen_rows(tmp_path):
         "device=cpu",
         f"pretrain_overrides=[{','.join(TINY_PRETRAIN)}]", f"linprobe_overrides=[{','.join(TINY_EVAL)}]",
         f"finetune_overrides=[{','.join(TINY_EVAL)}]"])
-    rows = list(csv.DictReader(open(run(cfg)["results_csv"])))
+    rows = list(csv.DictReader(Path(run(cfg)["results_csv"]).read_text().splitlines()))
     assert [r["row"] for r in rows] == ["75%", "pixel (w/ norm)"]
     assert rows[0]["pretrain_dir"] == rows[1]["pretrain_dir"] and len(list((tmp_path / "pretrain").iterdir())) == 1
     with pytest.raises(ConfigError, match="did you mean 'mask_ratio/50%'"):
