@@ -115,7 +115,8 @@ def _stage(kind: str, preset: str, overrides: list[str], out: Path) -> dict:
     module = {"pretrain": "pretrain", "linprobe": "linprobe", "finetune": "finetune"}[kind]
     recipe = __import__(f"mae.recipes.{module}", fromlist=["run"])
     cls = {"pretrain": "PretrainConfig", "linprobe": "LinprobeConfig", "finetune": "FinetuneConfig"}[kind]
-    cfg = load_config(getattr(recipe, cls), preset, [*overrides, f"output_dir={out}", "progress=false"])
+    extra = ["resume=auto"] if kind == "pretrain" else []  # an interrupted pre-training continues from its checkpoint
+    cfg = load_config(getattr(recipe, cls), preset, [*overrides, f"output_dir={out}", "progress=false", *extra])
     t0 = time.perf_counter()
     summary = recipe.run(cfg)
     summary["stage_seconds"] = time.perf_counter() - t0
