@@ -9,7 +9,7 @@ import pytest
 
 from mae.config import load_config
 from mae.errors import ConfigError
-from mae.recipes.sweep import SweepConfig, run
+from mae.recipes.sweep import SweepConfig, _key, run
 
 TINY_PRETRAIN = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.decoder_embed_dim=32",
                  "model.decoder_depth=1", "model.decoder_num_heads=2", "data.limit=128", "data.num_workers=0",
@@ -72,6 +72,11 @@ def test_sweep_runs_only_the_chosen_rows(tmp_path):
     rows = list(csv.DictReader(Path(run(cfg)["results_csv"]).read_text().splitlines()))
     assert [r["row"] for r in rows] == ["75%", "pixel (w/ norm)"]
     assert rows[0]["pretrain_dir"] == rows[1]["pretrain_dir"] and len(list((tmp_path / "pretrain").iterdir())) == 1
+    # spelt out explicitly, the default strategy and ratio are still the same run
+    assert _key("configs/pretrain/demo_mnist.yaml", ["model.mask_strategy=random", "model.mask_ratio=0.75"]) == \
+        _key("configs/pretrain/demo_mnist.yaml", ["epochs=40"])
+    assert _key("configs/pretrain/demo_mnist.yaml", ["model.mask_ratio=0.5"]) != \
+        _key("configs/pretrain/demo_mnist.yaml", [])
     with pytest.raises(ConfigError, match="did you mean 'mask_ratio/50%'"):
         load_config(SweepConfig, None, ["grids=[mask_ratio]", "rows=[mask_ratio/50]"])
 

@@ -27,7 +27,7 @@ from mae.data import (
     set_epoch,
     skipped_files,
 )
-from mae.data.device_decode import DEVICE_AUGMENTATIONS, CropPlan, DeviceDecoder, collate_encoded
+from mae.data.device_decode import CropPlan, DeviceDecoder, collate_encoded
 from mae.errors import ConfigError
 from mae.models import MAEConfig, MaskedAutoencoderViT, create_model
 from mae.recipes.common import (
@@ -73,9 +73,8 @@ class PretrainData:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if self.decode not in PRETRAIN_DECODERS:
             raise ConfigError(f"data.decode '{self.decode}' is not one of {', '.join(PRETRAIN_DECODERS)}")
-        if self.decode == "nvjpeg" and self.augment not in DEVICE_AUGMENTATIONS:
-            raise ConfigError(f"data.decode=nvjpeg supports data.augment {' or '.join(DEVICE_AUGMENTATIONS)}, not "
-                              f"'{self.augment}'; use data.decode=tensor for the others")
+        if self.decode == "nvjpeg":
+            CropPlan(self.augment)  # refuses the augmentations it cannot draw on the device
         if self.decode == "nvjpeg" and self.path.startswith("builtin:"):
             raise ConfigError(f"data.decode=nvjpeg decodes JPEG files, and {self.path} is an embedded array "
                               "dataset; use data.decode=tensor")

@@ -98,11 +98,15 @@ class SweepConfig:
 
 
 def _key(preset: str, overrides: list[str]) -> str:
-    """A pre-training's directory name: a hash of its resolved config, so rows that spell the same config
-    differently (the default of each grid) share one run."""
+    """A pre-training's directory name: a hash of its resolved config, with the model resolved to the full
+    architecture, so rows that spell the same config differently (each grid's default, an explicit
+    ``model.mask_strategy=random``) share one run."""
+    from mae.models import model_config
     from mae.recipes.pretrain import PretrainConfig
 
-    resolved = dataclasses.asdict(load_config(PretrainConfig, preset, overrides))
+    cfg = load_config(PretrainConfig, preset, overrides)
+    resolved = dataclasses.asdict(cfg)
+    resolved["model"] = model_config(cfg.model.name, **cfg.model.overrides()).to_dict()
     resolved.pop("output_dir", None)
     return hashlib.sha1(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:10]
 

@@ -111,9 +111,10 @@ def build_optimizer(
     params = [p for g in groups for p in g["params"]]
     if not params:
         raise ConfigError("the optimizer got no trainable parameters; check which parameters are frozen")
-    if fused is None:  # fused kernels exist for CUDA and (torch >= 2.4) CPU; on CPU foreach is the slowest choice
-        fused = all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in params) and (
-            all(p.is_cuda for p in params) or _has_cpu_fused_adamw())
+    if fused is None:  # fused kernels: CUDA, and CPU from torch 2.4 (where foreach is the slowest choice)
+        devices = {p.device.type for p in params}
+        fused = all(p.is_floating_point() for p in params) and (
+            devices == {"cuda"} or (devices == {"cpu"} and _has_cpu_fused_adamw()))
     impl: dict[str, bool] = {"fused": True} if fused else {"foreach": True}
 
     key = name.lower()

@@ -40,6 +40,12 @@ def reconstruction_panels(model: MaskedAutoencoderViT, imgs: torch.Tensor, mask_
             "pixel_mask": pixel_mask}
 
 
+def _masked_input(panels: dict[str, torch.Tensor], mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """The masked input in [0, 1] with the removed patches shown grey."""
+    hole = panels["pixel_mask"].cpu()
+    return _denormalize(panels["masked"], mean, std) * (1 - hole) + 0.5 * hole
+
+
 def draw_reconstructions(model: MaskedAutoencoderViT, imgs: torch.Tensor, out: str | Path,
                          mask_ratios: Sequence[float] = (0.75,), mean: Sequence[float] | None = None,
                          std: Sequence[float] | None = None, seed: int = 0, title: str | None = None) -> Path:
@@ -49,9 +55,7 @@ def draw_reconstructions(model: MaskedAutoencoderViT, imgs: torch.Tensor, out: s
     columns: list[tuple[str, torch.Tensor]] = []
     for ratio in mask_ratios:
         panels = reconstruction_panels(model, imgs, ratio, seed)
-        masked = _denormalize(panels["masked"], mean, std)
-        masked = masked * (1 - panels["pixel_mask"].cpu()) + 0.5 * panels["pixel_mask"].cpu()  # grey holes
-        columns += [(f"masked {ratio:.0%}", masked), ("reconstruction", _denormalize(panels["recon"], mean, std)),
+        columns += [(f"masked {ratio:.0%}", _masked_input(panels, mean, std)), ("reconstruction", _denormalize(panels["recon"], mean, std)),
                     ("+ visible patches", _denormalize(panels["pasted"], mean, std))]
     columns.append(("original", _denormalize(imgs, mean, std)))
     if title is None:
@@ -121,9 +125,7 @@ def draw_mask_sampling(models: Sequence[tuple[str, MaskedAutoencoderViT]], imgs:
     for label, model in models:
         torch.manual_seed(seed)  # block masking draws from torch's RNG: the same masks every time
         panels = reconstruction_panels(model, imgs, model.config.mask_ratio, seed)
-        hole = panels["pixel_mask"].cpu()
-        masked = _denormalize(panels["masked"], mean, std) * (1 - hole) + 0.5 * hole
-        columns += [(label, masked), ("reconstruction", _denormalize(panels["pasted"], mean, std))]
+        columns += [(label, _masked_input(panels, mean, std)), ("reconstruction", _denormalize(panels["pasted"], mean, std))]
     columns.append(("original", _denormalize(imgs, mean, std)))
     return _save_grid(columns, "Mask sampling strategies (paper Figure 6): masked input and reconstruction (visible "
                       "patches pasted back) of the model pre-trained with each", out)
