@@ -31,6 +31,11 @@ PAPER: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("decoder_depth", "2"): (84.9, 70.0),
     ("decoder_depth", "4"): (84.9, 71.9),
     ("decoder_depth", "8"): (84.9, 73.5),
+    # decoder width, matched by its ratio to the encoder width (ours 128, ViT-L 1024): 1/4, 1/2, 1x; the paper has
+    # no 2x row
+    ("decoder_width", "32"): (84.8, 71.3),
+    ("decoder_width", "64"): (84.9, 73.5),
+    ("decoder_width", "128"): (84.3, 73.1),
 }
 PARTIAL_PAPER = {"0": 73.5, "mlp": 79.1, "1": 81.0}  # Figure 9, ViT-L
 

@@ -9,7 +9,7 @@ import pytest
 
 from mae.config import load_config
 from mae.errors import ConfigError
-from mae.recipes.sweep import SweepConfig, _key, run
+from mae.recipes.sweep import SweepConfig, _key, _series, run
 
 TINY_PRETRAIN = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.decoder_embed_dim=32",
                  "model.decoder_depth=1", "model.decoder_num_heads=2", "data.limit=128", "data.num_workers=0",
@@ -79,6 +79,18 @@ def test_sweep_runs_only_the_chosen_rows(tmp_path):
         _key("configs/pretrain/demo_mnist.yaml", [])
     with pytest.raises(ConfigError, match="did you mean 'mask_ratio/50%'"):
         load_config(SweepConfig, None, ["grids=[mask_ratio]", "rows=[mask_ratio/50]"])
+
+
+def test_sweep_plots_seed_means_and_figure_9_over_tuned_blocks():
+    """A grid's plot averages seeds per row, one curve per evaluation; the partial fine-tuning grid is drawn like
+    paper Figure 9: x is the number of tuned blocks, one curve per row."""
+    rows = [{"row": "30%", "seed": 0, "linprobe_top1": 80.0, "finetune_top1": 90.0},
+            {"row": "30%", "seed": 1, "linprobe_top1": 82.0, "finetune_top1": None},
+            {"row": "75%", "seed": 0, "linprobe_top1": 70.0, "finetune_top1": 91.0}]
+    assert _series(rows) == (["30%", "75%"], {"linprobe": [81.0, 70.0], "finetune": [90.0, 91.0]})
+    partial = [{"row": "default", "seed": s, "partial_0_top1": 60.0 + s, "partial_mlp_top1": 70.0,
+                "partial_1_top1": 80.0} for s in (0, 1)]
+    assert _series(partial) == (["0", "mlp", "1"], {"default": [60.5, 70.0, 80.0]})
 
 
 def test_raw_pixel_baseline_learns_digits():

@@ -216,6 +216,11 @@ def _fmt(value, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _mean(values: list) -> float:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else float("nan")
+
+
 def _mask_sampling_figure(out: Path, rows: list[dict]) -> str | None:
     """Paper Figure 6 from the mask-sampling grid's models (one seed): each strategy's masks and reconstructions."""
     done = {r["row"]: r for r in rows if r["grid"] == "mask_sampling" and not r.get("error")}
@@ -231,6 +236,20 @@ def _mask_sampling_figure(out: Path, rows: list[dict]) -> str | None:
     return str(draw_mask_sampling(models, images, out / "mask_sampling_figure6.png", data.mean, data.std))
 
 
+def _series(part: list[dict]) -> tuple[list[str], dict[str, list[float]]]:
+    """One grid's plot data: x tick labels and, per curve, the seed-mean top-1 at each tick. Usually x is the
+    grid's rows and there is a curve per evaluation; for partial fine-tuning (Figure 9) x is the number of tuned
+    blocks and there is a curve per row."""
+    columns = [c for c in dict.fromkeys(k for r in part for k in r) if c.endswith("_top1")]
+    labels = list(dict.fromkeys(r["row"] for r in part))
+    if columns and all(c.startswith("partial_") for c in columns):
+        ticks = [c.removeprefix("partial_").removesuffix("_top1") for c in columns]
+        return ticks, {label: [_mean([r.get(c) for r in part if r["row"] == label]) for c in columns]
+                       for label in labels}
+    return labels, {c.removesuffix("_top1"): [_mean([r.get(c) for r in part if r["row"] == label]) for label in labels]
+                    for c in columns}
+
+
 def _plot(out: Path, rows: list[dict]) -> list[str]:
     import matplotlib
 
@@ -240,16 +259,11 @@ def _plot(out: Path, rows: list[dict]) -> list[str]:
     paths = []
     for grid in dict.fromkeys(r["grid"] for r in rows):
         part = [r for r in rows if r["grid"] == grid]
-        columns = [c for c in dict.fromkeys(k for r in part for k in r) if c.endswith("_top1")]
-        labels = list(dict.fromkeys(r["row"] for r in part))
-        fig, ax = plt.subplots(figsize=(max(4.0, 0.7 * len(labels) + 2), 3.2))
-        for c in columns:
-            means = []
-            for label in labels:
-                vals = [r[c] for r in part if r["row"] == label and r.get(c) is not None]
-                means.append(sum(vals) / len(vals) if vals else float("nan"))
-            ax.plot(range(len(labels)), means, marker="o", label=c.removesuffix("_top1"))
-        ax.set_xticks(range(len(labels)), labels, rotation=30 if len(labels) > 5 else 0, fontsize=8)
+        ticks, series = _series(part)
+        fig, ax = plt.subplots(figsize=(max(4.0, 0.7 * len(ticks) + 2), 3.2))
+        for name, means in series.items():
+            ax.plot(range(len(ticks)), means, marker="o", label=name)
+        ax.set_xticks(range(len(ticks)), ticks, rotation=30 if len(ticks) > 5 else 0, fontsize=8)
         ax.set_xlabel(part[0]["axis"])
         ax.set_ylabel("top-1 (%)")
         ax.grid(alpha=0.3)
