@@ -81,6 +81,21 @@ def test_sweep_runs_only_the_chosen_rows(tmp_path):
         load_config(SweepConfig, None, ["grids=[mask_ratio]", "rows=[mask_ratio/50]"])
 
 
+def test_sweep_table_accumulates_rows_run_in_pieces(tmp_path):
+    """Calls that run different rows into one output directory build one table, in grid order; running a row
+    again replaces it instead of adding a duplicate."""
+    common = ["grids=[mask_ratio]", f"output_dir={tmp_path}", "device=cpu",
+              f"pretrain_overrides=[{','.join(TINY_PRETRAIN)}]", f"linprobe_overrides=[{','.join(TINY_EVAL)}]",
+              f"finetune_overrides=[{','.join(TINY_EVAL)}]"]
+    run(load_config(SweepConfig, None, [*common, "rows=['mask_ratio/75%']"]))
+    summary = run(load_config(SweepConfig, None, [*common, "rows=['mask_ratio/50%']"]))
+    run(load_config(SweepConfig, None, [*common, "rows=['mask_ratio/75%']"]))
+    rows = list(csv.DictReader(Path(summary["results_csv"]).read_text().splitlines()))
+    assert [(r["row"], r["seed"]) for r in rows] == [("50%", "0"), ("75%", "0")]
+    assert all(float(r["linprobe_top1"]) >= 0 and float(r["pretrain_loss"]) > 0 for r in rows)
+    assert "| 50% | 0 |" in (tmp_path / "results.md").read_text()
+
+
 def test_sweep_plots_seed_means_and_figure_9_over_tuned_blocks():
     """A grid's plot averages seeds per row, one curve per evaluation; the partial fine-tuning grid is drawn like
     paper Figure 9: x is the number of tuned blocks, one curve per row."""

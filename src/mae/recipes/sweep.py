@@ -4,6 +4,8 @@ probe and fine-tuning (or partial fine-tuning), and writes one results table (CS
 The grids reproduce, at CPU scale, the directions of paper Table 1 and Figures 5, 7 and 9. Every stage of every
 run writes ``summary.json`` in its own directory; a stage whose summary exists is not run again, so an interrupted
 sweep resumes where it stopped. Identical pre-training configs (the default appears in most grids) run once.
+The results table of an output directory accumulates: a call that runs some rows (or another seed) replaces those
+rows and keeps the rest, so a study can be run in pieces.
 """
 
 from __future__ import annotations
@@ -139,6 +141,7 @@ def run(cfg: SweepConfig) -> dict:
     """Run the grids; returns the paths of the results table and plots."""
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    earlier = _read_table(out)
     rows: list[dict] = []
     for grid in cfg.grid_names():
         axis, entries = GRIDS[grid]
@@ -161,7 +164,9 @@ def run(cfg: SweepConfig) -> dict:
                     log.error("sweep %s / %s / seed %d failed: %s", grid, label, seed, e)
                     row["error"] = str(e)
                 rows.append(row)
-                _write_tables(out, rows)
+                _write_tables(out, _merge(earlier, rows))
+    rows = _merge(earlier, rows)
+    _write_tables(out, rows)
     plots = _plot(out, rows)
     figure6 = _mask_sampling_figure(out, rows)
     if figure6:
@@ -188,6 +193,43 @@ def _evaluate(cfg: SweepConfig, stage: str, checkpoint: str, seed: int, pre_dir:
         summary = _stage("finetune", cfg.partial_config, [*cfg.finetune_overrides, *common, *extra],
                          pre_dir / f"partial_{which}")
     return _top1(summary)
+
+
+def _read_table(out: Path) -> list[dict]:
+    """The rows of an earlier call's results.csv in this output directory (numbers parsed back), or none."""
+    path = out / "results.csv"
+    if not path.exists():
+        return []
+    rows = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            row: dict = {}
+            for k, v in r.items():
+                if v in ("", None):
+                    continue
+                try:
+                    row[k] = int(v) if k == "seed" else float(v) if k.endswith(_NUMERIC) else v
+                except ValueError:
+                    row[k] = v
+            if row.get("grid") in GRIDS:
+                rows.append(row)
+    return rows
+
+
+_NUMERIC = ("_top1", "_loss", "_seconds", "seconds_per_epoch")
+
+
+def _merge(earlier: list[dict], new: list[dict]) -> list[dict]:
+    """Earlier rows not run again, plus the new ones, in grid order, then row order within the grid, then seed."""
+    def ident(r: dict) -> tuple:
+        return r["grid"], r["row"], int(r["seed"])
+
+    fresh = {ident(r) for r in new}
+    merged = [r for r in earlier if ident(r) not in fresh] + list(new)
+    grids = list(GRIDS)
+    order = {(g, label): i for g in GRIDS for i, (label, _, _) in enumerate(GRIDS[g][1])}
+    return sorted(merged, key=lambda r: (grids.index(r["grid"]), order.get((r["grid"], r["row"]), 99),
+                                         int(r["seed"])))
 
 
 def _write_tables(out: Path, rows: list[dict]) -> None:
