@@ -96,6 +96,20 @@ def test_sweep_table_accumulates_rows_run_in_pieces(tmp_path):
     assert "| 50% | 0 |" in (tmp_path / "results.md").read_text()
 
 
+def test_sweep_partial_grid_tunes_the_last_blocks(tmp_path):
+    """The Figure 9 grid fine-tunes the last 0 / MLP / 1 / 2 / 4 / 6 blocks of one pre-trained encoder, each its own
+    stage (the MLP-only stage clears the preset's trainable_blocks)."""
+    cfg = load_config(SweepConfig, None, [
+        "grids=[partial]", f"output_dir={tmp_path}", "device=cpu",
+        f"pretrain_overrides=[{','.join([*TINY_PRETRAIN, 'model.depth=6'])}]",
+        f"finetune_overrides=[{','.join(TINY_EVAL)}]"])
+    (row,) = csv.DictReader(Path(run(cfg)["results_csv"]).read_text().splitlines())
+    assert not row.get("error"), row["error"]
+    for k in ("0", "mlp", "1", "2", "4", "6"):
+        assert 0 <= float(row[f"partial_{k}_top1"]) <= 100
+    assert (tmp_path / "partial.png").is_file()
+
+
 def test_sweep_plots_seed_means_and_figure_9_over_tuned_blocks():
     """A grid's plot averages seeds per row, one curve per evaluation; the partial fine-tuning grid is drawn like
     paper Figure 9: x is the number of tuned blocks, one curve per row."""

@@ -189,7 +189,7 @@ def _evaluate(cfg: SweepConfig, stage: str, checkpoint: str, seed: int, pre_dir:
         summary = _stage("finetune", cfg.finetune_config, [*cfg.finetune_overrides, *common], pre_dir / "finetune")
     else:
         which = stage.split(":")[1]
-        extra = ["mlp_only=true"] if which == "mlp" else [f"trainable_blocks={int(which)}"]
+        extra = ["trainable_blocks=null", "mlp_only=true"] if which == "mlp" else [f"trainable_blocks={int(which)}"]
         summary = _stage("finetune", cfg.partial_config, [*cfg.finetune_overrides, *common, *extra],
                          pre_dir / f"partial_{which}")
     return _top1(summary)
