@@ -49,6 +49,14 @@ def _mean(rows: list[dict], column: str) -> float | None:
     return statistics.mean(values) if values else None
 
 
+def _seeds(rows: list[dict], column: str) -> str:
+    """The seed mean, and each seed's value in brackets when there is more than one."""
+    values = [float(r[column]) for r in rows if r.get(column)]
+    if len(values) < 2:
+        return _fmt(_mean(rows, column))
+    return f"{_fmt(statistics.mean(values))} ({', '.join(_fmt(v) for v in values)})"
+
+
 def main(path: str) -> None:
     with open(path, newline="") as f:
         rows = [r for r in csv.DictReader(f) if not r.get("error")]
@@ -71,8 +79,8 @@ def main(path: str) -> None:
         for label, group in entries.items():
             ft, lin = PAPER.get((grid, label), (None, None))
             print(f"| {label} | {len(group)} | {_mean(group, 'pretrain_loss'):.3f} | "
-                  f"{_fmt(_mean(group, 'seconds_per_epoch'))} | {_fmt(_mean(group, 'finetune_top1'))} | "
-                  f"{_fmt(_mean(group, 'linprobe_top1'))} | {_fmt(ft)} | {_fmt(lin)} |")
+                  f"{_fmt(_mean(group, 'seconds_per_epoch'))} | {_seeds(group, 'finetune_top1')} | "
+                  f"{_seeds(group, 'linprobe_top1')} | {_fmt(ft)} | {_fmt(lin)} |")
         print()
 
 
