@@ -66,7 +66,9 @@ def main(path: str) -> None:
     for grid, entries in by_grid.items():
         first = next(iter(entries.values()))[0]
         print(f"#### {first['axis']}\n")
-        partial = [c for c in first if c.startswith("partial_") and c.endswith("_top1")]
+        group_rows = [r for group in entries.values() for r in group]
+        partial = [c for c in first if c.startswith("partial_") and c.endswith("_top1")
+                   and any(r.get(c) for r in group_rows)]
         if partial:
             print("| fine-tuned blocks | ours top-1 | paper (ViT-L) |\n|---|---|---|")
             for column in partial:

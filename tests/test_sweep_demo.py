@@ -9,7 +9,7 @@ import pytest
 
 from mae.config import load_config
 from mae.errors import ConfigError
-from mae.recipes.sweep import SweepConfig, _key, _series, run
+from mae.recipes.sweep import GRIDS, SweepConfig, _key, _series, run
 
 TINY_PRETRAIN = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.decoder_embed_dim=32",
                  "model.decoder_depth=1", "model.decoder_num_heads=2", "data.limit=128", "data.num_workers=0",
@@ -26,7 +26,7 @@ def test_sweep_runs_a_two_config_grid_and_resumes(tmp_path):
         f"pretrain_overrides=[{','.join(TINY_PRETRAIN)}]", f"linprobe_overrides=[{','.join(TINY_EVAL)}]",
         f"finetune_overrides=[{','.join(TINY_EVAL)}]"])
     summary = run(cfg)
-    rows = list(csv.DictReader(open(summary["results_csv"])))
+    rows = list(csv.DictReader(Path(summary["results_csv"]).read_text().splitlines()))
     assert [r["row"] for r in rows] == ["encoder w/o mask token", "encoder w/ mask token"]
     for r in rows:
         assert "error" not in r or not r["error"], r.get("error")
@@ -56,9 +56,14 @@ def test_sweep_draws_figure_6_from_the_mask_sampling_grid(tmp_path):
 
 
 def test_sweep_rejects_an_unknown_grid():
-    """A misspelt grid name is a config error naming the valid grids."""
+    """A misspelt grid name is a config error naming the valid grids; 'all' and a single grid need no brackets."""
     with pytest.raises(ConfigError, match="mask_ratio"):
         load_config(SweepConfig, None, ["grids=[mask_ratios]"])
+    with pytest.raises(ConfigError, match="mask_ratio"):
+        load_config(SweepConfig, None, ["grids=mask_ratios"])
+    assert load_config(SweepConfig, None, ["grids=all"]).grid_names() == \
+        load_config(SweepConfig, None, ["grids=[all]"]).grid_names() == list(GRIDS)
+    assert load_config(SweepConfig, None, ["grids=target"]).grid_names() == ["target"]
 
 
 def test_sweep_runs_only_the_chosen_rows(tmp_path):

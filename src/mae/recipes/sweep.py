@@ -66,8 +66,8 @@ GRIDS: dict[str, tuple[str, list[tuple[str, list[str], tuple[str, ...]]]]] = {
 class SweepConfig:
     """Which grids to run and the presets each stage starts from (then the per-row overrides)."""
 
-    grids: list[str] = field(default_factory=lambda: ["mask_ratio"], metadata={
-        "help": f"grid names ({', '.join(GRIDS)}) or 'all'"})
+    grids: list[str] | str = field(default_factory=lambda: ["mask_ratio"], metadata={
+        "help": f"grid names ({', '.join(GRIDS)}) or all; one grid may be written without brackets"})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "one run per seed for every row"})
     rows: list[str] = field(default_factory=list, metadata={
         "help": "only these rows, as grid/label (e.g. ['mask_ratio/50%', 'target/HOG']); empty: every row"})
@@ -82,7 +82,8 @@ class SweepConfig:
     output_dir: str = "runs/sweep"
 
     def grid_names(self) -> list[str]:
-        return list(GRIDS) if self.grids == ["all"] else list(self.grids)
+        grids = [self.grids] if isinstance(self.grids, str) else list(self.grids)
+        return list(GRIDS) if grids == ["all"] else grids
 
     def validate(self) -> None:
         unknown = [g for g in self.grid_names() if g not in GRIDS]
