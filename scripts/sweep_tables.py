@@ -73,7 +73,7 @@ def main(path: str) -> None:
             print("| fine-tuned blocks | ours top-1 | paper (ViT-L) |\n|---|---|---|")
             for column in partial:
                 k = column.removeprefix("partial_").removesuffix("_top1")
-                print(f"| {k} | {_fmt(_mean(next(iter(entries.values())), column))} | {_fmt(PARTIAL_PAPER.get(k))} |")
+                print(f"| {k} | {_seeds(next(iter(entries.values())), column)} | {_fmt(PARTIAL_PAPER.get(k))} |")
             print()
             continue
         print("| setting | seeds | loss | s / epoch | ours: fine-tune | ours: linear | paper: fine-tune | paper: linear |")
