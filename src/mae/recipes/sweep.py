@@ -165,9 +165,10 @@ def run(cfg: SweepConfig) -> dict:
                     log.error("sweep %s / %s / seed %d failed: %s", grid, label, seed, e)
                     row["error"] = str(e)
                 rows.append(row)
-                _write_tables(out, _merge(earlier, rows))
+                _write_tables(out, _merge(earlier, rows))  # after every row: an interrupted sweep keeps its table
     rows = _merge(earlier, rows)
-    _write_tables(out, rows)
+    if not (out / "results.csv").exists():  # nothing ran and there was no earlier table
+        _write_tables(out, rows)
     plots = _plot(out, rows)
     figure6 = _mask_sampling_figure(out, rows)
     if figure6:
@@ -196,6 +197,9 @@ def _evaluate(cfg: SweepConfig, stage: str, checkpoint: str, seed: int, pre_dir:
     return _top1(summary)
 
 
+_NUMERIC = ("_top1", "_loss", "_seconds", "seconds_per_epoch")  # results.csv columns read back as numbers
+
+
 def _read_table(out: Path) -> list[dict]:
     """The rows of an earlier call's results.csv in this output directory (numbers parsed back), or none."""
     path = out / "results.csv"
@@ -217,20 +221,12 @@ def _read_table(out: Path) -> list[dict]:
     return rows
 
 
-_NUMERIC = ("_top1", "_loss", "_seconds", "seconds_per_epoch")
-
-
 def _merge(earlier: list[dict], new: list[dict]) -> list[dict]:
     """Earlier rows not run again, plus the new ones, in grid order, then row order within the grid, then seed."""
-    def ident(r: dict) -> tuple:
-        return r["grid"], r["row"], int(r["seed"])
-
-    fresh = {ident(r) for r in new}
-    merged = [r for r in earlier if ident(r) not in fresh] + list(new)
-    grids = list(GRIDS)
-    order = {(g, label): i for g in GRIDS for i, (label, _, _) in enumerate(GRIDS[g][1])}
-    return sorted(merged, key=lambda r: (grids.index(r["grid"]), order.get((r["grid"], r["row"]), 99),
-                                         int(r["seed"])))
+    fresh = {(r["grid"], r["row"], r["seed"]) for r in new}
+    merged = [r for r in earlier if (r["grid"], r["row"], r["seed"]) not in fresh] + list(new)
+    order = {(g, label): i for i, (g, label) in enumerate((g, label) for g in GRIDS for label, _, _ in GRIDS[g][1])}
+    return sorted(merged, key=lambda r: (order.get((r["grid"], r["row"]), len(order)), r["seed"]))
 
 
 def _write_tables(out: Path, rows: list[dict]) -> None:
