@@ -308,8 +308,8 @@ def test_disk_full_during_a_run_is_a_one_line_error_and_the_previous_checkpoint_
     rc = main(["pretrain", *TINY, f"output_dir={tmp_path}"])
     line = _one_error_line(capsys.readouterr().err)
     assert rc == 2 and saves["n"] == 2
-    assert "could not write checkpoint" in line and "checkpoint-0001.pth" in line
-    assert "No space left on device" in line and "free space or change --output-dir" in line
+    assert "could not write" in line and "checkpoint-0001.pth" in line and "No space left" in line
+    assert "No space left on device" in line and "free some space or choose another --output-dir" in line
     monkeypatch.undo()
     assert safe_load(tmp_path / "checkpoint-last.pth")["epoch"] == 0
     assert not (tmp_path / "checkpoint-0001.pth").exists() and not list(tmp_path.glob(".*.tmp"))

@@ -14,7 +14,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from mae.errors import CheckpointError, ConfigError
+from mae.errors import CheckpointError, ConfigError, OutputError
 from mae.train import checkpoint as ckpt_module
 from mae.train.checkpoint import CheckpointManager, atomic_save, safe_load
 from mae.train.distributed import all_reduce_mean, barrier, cleanup, init_distributed, is_main
@@ -159,7 +159,7 @@ def test_lars_adapts_matrices_only_like_the_reference():
 
 @pytest.mark.parametrize("failing", ["torch.save", "os.replace"])
 def test_atomic_save_keeps_old_file_when_disk_is_full(tmp_path, monkeypatch, failing):
-    """A write that fails with ENOSPC raises CheckpointError, keeps the previous file and leaves no temp file."""
+    """A write that fails with ENOSPC raises OutputError, keeps the previous file and leaves no temp file."""
     path = tmp_path / "checkpoint-last.pth"
     atomic_save({"epoch": 1, "w": torch.ones(3)}, path)
     before = path.read_bytes()
@@ -173,7 +173,7 @@ def test_atomic_save_keeps_old_file_when_disk_is_full(tmp_path, monkeypatch, fai
         monkeypatch.setattr(torch, "save", disk_full)
     else:
         monkeypatch.setattr(ckpt_module.os, "replace", disk_full)
-    with pytest.raises(CheckpointError) as info:
+    with pytest.raises(OutputError) as info:
         atomic_save({"epoch": 2, "w": torch.zeros(3)}, path)
     message = str(info.value)
     assert str(path) in message and "No space left on device" in message and "--output-dir" in message

@@ -21,6 +21,10 @@ class CheckpointError(MAEError):
     """A checkpoint that is missing, truncated, unsafe or of another architecture."""
 
 
+class OutputError(MAEError):
+    """A file that could not be written: a full disk, a read-only folder, missing permissions."""
+
+
 class TrainingError(MAEError):
     """A run that cannot go on (e.g. repeated non-finite losses)."""
 

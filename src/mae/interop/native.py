@@ -7,16 +7,14 @@ safetensors holds tensors only, so loading runs no code; the stored config rebui
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from mae.errors import CheckpointError
+from mae.files import atomic_write_path
 from mae.models.mae import MaskedAutoencoderViT
 
 FORMAT_VALUE = "mae"
@@ -27,19 +25,8 @@ CONFIG_NAME = "config.json"
 
 def replace_atomically(path: Path, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it over ``path``: a reader sees
-    the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise CheckpointError(f"could not write '{path}': {e.strerror or e}") from e
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    the old file or the new one, never half of one (`mae.files.atomic_write_path`)."""
+    atomic_write_path(path, lambda tmp: write(str(tmp)))
 
 
 def save_model(model: MaskedAutoencoderViT, path: str | Path) -> Path:

@@ -1,6 +1,6 @@
 """Checkpoints that survive crashes and full disks, and loading that never runs code from a file.
 
-* `atomic_save` writes to a temporary file next to the target, fsyncs it and renames it over the target, so a
+* `atomic_save` writes through `mae.files.atomic_write` (temporary file, fsync, rename, umask-respecting mode), so a
   reader sees either the old file or the new one, never half of one.
 * `safe_load` uses ``torch.load(weights_only=True)``: tensors and plain containers only. Reference MAE
   checkpoints also pickle an ``argparse.Namespace`` under ``'args'``; that one class is allowed, nothing else.
@@ -19,16 +19,15 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
 import warnings
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 
 from mae.errors import CheckpointError, TrainingError
+from mae.files import atomic_write, fsync_dir, is_stale_temporary
 
 __all__ = ["CheckpointManager", "atomic_save", "load_model_state", "safe_load"]
 
@@ -44,20 +43,9 @@ _SAFE_GLOBALS: list[Any] = [argparse.Namespace]
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
-    """`torch.save(obj)` to `path` atomically: on any error the previous file at `path` is left untouched."""
-    path = Path(path)
-    _write_atomic(path, lambda f: torch.save(obj, f))
-    return path
-
-
-def _atomic_copy(src: Path, dst: Path) -> None:
-    """Copy `src` to `dst` with the same all-or-nothing guarantee as `atomic_save`."""
-
-    def copy(f: IO[bytes]) -> None:
-        with open(src, "rb") as s:
-            shutil.copyfileobj(s, f, length=16 << 20)
-
-    _write_atomic(dst, copy)
+    """`torch.save(obj)` to `path` atomically (`mae.files.atomic_write`): on any error the previous file at `path`
+    is left untouched and an `OutputError` names the reason and the fix."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _atomic_link(src: Path, dst: Path) -> None:
@@ -69,54 +57,20 @@ def _atomic_link(src: Path, dst: Path) -> None:
             tmp.unlink()
         os.link(src, tmp)
         os.replace(tmp, dst)
-        _fsync_dir(dst.parent)
+        fsync_dir(dst.parent)
     except OSError:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        _atomic_copy(src, dst)
 
+        def copy(f: IO[bytes]) -> None:
+            with open(src, "rb") as s:
+                shutil.copyfileobj(s, f, length=16 << 20)
 
-def _write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    tmp: str | None = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        _fsync_dir(path.parent)
-    except OSError as e:
-        raise CheckpointError(f"could not write checkpoint '{path}': {_reason(e)}; {_fix(e)}") from e
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename itself durable (POSIX); directories cannot be opened this way on Windows."""
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        atomic_write(dst, copy)
 
 
 def _reason(e: OSError) -> str:
     return e.strerror or str(e) or type(e).__name__
-
-
-def _fix(e: OSError) -> str:
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return "free space or change --output-dir"
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return "make the directory writable or change --output-dir"
-    return "check the output directory or change --output-dir"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -252,8 +206,9 @@ class CheckpointManager:
         """Temporary files left by a save that was killed before its rename (they are never read)."""
         if self.output_dir.is_dir():
             for p in self.output_dir.glob(".checkpoint-*.tmp"):
-                with contextlib.suppress(OSError):
-                    p.unlink()
+                if is_stale_temporary(p):
+                    with contextlib.suppress(OSError):
+                        p.unlink()
 
     def numbered(self) -> list[tuple[int, Path]]:
         """The numbered checkpoints in the directory as (epoch, path), oldest first."""
