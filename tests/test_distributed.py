@@ -227,8 +227,8 @@ def test_engine_under_ddp_syncs_once_per_update_and_skips_non_finite_steps_on_ev
                for w in range(2)]
     assert r0["step_losses"] == r1["step_losses"] == pytest.approx(windows, rel=1e-12)
     assert r0["seen"] != r1["seen"]  # the ranks really had different losses to average
-    assert r0["skipped"] == r1["skipped"] == 1 and r0["step"] == r1["step"] == 3  # 2 + (1 skipped, 1 done)
+    assert r0["skipped"] == r1["skipped"] == 1 and r0["step"] == r1["step"] == 4  # windows: 2 + (1 skipped, 1 done)
     assert r0["weights"] == r1["weights"]
     for r in (r0, r1):
-        assert r["stopped"] is not None and "non-finite for 2 consecutive steps" in r["stopped"]
+        assert r["stopped"] is not None and "non-finite for 2 consecutive updates" in r["stopped"]
         assert r["unchanged_at_stop"]

@@ -96,7 +96,7 @@ def test_loading_a_pretraining_checkpoint_leaves_only_the_expected_keys_out(pool
     assert set(report.missing) == expected_missing
     decoder = {k for k in mae.state_dict() if k.startswith("decoder_") or k == "mask_token"}
     assert decoder
-    assert set(report.unexpected) == decoder | ({"norm.weight", "norm.bias"} if pool == "avg" else set())
+    assert set(report.skipped) == decoder | ({"norm.weight", "norm.bias"} if pool == "avg" else set())
     sd = model.state_dict()
     for key, value in mae.encoder_state_dict().items():
         if key in sd:
@@ -270,7 +270,10 @@ def test_finetune_runs_end_to_end_and_writes_its_files(tiny_checkpoint, tmp_path
                                                          "data.val_limit=64", "precision=fp32",
                                                          "data.num_workers=0"]))
     assert ev["top1"] == pytest.approx(summary["best_top1"])
-    resumed = run(load_config(FinetuneConfig, None, [*overrides[:2], "epochs=2", "resume=auto", *overrides[3:]]))
+    longer = [*overrides[:2], "epochs=2", "resume=auto", *overrides[3:]]
+    with pytest.raises(ConfigError, match="epochs 1 -> 2"):  # a longer schedule changes what the run computes
+        run(load_config(FinetuneConfig, None, longer))
+    resumed = run(load_config(FinetuneConfig, None, [*longer, "allow_config_change=true"]))
     assert resumed["updates"] == 8  # only epoch 1 was trained, continuing the update count
     epochs = [r["epoch"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "top1" in r]
     assert epochs == [0, 1]

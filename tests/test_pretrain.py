@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from mae.config import load_config
-from mae.recipes.pretrain import PretrainConfig, load_run_model, run
+from mae.errors import ConfigError
+from mae.interop import load_model
+from mae.recipes.pretrain import PretrainConfig, run
 from mae.train.checkpoint import safe_load
 from mae.train.engine import Engine, LRSchedule
 
@@ -69,9 +71,10 @@ def test_loss_falls(tiny_run):
 
 
 def test_final_model_reloads_from_run_dir(tiny_run):
-    """`load_run_model` on the run directory returns the trained weights (the last checkpoint)."""
+    """`load_model` on the finished run directory returns the trained weights (its model.safetensors = the last
+    checkpoint)."""
     out, _ = tiny_run
-    model = load_run_model(out)
+    model = load_model(out)
     state = safe_load(out / "checkpoint-last.pth")
     for k, v in model.state_dict().items():
         assert torch.equal(v, state["model"][k]), k
@@ -94,9 +97,14 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_run, tmp_path):
 
 
 def test_resume_auto_continues_from_the_newest_checkpoint(tmp_path):
-    """`resume=auto` in a finished run's directory starts after its last epoch (so a longer schedule continues)."""
+    """`resume=auto` in a finished run's directory starts after its last epoch: a longer schedule changes what the
+    run computes, so it is refused without allow_config_change and continues with it (recorded)."""
     run(tiny_config(tmp_path, "epochs=2"))
-    summary = run(tiny_config(tmp_path, "epochs=3", "resume=auto"))
+    with pytest.raises(ConfigError, match="epochs 2 -> 3"):
+        run(tiny_config(tmp_path, "epochs=3", "resume=auto"))
+    summary = run(tiny_config(tmp_path, "epochs=3", "resume=auto", "allow_config_change=true"))
+    changes = [json.loads(x) for x in (tmp_path / "config_changes.jsonl").read_text().splitlines()]
+    assert changes[-1]["changes"] == {"epochs": {"from": 2, "to": 3}}
     assert summary["updates"] == 3 * 256 // 32
     epochs = [json.loads(x)["epoch"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert max(epochs) == 2 and epochs.count(2) > 0

@@ -112,7 +112,8 @@ def test_sigkill_mid_run_then_resume_auto_ends_bit_identical_to_an_uninterrupted
     assert alone.wait(timeout=TIMEOUT) == 0, alone.stderr.read()[-3000:]
 
     a, b = safe_load(full / "checkpoint-last.pth"), safe_load(killed / "checkpoint-last.pth")
-    assert a["epoch"] == b["epoch"] == 5 and a["engine"]["step"] == b["engine"]["step"] == 48
+    assert a["train_state"]["epoch"] == b["train_state"]["epoch"] == 6 and a["train_state"]["batch"] == 0
+    assert a["engine"]["step"] == b["engine"]["step"] == 48
     assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
@@ -121,8 +122,8 @@ def test_sigkill_mid_run_then_resume_auto_ends_bit_identical_to_an_uninterrupted
 
     names = sorted(p.name for p in full.glob("checkpoint-*.pth"))
     assert names == ["checkpoint-0004.pth", "checkpoint-0005.pth", "checkpoint-best.pth", "checkpoint-last.pth"]
-    losses = [h["loss"] for h in a["history"]]
-    assert safe_load(full / "checkpoint-best.pth")["epoch"] == int(np.argmin(losses))
+    losses = [h["epoch_loss"] for h in a["train_state"]["history"]]
+    assert safe_load(full / "checkpoint-best.pth")["train_state"]["best"]["epoch"] == int(np.argmin(losses))
 
 
 _SAVE_KILLER = textwrap.dedent('''
@@ -199,12 +200,13 @@ class _Records:
         self.rows.append(row)
 
 
-def _nan_engine(nan_at: set[int], max_nonfinite: int):
+def _nan_engine(nan_at: set[int], max_nonfinite: int, fused: bool = False):
     torch.manual_seed(0)
     model = nn.Linear(4, 1)
     records = _Records()
-    engine = Engine(model, torch.optim.AdamW(model.parameters(), lr=0.1), LRSchedule(0.1, 100, 0, 0.1),
+    engine = Engine(model, torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused), LRSchedule(0.1, 100, 0, 0.1),
                     max_nonfinite=max_nonfinite, show_progress=False, logger=records, log_every=1)
+    assert engine.device_skip == fused  # fused AdamW skips on the device, the other one after a host read
     batches = [(torch.randn(5, 4), torch.randn(5, 1)) for _ in range(8)]
     before: list[list[torch.Tensor]] = []  # the weights when micro-batch i starts
 
@@ -216,14 +218,16 @@ def _nan_engine(nan_at: set[int], max_nonfinite: int):
     return engine, model, batches, loss_fn, before, records
 
 
-def test_non_finite_losses_skip_their_update_are_counted_and_logged(caplog):
+@pytest.mark.parametrize("fused", [False, True], ids=["host-skip", "device-skip"])
+def test_non_finite_losses_skip_their_update_are_counted_and_logged(caplog, fused):
     """NaN losses at micro-batches 2, 5 and 6 (max_nonfinite=3, never 3 in a row): those updates are skipped (weights
-    unchanged across them, schedule not advanced), each is counted in skipped_steps and logged with a warning, and the
-    epoch loss is the mean of the finite losses."""
-    engine, model, batches, loss_fn, before, records = _nan_engine({2, 5, 6}, max_nonfinite=3)
+    unchanged across them; the schedule advances per window, as the reference's per-iteration schedule), each is
+    counted in skipped_steps and logged with a warning, and the epoch loss is the mean of the finite losses; the same
+    whether the skip is decided on the host or on the device (fused AdamW, no host read per update)."""
+    engine, model, batches, loss_fn, before, records = _nan_engine({2, 5, 6}, max_nonfinite=3, fused=fused)
     with caplog.at_level(logging.WARNING, logger="mae"):
         stats = engine.train_epoch(batches, 0, loss_fn)
-    assert engine.step == 5 and engine.nonfinite_total == stats.skipped_steps == 3
+    assert engine.step == 8 and engine.nonfinite_total == stats.skipped_steps == 3
     after = [p.detach().clone() for p in model.parameters()]
     snapshots = [*before, after]
     for i in range(8):
@@ -239,10 +243,10 @@ def test_k_non_finite_losses_in_a_row_stop_with_a_clear_error_and_untouched_weig
     """max_nonfinite=3 NaN losses in a row raise TrainingError naming the count and what to try; the weights are
     those before the first NaN step (no bad state is kept)."""
     engine, model, batches, loss_fn, before, _ = _nan_engine({1, 2, 3}, max_nonfinite=3)
-    with pytest.raises(TrainingError, match=r"non-finite for 3 consecutive steps .*lower the learning rate"):
+    with pytest.raises(TrainingError, match=r"non-finite for 3 consecutive updates .*lower the learning rate"):
         engine.train_epoch(batches, 0, loss_fn)
     assert all(torch.equal(a, b) for a, b in zip(before[1], model.parameters()))
-    assert engine.step == 1
+    assert engine.step == 4 and engine.skipped_total == 3
 
 
 def test_checkpoint_manager_refuses_a_state_with_nan_and_keeps_the_previous_one(tmp_path):
@@ -282,11 +286,11 @@ def test_pretrain_cli_stops_on_divergence_with_one_line_and_keeps_the_last_good_
     line = _one_error_line(capsys.readouterr().err)
     assert rc == 2
     if fault == "nan_losses":
-        assert "loss was non-finite for 3 consecutive steps" in line and calls["n"] == 12
+        assert "loss was non-finite for 3 consecutive updates" in line and calls["n"] == 12
     else:
         assert "refusing to save the checkpoint of epoch 1: 'model.mask_token' holds NaN" in line
     state = CheckpointManager(tmp_path).load_latest()[1]
-    assert state["epoch"] == 0 and all(torch.isfinite(v).all() for v in state["model"].values())
+    assert state["train_state"]["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
     assert not (tmp_path / "checkpoint-0001.pth").exists()
 
 
@@ -311,7 +315,7 @@ def test_disk_full_during_a_run_is_a_one_line_error_and_the_previous_checkpoint_
     assert "could not write" in line and "checkpoint-0001.pth" in line and "No space left" in line
     assert "No space left on device" in line and "free some space or choose another --output-dir" in line
     monkeypatch.undo()
-    assert safe_load(tmp_path / "checkpoint-last.pth")["epoch"] == 0
+    assert safe_load(tmp_path / "checkpoint-last.pth")["train_state"]["epoch"] == 1  # the end of epoch 0
     assert not (tmp_path / "checkpoint-0001.pth").exists() and not list(tmp_path.glob(".*.tmp"))
 
 

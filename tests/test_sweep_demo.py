@@ -127,12 +127,13 @@ def test_sweep_plots_seed_means_and_figure_9_over_tuned_blocks():
     assert _series(partial) == (["0", "mlp", "1"], {"default": [60.5, 70.0, 80.0]})
 
 
-def test_raw_pixel_baseline_learns_digits():
+def test_raw_pixel_baseline_learns_digits(tmp_path):
     """The demo's raw-pixel linear classifier (the probe's BN + linear head on pixels) is far above chance on
     MNIST after a few epochs: a floor the learned representation is compared against."""
     from mae.recipes.demo import _preset, raw_pixel_probe
 
-    result = raw_pixel_probe(_preset("linprobe/linprobe_mnist.yaml"), ["epochs=20", "optim.warmup_epochs=1", "optim.name=sgd",
-                                                                     "optim.lr=0.5", "data.train_limit=1000"])
+    result = raw_pixel_probe(_preset("linprobe/linprobe_mnist.yaml"), [
+        "epochs=20", "optim.warmup_epochs=1", "optim.name=sgd", "optim.lr=0.5", "data.train_limit=1000",
+        f"output_dir={tmp_path}", "progress=false"])
     assert result["features"] == 28 * 28
     assert result["best_top1"] > 70

@@ -6,7 +6,8 @@
 """
 
 from mae.errors import CheckpointError, ConfigError, DataError, InputError, MAEError
-from mae.models import MAEConfig, MaskedAutoencoderViT, create_model, list_models, model_config
+from mae.api import create_model
+from mae.models import MAEConfig, MaskedAutoencoderViT, list_models, model_config
 
 __version__ = "0.1.0"
 __all__ = [

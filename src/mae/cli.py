@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from mae.errors import MAEError
+from mae.errors import Interrupted, MAEError
 
 EXIT_USER_ERROR = 2
 
@@ -54,10 +54,21 @@ def _config_command(sub, name: str, help_text: str, config_cls_path: str, full: 
     module = __import__(config_cls_path.rsplit(".", 1)[0], fromlist=["run"])
     flags = getattr(module, "CLI_FLAGS", COMMON_FLAGS)
     p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML file with settings (see configs/)")
+    p.add_argument("--config", help="YAML file with settings (see configs/); with --resume and no --config, the "
+                   "run's own config.yaml")
     for flag, key in flags.items():
         p.add_argument(flag, dest=key.replace(".", "__"), metavar=key.split(".")[-1].upper(),
                        help=f"shortcut for {key}=...")
+    cls = _import(config_cls_path)
+    from mae.train.run import TrainFields
+
+    if isinstance(cls, type) and issubclass(cls, TrainFields):
+        for flag, key, text in (("--overwrite", "overwrite", "start again in an output dir that holds a previous run, "
+                                 "deleting that run's files"),
+                                ("--allow-config-change", "allow_config_change", "resume even when the settings "
+                                 "change what the run computes; the change is recorded in config_changes.jsonl")):
+            p.add_argument(flag, dest=key, action="store_const", const="true", help=text)
+        flags = {**flags, "--overwrite": "overwrite", "--allow-config-change": "allow_config_change"}
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override any config field, e.g. epochs=20")
     p.set_defaults(config_cls=config_cls_path, flags=flags, handler=_run_config_command)
     p.epilog = f"config fields (key=value):\n{_lazy_help(config_cls_path)}"
@@ -79,16 +90,46 @@ def _run_config_command(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides)
     for key in args.flags.values():
-        value = getattr(args, key.replace(".", "__"))
+        value = getattr(args, key.replace(".", "__"), None)
         if value is not None:
             overrides.append(f"{key}={value}")
     cls = _import(args.config_cls)
-    cfg = load_config(cls, args.config, overrides)
+    cfg = load_config(cls, args.config or _resume_base(cls, overrides), overrides)
     run = _import(args.config_cls.rsplit(".", 1)[0] + ".run")
     summary = run(cfg)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary (rank 0's), not one per process
         _print_summary(summary)
     return 0
+
+
+def _override(overrides: Sequence[str], key: str) -> str | None:
+    """The value the last ``key=value`` override gives, or None."""
+    found = None
+    for item in overrides:
+        name, sep, value = item.partition("=")
+        if sep and name.strip() == key:
+            found = value.strip() or None
+    return found
+
+
+def _resume_base(cls: type, overrides: Sequence[str]):
+    """With --resume and no --config, the run's own config.yaml is the base: the run continues with its own settings
+    (what the command line overrides is then checked against the checkpoint)."""
+    from pathlib import Path
+
+    resume = _override(overrides, "resume")
+    if not resume or resume in ("null", "None"):
+        return None
+    if resume == "auto":
+        out = _override(overrides, "output_dir") or getattr(cls, "__dataclass_fields__")["output_dir"].default
+        candidate = Path(out).expanduser() / "config.yaml"
+    else:
+        path = Path(resume).expanduser()
+        candidate = (path if path.is_dir() else path.parent) / "config.yaml"
+    if candidate.is_file():
+        logging.getLogger("mae").info("resume: settings from %s", candidate)
+        return candidate
+    return None
 
 
 def _print_summary(summary: dict) -> None:
@@ -99,10 +140,15 @@ def _print_summary(summary: dict) -> None:
 
 
 def _cmd_visualize(args: argparse.Namespace) -> int:
-    from mae.recipes.pretrain import load_run_model
+    from mae.interop import load_model, read_checkpoint
+    from mae.interop.keys import has_decoder
     from mae.viz.reconstruction import save_reconstructions
 
-    model = load_run_model(args.checkpoint)
+    ckpt = read_checkpoint(args.checkpoint)
+    if not has_decoder(ckpt.state_dict):
+        raise MAEError(f"{ckpt.label} holds the encoder only: its reconstructions would come from a random decoder; "
+                       f"pass a full pre-training checkpoint (a pre-training run directory or its model.safetensors)")
+    model = load_model(ckpt.path)
     data, mean, std = args.data, None, None
     config_file = _run_config_file(args.checkpoint)
     if config_file is not None:
@@ -210,6 +256,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
+    except Interrupted as e:  # a signal stopped the run after a checkpoint: 128 + the signal number
+        print(f"mae {args.command}: {_one_line(e)}", file=sys.stderr)
+        return e.exit_code
     except MAEError as e:
         if args.debug:
             raise

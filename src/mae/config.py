@@ -29,7 +29,7 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
-from mae.errors import ConfigError, MAEError
+from mae.errors import ConfigError
 
 __all__ = ["config_help", "load_config", "save_config", "to_dict"]
 
@@ -43,12 +43,15 @@ _NONE_TYPE = type(None)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Build a `cls` instance from its defaults, then the YAML file at `path`, then `key=value` overrides."""
+def load_config(cls: type[T], path: str | Path | Mapping[str, Any] | None = None, overrides: Sequence[str] = ()) -> T:
+    """Build a `cls` instance from its defaults, then the YAML file at `path` (or a mapping of the same shape), then
+    `key=value` overrides."""
     if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
         raise TypeError(f"load_config needs a dataclass type, got {cls!r}")
     raw = _default_raw(cls)
-    if path is not None:
+    if isinstance(path, Mapping):  # a config stored as data (e.g. inside a checkpoint)
+        raw = _merge(raw, {k: v for k, v in path.items() if k != RUN_INFO_KEY}, cls, prefix="", root=cls)
+    elif path is not None:
         raw = _merge(raw, _read_yaml(Path(path)), cls, prefix="", root=cls)
     if isinstance(overrides, str):  # a lone "a=b" would otherwise be split into characters
         overrides = [overrides]
@@ -72,16 +75,23 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
-def save_config(cfg: Any, path: str | Path) -> Path:
-    """Write the resolved config as readable YAML that `load_config(type(cfg), path)` reads back unchanged."""
+RUN_INFO_KEY = "_run"
+"""Top-level key of a saved config.yaml that records how the run was started (command, host, versions); it is not a
+setting, and `load_config` skips it."""
+
+
+def save_config(cfg: Any, path: str | Path, run_info: Mapping[str, Any] | None = None) -> Path:
+    """Write a config (a dataclass or its resolved dict) as readable YAML that `load_config` reads back unchanged,
+    atomically; `run_info` goes under the ``_run`` key (ignored when loading)."""
+    from mae.files import write_text
+
     path = Path(path)
-    header = f"# resolved {type(cfg).__name__}; load with mae.config.load_config\n"
-    text = header + yaml.dump(to_dict(cfg), Dumper=_ConfigDumper, sort_keys=False, width=120)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-    except OSError as e:
-        raise MAEError(f"could not write config '{path}': {e.strerror or e}; check the output directory") from e
+    name = type(cfg).__name__ if dataclasses.is_dataclass(cfg) else "run config"
+    header = f"# resolved {name}; load with mae.config.load_config (the {RUN_INFO_KEY} section is a record)\n"
+    data = to_dict(cfg)
+    if run_info:
+        data = {**data, RUN_INFO_KEY: to_dict(dict(run_info))}
+    write_text(path, header + yaml.dump(data, Dumper=_ConfigDumper, sort_keys=False, width=120))
     return path
 
 
@@ -165,7 +175,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"config file '{path}' must hold a mapping of keys to values, got {type(data).__name__}")
-    return dict(data)
+    return {k: v for k, v in data.items() if k != RUN_INFO_KEY}
 
 
 def _parse_override(cls: type, item: str) -> dict[str, Any]:

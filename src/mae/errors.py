@@ -31,3 +31,13 @@ class TrainingError(MAEError):
 
 class InputError(MAEError, ValueError):
     """A tensor or argument of the wrong shape or range passed to the library's API."""
+
+
+class Interrupted(MAEError):
+    """A run stopped by a signal (SIGTERM, SIGUSR1, SIGINT) after writing a checkpoint; it resumes with
+    ``--resume auto``. The CLI exits with `exit_code` (128 + the signal number)."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum

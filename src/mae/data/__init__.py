@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import difflib
 import os
+import random
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
@@ -32,7 +34,7 @@ from mae.errors import ConfigError, DataError
 __all__ = [
     "AUGMENTATIONS", "DATASETS", "GRAY_MEAN", "GRAY_STD", "IMAGENET_MEAN", "IMAGENET_STD", "UNLABELED",
     "BuiltinDataset", "ClassFolderDataset", "Digits", "EpochSampler", "MNIST5k", "Photos", "PlainFolderDataset",
-    "SeededDataset", "SeededSampler", "WithMaskNoise",
+    "SeededDataset", "SeededSampler", "WithMaskNoise", "fingerprint", "sample_seed",
     "build_dataset", "build_eval_transform", "build_loader", "build_transform", "default_mean_std", "list_builtin",
     "set_epoch", "skipped_files", "to_mode",
 ]
@@ -131,28 +133,41 @@ class SeededSampler(Sampler[tuple[int, int]]):
     """Pairs each index of a sampler with a seed that is a pure function of (seed, epoch, index).
 
     `SeededDataset` draws the sample's random augmentation from that seed, so a sample looks the same whatever the
-    number of workers, and a run resumed at epoch k sees exactly the crops the uninterrupted run saw.
+    number of workers, and a run resumed at epoch k (or in the middle of it, after `skip` samples) sees exactly the
+    crops the uninterrupted run saw.
     """
 
     def __init__(self, sampler: Sampler[int], seed: int):
-        self.sampler, self.seed, self.epoch = sampler, seed, 0
+        self.sampler, self.seed, self.epoch, self.skip = sampler, seed, 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Take the order of `epoch`, leaving out its first `skip` indices (already seen before a resume)."""
+        self.epoch, self.skip = epoch, skip
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
 
     def __iter__(self):
-        for index in self.sampler:
-            yield index, hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF
+        for position, index in enumerate(self.sampler):
+            if position >= self.skip:
+                yield index, sample_seed(self.seed, self.epoch, index)
 
     def __len__(self) -> int:
-        return len(self.sampler)  # type: ignore[arg-type]
+        return max(len(self.sampler) - self.skip, 0)  # type: ignore[arg-type]
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one sample's random draws in one epoch (a pure function: no process or worker enters it)."""
+    return hash((seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF
 
 
 class SeededDataset(Dataset):
-    """Reads `(index, seed)` keys: the wrapped dataset's item with torch's RNG seeded from `seed` (the caller's RNG
-    state is left untouched)."""
+    """Reads `(index, seed)` keys: the wrapped dataset's item with torch's, python's and numpy's global generators
+    seeded from `seed` (the caller's generator states are restored afterwards).
+
+    Augmentations from torchvision draw from torch's generator; timm's (RandomResizedCropAndInterpolation,
+    RandAugment, RandomErasing) from python's `random`; seeding all three makes every sample a pure function of
+    (seed, epoch, index) whatever the worker that reads it.
+    """
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -162,9 +177,16 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         index, seed = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.dataset[index]
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                random.seed(seed)
+                np.random.seed(seed & 0xFFFF_FFFF)
+                return self.dataset[index]
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
 class WithMaskNoise(Dataset):
@@ -184,6 +206,33 @@ class WithMaskNoise(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image = self.dataset[index][0]
         return image, torch.rand(self.num_patches)  # [L]
+
+
+def fingerprint(dataset: Dataset) -> dict:
+    """``{"size", "fingerprint"}`` of a training set: its length and a SHA-256 of what it is made of (a folder's
+    file list relative to its root with labels, a built-in set's name and split, a subset's indices), looking
+    through `Subset`, `SeededDataset` and `WithMaskNoise`. A resume compares them to catch changed data."""
+    import hashlib
+
+    from torch.utils.data import Subset
+
+    h = hashlib.sha256()
+    size, inner = len(dataset), dataset  # type: ignore[arg-type]
+    while True:
+        if isinstance(inner, Subset):
+            h.update(b"subset:" + ",".join(map(str, inner.indices)).encode())
+        if not hasattr(inner, "dataset"):
+            break
+        inner = inner.dataset
+    if isinstance(inner, BuiltinDataset):
+        h.update(f"builtin:{inner.name}:{inner.split}:{len(inner)}".encode())
+    elif hasattr(inner, "samples") and hasattr(inner, "root"):
+        root = str(inner.root)
+        for path, label in inner.samples:
+            h.update(f"{os.path.relpath(path, root)}\t{label}\n".encode())
+    else:
+        h.update(f"{type(inner).__name__}:{len(inner)}".encode())  # type: ignore[arg-type]
+    return {"size": size, "fingerprint": h.hexdigest()}
 
 
 def skipped_files(dataset: Dataset) -> list[str]:
@@ -228,12 +277,28 @@ def build_loader(dataset: Dataset, batch_size: int, shuffle: bool = True, num_wo
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
         collate_fn=collate_fn,
+        generator=torch.Generator().manual_seed(seed),  # the loader's own draws leave the global generator alone
     )
 
 
-def set_epoch(loader: DataLoader, epoch: int) -> None:
-    """Make the loader's next pass use the order of `epoch` (a pure function of the loader's seed and `epoch`)."""
-    if not hasattr(loader.sampler, "set_epoch"):
-        raise ConfigError(f"loader's sampler {type(loader.sampler).__name__} has no set_epoch; "
+def set_epoch(loader, epoch: int, skip: int = 0) -> None:
+    """Make the loader's next pass the pass of `epoch` (a pure function of the loader's seed and `epoch`), without its
+    first `skip` batches (already done before a resume: the pass then yields batch `skip` onwards).
+
+    Takes a DataLoader built by `build_loader` (or on a `SeededSampler`), or any loader object with its own
+    ``set_epoch(epoch, skip)`` (cached features, streamed shards).
+    """
+    if not isinstance(loader, DataLoader) and callable(getattr(loader, "set_epoch", None)):
+        loader.set_epoch(epoch, skip)
+        return
+    sampler = getattr(loader, "sampler", None)
+    if not hasattr(sampler, "set_epoch"):
+        raise ConfigError(f"loader's sampler {type(sampler).__name__} has no set_epoch; "
                           "build the loader with build_loader")
-    loader.sampler.set_epoch(epoch)
+    if skip and not isinstance(sampler, SeededSampler):
+        raise ConfigError(f"cannot resume inside an epoch with a {type(sampler).__name__}; build the loader with "
+                          "build_loader")
+    if isinstance(sampler, SeededSampler):
+        sampler.set_epoch(epoch, skip * (loader.batch_size or 1))
+    else:
+        sampler.set_epoch(epoch)

@@ -7,8 +7,9 @@
     convert("mae_b.safetensors", "vit_b.pth", to="timm")   # timm.create_model(..., num_classes=0), strict load
 
 Our state_dict keys are the reference release's, which are timm's for the encoder; `mae.interop.huggingface`
-maps them to and from transformers' names. `load_weights_into` (behind ``create_model(..., checkpoint_path=)``)
-reads every format and says what it skipped.
+maps them to and from transformers' names. `load_weights_into` (behind ``mae.create_model(..., checkpoint_path=)``)
+reads every format and says what it skipped; `read_encoder` gives the encoder of any of them (run directories
+included) to the classifiers and the transfer backbone.
 """
 
 from mae.interop.huggingface import (
@@ -22,19 +23,21 @@ from mae.interop.infer import infer_config
 from mae.interop.loading import (
     FORMATS,
     Checkpoint,
-    LoadReport,
+    EncoderSource,
     convert,
     load_model,
     load_state_dict_any,
     load_weights_into,
     read_checkpoint,
+    read_encoder,
 )
+from mae.models.loading import LoadReport
 from mae.interop.native import save_model
 from mae.interop.reference import to_reference_checkpoint
 from mae.interop.timm_vit import encoder_for_timm, timm_vit_kwargs
 
 __all__ = [
-    "FORMATS", "Checkpoint", "LoadReport", "config_from_hf", "convert", "encoder_for_timm", "from_hf_state_dict",
-    "hf_config_dict", "infer_config", "load_model", "load_state_dict_any", "load_weights_into", "read_checkpoint",
+    "FORMATS", "Checkpoint", "EncoderSource", "LoadReport", "config_from_hf", "convert", "encoder_for_timm", "from_hf_state_dict",
+    "hf_config_dict", "infer_config", "load_model", "load_state_dict_any", "load_weights_into", "read_checkpoint", "read_encoder",
     "save_hf_pretrained", "save_model", "timm_vit_kwargs", "to_hf_state_dict", "to_reference_checkpoint",
 ]

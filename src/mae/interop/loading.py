@@ -20,17 +20,18 @@ import torch
 from mae.errors import CheckpointError, ConfigError
 from mae.interop import huggingface as hf
 from mae.interop.infer import infer_config, pixel_target_overrides
-from mae.interop.keys import has_decoder, is_finetuned, part_of, shape_str, short_list, strip_prefix
+from mae.interop.keys import has_decoder, is_finetuned, part_of, short_list, strip_prefix
 from mae.interop.native import CONFIG_KEY, FORMAT_VALUE, WEIGHTS_NAME, read_safetensors, save_state_dict
 from mae.interop.reference import hints_from_args, to_reference_checkpoint
 from mae.interop.timm_vit import encoder_for_timm
+from mae.models.loading import LoadReport, load_weights
 from mae.models.mae import MAEConfig, MaskedAutoencoderViT
-from mae.models.pos_embed import resize_pos_embed, sincos_2d
 from mae.models.registry import ARCHITECTURES
 
 _log = logging.getLogger(__name__)
 
 FORMATS = ("mae", "reference", "hf", "timm")
+_ENCODER_FIELDS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "norm_eps")
 _ARCH_FIELDS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio",
                 "decoder_embed_dim", "decoder_depth", "decoder_num_heads")
 
@@ -50,20 +51,13 @@ class Checkpoint:
         return f"{self.format} checkpoint '{self.path}'" if self.path else f"{self.format} checkpoint"
 
 
-@dataclass
-class LoadReport:
-    """What `load_weights_into` did: keys loaded, model keys left at their initial values, file keys ignored."""
-
-    format: str
-    loaded: list[str]
-    missing: list[str]
-    skipped: list[str]
-
-
 # ---------------------------------------------------------------------------------------------------- reading
 def read_checkpoint(path: str | Path) -> Checkpoint:
-    """Read any supported file or directory and detect its format (see the module docstring)."""
-    path = Path(path)
+    """Read any supported file or directory and detect its format (see the module docstring). A run directory gives
+    the file `mae.train.run_dir.resolve_run` picks (its finished result, else its newest valid checkpoint)."""
+    from mae.train.run_dir import resolve_run
+
+    path = resolve_run(path) if Path(path).exists() else Path(path)
     container: dict[str, Any] = {}
     metadata: dict[str, str] = {}
     json_config: dict[str, Any] | None = None
@@ -83,8 +77,11 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
 
     if metadata.get("format") == FORMAT_VALUE and CONFIG_KEY in metadata:
         return Checkpoint(tensors, "mae", _stored_config(json.loads(metadata[CONFIG_KEY]), path), path=path)
-    if isinstance(container.get("model_config"), dict):  # this project's training checkpoint
+    if isinstance(container.get("model_config"), dict):  # this project's pre-training checkpoint
         return Checkpoint(tensors, "mae", _stored_config(container["model_config"], path), path=path)
+    if isinstance(container.get("classifier_config"), dict):  # this project's classifier: its encoder's fields
+        encoder = {k: v for k, v in container["classifier_config"].items() if k in _ENCODER_FIELDS}
+        return Checkpoint(tensors, "mae", MAEConfig(**encoder), path=path)
     if hf.is_hf_state_dict(tensors) or (json_config or {}).get("model_type") == "vit_mae":
         config = hf.config_from_hf(json_config) if json_config and "model_type" in json_config else None
         return Checkpoint(hf.from_hf_state_dict(tensors), "hf", config, path=path)
@@ -158,6 +155,40 @@ def load_state_dict_any(path: str | Path) -> tuple[dict[str, torch.Tensor], str,
     return ckpt.state_dict, ckpt.format, ckpt.config.to_dict() if ckpt.config is not None else None
 
 
+@dataclass
+class EncoderSource:
+    """An encoder to start from: its architecture, its weights (our key names) and where they came from."""
+
+    config: MAEConfig
+    state_dict: dict[str, torch.Tensor]
+    label: str  # for messages: where the weights came from
+    format: str = ""
+
+
+def read_encoder(path: str | Path, model_name: str | None = None, **overrides: Any) -> EncoderSource:
+    """The encoder of any checkpoint the library reads -- a run directory, this project's files, the reference
+    release, a transformers ViTMAE or ViT classifier directory, a timm state_dict -- with its architecture: the
+    stored config, else the one `infer_config` rebuilds from the shapes, `model_name` and `overrides` (e.g. the
+    ``num_heads`` of a non-standard width). Used by the classifiers, the transfer backbone and `load_model`."""
+    from mae.train.run_dir import resolve_run
+
+    path = resolve_run(path)
+    if path.is_dir() and (_read_json(path / hf.HF_CONFIG_NAME) or {}).get("model_type") == "vit":
+        from mae.interop.classifier_export import load_hf_classifier
+
+        sd, ccfg, _ = load_hf_classifier(path)
+        config = MAEConfig(**{k: getattr(ccfg, k) for k in _ENCODER_FIELDS}).replace(**overrides)
+        return EncoderSource(config, sd, f"transformers classifier '{path}'", "hf")
+    ckpt = read_checkpoint(path)
+    if ckpt.config is not None:
+        config = ckpt.config.replace(**overrides) if overrides else ckpt.config
+    else:
+        with warnings.catch_warnings():  # the decoder's head count is a guess, and an encoder does not use it
+            warnings.filterwarnings("ignore", message="decoder_num_heads=")
+            config = infer_config(ckpt.state_dict, model_name, ckpt.hints, **overrides)
+    return EncoderSource(config, ckpt.state_dict, ckpt.label, ckpt.format)
+
+
 # ---------------------------------------------------------------------------------------------------- checking
 def model_label(config: MAEConfig) -> str:
     """The registered name of an architecture, or its main numbers when it is not registered."""
@@ -171,99 +202,41 @@ def model_label(config: MAEConfig) -> str:
             f"{config.img_size}, decoder {config.decoder_embed_dim} x {config.decoder_depth})")
 
 
-@dataclass
-class _Fit:
-    load: dict[str, torch.Tensor]
-    missing: list[str]
-    skipped: list[str]
-
-
-def _fit(sd: dict[str, torch.Tensor], model_sd: dict[str, Any], label: str, source: str,
-         strict_encoder: bool = True) -> _Fit:
-    """Match a file's tensors to a model's: raise on shape mismatches (another architecture) and, when strict,
-    on encoder keys the file lacks or keys the model does not know; warn about the expected gaps."""
-    mismatched = [(k, sd[k], m) for k, m in model_sd.items() if k in sd and sd[k].shape != m.shape]  # model order
-    missing = [k for k in model_sd if k not in sd]
-    unexpected = [k for k in sd if k not in model_sd]
-    heads = [k for k in unexpected if part_of(k) == "head"]
-    unexpected = [k for k in unexpected if part_of(k) != "head"]
-    encoder_only = not has_decoder(sd)
-    expected_missing = [k for k in missing if (part_of(k) == "decoder" and encoder_only) or k.startswith("target.")
-                        or (k.startswith("norm.") and is_finetuned(sd))]
-    bad_missing = [k for k in missing if k not in expected_missing]
-    if mismatched or (strict_encoder and (bad_missing or unexpected)):
-        parts = [f"{k} is {shape_str(v)} in the file but {shape_str(m)} in the model" for k, v, m in mismatched[:3]]
-        if len(mismatched) > 3:
-            parts.append(f"... ({len(mismatched) - 3} more)")
-        if bad_missing:
-            parts.append(f"missing from the file: {short_list(bad_missing)}")
-        if unexpected:
-            parts.append(f"not in the model: {short_list(unexpected)}")
-        raise CheckpointError(f"{source} does not fit {label}: " + "; ".join(parts))
-    if bad_missing or unexpected:
-        warnings.warn(f"{source}: loaded what matches; not in the file: {short_list(bad_missing) or '-'}; "
-                      f"ignored: {short_list(unexpected) or '-'}", stacklevel=4)
-    if encoder_only and any(part_of(k) == "decoder" for k in missing):
+def _warn_gaps(report: LoadReport, sd: dict[str, torch.Tensor]) -> None:
+    """The expected gaps of loading a file into an MAE, said once each (they change what the model computes)."""
+    source = report.source
+    if any(part_of(k) == "decoder" for k in report.missing):
         warnings.warn(f"{source} holds the encoder only: no decoder weights (a model loading it keeps its freshly "
                       f"initialised decoder)", stacklevel=4)
-    targets = [k for k in missing if k.startswith("target.")]
+    targets = [k for k in report.missing if k.startswith("target.")]
     if targets:
         warnings.warn(f"{source} has no {short_list(targets)}: the model's target keeps its current buffers (e.g. "
                       f"an unfitted PCA basis)", stacklevel=4)
+    heads = [k for k in report.skipped if part_of(k) == "head"]
     if heads:
         warnings.warn(f"{source}: skipped the classifier keys {short_list(heads)} (an MAE has no classifier)"
                       + ("; norm.* keeps its initialisation (a fine-tuned file has fc_norm instead)"
                          if is_finetuned(sd) else ""), stacklevel=4)
-    return _Fit({k: v for k, v in sd.items() if k in model_sd}, missing, heads + unexpected)
-
-
-def _adapt_pos_tables(sd: dict[str, torch.Tensor], file_config: MAEConfig | None,
-                      model: MaskedAutoencoderViT) -> dict[str, torch.Tensor]:
-    """Position tables of another grid size: regenerate fixed sin-cos tables exactly for the model's grid, and
-    resize learned ones (bicubic, with a warning). Other differences are left for `_fit` to report."""
-    model_sd = model.state_dict()
-    out = dict(sd)
-    for key in ("pos_embed", "decoder_pos_embed"):
-        src, dst = sd.get(key), model_sd.get(key)
-        if src is None or dst is None or src.dim() != 3 or src.shape[-1] != dst.shape[-1] \
-                or src.shape[1] == dst.shape[1]:
-            continue
-        num = src.shape[1] - 1
-        if file_config is not None and file_config.grid_size[0] * file_config.grid_size[1] == num:
-            old = file_config.grid_size
-        elif round(num**0.5) ** 2 == num:
-            old = (round(num**0.5),) * 2
-        else:
-            continue
-        dim = src.shape[-1]
-        if torch.allclose(src.float(), sincos_2d(dim, old), atol=1e-5):
-            out[key] = sincos_2d(dim, model.grid_size).to(src.dtype)
-            _log.info("%s: regenerated the fixed sin-cos table for the %s grid (file: %s)", key, model.grid_size, old)
-        else:
-            out[key] = resize_pos_embed(src, old, model.grid_size)
-            warnings.warn(f"{key}: resized the learned position table from a {old[0]}x{old[1]} grid to "
-                          f"{model.grid_size[0]}x{model.grid_size[1]} (bicubic)", stacklevel=3)
-    return out
 
 
 def _load_into(model: MaskedAutoencoderViT, ckpt: Checkpoint, strict_encoder: bool = True,
                chosen: frozenset[str] = frozenset()) -> LoadReport:
-    """Load ``ckpt`` into ``model``; warn about config fields that differ from the stored ones unless the caller
-    ``chosen`` them on purpose (overrides)."""
+    """Load ``ckpt`` into ``model`` (`mae.models.loading.load_weights`: fixed sin-cos tables regenerated for
+    another grid); warn about config fields that differ from the stored ones unless the caller ``chosen`` them on
+    purpose (overrides)."""
     if ckpt.config is not None:
         differ = [f"{k} {getattr(ckpt.config, k)} in the file, {getattr(model.config, k)} in the model"
                   for k in ("num_heads", "decoder_num_heads", "norm_eps", "target")
                   if k not in chosen and getattr(ckpt.config, k) != getattr(model.config, k)]
         if differ:
             warnings.warn(f"{ckpt.label} was saved with another configuration: {'; '.join(differ)}", stacklevel=3)
-    model_sd = model.state_dict()
-    sd = ckpt.state_dict
-    if not any(k in model_sd and v.shape != model_sd[k].shape for k, v in sd.items() if "pos_embed" not in k):
-        sd = _adapt_pos_tables(sd, ckpt.config, model)  # another resolution, same architecture
-    fit = _fit(sd, model_sd, model_label(model.config), ckpt.label, strict_encoder)
-    model.load_state_dict(fit.load, strict=False)
-    _log.info("loaded %d tensors from %s", len(fit.load), ckpt.label)
-    return LoadReport(ckpt.format, sorted(fit.load), fit.missing, fit.skipped)
+    report = load_weights(model, ckpt.state_dict, source=ckpt.label, optional_prefixes=("target.",),
+                          fixed_tables=("pos_embed", "decoder_pos_embed"), strict=strict_encoder, fmt=ckpt.format,
+                          target=model_label(model.config),
+                          source_grid=ckpt.config.grid_size if ckpt.config is not None else None)
+    _warn_gaps(report, ckpt.state_dict)
+    _log.info("loaded %d tensors from %s", len(report.loaded), ckpt.label)
+    return report
 
 
 def load_weights_into(model: MaskedAutoencoderViT, path: str | Path, strict_encoder: bool = True) -> LoadReport:
@@ -330,13 +303,19 @@ def convert(src: str | Path, dst: str | Path, to: str = "mae", model_name: str |
                               f"or 'reference' to keep it intact")
     config = _resolve_config(ckpt, model_name, overrides)
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-        shapes = MaskedAutoencoderViT(config).state_dict()
-    fit = _fit(dict(sd), shapes, model_label(config), ckpt.label)
+        shapes = MaskedAutoencoderViT(config)
+    report = load_weights(shapes, sd, source=ckpt.label, optional_prefixes=("target.",), check_only=True,
+                          target=model_label(config))
+    if report.resized:
+        raise ConfigError(f"{ckpt.label} has position tables of another grid than {model_label(config)}; convert "
+                          f"without changing img_size (conversion copies tensors, it does not resize them)")
+    _warn_gaps(report, sd)
+    kept = {k: sd[k] for k in report.loaded}
     if to == "mae":
         if dst.suffix not in ("", ".safetensors"):
             raise ConfigError(f"the mae format is a .safetensors file or a directory, got '{dst}'")
-        return save_state_dict(fit.load, config.to_dict(), dst)
-    return hf.save_hf_pretrained(fit.load, dst, config)
+        return save_state_dict(kept, config.to_dict(), dst)
+    return hf.save_hf_pretrained(kept, dst, config)
 
 
 def _save_plain(state_dict: dict[str, torch.Tensor], dst: Path) -> Path:

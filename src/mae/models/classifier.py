@@ -16,8 +16,6 @@ timm key names, so an MAE encoder loads into it by name and it exports to timm w
 
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from typing import Any
@@ -27,18 +25,16 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from mae.errors import CheckpointError, ConfigError
+from mae.models.loading import LoadReport, load_weights
 from mae.models.mae import Attention, MAEConfig
-from mae.models.pos_embed import resize_pos_embed
 
 __all__ = [
-    "GLOBAL_POOLS", "HEADS", "ClassifierConfig", "EncoderLoadReport", "PartiallyFrozen", "build_classifier",
+    "GLOBAL_POOLS", "HEADS", "ClassifierConfig", "LoadReport", "PartiallyFrozen", "build_classifier",
     "fold_bn_head", "freeze_for", "init_head", "load_encoder_into", "trainable_prefixes",
 ]
 
 GLOBAL_POOLS = ("avg", "token")
 HEADS = ("linear", "bn_linear")
-# keys of a pre-training checkpoint that a classifier has no place for: the decoder and pre-training-only buffers
-_PRETRAIN_ONLY = re.compile(r"^(decoder_|mask_token$|encoder_mask_token$|target\.)")
 
 
 @dataclass
@@ -156,75 +152,19 @@ def build_classifier(config: ClassifierConfig, head_init_std: float = 2e-5) -> V
 
 
 # ------------------------------------------------------------------------------------------------ loading an encoder
-@dataclass
-class EncoderLoadReport:
-    """What `load_encoder_into` did: model keys left at their initial values, file keys not used, resized tables."""
-
-    missing: list[str]
-    unexpected: list[str]
-    resized: list[str]
-
-
-def _grid_of(num_patches: int, config: MAEConfig | ClassifierConfig | None) -> tuple[int, int]:
-    if config is not None and config.grid_size[0] * config.grid_size[1] == num_patches:
-        return config.grid_size
-    side = math.isqrt(num_patches)
-    if side * side != num_patches:
-        raise CheckpointError(f"the checkpoint's position table has {num_patches} patches, not a square grid, and "
-                              f"no stored config gives its shape; pass the source config (img_size=(H, W))")
-    return side, side
+CLASSIFIER_NEW_PARTS = ("head.", "fc_norm.")
+"""What a classifier adds to an encoder: never taken from a file, initialised fresh."""
 
 
 def load_encoder_into(model: VisionTransformer, state_dict: dict[str, torch.Tensor],
                       source_config: MAEConfig | ClassifierConfig | None = None,
-                      source: str = "the checkpoint") -> EncoderLoadReport:
-    """Load an MAE (or ViT) encoder into a classifier, as the reference fine-tuning does.
-
-    Expected gaps only: ``head.*`` (a new head; a file's own head is never loaded) and, with average pooling,
-    ``fc_norm.*`` stay at their initial values; the file's decoder, mask token and, with average pooling + fc_norm,
-    its final ``norm.*`` are reported as unexpected and not used. Anything else missing, any other unknown key or
-    any shape mismatch (another architecture) raises CheckpointError. A position table of another grid (another
-    resolution) is resized by 2-D bicubic interpolation (`resize_pos_embed`).
-    """
-    sd = {k.removeprefix("module."): v for k, v in state_dict.items()}
-    model_sd = model.state_dict()
-    unexpected: list[str] = []
-    load: dict[str, torch.Tensor] = {}
-    resized: list[str] = []
-    for key, value in sd.items():
-        if _PRETRAIN_ONLY.match(key) or key.startswith(("head.", "classifier.")):
-            unexpected.append(key)
-        elif key not in model_sd:
-            if key.startswith("norm.") and "fc_norm.weight" in model_sd:
-                unexpected.append(key)  # avg pooling + fc_norm: the pre-trained final norm is not used
-            elif key.startswith("fc_norm."):
-                unexpected.append(key)  # a fine-tuned file loaded into a token-pooled model
-            else:
-                raise CheckpointError(f"{source} has '{key}', which a ViT classifier does not know; is it a checkpoint"
-                                      f" of another architecture?")
-        else:
-            load[key] = value
-    if "pos_embed" in load and load["pos_embed"].shape != model_sd["pos_embed"].shape:
-        src, dst = load["pos_embed"], model_sd["pos_embed"]
-        if src.dim() == 3 and src.shape[-1] == dst.shape[-1]:
-            old = _grid_of(src.shape[1] - 1, source_config)
-            new = tuple(model.patch_embed.grid_size)
-            load["pos_embed"] = resize_pos_embed(src, old, new)
-            resized.append("pos_embed")
-    mismatched = [f"{k} is {list(v.shape)} in the file but {list(model_sd[k].shape)} in the model"
-                  for k, v in load.items() if v.shape != model_sd[k].shape]
-    if mismatched:
-        raise CheckpointError(f"{source} does not fit the classifier (another architecture?): {mismatched[0]}"
-                              + (f" (+{len(mismatched) - 1} more)" if len(mismatched) > 1 else ""))
-    finetuned = any(k.startswith("fc_norm.") for k in sd) and not any(k.startswith("norm.") for k in sd)
-    missing = [k for k in model_sd if k not in load]
-    allowed = ("head.", "fc_norm.") + (("norm.",) if finetuned else ())
-    bad = [k for k in missing if not k.startswith(allowed)]
-    if bad:
-        raise CheckpointError(f"{source} lacks encoder weights {bad[:4]}{' ...' if len(bad) > 4 else ''}; it is not "
-                              f"a complete ViT encoder of this architecture")
-    model.load_state_dict(load, strict=False)
-    return EncoderLoadReport(missing=missing, unexpected=unexpected, resized=resized)
+                      source: str = "the checkpoint") -> LoadReport:
+    """Load an MAE (or ViT) encoder into a classifier, as the reference fine-tuning does (`mae.models.loading`
+    rules): ``head.*`` and, with average pooling, ``fc_norm.*`` start fresh (a file's own head is never loaded);
+    the file's decoder, mask token and, with average pooling, its final ``norm.*`` are not used; a position table
+    of another grid is resized by 2-D bicubic interpolation."""
+    return load_weights(model, state_dict, source=source, new_prefixes=CLASSIFIER_NEW_PARTS,
+                        source_grid=source_config.grid_size if source_config is not None else None)
 
 
 # ------------------------------------------------------------------------------------------------ freezing

@@ -1,10 +1,10 @@
-"""Named architectures and `create_model`, timm style: ``create_model(name, checkpoint_path=None, **overrides)``."""
+"""Named architectures and `create_model`, timm style: ``create_model(name, **overrides)``. This layer imports
+nothing above it; ``mae.create_model(name, checkpoint_path=...)`` adds weights from any format (`mae.interop`)."""
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
-from pathlib import Path
 
 from mae.errors import ConfigError
 from mae.models.mae import MAEConfig, MaskedAutoencoderViT, config_fields
@@ -60,12 +60,6 @@ def model_config(name: str, **overrides) -> MAEConfig:
     return MAEConfig(**ARCHITECTURES[name]).replace(**overrides)
 
 
-def create_model(name: str, checkpoint_path: str | Path | None = None, **overrides) -> MaskedAutoencoderViT:
-    """Build a registered MAE, optionally loading weights from any checkpoint format the library reads
-    (its own safetensors, the reference ``.pth``, a Hugging Face directory, a timm encoder state_dict)."""
-    model = MaskedAutoencoderViT(model_config(name, **overrides))
-    if checkpoint_path is not None:
-        from mae.interop import load_weights_into  # lazy: interop imports the model module
-
-        load_weights_into(model, checkpoint_path)
-    return model
+def create_model(name: str, **overrides) -> MaskedAutoencoderViT:
+    """Build a registered MAE with freshly initialised weights (`mae.create_model` also loads a checkpoint)."""
+    return MaskedAutoencoderViT(model_config(name, **overrides))

@@ -1,13 +1,12 @@
 """What the classification recipes (finetune, linprobe, knn, evaluate) share: config sections, where the encoder
 comes from, labelled datasets, exact distributed evaluation (top-1 / top-5), feature extraction, classifier
-checkpoints and the epoch loop around the shared `Engine`.
+checkpoints, and `train_classifier`, their common part around the shared run layer (`mae.train.trainer`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,16 +19,16 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from mae.data import UNLABELED, build_dataset, build_eval_transform, default_mean_std
-from mae.errors import CheckpointError, ConfigError, DataError, MAEError
+from mae.errors import CheckpointError, ConfigError, DataError
+from mae.files import write_json
+from mae.interop.loading import EncoderSource, read_encoder
 from mae.models.classifier import GLOBAL_POOLS, ClassifierConfig, build_classifier, load_encoder_into
-from mae.models.mae import MAEConfig
 from mae.models.pos_embed import resize_pos_embed
-from mae.train.checkpoint import CheckpointManager, safe_load
+from mae.train.checkpoint import safe_load
 from mae.train.distributed import DistInfo
-from mae.train.engine import Engine
-from mae.train.logging import MetricsLogger
 from mae.train.precision import autocast_context
-from mae.train.rng import capture_rng_state, restore_rng_state
+from mae.train.run import Run
+from mae.train.run_dir import resolve_run
 
 log = logging.getLogger("mae")
 
@@ -106,63 +105,17 @@ def check_init(init: str, checkpoint: str | None, model_name: str | None) -> Non
 
 
 # ---------------------------------------------------------------------------------------------------- the encoder
-@dataclass
-class EncoderSource:
-    """Encoder weights in reference / timm key names and the architecture they belong to."""
-
-    config: MAEConfig
-    state_dict: dict[str, torch.Tensor]
-    label: str  # for messages: where the weights came from
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A run directory -> its final model (model.safetensors) or newest checkpoint; anything else unchanged."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"checkpoint '{path}' does not exist; pass a run directory or a checkpoint file")
-    if path.is_dir() and (path / "config.yaml").is_file() and not (path / "config.json").is_file():
-        if (path / "model.safetensors").is_file():
-            return path / "model.safetensors"
-        latest = CheckpointManager(path).latest_valid()
-        if latest is None:
-            raise CheckpointError(f"run directory '{path}' holds no checkpoint yet; train first or pass a file")
-        return latest
-    return path
-
-
-def _is_hf_classifier_dir(path: Path) -> bool:
-    if not (path.is_dir() and (path / "config.json").is_file()):
-        return False
-    try:
-        return json.loads((path / "config.json").read_text()).get("model_type") == "vit"
-    except (OSError, ValueError):
-        return False
-
-
 def load_encoder_source(init: str, checkpoint: str | None, model_name: str | None) -> EncoderSource:
-    """The encoder to start from: a checkpoint in any format the library reads, or a fresh MAE initialisation
-    (fixed sin-cos positions, xavier-uniform linears) of the registered architecture `model_name`."""
+    """The encoder to start from: any checkpoint or run directory the library reads (`mae.interop.read_encoder`),
+    or a fresh MAE initialisation (fixed sin-cos positions, xavier-uniform linears) of the registered architecture
+    `model_name`."""
     check_init(init, checkpoint, model_name)
     if init != "pretrained":
         from mae.models import MaskedAutoencoderViT, model_config
 
-        config = model_config(model_name, decoder_depth=0)  # no decoder: it would be thrown away
-        model = MaskedAutoencoderViT(config)
+        model = MaskedAutoencoderViT(model_config(model_name, decoder_depth=0))  # no decoder: it would be dropped
         return EncoderSource(model_config(model_name), model.encoder_state_dict(), f"a random {model_name} encoder")
-    path = resolve_checkpoint(checkpoint)
-    if _is_hf_classifier_dir(path):
-        from mae.interop.classifier_export import load_hf_classifier
-
-        sd, ccfg, _ = load_hf_classifier(path)
-        config = MAEConfig(img_size=ccfg.img_size, patch_size=ccfg.patch_size, in_chans=ccfg.in_chans,
-                           embed_dim=ccfg.embed_dim, depth=ccfg.depth, num_heads=ccfg.num_heads,
-                           mlp_ratio=ccfg.mlp_ratio, norm_eps=ccfg.norm_eps)
-        return EncoderSource(config, sd, f"transformers classifier '{path}'")
-    from mae.interop import infer_config, load_state_dict_any
-
-    sd, fmt, stored = load_state_dict_any(path)
-    config = MAEConfig(**stored) if stored is not None else infer_config(sd, model_name)
-    return EncoderSource(config, sd, f"{fmt} checkpoint '{path}'")
+    return read_encoder(checkpoint, model_name)
 
 
 def build_from_source(source: EncoderSource, head_init_std: float, **classifier_fields: Any
@@ -171,14 +124,8 @@ def build_from_source(source: EncoderSource, head_init_std: float, **classifier_
     ccfg = ClassifierConfig.from_mae(source.config, **classifier_fields)
     model = build_classifier(ccfg, head_init_std=head_init_std)
     report = load_encoder_into(model, source.state_dict, source.config, source=source.label)
-    log.info("encoder from %s: new %s; not used: %s%s", source.label, _short(report.missing) or "-",
-             _short(report.unexpected) or "-",
-             f"; position table resized to a {ccfg.grid_size[0]}x{ccfg.grid_size[1]} grid" if report.resized else "")
+    log.info("encoder: %s", report.describe())
     return model, ccfg
-
-
-def _short(keys: list[str], n: int = 4) -> str:
-    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -369,8 +316,7 @@ def write_param_groups(path: Path, model: nn.Module, groups: list[dict[str, Any]
             entries[name] = {"trainable": True, "lr_scale": group.get("lr_scale", 1.0),
                              "weight_decay": group["weight_decay"], "group": i}
     out = {name: entries.get(name, {"trainable": False}) for name, _ in model.named_parameters()}
-    path.write_text(json.dumps(out, indent=1) + "\n")
-    return path
+    return write_json(path, out, indent=1)
 
 
 def classifier_state(model: nn.Module, classifier_config: ClassifierConfig, class_names: list[str],
@@ -382,25 +328,19 @@ def classifier_state(model: nn.Module, classifier_config: ClassifierConfig, clas
 
 def load_classifier(path: str | Path, img_size: int | tuple[int, int] | None = None, use_ema: bool | None = None,
                     model_name: str | None = None) -> tuple[nn.Module, ClassifierConfig, list[str] | None]:
-    """A classifier from a finetune / linprobe run directory (its best checkpoint), one of their checkpoints, an
+    """A classifier from a finetune / linprobe run directory (`resolve_run`: its best checkpoint once finished, else
+    its newest), one of their checkpoints, an
     exported timm file (with its ``.json``), a `ViTForImageClassification` directory, or a timm / reference
     fine-tuned state_dict (``fc_norm`` + ``head``). ``img_size`` rebuilds it at another resolution (the position
     table is interpolated, bicubic). ``use_ema`` None takes the EMA weights of a run checkpoint when they were the
     best. Returns (model in eval mode, its config, class names or None)."""
-    path = Path(path).expanduser()
+    path = resolve_run(path)
     names: list[str] | None = None
-    if _is_hf_classifier_dir(path):
+    if path.is_dir() and (path / "config.json").is_file():
         from mae.interop.classifier_export import load_hf_classifier
 
         sd, config, names = load_hf_classifier(path)
     else:
-        if path.is_dir():
-            candidates = [path / "checkpoint-best.pth", path / "checkpoint-last.pth"]
-            found = next((c for c in candidates if c.is_file()), None)
-            if found is None:
-                raise CheckpointError(f"'{path}' holds no checkpoint-best.pth or checkpoint-last.pth; pass a "
-                                      f"classifier checkpoint file")
-            path = found
         config = None
         if path.suffix == ".safetensors":
             from mae.interop.native import read_safetensors
@@ -419,8 +359,9 @@ def load_classifier(path: str | Path, img_size: int | tuple[int, int] | None = N
             if state.get("format") == CLASSIFIER_FORMAT:
                 config = ClassifierConfig.from_dict(state["classifier_config"])
                 names = state.get("class_names")
-                if use_ema is None:
-                    use_ema = bool(state.get("best_is_ema"))
+                if use_ema is None:  # the best checkpoint's own record says whether its EMA weights were the best
+                    best = (state.get("train_state") or {}).get("best") or {}
+                    use_ema = bool(best.get("ema", state.get("best_is_ema")))
                 key = "model_ema" if use_ema else "model"
                 if state.get(key) is None:
                     raise CheckpointError(f"'{path}' holds no EMA weights (the run had ema=false); use use_ema=false")
@@ -457,122 +398,62 @@ def _infer_classifier_config(sd: dict[str, torch.Tensor], path: Path, model_name
                                      head="bn_linear" if bn else "linear")
 
 
-# ---------------------------------------------------------------------------------------------------- the epoch loop
-@dataclass
-class TrainJob:
-    """Everything `train_and_evaluate` needs; the recipes build it."""
+# ---------------------------------------------------------------------------------------------------- training
+def train_classifier(run: Run, *, model: nn.Module, classifier_config: ClassifierConfig, class_names: list[str],
+                     train_set: Dataset, train_loader: Any, loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+                     score: Callable[[nn.Module], EvalResult], groups: list[dict[str, Any]], optimizer: str,
+                     optim: dict[str, Any], resolved: dict[str, Any], train_module: nn.Module | None = None,
+                     eval_module: nn.Module | None = None, ema: Any = None, protocol: str = "") -> tuple[Any, dict]:
+    """What fine-tuning and linear probing share around the run layer: the engine, evaluation after every epoch
+    (top-1, top-5 when there are more than 5 classes, loss; the EMA weights too when kept), the best top-1 (EMA
+    included) as ``checkpoint-best.pth``, ``param_groups.json``, the summary and ``curves.png``. Returns the
+    `Trainer` (call ``finish`` after any exports) and the summary."""
+    from mae.train.logging import draw_curves
+    from mae.train.trainer import Best, Trainer, build_engine, data_facts
 
-    classifier: nn.Module  # saved in checkpoints (its state_dict includes the trained head)
-    classifier_config: ClassifierConfig
-    class_names: list[str]
-    engine: Engine
-    train_loader: Any  # an iterable with len() and a set_epoch (a DataLoader from build_loader, or FeatureBatches)
-    loss_fn: Callable[[nn.Module, Any], torch.Tensor]
-    evaluate: Callable[[nn.Module], EvalResult]  # scores a classifier (the model, or its EMA copy)
-    epochs: int
-    out: Path
-    dist: DistInfo
-    logger: MetricsLogger
-    manager: CheckpointManager
-    config: dict[str, Any]  # the run's resolved config, stored in checkpoints
-    ema: nn.Module | None = None  # a timm ModelEmaV3
-    save_every: int = 1
-    resume: str | None = None
-    evaluate_model: nn.Module | None = None  # what `evaluate` gets for the live weights (default: classifier)
+    cfg = run.cfg
+    engine = build_engine(run, model, groups, optimizer=optimizer, train_module=train_module,
+                          updates_per_epoch=len(train_loader) // cfg.accum_iter, **optim)
+    if ema is not None:  # the EMA follows the applied updates only (a skipped update leaves it alone)
+        engine.on_update = lambda: ema.update(model)
+    many = len(class_names) > 5  # top-5 of 5 classes or fewer is always 100%
+    live = eval_module if eval_module is not None else model
 
+    def evaluate(epoch: int) -> dict[str, float]:
+        result = score(live)
+        record = {"top1": result.top1, "val_loss": result.loss, **({"top5": result.top5} if many else {})}
+        if ema is not None:
+            ema_result = score(ema.module)
+            record.update(ema_top1=ema_result.top1, **({"ema_top5": ema_result.top5} if many else {}))
+        return record
 
-def _set_epoch(loader: Any, epoch: int) -> None:
-    if hasattr(loader, "set_epoch"):
-        loader.set_epoch(epoch)
-    else:
-        from mae.data import set_epoch
+    def best_of(record: dict[str, Any]) -> tuple[float | None, dict]:
+        top1, ema_top1 = record.get("top1"), record.get("ema_top1")
+        if top1 is None:
+            return None, {}
+        if ema_top1 is not None and ema_top1 > top1:
+            return float(ema_top1), {"ema": True}
+        return float(top1), {"ema": False}
 
-        set_epoch(loader, epoch)
-
-
-def train_and_evaluate(job: TrainJob) -> dict[str, Any]:
-    """Train for the remaining epochs, evaluating top-1 / top-5 after each (and the EMA weights, when kept);
-    keeps ``checkpoint-last.pth`` and ``checkpoint-best.pth`` (best top-1, EMA included when it is better)."""
-    start_epoch, history, best, best_epoch = 0, [], -1.0, -1
-    resumed = job.manager.load_latest() if job.resume == "auto" else (
-        (Path(job.resume), safe_load(job.resume)) if job.resume else None)
-    if resumed is not None:
-        path, state = resumed
-        if state.get("format") != CLASSIFIER_FORMAT or "engine" not in state:
-            raise ConfigError(f"'{path}' is not a training checkpoint of a classification run; resume from the "
-                              f"run's checkpoint-last.pth (or resume=auto)")
-        job.classifier.load_state_dict(state["model"])
-        job.engine.load_state_dict(state["engine"])
-        if job.ema is not None and state.get("model_ema") is not None:
-            job.ema.module.load_state_dict(state["model_ema"])
-        start_epoch, history = int(state["epoch"]) + 1, list(state.get("history", []))
-        best, best_epoch = float(state.get("best_top1", -1.0)), int(state.get("best_epoch", -1))
-        rng = state.get("rng")
-        if rng is not None:
-            restore_rng_state(rng[job.dist.rank] if isinstance(rng, list) else rng)
-        log.info("resumed from %s at epoch %d", path, start_epoch)
-
-    t_start = time.perf_counter()
-    live = job.evaluate_model if job.evaluate_model is not None else job.classifier
-    for epoch in range(start_epoch, job.epochs):
-        _set_epoch(job.train_loader, epoch)
-        stats = job.engine.train_epoch(job.train_loader, epoch, job.loss_fn)
-        t_eval = time.perf_counter()
-        result = job.evaluate(live)
-        record: dict[str, Any] = {"epoch": epoch, "step": job.engine.step, "train_loss": stats.loss,
-                                  "lr": stats.lr, **result.metrics("val_"), "top1": result.top1,
-                                  "top5": result.top5, "epoch_seconds": stats.seconds,
-                                  "eval_seconds": time.perf_counter() - t_eval}
-        record.pop("val_top1"), record.pop("val_top5")
-        epoch_best, ema_better = result.top1, False
-        if job.ema is not None:
-            ema_result = job.evaluate(job.ema.module)
-            record.update(ema_top1=ema_result.top1, ema_top5=ema_result.top5)
-            ema_better = ema_result.top1 > result.top1
-            epoch_best = max(epoch_best, ema_result.top1)
-        is_best = epoch_best > best
-        if is_best:
-            best, best_epoch = epoch_best, epoch
-        record.update(best_top1=best)
-        job.logger.log(record)
-        history.append({k: record[k] for k in ("epoch", "train_loss", "top1", "top5") if k in record})
-        log.info("epoch %d: train loss %.4f, val top-1 %.2f%%, top-5 %.2f%%%s", epoch, record["train_loss"],
-                 result.top1, result.top5,
-                 f" (EMA {record['ema_top1']:.2f}%)" if "ema_top1" in record else "")
-        last = epoch + 1 == job.epochs
-        if is_best or last or (epoch + 1) % job.save_every == 0:
-            rng = _gather_rng(job.dist)
-            if job.dist.is_main:
-                state = classifier_state(
-                    job.classifier, job.classifier_config, job.class_names, epoch=epoch,
-                    engine=job.engine.state_dict(), history=history, best_top1=best, best_epoch=best_epoch,
-                    best_is_ema=ema_better if is_best else None, rng=rng, config=job.config,
-                    model_ema=job.ema.module.state_dict() if job.ema is not None else None)
-                job.manager.save(state, epoch, is_best=is_best)
-    elapsed = time.perf_counter() - t_start
-    final = history[-1] if history else {}
-    return {"best_top1": best, "best_epoch": best_epoch, "last_top1": final.get("top1"),
-            "last_top5": final.get("top5"), "train_seconds": elapsed, "updates": job.engine.step}
-
-
-def _gather_rng(dist: DistInfo) -> Any:
-    state = capture_rng_state()
-    if dist.world_size == 1:
-        return state
-    states: list[Any] = [None] * dist.world_size
-    tdist.all_gather_object(states, state)
-    return states
-
-
-def finish_run(out: Path, summary: dict[str, Any], dist: DistInfo, plot_keys: tuple[str, ...]) -> dict[str, Any]:
-    """Write summary.json and the training curves (rank 0)."""
-    if dist.is_main:
-        from mae.train.logging import plot_curves
-
-        try:
-            plot_curves(out / "metrics.jsonl", out / "curves.png", keys=plot_keys)
-            summary["curves_png"] = str(out / "curves.png")
-        except (MAEError, OSError, ValueError) as e:  # a plot is a convenience: never fail a finished run over it
-            log.warning("could not draw curves.png: %s", e)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    trainer = Trainer(run, model=model, engine=engine, loader=train_loader, loss_fn=loss_fn,
+                      best=Best("top1", "max", best_of), evaluate=evaluate, resolved=resolved,
+                      data=data_facts(train_set, run, len(train_loader)),
+                      meta={"classifier_config": classifier_config.to_dict(), "class_names": list(class_names)},
+                      extra_state={"model_ema": ema.module} if ema is not None else None)
+    if run.dist.is_main:
+        write_param_groups(run.out / "param_groups.json", model, groups)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log.info("%s: %d classes, %s pooling, %.2f M parameters (%.2f M trainable); %d training images; effective "
+                 "batch %d; peak lr %.3g (%s); precision %s on %s", protocol or "classifier", len(class_names),
+                 classifier_config.global_pool, sum(p.numel() for p in model.parameters()) / 1e6, trainable / 1e6,
+                 len(train_set), engine.effective_batch, engine.peak_lr, optimizer, run.precision, run.device)
+    result = trainer.fit()
+    last = result.history[-1] if result.history else {}
+    summary: dict[str, Any] = {"output_dir": str(run.out), "protocol": protocol, "best_top1": result.best["value"],
+                               "best_epoch": result.best["epoch"], "last_top1": last.get("top1"),
+                               **({"last_top5": last.get("top5")} if many else {}),
+                               "train_seconds": result.train_seconds, "updates": result.updates,
+                               "best_checkpoint": str(run.out / "checkpoint-best.pth")}
+    if run.dist.is_main:
+        summary.update(draw_curves(run.out, ("loss", "lr", "top1")))
+    return trainer, summary

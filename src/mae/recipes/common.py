@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -24,7 +24,8 @@ class ModelSection:
     """A registered architecture plus optional overrides of its fields (unset = the architecture's value)."""
 
     name: str = field(default="mae_vit_base_patch16", metadata={"help": "registered model name (see `mae models`)"})
-    img_size: int | None = field(default=None, metadata={"help": "image side in pixels"})
+    img_size: int | tuple[int, int] | None = field(default=None, metadata={
+        "help": "image side in pixels, or [height, width]"})
     patch_size: int | None = None
     in_chans: int | None = field(default=None, metadata={"help": "1 grey, 3 RGB"})
     embed_dim: int | None = None
@@ -45,22 +46,39 @@ class ModelSection:
     def overrides(self) -> dict:
         return {k: v for k, v in vars(self).items() if k != "name" and v is not None}
 
+    def resolved(self, config: Any) -> dict[str, Any]:
+        """This section with every field set to the value the built model has (`config`: its `MAEConfig`): what
+        config.yaml records, so that the file alone rebuilds the same architecture."""
+        values = config.to_dict()
+        return {"name": self.name, **{f.name: values[f.name] for f in fields(self) if f.name != "name"}}
+
     def validate(self) -> None:
         from mae.models import model_config
 
         model_config(self.name, **self.overrides())  # raises ConfigError naming the bad field
 
 
+def mps_available() -> bool:
+    """Apple-silicon GPU (Metal) present and usable by this torch build."""
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
 def resolve_device(name: str) -> torch.device:
-    """'auto' picks CUDA when present, else CPU."""
+    """'auto' picks CUDA when present, then Apple's MPS, else the CPU; a named device must exist."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError as e:
-        raise ConfigError(f"device '{name}' is not a valid torch device; use auto, cpu, cuda or cuda:N") from e
+        raise ConfigError(f"device '{name}' is not a valid torch device; use auto, cpu, cuda, cuda:N or mps") from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device '{name}' requested but CUDA is not available; use device=cpu")
+    if device.type == "mps" and not mps_available():
+        raise ConfigError(f"device '{name}' requested but this machine has no usable Apple GPU (MPS); use "
+                          f"device=cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device '{name}' is not supported; use auto, cpu, cuda, cuda:N or mps")
     return device
 
 
@@ -93,7 +111,7 @@ def run_distributed(device: str, body: Callable[[DistInfo], T]) -> T:
     group: the entry point every training and evaluation recipe shares."""
     from mae.train.distributed import cleanup, init_distributed
 
-    dist = init_distributed(None if device == "auto" else resolve_device(device))
+    dist = init_distributed(resolve_device(device))
     try:
         return body(dist)
     finally:

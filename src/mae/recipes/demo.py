@@ -9,7 +9,6 @@ and ``summary.json``.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mae.config import load_config
+from mae.config import load_config, to_dict
 from mae.errors import ConfigError
+from mae.files import write_json
 
 log = logging.getLogger("mae")
 
@@ -49,6 +49,9 @@ class DemoConfig:
     mask_ratios: list[float] = field(default_factory=lambda: [0.5, 0.75, 0.9], metadata={
         "help": "reconstruction grids (paper Figures 2 and 4)"})
     device: str = "auto"
+    overwrite: bool = field(default=False, metadata={
+        "help": "delete the stages of a previous demo in output_dir and run them again (default: a rerun continues "
+                "or reuses the finished stages; settings that change what a stage computes are refused)"})
 
     def validate(self) -> None:
         if not self.mask_ratios or not all(0 <= r < 1 for r in self.mask_ratios):
@@ -67,7 +70,8 @@ def run(cfg: DemoConfig) -> dict:
     """Pre-train, evaluate, compare, report; returns the summary (also written to summary.json)."""
     t_start = time.perf_counter()
     out = Path(cfg.output_dir)
-    common = [f"device={cfg.device}", "progress=false"]
+    # every stage is a run of its own: a rerun of the demo continues (or reuses) each finished stage
+    common = [f"device={cfg.device}", "progress=false", "overwrite=true" if cfg.overwrite else "resume=auto"]
     pre, pre_seconds = _stage("pretrain", "PretrainConfig", cfg.pretrain_config,
                               [*cfg.pretrain_overrides, *common, f"output_dir={out}"])
     model_name = _pretrain_model_name(out)
@@ -91,7 +95,7 @@ def run(cfg: DemoConfig) -> dict:
                           [*ft, f"model.name={model_name}", f"output_dir={out / 'scratch'}"]),
     }
     t0 = time.perf_counter()
-    raw = raw_pixel_probe(cfg.linprobe_config, [*probe, *common])
+    raw = raw_pixel_probe(cfg.linprobe_config, [*probe, *common, f"output_dir={out / 'raw_pixels'}"])
     results["raw_pixels_linear"] = (raw, time.perf_counter() - t0)
 
     grids = _reconstructions(out, cfg.mask_ratios)
@@ -115,7 +119,7 @@ def run(cfg: DemoConfig) -> dict:
         "loss_halved": pre["last_epoch_loss"] <= 0.5 * pre["first_epoch_loss"],
     }
     summary["total_seconds"] = time.perf_counter() - t_start
-    (out / "summary.json").write_text(json.dumps({**summary, "pretrain": pre}, indent=2, default=str))
+    write_json(out / "summary.json", {**summary, "pretrain": pre})
     report = _write_report(out, summary, grids, cfg.mask_ratios)
     return {**{k: v for k, v in summary.items() if k != "seconds"}, "report": str(report),
             "summary": str(out / "summary.json")}
@@ -156,17 +160,23 @@ class _PixelProbe(nn.Module):
 
 
 def raw_pixel_probe(linprobe_config: str, overrides: list[str]) -> dict:
-    """A linear classifier on raw (normalised) pixels with the linear probe's head, optimizer and schedule: the
-    floor a learned representation must clear."""
-    from mae.data import build_dataset, default_mean_std
-    from mae.recipes.classify_common import score_logits
-    from mae.recipes.linprobe import FeatureBatches, LinprobeConfig
-    from mae.train.engine import Engine, LRSchedule
-    from mae.train.optim import build_optimizer, param_groups
-    from mae.train.rng import seed_everything
+    """A linear classifier on raw (normalised) pixels with the linear probe's head, optimizer and schedule, trained
+    through the shared run layer (a run directory of its own): the floor a learned representation must clear."""
+    from mae.recipes.common import run_distributed
+    from mae.recipes.linprobe import LinprobeConfig
 
     cfg = load_config(LinprobeConfig, linprobe_config, overrides)
-    seed_everything(cfg.seed)
+    return run_distributed(cfg.device, lambda dist: _raw_pixel_probe(cfg, dist))
+
+
+def _raw_pixel_probe(cfg, dist) -> dict:
+    from mae.data import build_dataset, default_mean_std
+    from mae.recipes.classify_common import score_logits
+    from mae.recipes.linprobe import FeatureBatches
+    from mae.train.optim import param_groups
+    from mae.train.run import start_run
+    from mae.train.trainer import Best, Trainer, build_engine, data_facts
+
     train = build_dataset(cfg.data.path, "train")
     val = build_dataset(cfg.data.path, "val")
     if not hasattr(train, "as_tensors"):
@@ -183,35 +193,42 @@ def raw_pixel_probe(linprobe_config: str, overrides: list[str]) -> dict:
     if cfg.data.train_limit:  # a seeded random subset: the embedded splits are ordered by class
         keep = torch.randperm(len(xt), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.data.train_limit]
         xt, yt = xt[keep], yt[keep]
-    probe = _PixelProbe(xt.shape[1], train.num_classes)
     steps = max(1, len(xt) // cfg.batch_size)
-    batches = FeatureBatches(xt, yt, cfg.batch_size, steps, cfg.seed)
-    peak = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.base_lr * cfg.batch_size / 256
-    optimizer = build_optimizer(param_groups(probe, 0.0), cfg.optim.name, lr=peak, momentum=cfg.optim.momentum)
-    engine = Engine(probe, optimizer, LRSchedule(peak, cfg.epochs * steps, round(cfg.optim.warmup_epochs * steps)),
-                    show_progress=False)
-    best = 0.0
-    for epoch in range(cfg.epochs):
-        batches.set_epoch(epoch)
-        engine.train_epoch(batches, epoch, lambda mod, b: F.cross_entropy(mod(b[0]), b[1]))
-        probe.eval()
-        with torch.no_grad():
+    with start_run(cfg, dist, kind="classify") as run:
+        probe = _PixelProbe(xt.shape[1], train.num_classes)
+        batches = FeatureBatches(xt, yt, cfg.batch_size, steps, cfg.seed)
+        o = cfg.optim
+        engine = build_engine(run, probe, param_groups(probe, 0.0), optimizer=o.name, updates_per_epoch=steps,
+                              base_lr=o.base_lr, lr=o.lr, warmup_epochs=o.warmup_epochs, momentum=o.momentum)
+
+        @torch.no_grad()
+        def evaluate(epoch: int) -> dict:
+            probe.eval()
             result = score_logits(((probe(xv[i:i + 512]), yv[i:i + 512]) for i in range(0, len(xv), 512)),
                                   torch.device("cpu"))
-        probe.train()
-        best = max(best, result.top1)
-    return {"best_top1": best, "top1": result.top1, "features": int(xt.shape[1])}
+            probe.train()
+            return {"top1": result.top1}
+
+        trainer = Trainer(run, model=probe, engine=engine, loader=batches,
+                          loss_fn=lambda mod, b: F.cross_entropy(mod(b[0]), b[1]), best=Best("top1", "max"),
+                          evaluate=evaluate, resolved={**to_dict(cfg), "precision": run.precision,
+                                                       "device": run.device.type},
+                          data=data_facts(train, run, steps), meta={"features": int(xt.shape[1])})
+        result = trainer.fit()
+        summary = {"best_top1": result.best["value"], "top1": result.history[-1]["top1"] if result.history else None,
+                   "features": int(xt.shape[1])}
+        return trainer.finish(summary, "checkpoint-best.pth")
 
 
 # ------------------------------------------------------------------------------------------------ report
 def _reconstructions(out: Path, ratios: list[float]) -> Path:
     import yaml
 
-    from mae.recipes.pretrain import load_run_model
+    from mae.interop import load_model
     from mae.viz.reconstruction import save_reconstructions
 
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    model = load_run_model(out)
+    model = load_model(out)
     return save_reconstructions(model, saved["data"]["path"], out / "reconstructions_ratios.png", mask_ratios=ratios,
                                 mean=saved["data"].get("mean"), std=saved["data"].get("std"), num_images=8)
 

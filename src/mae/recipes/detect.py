@@ -9,7 +9,6 @@ layer-wise lr decay on the backbone; COCO-format data; box and mask AP from pyco
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,10 @@ from typing import Any
 import torch
 from torchvision.models.detection import MaskRCNN
 
+from mae.data import build_loader
 from mae.errors import ConfigError
+from mae.files import write_json
+from mae.train.run import Run
 from mae.transfer.backbone import ViTPyramid, check_pyramid
 from mae.transfer.detection import (
     IMAGENET_MEAN,
@@ -39,9 +41,8 @@ from mae.transfer.training import (
     eval_progress,
     load_task_checkpoint,
     make_backbone,
-    prepare_run,
-    seeded_loader,
-    train_and_evaluate,
+    evaluation_setup,
+    run_transfer,
 )
 
 log = logging.getLogger("mae")
@@ -153,26 +154,37 @@ def _data_paths(cfg: DetectConfig, out: Path) -> tuple[Path, Path, Path, Path]:
 
 def run(cfg: DetectConfig) -> dict[str, Any]:
     """Train (mode=train) or score (mode=evaluate) a Mask R-CNN; returns box / mask AP and run facts."""
-    device, precision, out = prepare_run(cfg)
-    train_images, train_ann, val_images, val_ann = _data_paths(cfg, out)
-    val_set = CocoInstances(val_images, val_ann, limit=cfg.data.val_limit)
-    progress = eval_progress(cfg.progress, "evaluate")
-
-    def evaluate(model: torch.nn.Module) -> dict[str, Any]:
-        return evaluate_coco(model, val_set, device, cfg.eval_batch_size, precision, progress)
-
     if cfg.mode == "evaluate":
-        task, state, path = load_task_checkpoint(cfg.weights, FORMAT)
-        if task["classes"] != val_set.classes:
-            raise ConfigError(f"'{path}' was trained on classes {task['classes']} but the val data has "
-                              f"{val_set.classes}")
-        model = detector_from_task(task).to(device)
-        model.load_state_dict(state)
-        metrics = evaluate(model)
-        summary = {"weights": str(path), "val_images": len(val_set), **{k: metrics[k] for k in METRICS}}
-        (out / "eval.json").write_text(json.dumps(metrics, indent=1))
-        return summary
+        return _evaluate(cfg)
+    return run_transfer(cfg, "detect", lambda run: _job(cfg, run))
 
+
+def _val_set(cfg: DetectConfig, out: Path) -> tuple[CocoInstances, tuple[Path, Path]]:
+    train_images, train_ann, val_images, val_ann = _data_paths(cfg, out)
+    return CocoInstances(val_images, val_ann, limit=cfg.data.val_limit), (train_images, train_ann)
+
+
+def _scorer(cfg: DetectConfig, val_set: CocoInstances, device: torch.device, precision: str):
+    progress = eval_progress(cfg.progress, "evaluate")
+    return lambda model: evaluate_coco(model, val_set, device, cfg.eval_batch_size, precision, progress)
+
+
+def _evaluate(cfg: DetectConfig) -> dict[str, Any]:
+    device, precision, out = evaluation_setup(cfg)
+    val_set, _ = _val_set(cfg, out)
+    task, state, path = load_task_checkpoint(cfg.weights, FORMAT)
+    if task["classes"] != val_set.classes:
+        raise ConfigError(f"'{path}' was trained on classes {task['classes']} but the val data has {val_set.classes}")
+    model = detector_from_task(task).to(device)
+    model.load_state_dict(state)
+    metrics = _scorer(cfg, val_set, device, precision)(model)
+    write_json(out / "eval.json", metrics, indent=1)
+    return {"weights": str(path), "val_images": len(val_set), **{k: metrics[k] for k in METRICS}}
+
+
+def _job(cfg: DetectConfig, run: Run) -> TransferJob:
+    device = run.device
+    val_set, (train_images, train_ann) = _val_set(cfg, run.out)
     train_set = CocoInstances(train_images, train_ann, hflip=cfg.data.hflip, limit=cfg.data.limit)
     if train_set.classes != val_set.classes:
         raise ConfigError(f"train and val annotations have different categories: {train_set.classes} vs "
@@ -185,8 +197,8 @@ def run(cfg: DetectConfig) -> dict[str, Any]:
         **cfg.head.rcnn_kwargs()}, "classes": train_set.classes,
         "image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD)}
     model = detector_from_task(task, backbone).to(device)
-    loader = seeded_loader(train_set, cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers,
-                           collate_fn=collate_detection)
+    loader = build_loader(train_set, cfg.batch_size, shuffle=True, num_workers=cfg.num_workers, seed=cfg.seed,
+                          drop_last=True, collate_fn=collate_detection)
 
     def loss_fn(m: torch.nn.Module, batch) -> torch.Tensor:
         images, targets = batch
@@ -194,8 +206,6 @@ def run(cfg: DetectConfig) -> dict[str, Any]:
         targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
         return sum(m(images, targets).values())
 
-    job = TransferJob(model=model, backbone=backbone, backbone_prefix="backbone.body.", train_loader=loader,
-                      loss_fn=loss_fn, evaluate=evaluate, best_key="box_AP", task=task, format=FORMAT, run=cfg,
-                      optim=cfg.optim, config=cfg, device=device, precision=precision, out=out,
-                      train_images=len(train_set), init_report=report, metric_keys=METRICS)
-    return train_and_evaluate(job)
+    return TransferJob(model=model, backbone=backbone, backbone_prefix="backbone.body.", train_set=train_set,
+                       train_loader=loader, loss_fn=loss_fn, evaluate=_scorer(cfg, val_set, device, run.precision),
+                       best_key="box_AP", task=task, init_report=report, metric_keys=METRICS)

@@ -15,42 +15,34 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
-from mae.config import save_config, to_dict
+from mae.config import to_dict
 from mae.data import build_loader
 from mae.errors import ConfigError
+from mae.interop.loading import EncoderSource
 from mae.models.classifier import ClassifierConfig, PartiallyFrozen, trainable_prefixes
 from mae.recipes.classify_common import (
     ClassifierSection,
     ClassifyData,
-    EncoderSource,
-    TrainJob,
     build_from_source,
     check_init,
     eval_loader,
     eval_transform,
     evaluate,
-    finish_run,
     labelled_dataset,
     load_encoder_source,
     mean_std,
     square_side,
-    train_and_evaluate,
+    train_classifier,
     train_transform,
-    write_param_groups,
 )
-from mae.recipes.common import prepare_output_dir, require_at_least, require_precision, run_distributed
-from mae.train.checkpoint import CheckpointManager
+from mae.recipes.common import run_distributed
 from mae.train.distributed import DistInfo
-from mae.train.engine import Engine, LRSchedule
-from mae.train.logging import MetricsLogger
-from mae.train.optim import build_optimizer, param_groups
-from mae.train.precision import resolve_precision
-from mae.train.rng import seed_everything
-from mae.train.schedule import scaled_lr
+from mae.train.optim import param_groups
+from mae.train.run import Run, TrainFields, start_run
 
 log = logging.getLogger("mae")
 
@@ -116,9 +108,13 @@ class FinetuneOptim:
 
 
 @dataclass
-class FinetuneConfig:
-    """Everything a fine-tuning run needs; saved as config.yaml next to the run."""
+class FinetuneConfig(TrainFields):
+    """Everything a fine-tuning run needs; saved (resolved) as config.yaml next to the run."""
 
+    output_dir: str = field(default="runs/finetune", metadata={"help": "checkpoints, logs and metrics go here"})
+    epochs: int = 100
+    save_every: int = field(default=1, metadata={"help": "write checkpoint-last.pth every N epochs (best: always)"})
+    keep_last: int = field(default=0, metadata={"help": "numbered epoch checkpoints kept besides last/best"})
     model: ClassifierSection = field(default_factory=ClassifierSection)
     data: ClassifyData = field(default_factory=ClassifyData)
     aug: FinetuneAugment = field(default_factory=FinetuneAugment)
@@ -131,26 +127,15 @@ class FinetuneConfig:
     mlp_only: bool = field(default=False, metadata={"help": "partial fine-tuning: only the last block's MLP"})
     ema: bool = field(default=False, metadata={"help": "keep an EMA of the weights and evaluate it too"})
     ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay per update (paper Table 11: 0.9999)"})
-    output_dir: str = field(default="runs/finetune", metadata={"help": "checkpoints, logs and metrics go here"})
-    epochs: int = 100
-    batch_size: int = field(default=32, metadata={"help": "images per device per step"})
     eval_batch_size: int | None = field(default=None, metadata={"help": "default: 2 x batch_size"})
-    accum_iter: int = field(default=1, metadata={"help": "gradient accumulation steps per update"})
-    precision: str = field(default="auto", metadata={"help": "auto | bf16 | fp16 | fp32"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    seed: int = 0
-    save_every: int = field(default=1, metadata={"help": "write checkpoint-last.pth every N epochs (best: always)"})
-    log_every: int = field(default=20, metadata={"help": "optimizer updates between metrics.jsonl lines"})
-    resume: str | None = field(default=None, metadata={"help": "a checkpoint path, or 'auto' for the newest valid"})
-    max_nonfinite: int = field(default=5, metadata={"help": "consecutive non-finite losses before stopping"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
     export: list[str] = field(default_factory=list, metadata={
         "help": "export the best model at the end: timm (model_timm.safetensors) and/or hf (class-token pooling)"})
 
+    RESUME_FREE: ClassVar[tuple[str, ...]] = (*TrainFields.RESUME_FREE, "eval_batch_size", "export")
+
     def validate(self) -> None:
+        super().validate()
         check_init(self.init, self.checkpoint, self.model.name)
-        require_at_least(self, ("epochs", "batch_size", "accum_iter", "save_every", "log_every", "max_nonfinite"))
-        require_precision(self.precision)
         if self.trainable_blocks is not None and self.trainable_blocks < 0:
             raise ConfigError(f"trainable_blocks must be >= 0 (or null for all), got {self.trainable_blocks}")
         if self.mlp_only and self.trainable_blocks is not None:
@@ -193,16 +178,16 @@ def run(cfg: FinetuneConfig) -> dict:
 
 
 def _run(cfg: FinetuneConfig, dist: DistInfo) -> dict:
-    device = dist.device
-    precision = resolve_precision(cfg.precision, device)
-    out = prepare_output_dir(cfg.output_dir)
-    seed_everything(cfg.seed + dist.rank)
+    with start_run(cfg, dist, kind="classify") as run:
+        return _train(cfg, run)
 
+
+def _train(cfg: FinetuneConfig, run: Run) -> dict:
+    device, dist = run.device, run.dist
     source = load_encoder_source(cfg.init, cfg.checkpoint, cfg.model.name)
     in_chans = source.config.in_chans
-    img_size = cfg.model.img_size or None
     # data first: the number of classes sizes the head
-    side = square_side(ClassifierConfig.from_mae(source.config, img_size=img_size, num_classes=0))
+    side = square_side(ClassifierConfig.from_mae(source.config, img_size=cfg.model.img_size, num_classes=0))
     mean, std = mean_std(cfg.data, in_chans)
     train_set, classes = labelled_dataset(cfg.data, "train", build_train_transform(cfg, side, mean, std), in_chans,
                                           cfg.data.train_limit, cfg.seed)
@@ -219,25 +204,12 @@ def _run(cfg: FinetuneConfig, dist: DistInfo) -> dict:
     groups = param_groups(model, cfg.optim.weight_decay, layer_decay=cfg.optim.layer_decay, num_layers=ccfg.depth)
     loader = build_loader(train_set, cfg.batch_size, shuffle=True, num_workers=cfg.data.num_workers, seed=cfg.seed,
                           drop_last=True, distributed=dist.world_size > 1)
-    if len(loader) < cfg.accum_iter:
-        raise ConfigError(f"{len(train_set)} training images make {len(loader)} batches of {cfg.batch_size} per "
-                          f"process, fewer than accum_iter={cfg.accum_iter}; lower batch_size")
     val_loader = eval_loader(val_set, cfg.eval_batch_size or 2 * cfg.batch_size, cfg.data.num_workers, dist)
-    effective_batch = cfg.batch_size * cfg.accum_iter * dist.world_size
-    peak_lr = cfg.optim.lr if cfg.optim.lr is not None else scaled_lr(cfg.optim.base_lr, effective_batch)
-    updates_per_epoch = len(loader) // cfg.accum_iter
-    schedule = LRSchedule(peak_lr, total_steps=cfg.epochs * updates_per_epoch,
-                          warmup_steps=round(cfg.optim.warmup_epochs * updates_per_epoch), min_lr=cfg.optim.min_lr)
-    optimizer = build_optimizer(groups, "adamw", lr=peak_lr, betas=tuple(cfg.optim.betas),
-                                weight_decay=cfg.optim.weight_decay)
-
     ema = None
     if cfg.ema:
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(model, decay=cfg.ema_decay)
-        optimizer.register_step_post_hook(lambda *_: ema.update(model))
-
     mixup_fn, criterion = _loss(cfg, num_classes)
 
     def loss_fn(m: torch.nn.Module, batch) -> torch.Tensor:
@@ -247,35 +219,21 @@ def _run(cfg: FinetuneConfig, dist: DistInfo) -> dict:
             images, target = mixup_fn(images, target)
         return criterion(m(images), target)
 
-    train_model: torch.nn.Module = wrapper
-    if dist.world_size > 1:
-        train_model = DistributedDataParallel(wrapper, device_ids=[device.index] if device.type == "cuda" else None)
-    logger = MetricsLogger(out, enabled=dist.is_main)
-    engine = Engine(train_model, optimizer, schedule, precision=precision, device=device, accum_iter=cfg.accum_iter,
-                    clip_grad=cfg.optim.clip_grad, max_nonfinite=cfg.max_nonfinite, logger=logger,
-                    log_every=cfg.log_every, show_progress=cfg.progress and dist.is_main, world_size=dist.world_size)
-    if dist.is_main:
-        save_config(cfg, out / "config.yaml")
-        write_param_groups(out / "param_groups.json", model, groups)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        log.info("classifier: %d classes, %s pooling, %.2f M parameters (%.2f M trainable); %d train / %d val "
-                 "images; effective batch %d; peak lr %.3g; precision %s on %s", num_classes, ccfg.global_pool,
-                 sum(p.numel() for p in model.parameters()) / 1e6, trainable / 1e6, len(train_set), len(val_set),
-                 effective_batch, peak_lr, precision, device)
-
-    job = TrainJob(
-        classifier=model, classifier_config=ccfg, class_names=classes, engine=engine, train_loader=loader,
-        loss_fn=loss_fn, evaluate=lambda m: evaluate(m, val_loader, device, precision), epochs=cfg.epochs, out=out,
-        dist=dist, logger=logger, manager=CheckpointManager(out, keep_last=0), config=to_dict(cfg), ema=ema,
-        save_every=cfg.save_every, resume=cfg.resume, evaluate_model=wrapper)
-    result = train_and_evaluate(job)
-    logger.close()
-    summary = {"output_dir": str(out), "protocol": _protocol(cfg), **result,
-               "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-               "best_checkpoint": str(out / "checkpoint-best.pth")}
+    resolved = {**to_dict(cfg), "precision": run.precision, "device": device.type,
+                "model": {**to_dict(cfg.model), "img_size": list(ccfg.image_hw) if ccfg.image_hw[0] != ccfg.image_hw[1]
+                          else ccfg.image_hw[0], "num_classes": num_classes}}
+    o = cfg.optim
+    trainer, summary = train_classifier(
+        run, model=model, classifier_config=ccfg, class_names=classes, train_set=train_set, train_loader=loader,
+        loss_fn=loss_fn, score=lambda m: evaluate(m, val_loader, device, run.precision), groups=groups,
+        optimizer="adamw", optim={"base_lr": o.base_lr, "lr": o.lr, "warmup_epochs": o.warmup_epochs,
+                                  "min_lr": o.min_lr, "betas": tuple(o.betas), "weight_decay": o.weight_decay,
+                                  "clip_grad": o.clip_grad},
+        resolved=resolved, train_module=wrapper, eval_module=wrapper, ema=ema, protocol=_protocol(cfg))
+    summary["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if dist.is_main and cfg.export:
-        summary.update(_export(cfg, out, classes))
-    return finish_run(out, summary, dist, ("loss", "lr", "top1"))
+        summary.update(_export(cfg, run.out, classes))
+    return trainer.finish(summary, "checkpoint-best.pth")
 
 
 def _protocol(cfg: FinetuneConfig) -> str:

@@ -11,46 +11,38 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
-from mae.config import save_config, to_dict
+from mae.config import to_dict
 from mae.data import build_loader
 from mae.errors import ConfigError
+from mae.interop.loading import EncoderSource
 from mae.models.classifier import ClassifierConfig, PartiallyFrozen, trainable_prefixes
 from mae.recipes.classify_common import (
     ClassifierSection,
     ClassifyData,
-    EncoderSource,
     EvalResult,
-    TrainJob,
     build_from_source,
     check_init,
     eval_loader,
     eval_transform,
     evaluate,
     extract_features,
-    finish_run,
     labelled_dataset,
     load_encoder_source,
     mean_std,
     score_logits,
     square_side,
-    train_and_evaluate,
+    train_classifier,
     train_transform,
-    write_param_groups,
 )
-from mae.recipes.common import prepare_output_dir, require_at_least, require_precision, run_distributed
-from mae.train.checkpoint import CheckpointManager
+from mae.recipes.common import run_distributed
 from mae.train.distributed import DistInfo
-from mae.train.engine import Engine, LRSchedule
-from mae.train.logging import MetricsLogger
-from mae.train.optim import build_optimizer, param_groups
-from mae.train.precision import resolve_precision
-from mae.train.rng import seed_everything
-from mae.train.schedule import scaled_lr
+from mae.train.optim import param_groups
+from mae.train.run import Run, TrainFields, start_run
 
 log = logging.getLogger("mae")
 
@@ -99,9 +91,14 @@ def _probe_model() -> ClassifierSection:
 
 
 @dataclass
-class LinprobeConfig:
-    """Everything a linear-probing run needs; saved as config.yaml next to the run."""
+class LinprobeConfig(TrainFields):
+    """Everything a linear-probing run needs; saved (resolved) as config.yaml next to the run."""
 
+    output_dir: str = field(default="runs/linprobe", metadata={"help": "checkpoints, logs and metrics go here"})
+    epochs: int = 90
+    batch_size: int = field(default=256, metadata={"help": "images (or cached features) per device per step"})
+    save_every: int = field(default=1, metadata={"help": "write checkpoint-last.pth every N epochs (best: always)"})
+    keep_last: int = field(default=0, metadata={"help": "numbered epoch checkpoints kept besides last/best"})
     model: ClassifierSection = field(default_factory=_probe_model)
     data: ClassifyData = field(default_factory=ClassifyData)
     aug: LinprobeAugment = field(default_factory=LinprobeAugment)
@@ -109,26 +106,15 @@ class LinprobeConfig:
     checkpoint: str | None = field(default=None, metadata={
         "help": "pre-trained weights: a run directory or any checkpoint the library reads (mae, reference, HF, timm)"})
     init: str = field(default="pretrained", metadata={"help": "pretrained | random (a random-encoder baseline)"})
-    output_dir: str = field(default="runs/linprobe", metadata={"help": "checkpoints, logs and metrics go here"})
-    epochs: int = 90
-    batch_size: int = field(default=256, metadata={"help": "images (or cached features) per device per step"})
     eval_batch_size: int | None = field(default=None, metadata={"help": "default: batch_size"})
-    accum_iter: int = field(default=1, metadata={"help": "gradient accumulation steps per update"})
-    precision: str = field(default="auto", metadata={"help": "auto | bf16 | fp16 | fp32"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    seed: int = 0
-    save_every: int = field(default=1, metadata={"help": "write checkpoint-last.pth every N epochs (best: always)"})
-    log_every: int = field(default=20, metadata={"help": "optimizer updates between metrics.jsonl lines"})
-    resume: str | None = field(default=None, metadata={"help": "a checkpoint path, or 'auto' for the newest valid"})
-    max_nonfinite: int = field(default=5, metadata={"help": "consecutive non-finite losses before stopping"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    RESUME_FREE: ClassVar[tuple[str, ...]] = (*TrainFields.RESUME_FREE, "eval_batch_size")
 
     def validate(self) -> None:
+        super().validate()
         check_init(self.init, self.checkpoint, self.model.name)
-        require_at_least(self, ("epochs", "batch_size", "accum_iter", "save_every", "log_every", "max_nonfinite"))
         if self.batch_size < 2:
             raise ConfigError("the probe's BatchNorm needs batch_size >= 2")
-        require_precision(self.precision)
 
 
 def build_probe(source: EncoderSource, cfg_model: ClassifierSection, num_classes: int
@@ -147,20 +133,21 @@ class FeatureBatches:
     same on every rank, so DDP ranks stay in step)."""
 
     def __init__(self, feats: torch.Tensor, labels: torch.Tensor, batch_size: int, steps: int, seed: int = 0):
-        self.feats, self.labels, self.batch_size, self.steps, self.seed, self.epoch = (
-            feats, labels, batch_size, steps, seed, 0)
+        self.feats, self.labels, self.batch_size, self.steps, self.seed, self.epoch, self.skip = (
+            feats, labels, batch_size, steps, seed, 0, 0)
         self.feature_seconds = 0.0  # time it took to extract the features
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """The batches of `epoch`, without its first `skip` (done before a resume)."""
+        self.epoch, self.skip = epoch, skip
 
     def __len__(self) -> int:
-        return self.steps
+        return self.steps  # the whole epoch, whatever `skip`
 
     def __iter__(self):
         order = torch.randperm(len(self.feats), generator=torch.Generator().manual_seed(self.seed + self.epoch))
         order = order.to(self.feats.device)
-        for i in range(self.steps):
+        for i in range(self.skip, self.steps):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             yield self.feats[idx], self.labels[idx]
 
@@ -171,11 +158,12 @@ def run(cfg: LinprobeConfig) -> dict:
 
 
 def _run(cfg: LinprobeConfig, dist: DistInfo) -> dict:
-    device = dist.device
-    precision = resolve_precision(cfg.precision, device)
-    out = prepare_output_dir(cfg.output_dir)
-    seed_everything(cfg.seed + dist.rank)
+    with start_run(cfg, dist, kind="classify") as run:
+        return _train(cfg, run)
 
+
+def _train(cfg: LinprobeConfig, run: Run) -> dict:
+    device, dist, precision = run.device, run.dist, run.precision
     source = load_encoder_source(cfg.init, cfg.checkpoint, cfg.model.name)
     in_chans = source.config.in_chans
     side = square_side(ClassifierConfig.from_mae(source.config, img_size=cfg.model.img_size, num_classes=0))
@@ -195,59 +183,35 @@ def _run(cfg: LinprobeConfig, dist: DistInfo) -> dict:
     groups = param_groups(model, cfg.optim.weight_decay)
     eval_bs = cfg.eval_batch_size or cfg.batch_size
     val_loader = eval_loader(val_set, eval_bs, cfg.data.num_workers, dist)
-    logger = MetricsLogger(out, enabled=dist.is_main)
-
     if cached:
-        train_loader, evaluate_fn, engine_model = _cached_features(cfg, model, wrapper, train_set, val_loader, dist,
-                                                                   device, precision, eval_bs)
+        train_loader, score, train_module = _cached_features(cfg, model, wrapper, train_set, val_loader, dist,
+                                                             device, precision, eval_bs)
     else:
         train_loader = build_loader(train_set, cfg.batch_size, shuffle=True, num_workers=cfg.data.num_workers,
                                     seed=cfg.seed, drop_last=True, distributed=dist.world_size > 1)
-        engine_model = wrapper
+        train_module = wrapper
 
-        def evaluate_fn(m: torch.nn.Module) -> EvalResult:
+        def score(m: torch.nn.Module) -> EvalResult:
             return evaluate(m, val_loader, device, precision)
-
-    if len(train_loader) < cfg.accum_iter:
-        raise ConfigError(f"{len(train_set)} training images make {len(train_loader)} batches of {cfg.batch_size} "
-                          f"per process, fewer than accum_iter={cfg.accum_iter}; lower batch_size")
-    effective_batch = cfg.batch_size * cfg.accum_iter * dist.world_size
-    peak_lr = cfg.optim.lr if cfg.optim.lr is not None else scaled_lr(cfg.optim.base_lr, effective_batch)
-    updates_per_epoch = len(train_loader) // cfg.accum_iter
-    schedule = LRSchedule(peak_lr, total_steps=cfg.epochs * updates_per_epoch,
-                          warmup_steps=round(cfg.optim.warmup_epochs * updates_per_epoch), min_lr=cfg.optim.min_lr)
-    optimizer = build_optimizer(groups, cfg.optim.name, lr=peak_lr, weight_decay=cfg.optim.weight_decay,
-                                momentum=cfg.optim.momentum)
-    if dist.world_size > 1:
-        engine_model = DistributedDataParallel(engine_model,
-                                               device_ids=[device.index] if device.type == "cuda" else None)
-    engine = Engine(engine_model, optimizer, schedule, precision=precision, device=device, accum_iter=cfg.accum_iter,
-                    max_nonfinite=cfg.max_nonfinite, logger=logger, log_every=cfg.log_every,
-                    show_progress=cfg.progress and dist.is_main, world_size=dist.world_size)
 
     def loss_fn(m: torch.nn.Module, batch) -> torch.Tensor:
         x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         return F.cross_entropy(m(x), y)
 
-    if dist.is_main:
-        save_config(cfg, out / "config.yaml")
-        write_param_groups(out / "param_groups.json", model, groups)
-        log.info("linear probe: %d classes, %s features%s; %d train / %d val images; effective batch %d; peak lr "
-                 "%.3g (%s); precision %s on %s", num_classes, ccfg.global_pool,
-                 " (cached)" if cached else "", len(train_set), len(val_set), effective_batch, peak_lr,
-                 cfg.optim.name, precision, device)
-    job = TrainJob(
-        classifier=model, classifier_config=ccfg, class_names=classes, engine=engine, train_loader=train_loader,
-        loss_fn=loss_fn, evaluate=evaluate_fn, epochs=cfg.epochs, out=out, dist=dist, logger=logger,
-        manager=CheckpointManager(out, keep_last=0), config=to_dict(cfg), save_every=cfg.save_every,
-        resume=cfg.resume, evaluate_model=wrapper)
-    result = train_and_evaluate(job)
-    logger.close()
-    summary = {"output_dir": str(out), "protocol": "linear probe" + (" (cached features)" if cached else ""),
-               **result, "best_checkpoint": str(out / "checkpoint-best.pth")}
+    resolved = {**to_dict(cfg), "precision": precision, "device": device.type,
+                "model": {**to_dict(cfg.model), "img_size": ccfg.image_hw[0] if ccfg.image_hw[0] == ccfg.image_hw[1]
+                          else list(ccfg.image_hw), "num_classes": num_classes}}
+    o = cfg.optim
+    protocol = "linear probe" + (" (cached features)" if cached else "")
+    trainer, summary = train_classifier(
+        run, model=model, classifier_config=ccfg, class_names=classes, train_set=train_set,
+        train_loader=train_loader, loss_fn=loss_fn, score=score, groups=groups, optimizer=o.name,
+        optim={"base_lr": o.base_lr, "lr": o.lr, "warmup_epochs": o.warmup_epochs, "min_lr": o.min_lr,
+               "weight_decay": o.weight_decay, "momentum": o.momentum},
+        resolved=resolved, train_module=train_module, eval_module=wrapper, protocol=protocol)
     if cached:
         summary["feature_seconds"] = train_loader.feature_seconds
-    return finish_run(out, summary, dist, ("loss", "lr", "top1"))
+    return trainer.finish(summary, "checkpoint-best.pth")
 
 
 def _cached_features(cfg: LinprobeConfig, model, wrapper, train_set, val_loader, dist: DistInfo,

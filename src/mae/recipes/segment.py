@@ -10,7 +10,6 @@ mIoU, pixel accuracy and mean class accuracy.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,10 @@ from typing import Any
 
 import torch
 
+from mae.data import build_loader
 from mae.errors import ConfigError
+from mae.files import write_json
+from mae.train.run import Run
 from mae.transfer.backbone import ViTPyramid, check_pyramid
 from mae.transfer.segmentation import (
     IMAGENET_MEAN,
@@ -41,9 +43,8 @@ from mae.transfer.training import (
     eval_progress,
     load_task_checkpoint,
     make_backbone,
-    prepare_run,
-    seeded_loader,
-    train_and_evaluate,
+    evaluation_setup,
+    run_transfer,
 )
 
 log = logging.getLogger("mae")
@@ -159,28 +160,44 @@ def _data(cfg: SegmentConfig, out: Path) -> tuple[Path, list[str], int]:
 
 def run(cfg: SegmentConfig) -> dict[str, Any]:
     """Train (mode=train) or score (mode=evaluate) an UperNet segmenter; returns mIoU / aAcc / mAcc and run facts."""
-    device, precision, out = prepare_run(cfg)
+    if cfg.mode == "evaluate":
+        return _evaluate(cfg)
+    return run_transfer(cfg, "segment", lambda run: _job(cfg, run))
+
+
+def _val_set(cfg: SegmentConfig, out: Path) -> tuple[SegmentationFolder, Path, list[str], int]:
     root, names, num_classes = _data(cfg, out)
     d = cfg.data
     eval_transform = SegmentationTransform(scale=d.eval_scale, crop_size=None, ignore_index=d.ignore_index)
     val_set = SegmentationFolder(root, d.val_split, num_classes, d.reduce_zero_label, d.ignore_index, eval_transform,
                                  limit=d.val_limit)
+    return val_set, root, names, num_classes
+
+
+def _scorer(cfg: SegmentConfig, val_set: SegmentationFolder, names: list[str], device: torch.device,
+            precision: str):
     progress = eval_progress(cfg.progress, "evaluate")
+    return lambda model: evaluate_segmentation(model, val_set, device, cfg.eval_batch_size, precision, names,
+                                               progress)
 
-    def evaluate(model: torch.nn.Module) -> dict[str, Any]:
-        return evaluate_segmentation(model, val_set, device, cfg.eval_batch_size, precision, names, progress)
 
-    if cfg.mode == "evaluate":
-        task, state, path = load_task_checkpoint(cfg.weights, FORMAT)
-        if len(task["classes"]) != num_classes:
-            raise ConfigError(f"'{path}' predicts {len(task['classes'])} classes but data.num_classes is "
-                              f"{num_classes}")
-        model = segmenter_from_task(task).to(device)
-        model.load_state_dict(state)
-        metrics = evaluate(model)
-        (out / "eval.json").write_text(json.dumps(metrics, indent=1))
-        return {"weights": str(path), "val_images": len(val_set), **{k: metrics[k] for k in METRICS}}
+def _evaluate(cfg: SegmentConfig) -> dict[str, Any]:
+    device, precision, out = evaluation_setup(cfg)
+    val_set, _, names, num_classes = _val_set(cfg, out)
+    task, state, path = load_task_checkpoint(cfg.weights, FORMAT)
+    if len(task["classes"]) != num_classes:
+        raise ConfigError(f"'{path}' predicts {len(task['classes'])} classes but data.num_classes is {num_classes}")
+    model = segmenter_from_task(task).to(device)
+    model.load_state_dict(state)
+    metrics = _scorer(cfg, val_set, names, device, precision)(model)
+    write_json(out / "eval.json", metrics, indent=1)
+    return {"weights": str(path), "val_images": len(val_set), **{k: metrics[k] for k in METRICS}}
 
+
+def _job(cfg: SegmentConfig, run: Run) -> TransferJob:
+    device = run.device
+    val_set, root, names, num_classes = _val_set(cfg, run.out)
+    d = cfg.data
     train_transform = SegmentationTransform(scale=d.scale, crop_size=d.crop_size, ratio_range=tuple(d.ratio_range),
                                             hflip=d.hflip, ignore_index=d.ignore_index)
     train_set = SegmentationFolder(root, d.train_split, num_classes, d.reduce_zero_label, d.ignore_index,
@@ -193,14 +210,14 @@ def run(cfg: SegmentConfig) -> dict[str, Any]:
                                                       "aux_channels": h.aux_channels, "dropout": h.dropout,
                                                       "norm": h.norm}}
     model = segmenter_from_task(task, backbone).to(device)
-    loader = seeded_loader(train_set, cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers)
+    loader = build_loader(train_set, cfg.batch_size, shuffle=True, num_workers=cfg.num_workers, seed=cfg.seed,
+                          drop_last=True)
 
     def loss_fn(m: torch.nn.Module, batch) -> torch.Tensor:
         images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         return segmentation_loss(m(images), labels, d.ignore_index, h.aux_weight)
 
-    job = TransferJob(model=model, backbone=backbone, backbone_prefix="backbone.", train_loader=loader,
-                      loss_fn=loss_fn, evaluate=evaluate, best_key="mIoU", task=task, format=FORMAT, run=cfg,
-                      optim=cfg.optim, config=cfg, device=device, precision=precision, out=out,
-                      train_images=len(train_set), init_report=report, metric_keys=METRICS)
-    return train_and_evaluate(job)
+    return TransferJob(model=model, backbone=backbone, backbone_prefix="backbone.", train_set=train_set,
+                       train_loader=loader, loss_fn=loss_fn,
+                       evaluate=_scorer(cfg, val_set, names, device, run.precision), best_key="mIoU", task=task,
+                       init_report=report, metric_keys=METRICS)

@@ -5,7 +5,8 @@
 * `safe_load` uses ``torch.load(weights_only=True)``: tensors and plain containers only. Reference MAE
   checkpoints also pickle an ``argparse.Namespace`` under ``'args'``; that one class is allowed, nothing else.
 * `CheckpointManager` keeps numbered checkpoints plus ``checkpoint-last.pth`` / ``checkpoint-best.pth``, refuses
-  to write a state holding NaN or inf, and finds the newest loadable one to resume from.
+  to write a state holding NaN or inf, stamps each with a SHA-256 digest of its contents, and finds the newest one
+  that loads and verifies to resume from (`load_training_state`; older layouts are upgraded by `upgrade_state`).
 * `load_model_state` loads a state dict into a module and names the keys that do not fit (another architecture).
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import pickle
@@ -29,7 +31,8 @@ import torch
 from mae.errors import CheckpointError, TrainingError
 from mae.files import atomic_write, fsync_dir, is_stale_temporary
 
-__all__ = ["CheckpointManager", "atomic_save", "load_model_state", "safe_load"]
+__all__ = ["SCHEMA_VERSION", "CheckpointManager", "atomic_save", "load_model_state", "load_training_state", "position_of",
+           "safe_load", "state_digest", "upgrade_state", "verify_state"]
 
 _log = logging.getLogger(__name__)
 
@@ -148,6 +151,94 @@ def _first_line(e: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# the training-checkpoint schema
+# ---------------------------------------------------------------------------------------------------------------------
+
+SCHEMA_VERSION = 2
+"""Version of the training-checkpoint layout written by `CheckpointManager` (1: before the shared run layer)."""
+TRAINING_FORMATS = ("mae-train", "mae-classifier", "mae-detect", "mae-segment")
+"""The ``format`` tag of a training checkpoint, by recipe family: pre-training, classification, detection, segmentation."""
+SCHEMA_KEYS = ("format", "version", "kind", "model", "engine", "train_state", "rng", "config", "data", "versions",
+               "integrity")
+"""Keys every version-2 training checkpoint has; recipe-specific metadata (``model_config``, ``classifier_config``,
+``class_names``, ``task``, ``model_ema``) sits next to them."""
+
+
+def state_digest(state: dict[str, Any]) -> str:
+    """SHA-256 over everything in a checkpoint state but its ``integrity`` entry: keys in sorted order, every tensor's
+    dtype, shape and bytes, every other value's repr. A flipped bit anywhere in the saved data changes it."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in state.items() if k != "integrity"})
+    return h.hexdigest()
+
+
+def _feed(h: Any, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    elif isinstance(obj, dict):
+        h.update(b"{")
+        for key in sorted(obj, key=repr):
+            h.update(repr(key).encode())
+            _feed(h, obj[key])
+        h.update(b"}")
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[" if isinstance(obj, list) else b"(")
+        for value in obj:
+            _feed(h, value)
+        h.update(b"]")
+    else:
+        h.update(repr(obj).encode())
+
+
+def verify_state(state: dict[str, Any], path: str | Path) -> None:
+    """Raise CheckpointError when a checkpoint's stored digest does not match its contents (a damaged file).
+    States without a digest (files of version 1, or not written by `CheckpointManager`) pass."""
+    stored = state.get("integrity")
+    if not isinstance(stored, dict) or "sha256" not in stored:
+        return
+    if state_digest(state) != stored["sha256"]:
+        raise CheckpointError(f"checkpoint '{path}' is damaged: its contents do not match the checksum written with "
+                              f"it (a flipped bit or an incomplete copy); use an earlier checkpoint")
+
+
+def position_of(state: dict[str, Any]) -> tuple[int, int]:
+    """(epoch, batch) where a training state stands: the epoch in progress and the batches of it already done."""
+    ts = state.get("train_state")
+    if ts is None:  # an epoch-end state without the run layer's record (schema 1, or a bare state)
+        return (int(state["epoch"]) + 1, 0) if isinstance(state.get("epoch"), int) else (0, 0)
+    return int(ts.get("epoch", 0)), int(ts.get("batch", 0))
+
+
+def upgrade_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A training checkpoint of schema version 1 (epoch-end checkpoints, each recipe's own keys for the best metric)
+    rewritten in version 2's layout, so that runs started by an older version of the library resume."""
+    if state.get("version", 1) >= SCHEMA_VERSION or state.get("format") not in TRAINING_FORMATS:
+        return state
+    if "engine" not in state or "epoch" not in state:
+        raise CheckpointError("a version-1 checkpoint without 'engine' or 'epoch' cannot be resumed; start a new run "
+                              "from its weights instead (checkpoint=... for fine-tuning)")
+    fmt = state["format"]
+    if fmt == "mae-train":
+        best = {"name": "loss", "mode": "min", "value": state.get("best_loss"), "epoch": None}
+    elif fmt == "mae-classifier":
+        best = {"name": "top1", "mode": "max", "value": state.get("best_top1"), "epoch": state.get("best_epoch")}
+    else:
+        best = {"name": None, "mode": "max", "value": state.get("best"), "epoch": state.get("best_epoch")}
+    engine = dict(state["engine"])
+    engine.setdefault("skipped_total", engine.pop("nonfinite_total", 0))
+    upgraded = {k: v for k, v in state.items() if k not in ("best_loss", "best_top1", "best", "best_epoch", "epoch")}
+    upgraded.update(version=SCHEMA_VERSION, kind={"mae-train": "pretrain", "mae-classifier": "classify",
+                                                   "mae-detect": "detect", "mae-segment": "segment"}[fmt],
+                    engine=engine, rng=state.get("rng"), config=state.get("config"), data=None, versions=None,
+                    train_state={"epoch": int(state["epoch"]) + 1, "batch": 0, "history": list(state.get("history", [])),
+                                 "best": best, "partial": None, "skipped_epochs": []})
+    return upgraded
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # a directory of checkpoints
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -155,9 +246,11 @@ _NUMBERED = re.compile(r"^checkpoint-(\d+)\.pth$")
 
 
 class CheckpointManager:
-    """Numbered checkpoints ``checkpoint-{epoch:04d}.pth`` plus ``checkpoint-last.pth`` and ``checkpoint-best.pth``.
+    """Numbered epoch-end checkpoints ``checkpoint-{epoch:04d}.pth`` plus ``checkpoint-last.pth`` (the newest state,
+    which may stand in the middle of an epoch) and ``checkpoint-best.pth``.
 
-    `keep_last` numbered files are kept (None: all; 0: none, only last/best); last and best are never pruned.
+    `keep_last` numbered files are kept (None: all; 0: none, only last/best); last and best are never pruned. Every
+    state written carries a SHA-256 digest (``integrity``) that loading for a resume verifies.
     """
 
     def __init__(self, output_dir: str | Path, keep_last: int | None = None) -> None:
@@ -177,21 +270,25 @@ class CheckpointManager:
     def path_for(self, epoch: int) -> Path:
         return self.output_dir / f"checkpoint-{epoch:04d}.pth"
 
-    def save(self, state: dict[str, Any], epoch: int, is_best: bool = False) -> Path:
-        """Write the checkpoint of `epoch` (stored inside as ``state['epoch']`` if absent); returns its path.
+    def save(self, state: dict[str, Any], epoch: int | None, is_best: bool = False) -> Path:
+        """Write a state; returns its path. ``epoch`` is the epoch it ends (a numbered file, linked as last), or None
+        for a state in the middle of an epoch (written as last only).
 
         A state with a NaN or inf floating-point tensor is refused (TrainingError) and nothing is written, so the
-        previous checkpoints stay the newest; so is any failed write (CheckpointError, e.g. a full disk).
+        previous checkpoints stay the newest; so is any failed write (OutputError, e.g. a full disk).
         """
         bad = _first_nonfinite(state)
         if bad is not None:
-            raise TrainingError(f"refusing to save the checkpoint of epoch {epoch}: '{bad}' holds NaN or inf (the "
-                                f"weights diverged); the previous checkpoint in '{self.output_dir}' is kept; lower the "
+            where = f"epoch {epoch}" if epoch is not None else "this step"
+            raise TrainingError(f"refusing to save the checkpoint of {where}: '{bad}' holds NaN or inf (the weights "
+                                f"diverged); the previous checkpoint in '{self.output_dir}' is kept; lower the "
                                 f"learning rate or use --precision fp32")
-        if "epoch" not in state:
-            state = {**state, "epoch": epoch}
+        state = {**state, "integrity": None}
+        if epoch is not None and "train_state" not in state:
+            state.setdefault("epoch", epoch)
+        state["integrity"] = {"sha256": state_digest(state)}
         self._remove_stale_temporaries()
-        if self.keep_last == 0:
+        if epoch is None or self.keep_last == 0:
             written = atomic_save(state, self.last_path)
         else:
             written = atomic_save(state, self.path_for(epoch))
@@ -199,7 +296,7 @@ class CheckpointManager:
         if is_best:
             _atomic_link(written, self.best_path)
         self._prune()
-        _log.info("saved checkpoint %s", written)
+        _log.debug("saved checkpoint %s", written)
         return written
 
     def _remove_stale_temporaries(self) -> None:
@@ -226,24 +323,24 @@ class CheckpointManager:
                 path.unlink()
 
     def latest_valid(self) -> Path | None:
-        """The newest checkpoint that loads, skipping (with a warning) damaged ones; None when there is none."""
+        """The newest checkpoint that loads and verifies, skipping (with a warning) damaged ones; None when none."""
         found = self.load_latest()
         return found[0] if found is not None else None
 
     def load_latest(self, map_location: str | torch.device = "cpu") -> tuple[Path, dict[str, Any]] | None:
-        """Like `latest_valid`, but also returns the loaded state so that resuming reads the file only once.
+        """The newest valid checkpoint as (path, state, upgraded to the current schema), or None.
 
-        ``checkpoint-last.pth`` is tried first; a numbered file with a later epoch (a crash between writing it and
-        updating last) wins over it, and the numbered files are the fallback when last is missing or damaged.
+        ``checkpoint-last.pth`` is tried first; a numbered file standing later (a crash between writing it and
+        updating last) wins over it, and the numbered files, newest first, are the fallback when last is missing,
+        unreadable or fails its checksum.
         """
         numbered = list(reversed(self.numbered()))  # newest first
         last = self._try_load(self.last_path, map_location) if self.last_path.is_file() else None
         if last is not None:
-            last_epoch = last.get("epoch")
-            if isinstance(last_epoch, int):
-                for epoch, path in numbered:
-                    if epoch > last_epoch and (state := self._try_load(path, map_location)) is not None:
-                        return path, state
+            here = position_of(last)
+            for epoch, path in numbered:
+                if (epoch + 1, 0) > here and (state := self._try_load(path, map_location)) is not None:
+                    return path, state
             return self.last_path, last
         for _, path in numbered:
             if (state := self._try_load(path, map_location)) is not None:
@@ -253,10 +350,17 @@ class CheckpointManager:
     @staticmethod
     def _try_load(path: Path, map_location: str | torch.device) -> dict[str, Any] | None:
         try:
-            return safe_load(path, map_location)
+            return load_training_state(path, map_location)
         except CheckpointError as e:
             warnings.warn(f"skipping damaged checkpoint '{path}': {e}", stacklevel=4)
             return None
+
+
+def load_training_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint file read safely, verified against its digest and upgraded to the current schema."""
+    state = safe_load(path, map_location)
+    verify_state(state, path)
+    return upgrade_state(state)
 
 
 def _first_nonfinite(obj: Any, prefix: str = "") -> str | None:

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mae.errors import MAEError
+from mae.errors import MAEError, OutputError
+from mae.files import fix_for, reason_of, write_text
 
-__all__ = ["MetricsLogger", "plot_curves", "progress"]
+__all__ = ["MetricsLogger", "draw_curves", "plot_curves", "progress", "truncate_metrics"]
 
 _log = logging.getLogger(__name__)
 
@@ -34,10 +35,12 @@ class MetricsLogger:
     """Append metric records to ``output_dir/metrics.jsonl`` and, when tensorboard is installed, to TensorBoard.
 
     Disabled loggers (``enabled=False``, e.g. on ranks other than 0) write nothing. Records are flushed line by
-    line so that a crashed run keeps everything logged before the crash.
+    line so that a crashed run keeps everything logged before the crash. A file that cannot be written (a full disk,
+    a read-only folder) raises `OutputError` with the fix.
     """
 
-    def __init__(self, output_dir: str | Path, enabled: bool = True, tensorboard: bool = True) -> None:
+    def __init__(self, output_dir: str | Path, enabled: bool = True, tensorboard: bool = True,
+                 purge_step: int | None = None) -> None:
         self.output_dir = Path(output_dir)
         self.enabled = enabled
         self.path = self.output_dir / "metrics.jsonl"
@@ -46,15 +49,19 @@ class MetricsLogger:
         self._count = 0
         if not enabled:
             return
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        except OSError as e:
+            raise OutputError(f"could not write '{self.path}': {reason_of(e)}; {fix_for(e)}") from e
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 _log.debug("tensorboard is not installed; logging to %s only", self.path)
             else:
-                self._writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
+                # purge_step: a resumed run drops the events logged after its checkpoint (they are redone)
+                self._writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"), purge_step=purge_step)
 
     def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         """Write one record; `step` (or ``metrics['step']``, else a running count) is the TensorBoard x-axis."""
@@ -63,8 +70,11 @@ class MetricsLogger:
         record = {k: _plain(v) for k, v in metrics.items()}
         if step is None:
             step = record.get("step") if isinstance(record.get("step"), int) else self._count
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as e:
+            raise OutputError(f"could not write '{self.path}': {reason_of(e)}; {fix_for(e)}") from e
         if self._writer is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, numbers.Real) and not isinstance(value, bool):
@@ -102,6 +112,20 @@ def _plain(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
+
+
+def truncate_metrics(path: str | Path, max_step: int) -> int:
+    """Drop the records of a metrics.jsonl file logged after update `max_step` (a resumed run redoes them, so they
+    would appear twice); returns how many were dropped. Records without a step are kept."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    records = _read_records(path)
+    kept = [r for r in records if not isinstance(r.get("step"), (int, float)) or r["step"] <= max_step]
+    dropped = len(records) - len(kept)
+    if dropped or path.read_bytes()[-1:] not in (b"", b"\n"):
+        write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return dropped
 
 
 def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", enabled: bool = True) -> tqdm:
@@ -142,6 +166,17 @@ def plot_curves(metrics_jsonl_path: str | Path, out_png: str | Path, keys: Seque
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     return out
+
+
+def draw_curves(out: str | Path, keys: Sequence[str], name: str = "curves.png") -> dict[str, str]:
+    """``plot_curves`` of a run's metrics.jsonl into `name`; a plot is a convenience, so a failure only warns.
+    Returns ``{"curves_png": path}`` when drawn."""
+    out = Path(out)
+    try:
+        return {"curves_png": str(plot_curves(out / "metrics.jsonl", out / name, keys=keys))}
+    except (MAEError, OSError, ValueError) as e:
+        _log.warning("could not draw %s: %s", name, e)
+        return {}
 
 
 def _read_records(path: Path) -> list[dict[str, Any]]:

@@ -21,8 +21,8 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "backbone": ("ViTPyramid", "RelativePositionBias", "EncoderLoadReport", "build_backbone", "load_encoder",
-                 "read_encoder", "encoder_arch", "backbone_layer_id", "backbone_param_groups"),
+    "backbone": ("ViTPyramid", "RelativePositionBias", "build_backbone", "load_encoder", "encoder_arch",
+                 "backbone_layer_id", "backbone_param_groups"),
     "detection": ("ViTFPN", "build_mask_rcnn", "CocoInstances", "collate_detection", "detections_to_coco",
                   "coco_eval", "evaluate_coco"),
     "segmentation": ("UperNetHead", "FCNHead", "Segmenter", "SegmentationFolder", "SegmentationTransform",
@@ -31,11 +31,11 @@ _EXPORTS = {
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = [
-    "SHAPES", "CocoInstances", "EncoderLoadReport", "FCNHead", "RelativePositionBias", "SegmentationFolder",
+    "SHAPES", "CocoInstances", "FCNHead", "RelativePositionBias", "SegmentationFolder",
     "SegmentationTransform", "Segmenter", "SyntheticDataset", "SyntheticSpec", "UperNetHead", "ViTFPN", "ViTPyramid",
     "backbone_layer_id", "backbone_param_groups", "build_backbone", "build_mask_rcnn", "coco_eval",
     "collate_detection", "confusion_matrix", "detections_to_coco", "encoder_arch", "evaluate_coco",
-    "evaluate_segmentation", "generate_synthetic", "load_encoder", "read_encoder", "segmentation_loss",
+    "evaluate_segmentation", "generate_synthetic", "load_encoder", "segmentation_loss",
     "segmentation_metrics",
 ]
 

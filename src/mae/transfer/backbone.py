@@ -18,7 +18,6 @@ import re
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,8 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mae.errors import CheckpointError, ConfigError
+from mae.errors import ConfigError
+from mae.models.loading import LoadReport, load_weights
 from mae.models.mae import MAEConfig, init_linear_and_norm
 from mae.models.pos_embed import resize_pos_embed, sincos_2d
 from mae.train.optim import default_layer_id
@@ -38,8 +38,6 @@ from mae.train.optim import default_layer_id
 _log = logging.getLogger(__name__)
 
 PYRAMIDS = ("multiscale", "simple")
-ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
-"""State-dict keys of an MAE encoder that the pyramid takes over unchanged."""
 ARCH_FIELDS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "norm_eps")
 """`MAEConfig` fields that decide the encoder's shapes (`encoder_arch`)."""
 
@@ -252,99 +250,32 @@ def check_pyramid(pyramid: str, depth: int, patch_size: int, strides: Sequence[i
 
 
 # ---------------------------------------------------------------------------------------------------- loading
-@dataclass
-class EncoderLoadReport:
-    """What `load_encoder` did: keys loaded, backbone keys left at their initial values, file keys not used."""
-
-    source: str
-    loaded: list[str]
-    missing: list[str]
-    skipped: list[str]
-    resized_pos_embed: bool = False
-
-
 def encoder_arch(config: MAEConfig) -> dict[str, Any]:
     """The `ViTPyramid` keyword arguments that fix an MAE encoder's shapes."""
     return {k: getattr(config, k) for k in ARCH_FIELDS}
 
 
 def load_encoder(backbone: ViTPyramid, state_dict: Mapping[str, torch.Tensor],
-                 source_grid: tuple[int, int] | None = None, source: str = "state_dict") -> EncoderLoadReport:
-    """Copy an MAE encoder (our / reference key names) into ``backbone``.
-
-    A position table of another grid (``source_grid``, default: square) is resized bicubically. Raises CheckpointError when shapes differ (another architecture) or encoder keys are missing;
-    decoder and classifier keys are skipped. The only backbone keys left missing are the new modules
-    (`ViTPyramid.new_parameter_prefixes`), plus ``norm.*`` for a fine-tuned file (which has ``fc_norm`` instead).
-    """
-    own = backbone.state_dict()
-    load = {k: v for k, v in state_dict.items() if k.startswith(ENCODER_PREFIXES) and k in own}
-    skipped = sorted(k for k in state_dict if k not in load)
-    resized = False
-    if "pos_embed" in load and load["pos_embed"].shape != own["pos_embed"].shape:
-        load["pos_embed"], resized = _adapt_pos_embed(load["pos_embed"], source_grid, backbone.grid_size, source)
-    bad = [f"{k} is {list(v.shape)} in the file but {list(own[k].shape)} in the backbone"
-           for k, v in load.items() if v.shape != own[k].shape]
-    if bad:
-        more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
-        raise CheckpointError(f"{source} does not fit the backbone: {'; '.join(bad[:3])}{more}")
-    missing = sorted(k for k in own if k not in load)
-    new = backbone.new_parameter_prefixes()
-    finetuned = any(k.startswith("fc_norm.") for k in state_dict)
-    unexpected_missing = [k for k in missing if not k.startswith(new) and not (finetuned and k.startswith("norm."))]
-    if unexpected_missing:
-        raise CheckpointError(f"{source} lacks encoder weights the backbone needs: {_short(unexpected_missing)}; "
-                              f"is it an MAE / ViT encoder checkpoint of this depth?")
-    if finetuned and any(k.startswith("norm.") for k in missing):
+                 source_grid: tuple[int, int] | None = None, source: str = "state_dict") -> LoadReport:
+    """Copy an MAE encoder (our / reference key names) into ``backbone`` by the rules of `mae.models.loading`: the
+    pyramid's new modules (`ViTPyramid.new_parameter_prefixes`) start fresh, decoder and classifier keys are not
+    used, a position table of another grid (``source_grid``, default: square) is resized bicubically; another
+    architecture raises CheckpointError."""
+    report = load_weights(backbone, state_dict, source=source, new_prefixes=backbone.new_parameter_prefixes(),
+                          source_grid=source_grid)
+    if any(k.startswith("norm.") for k in report.missing):
         warnings.warn(f"{source} is a fine-tuned classifier (fc_norm, no final norm): the backbone's last norm "
                       f"keeps its initialisation", stacklevel=2)
-    backbone.load_state_dict(load, strict=False)
-    _log.info("backbone: loaded %d tensors from %s; new: %s; not used: %s", len(load), source,
-              _short(sorted({k.split(".")[0] for k in missing})) or "-", _short(skipped) or "-")
-    return EncoderLoadReport(source, sorted(load), missing, skipped, resized)
-
-
-def _adapt_pos_embed(table: torch.Tensor, source_grid: tuple[int, int] | None, grid: tuple[int, int],
-                     source: str) -> tuple[torch.Tensor, bool]:
-    """The checkpoint's position table resized bicubically to the backbone's grid (as fine-tuning at another
-    resolution does in the reference), so each patch keeps the code of the same place in the image."""
-    num = table.shape[1] - 1
-    if source_grid is None or source_grid[0] * source_grid[1] != num:
-        side = math.isqrt(num)
-        if side * side != num:
-            raise CheckpointError(f"{source}: the position table has {num} patches, not a square grid; give the "
-                                  f"checkpoint's img_size")
-        source_grid = (side, side)
-    _log.info("%s: resized the position table from a %dx%d to a %dx%d grid (bicubic)", source, *source_grid, *grid)
-    return resize_pos_embed(table, tuple(source_grid), grid), True
-
-
-def _short(keys: Sequence[str], n: int = 4) -> str:
-    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
-
-
-def read_encoder(checkpoint: str | Path, model_name: str | None = None, **overrides: Any
-                 ) -> tuple[MAEConfig, dict[str, torch.Tensor], str]:
-    """(architecture, state_dict in our key names, description) of any checkpoint the library reads. For files
-    that store no config the architecture comes from the shapes, ``model_name`` and ``overrides`` (e.g. the
-    ``num_heads`` of a non-standard width)."""
-    from mae.interop import infer_config, load_state_dict_any
-
-    state_dict, fmt, stored = load_state_dict_any(checkpoint)
-    if stored is not None:
-        config = MAEConfig(**{**stored, **overrides})
-    else:
-        with warnings.catch_warnings():  # the decoder's head count is a guess, but the decoder is not used here
-            warnings.filterwarnings("ignore", message="decoder_num_heads=")
-            config = infer_config(state_dict, model_name, **overrides)
-    return config, state_dict, f"{fmt} checkpoint '{checkpoint}'"
+    _log.info("backbone: %s", report.describe())
+    return report
 
 
 def build_backbone(checkpoint: str | Path | None = None, *, model_name: str | None = None, pretrained: bool = True,
                    img_size: int | Sequence[int] | None = None, arch_overrides: Mapping[str, Any] | None = None,
-                   **pyramid_kwargs: Any) -> tuple[ViTPyramid, EncoderLoadReport | None]:
-    """A `ViTPyramid` with the architecture of ``checkpoint`` (any format the library reads) or of the registered
-    ``model_name``, with the checkpoint's encoder weights unless ``pretrained=False`` (then randomly initialised
-    the MAE way: the "random init" baseline of the same architecture).
+                   **pyramid_kwargs: Any) -> tuple[ViTPyramid, LoadReport | None]:
+    """A `ViTPyramid` with the architecture of ``checkpoint`` (any format or run directory the library reads) or of
+    the registered ``model_name``, with the checkpoint's encoder weights unless ``pretrained=False`` (then randomly
+    initialised the MAE way: the "random init" baseline of the same architecture).
 
     ``img_size`` is the fine-tuning resolution (default: the checkpoint's); ``arch_overrides`` change `ARCH_FIELDS`
     (e.g. ``num_heads`` for a reference file of a non-standard width); ``pyramid_kwargs`` go to `ViTPyramid`
@@ -360,17 +291,19 @@ def build_backbone(checkpoint: str | Path | None = None, *, model_name: str | No
     unknown = sorted(set(overrides) - set(ARCH_FIELDS))
     if unknown:
         raise ConfigError(f"unknown architecture field '{unknown[0]}' (valid: {', '.join(ARCH_FIELDS)})")
-    state_dict, source = None, ""
+    source = None
     if checkpoint is not None:
-        config, state_dict, source = read_encoder(checkpoint, model_name, **overrides)
+        from mae.interop import read_encoder
+
+        source = read_encoder(checkpoint, model_name, **overrides)
+        config = source.config
     else:
         config = model_config(model_name, **overrides)
-    arch = encoder_arch(config)
-    backbone = ViTPyramid(img_size=img_size if img_size is not None else config.image_hw, **arch, **pyramid_kwargs)
-    if not pretrained:
+    backbone = ViTPyramid(img_size=img_size if img_size is not None else config.image_hw, **encoder_arch(config),
+                          **pyramid_kwargs)
+    if not pretrained or source is None:
         return backbone, None
-    assert state_dict is not None
-    return backbone, load_encoder(backbone, state_dict, config.grid_size, source)
+    return backbone, load_encoder(backbone, source.state_dict, config.grid_size, source.label)
 
 
 # ---------------------------------------------------------------------------------------------------- lr decay

@@ -1,32 +1,34 @@
-"""What the detection and segmentation recipes share: the backbone and optimizer config sections, the run fields,
-a seeded data loader with a custom collate, and the train / evaluate / checkpoint loop on the shared `Engine`."""
+"""What the detection and segmentation recipes share: the backbone and optimizer config sections, the transfer run
+fields, and the job they hand to the shared run layer (`mae.train.trainer.Trainer`)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from mae.config import save_config, to_dict
-from mae.data import EpochSampler, SeededDataset, SeededSampler, set_epoch
-from mae.errors import CheckpointError, ConfigError, MAEError
-from mae.recipes.common import prepare_output_dir, require_at_least, require_precision, resolve_device
-from mae.train.checkpoint import CheckpointManager, safe_load
-from mae.train.engine import Engine, LRSchedule
-from mae.train.logging import MetricsLogger, plot_curves, progress
-from mae.train.optim import build_optimizer
+from mae.config import to_dict
+from mae.errors import CheckpointError, ConfigError
+from mae.files import write_json
+from mae.models.loading import LoadReport
+from mae.recipes.common import resolve_device
+from mae.train.checkpoint import safe_load
+from mae.train.distributed import DistInfo
+from mae.train.logging import draw_curves, progress
 from mae.train.precision import resolve_precision
-from mae.train.rng import capture_rng_state, restore_rng_state, seed_everything
-from mae.transfer.backbone import PYRAMIDS, EncoderLoadReport, ViTPyramid, backbone_param_groups, build_backbone
+from mae.train.rng import seed_everything
+from mae.train.run import Run, TrainFields, start_run
+from mae.train.run_dir import resolve_run
+from mae.train.trainer import Best, Trainer, build_engine, data_facts
+from mae.transfer.backbone import PYRAMIDS, ViTPyramid, backbone_param_groups, build_backbone
 from mae.transfer.synthetic import SyntheticSpec
 
 log = logging.getLogger("mae")
@@ -109,41 +111,35 @@ class TransferOptim:
 
 
 @dataclass
-class TransferRun:
-    """Fields every transfer recipe has (train and evaluate)."""
+class TransferRun(TrainFields):
+    """Fields every transfer recipe has (train and evaluate), on top of the shared run fields."""
 
-    mode: str = field(default="train", metadata={"help": "train | evaluate (scores `weights` on the val split)"})
-    weights: str | None = field(default=None, metadata={
-        "help": "mode=evaluate: a run directory or its checkpoint-*.pth"})
     output_dir: str = field(default="runs/transfer", metadata={"help": "checkpoints, metrics and summary go here"})
     epochs: int = 12
     batch_size: int = field(default=16, metadata={"help": "images per optimizer step (before accumulation)"})
-    accum_iter: int = 1
+    keep_last: int = field(default=0, metadata={"help": "numbered epoch checkpoints kept besides last/best"})
+    mode: str = field(default="train", metadata={"help": "train | evaluate (scores `weights` on the val split)"})
+    weights: str | None = field(default=None, metadata={
+        "help": "mode=evaluate: a run directory (its result, see docs/robustness.md) or a checkpoint-*.pth"})
     eval_batch_size: int = 8
     eval_every: int = field(default=1, metadata={"help": "evaluate every N epochs (and after the last)"})
-    precision: str = field(default="auto", metadata={"help": "auto | bf16 | fp16 | fp32"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    seed: int = 0
     num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes"})
-    save_every: int = field(default=1, metadata={"help": "write checkpoint-last.pth every N epochs"})
-    keep_last: int = field(default=0, metadata={"help": "numbered checkpoints kept besides last/best"})
-    log_every: int = 20
-    resume: str | None = field(default=None, metadata={"help": "a checkpoint path, or 'auto' for the newest one"})
-    progress: bool = True
+
+    RESUME_FREE: ClassVar[tuple[str, ...]] = (*TrainFields.RESUME_FREE, "mode", "weights", "eval_batch_size",
+                                              "eval_every", "num_workers")
 
     def validate(self) -> None:
+        super().validate()
         if self.mode not in MODES:
             raise ConfigError(f"mode '{self.mode}' is not one of {', '.join(MODES)}")
         if self.mode == "evaluate" and not self.weights:
             raise ConfigError("mode=evaluate needs weights=<run directory or checkpoint>")
-        require_at_least(self, ("epochs", "batch_size", "accum_iter", "eval_batch_size", "eval_every", "save_every", "log_every"))
-        if self.num_workers < 0 or self.keep_last < 0:
-            raise ConfigError("num_workers and keep_last must be >= 0")
-        require_precision(self.precision)
+        if self.eval_batch_size < 1 or self.eval_every < 1 or self.num_workers < 0:
+            raise ConfigError("eval_batch_size and eval_every must be >= 1 and num_workers >= 0")
 
 
 # ---------------------------------------------------------------------------------------------------- building
-def make_backbone(section: BackboneSection, img_size: int) -> tuple[ViTPyramid, EncoderLoadReport | None]:
+def make_backbone(section: BackboneSection, img_size: int) -> tuple[ViTPyramid, LoadReport | None]:
     """The section's backbone at ``img_size`` (unless ``section.img_size`` is set)."""
     arch = {"num_heads": section.num_heads} if section.num_heads is not None else {}
     return build_backbone(section.checkpoint, model_name=section.model_name, pretrained=section.init == "pretrained",
@@ -163,16 +159,6 @@ def backbone_spec(backbone: ViTPyramid) -> dict[str, Any]:
             "rel_pos_bias": backbone.rel_pos_bias is not None}
 
 
-def seeded_loader(dataset: Dataset, batch_size: int, *, seed: int, num_workers: int, shuffle: bool = True,
-                  drop_last: bool = True, collate_fn: Callable | None = None) -> DataLoader:
-    """Like `mae.data.build_loader` (order and augmentation a pure function of (seed, epoch); call
-    `mae.data.set_epoch`), with a custom ``collate_fn``."""
-    sampler = SeededSampler(EpochSampler(len(dataset), shuffle=shuffle, seed=seed), seed)
-    return DataLoader(SeededDataset(dataset), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      collate_fn=collate_fn, drop_last=drop_last, persistent_workers=num_workers > 0,
-                      pin_memory=torch.cuda.is_available())
-
-
 def single_process_device(name: str) -> torch.device:
     """The run's device; these recipes run as one process (torchrun with several processes is refused)."""
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
@@ -181,123 +167,80 @@ def single_process_device(name: str) -> torch.device:
     return resolve_device(name)
 
 
+def _single_process(name: str) -> DistInfo:
+    return DistInfo(rank=0, world_size=1, local_rank=0, device=single_process_device(name), is_main=True)
+
+
 # ---------------------------------------------------------------------------------------------------- the loop
 @dataclass
 class TransferJob:
-    """Everything `train_and_evaluate` needs; the recipes build it."""
+    """What a transfer recipe builds for the shared run layer: the model and its parts, data, loss, evaluation."""
 
     model: nn.Module
     backbone: ViTPyramid
     backbone_prefix: str  # where the backbone sits in the model's parameter names, e.g. 'backbone.body.'
+    train_set: Any  # the training dataset (its facts are checked on resume)
     train_loader: DataLoader
     loss_fn: Callable[[nn.Module, Any], torch.Tensor]
     evaluate: Callable[[nn.Module], dict[str, Any]]  # metrics of the model on the val split
     best_key: str  # the metric that picks checkpoint-best.pth (higher is better)
     task: dict[str, Any]  # what rebuilds the model without the pre-training checkpoint (stored in checkpoints)
-    format: str  # checkpoint format tag, e.g. 'mae-detect'
-    run: TransferRun
-    optim: TransferOptim
-    config: Any  # the full resolved config, saved as config.yaml and in checkpoints
-    device: torch.device
-    precision: str
-    out: Path
-    train_images: int
-    init_report: EncoderLoadReport | None = None
+    init_report: LoadReport | None = None
     metric_keys: tuple[str, ...] = ()  # metrics shown in the log line and summary
 
 
-def train_and_evaluate(job: TransferJob) -> dict[str, Any]:
-    """Train ``job.model`` end to end (layer-wise lr decay on the backbone), evaluate every ``eval_every`` epochs
-    and after the last, keep checkpoint-last / checkpoint-best; returns the summary (also in summary.json)."""
-    run, optim, out = job.run, job.optim, job.out
+def run_transfer(cfg: TransferRun, kind: str, build: Callable[[Run], TransferJob]) -> dict[str, Any]:
+    """Start the run (one process), let the recipe `build` its job in it, train and evaluate it."""
+    with start_run(cfg, _single_process(cfg.device), kind=kind) as run:
+        return train_and_evaluate(build(run), run)
+
+
+def train_and_evaluate(job: TransferJob, run: Run) -> dict[str, Any]:
+    """Train ``job.model`` end to end (layer-wise lr decay on the backbone) through the shared `Trainer`, evaluate
+    every ``eval_every`` epochs and after the last; returns the summary (also in summary.json)."""
+    cfg, out = run.cfg, run.out
+    optim = cfg.optim
     groups = backbone_param_groups(job.model, job.backbone, job.backbone_prefix, optim.weight_decay,
                                    optim.layer_decay)
-    (out / "param_groups.json").write_text(json.dumps(
-        [{"lr_scale": g["lr_scale"], "weight_decay": g["weight_decay"], "params": g["param_names"]} for g in groups],
-        indent=1))
-    optimizer = build_optimizer(groups, "adamw", lr=optim.lr, betas=tuple(optim.betas),
-                                weight_decay=optim.weight_decay)
-    updates_per_epoch = len(job.train_loader) // run.accum_iter
-    if updates_per_epoch == 0:
-        raise ConfigError(f"{job.train_images} training images make {len(job.train_loader)} batches of "
-                          f"{run.batch_size}, fewer than one update (accum_iter={run.accum_iter}); lower batch_size")
-    schedule = LRSchedule(optim.lr, total_steps=run.epochs * updates_per_epoch,
-                          warmup_steps=round(optim.warmup_epochs * updates_per_epoch), min_lr=optim.min_lr)
-    logger = MetricsLogger(out)
-    manager = CheckpointManager(out, keep_last=run.keep_last)
-    engine = Engine(job.model, optimizer, schedule, precision=job.precision, device=job.device,
-                    accum_iter=run.accum_iter, clip_grad=optim.clip_grad, logger=logger, log_every=run.log_every,
-                    show_progress=run.progress)
+    write_json(out / "param_groups.json", [{"lr_scale": g["lr_scale"], "weight_decay": g["weight_decay"],
+                                            "params": g["param_names"]} for g in groups], indent=1)
+    engine = build_engine(run, job.model, groups, optimizer="adamw", lr=optim.lr,
+                          updates_per_epoch=len(job.train_loader) // cfg.accum_iter,
+                          warmup_epochs=optim.warmup_epochs, min_lr=optim.min_lr, betas=tuple(optim.betas),
+                          weight_decay=optim.weight_decay, clip_grad=optim.clip_grad, checkpointing=job.backbone)
+    last_metrics: dict[str, Any] = {}
 
-    start_epoch, history, best, best_epoch = 0, [], float("-inf"), -1
-    resumed = manager.load_latest() if run.resume == "auto" else (
-        (Path(run.resume), safe_load(run.resume)) if run.resume else None)
-    if resumed is not None:
-        path, state = resumed
-        if state.get("format") != job.format or "engine" not in state:
-            raise CheckpointError(f"'{path}' is not a training checkpoint of a {job.format} run; resume from the "
-                                  f"run's checkpoint-last.pth (or resume=auto)")
-        job.model.load_state_dict(state["model"])
-        engine.load_state_dict(state["engine"])
-        start_epoch, history = int(state["epoch"]) + 1, list(state.get("history", []))
-        best, best_epoch = float(state.get("best", best)), int(state.get("best_epoch", -1))
-        restore_rng_state(state["rng"])
-        log.info("resumed from %s at epoch %d (update %d)", path, start_epoch, engine.step)
-    elif run.resume == "auto":
-        log.info("resume=auto: no checkpoint in %s yet, starting from scratch", out)
+    def evaluate(epoch: int) -> dict[str, Any]:
+        last_metrics.clear()
+        last_metrics.update(job.evaluate(job.model))
+        return {k: v for k, v in last_metrics.items() if isinstance(v, (int, float))}
 
-    save_config(job.config, out / "config.yaml")
+    resolved = {**to_dict(cfg), "precision": run.precision, "device": run.device.type}
+    trainer = Trainer(run, model=job.model, engine=engine, loader=job.train_loader, loss_fn=job.loss_fn,
+                      best=Best(job.best_key, "max"), evaluate=evaluate, eval_every=cfg.eval_every,
+                      resolved=resolved, data=data_facts(job.train_set, run, len(job.train_loader)),
+                      meta={"task": job.task}, batch_size_of=lambda b: len(b[0]))
     n_params = sum(p.numel() for p in job.model.parameters()) / 1e6
     n_backbone = sum(p.numel() for p in job.backbone.parameters()) / 1e6
     log.info("%s: %.2f M parameters (backbone %.2f M, %s init); %d training images, %d updates per epoch; peak lr "
-             "%.3g, layer decay %s; precision %s on %s", job.format, n_params, n_backbone,
-             "pre-trained" if job.init_report is not None else "random", job.train_images, updates_per_epoch,
-             optim.lr, optim.layer_decay, job.precision, job.device)
-
-    t_start, metrics = time.perf_counter(), {}
-    for epoch in range(start_epoch, run.epochs):
-        set_epoch(job.train_loader, epoch)
-        stats = engine.train_epoch(job.train_loader, epoch, job.loss_fn)
-        record: dict[str, Any] = {"epoch": epoch, "step": engine.step, "epoch_loss": stats.loss, "lr": stats.lr,
-                                  "epoch_seconds": stats.seconds}
-        last = epoch + 1 == run.epochs
-        is_best = False
-        if last or (epoch + 1) % run.eval_every == 0:
-            t_eval = time.perf_counter()
-            metrics = job.evaluate(job.model)
-            record.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-                          eval_seconds=time.perf_counter() - t_eval)
-            is_best = metrics[job.best_key] > best
-            if is_best:
-                best, best_epoch = metrics[job.best_key], epoch
-        logger.log(record)
-        history.append({k: record[k] for k in ("epoch", "epoch_loss", *job.metric_keys) if k in record})
-        shown = ", ".join(f"{k} {record[k]:.2f}" for k in job.metric_keys if k in record)
-        log.info("epoch %d: loss %.4f%s (%.0f s)", epoch, stats.loss, f", {shown}" if shown else "", stats.seconds)
-        if is_best or last or (epoch + 1) % run.save_every == 0:
-            manager.save({"format": job.format, "model": job.model.state_dict(), "engine": engine.state_dict(),
-                          "epoch": epoch, "task": job.task, "history": history, "best": best,
-                          "best_epoch": best_epoch, "metrics": _plain_metrics(metrics), "rng": capture_rng_state(),
-                          "config": to_dict(job.config)}, epoch, is_best=is_best)
-    elapsed = time.perf_counter() - t_start
-    logger.close()
-    if not metrics and history:  # resumed after the last epoch: score the final weights once
-        metrics = job.evaluate(job.model)
+             "%.3g, layer decay %s; precision %s on %s", run.format, n_params, n_backbone,
+             "pre-trained" if job.init_report is not None else "random", len(job.train_set),
+             len(job.train_loader) // cfg.accum_iter, optim.lr, optim.layer_decay, run.precision, run.device)
+    result = trainer.fit()
+    if not last_metrics:  # resumed after the last epoch: score the final weights once
+        evaluate(cfg.epochs - 1)
+    history = result.history
+    best = result.best
     summary: dict[str, Any] = {"output_dir": str(out), "init": "pre-trained" if job.init_report else "random",
-                               "epochs": run.epochs, "updates": engine.step, "train_seconds": elapsed,
-                               **{k: metrics[k] for k in job.metric_keys if k in metrics},
-                               f"best_{job.best_key}": best, "best_epoch": best_epoch,
+                               "epochs": cfg.epochs, "updates": result.updates, "train_seconds": result.train_seconds,
+                               **{k: last_metrics[k] for k in job.metric_keys if k in last_metrics},
+                               f"best_{job.best_key}": best["value"], "best_epoch": best["epoch"],
                                "first_epoch_loss": history[0]["epoch_loss"] if history else None,
                                "last_epoch_loss": history[-1]["epoch_loss"] if history else None,
-                               "checkpoint": str(manager.last_path)}
-    (out / "metrics_final.json").write_text(json.dumps(_plain_metrics(metrics), indent=1))
-    try:
-        plot_curves(out / "metrics.jsonl", out / "curves.png", keys=("loss", "lr", job.best_key))
-        summary["curves_png"] = str(out / "curves.png")
-    except (MAEError, OSError, ValueError) as e:  # a plot is a convenience; never fail a finished run for it
-        log.warning("could not draw curves.png: %s", e)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+                               "checkpoint": str(trainer.manager.last_path)}
+    write_json(out / "metrics_final.json", _plain_metrics(last_metrics), indent=1)
+    summary.update(draw_curves(out, ("loss", "lr", job.best_key)))
+    return trainer.finish(summary, "checkpoint-best.pth")
 
 
 def _plain_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -305,27 +248,26 @@ def _plain_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_task_checkpoint(weights: str | Path, fmt: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], Path]:
-    """(task spec, model state_dict, path) of a task run's checkpoint, or of a run directory's best / last one."""
-    path = Path(weights).expanduser()
-    if path.is_dir():
-        for name in ("checkpoint-best.pth", "checkpoint-last.pth"):
-            if (path / name).is_file():
-                path = path / name
-                break
-        else:
-            raise CheckpointError(f"run directory '{weights}' holds no checkpoint-best.pth or checkpoint-last.pth")
+    """(task spec, model state_dict, path) of a task run's checkpoint, or of a run directory (`resolve_run`: its
+    best checkpoint once finished, else its newest)."""
+    path = resolve_run(weights)
     state = safe_load(path)
     if state.get("format") != fmt or "task" not in state:
         raise CheckpointError(f"'{path}' is not a checkpoint of a {fmt} run (format {state.get('format')!r})")
     return state["task"], state["model"], path
 
 
-def prepare_run(run: TransferRun) -> tuple[torch.device, str, Path]:
-    """Device, resolved precision and output folder; seeds every generator."""
-    device = single_process_device(run.device)
-    precision = resolve_precision(run.precision, device)
-    out = prepare_output_dir(run.output_dir)
-    seed_everything(run.seed)
+def evaluation_setup(cfg: TransferRun) -> tuple[torch.device, str, Path]:
+    """Device, resolved precision and output folder of a mode=evaluate run (no training: no run lock)."""
+    device = single_process_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    out = Path(cfg.output_dir).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create output directory '{out}': {e.strerror or e}; choose another "
+                          f"--output-dir") from e
+    seed_everything(cfg.seed)
     return device, precision, out
 
 

@@ -1,0 +1,198 @@
+"""A run directory you can trust: never overwritten by accident, never shared by two runs, and read the same way by
+every command.
+
+* `guard_fresh_start` refuses to start a new run in a folder that holds a previous one (or clears it, with
+  ``overwrite``); `RunLock` is an OS file lock (``.lock``) held for the run's lifetime, released on any exit (the
+  kernel drops it when the process dies, so a stale lock of a dead process is simply taken over).
+* ``run.json`` says where the run stands: ``running``, ``interrupted`` (stopped by a signal after a checkpoint),
+  ``failed`` or ``finished``, the newest checkpoint and the run's result file.
+* `resolve_run` is the one rule for reading a run directory, used by every command that takes one (``mae
+  visualize``, ``finetune --checkpoint``, ``convert``, ``evaluate``, ...): a finished run gives its result (the
+  final ``model.safetensors`` of a pre-training, the best checkpoint of a classification or transfer run); a run
+  that has not finished (still going, killed, interrupted, or extended by a resume) gives its newest valid
+  checkpoint. A file is taken as it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from mae.errors import CheckpointError, ConfigError
+from mae.files import pid_alive, write_json
+
+__all__ = ["RUN_FILES", "RunLock", "guard_fresh_start", "read_status", "resolve_run", "write_status"]
+
+_log = logging.getLogger(__name__)
+
+STATUS_NAME = "run.json"
+LOCK_NAME = ".lock"
+RUN_FILES = ("config.yaml", STATUS_NAME, "metrics.jsonl", "summary.json", "model.safetensors", "config_changes.jsonl",
+             "param_groups.json", "metrics_final.json", "eval.json", "loss.png", "curves.png", "reconstructions.png")
+"""Files a run writes at its top level (besides checkpoints and ``tensorboard/``); `guard_fresh_start` looks for
+them and ``overwrite`` removes them (nothing else in the folder is touched)."""
+
+
+def _previous_run_files(out: Path) -> list[str]:
+    if not out.is_dir():
+        return []
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    found += sorted(p.name for p in out.glob("checkpoint-*.pth"))
+    if (out / "tensorboard").is_dir():
+        found.append("tensorboard/")
+    return found
+
+
+def guard_fresh_start(out: Path, overwrite: bool) -> None:
+    """Before a new run (no resume) in `out`: refuse if it holds a previous run, or, with `overwrite`, remove that
+    run's files. Refusing changes nothing on disk."""
+    found = _previous_run_files(out)
+    if not found:
+        return
+    if not overwrite:
+        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        raise ConfigError(f"'{out}' holds a previous run ({shown}); continue it with --resume auto, or choose a new "
+                          f"--output-dir (--overwrite deletes that run and starts again)")
+    for name in found:
+        path = out / name.rstrip("/")
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    _log.warning("--overwrite: removed the previous run in '%s' (%d files)", out, len(found))
+
+
+class RunLock:
+    """An exclusive lock on a run directory for this process's lifetime (``fcntl.flock`` on ``<dir>/.lock``).
+
+    The file names its holder (pid, host, command, time); a second run on the folder is refused with that name. A
+    lock file left by a dead process holds no lock (the kernel released it), so the next run takes it over. On file
+    systems without working flock (some network mounts) acquiring may fail with an error naming the problem.
+    """
+
+    def __init__(self, directory: Path, fd: int) -> None:
+        self.directory, self._fd = directory, fd
+
+    @classmethod
+    def acquire(cls, directory: str | Path, command: str = "") -> RunLock:
+        directory = Path(directory)
+        path = directory / LOCK_NAME
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise ConfigError(f"cannot create the lock file '{path}': {e.strerror or e}; make the folder writable or "
+                              f"choose another --output-dir") from e
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks; the directory guard still protects finished runs
+            return cls(directory, fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise ConfigError(f"'{directory}' is in use by another run ({holder}); wait for it to end or choose "
+                              f"another --output-dir") from None
+        except OSError as e:
+            os.close(fd)
+            raise ConfigError(f"cannot lock '{path}': {e.strerror or e} (the file system may not support locks); "
+                              f"use a local --output-dir") from e
+        previous = _read_holder(fd, parsed=True)
+        if isinstance(previous, dict) and previous.get("pid") and previous.get("host") == socket.gethostname() \
+                and previous["pid"] != os.getpid() and not pid_alive(int(previous["pid"])):
+            _log.info("took over the lock of '%s' from process %s, which is no longer running", directory,
+                      previous["pid"])
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "command": command or " ".join(sys.argv[:2]),
+                "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        return cls(directory, fd)
+
+    def release(self) -> None:
+        """Give the lock up (also done by the kernel when the process exits, however it exits)."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fd, 0)
+        with contextlib.suppress(OSError):
+            os.close(self._fd)  # closing the descriptor releases the flock
+        self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read_holder(fd: int, parsed: bool = False) -> Any:
+    try:
+        text = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+        info = json.loads(text) if text else {}
+    except (OSError, ValueError):
+        info = {}
+    if parsed:
+        return info
+    if not info:
+        return "a process that has not written its name yet"
+    return f"process {info.get('pid')} on {info.get('host')}: {info.get('command', '?')}, since {info.get('since')}"
+
+
+# ---------------------------------------------------------------------------------------------------- run.json
+def write_status(out: Path, **fields: Any) -> None:
+    """Update ``run.json`` (merged with what it holds)."""
+    status = read_status(out) or {}
+    status.update(fields, updated=time.strftime("%Y-%m-%d %H:%M:%S"))
+    write_json(out / STATUS_NAME, status)
+
+
+def read_status(out: Path) -> dict[str, Any] | None:
+    path = Path(out) / STATUS_NAME
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+# ---------------------------------------------------------------------------------------------------- reading a run
+def is_run_dir(path: Path) -> bool:
+    """A folder written by a training run of this library (not a Hugging Face or exported-model directory)."""
+    return path.is_dir() and ((path / STATUS_NAME).is_file() or (path / "config.yaml").is_file()
+                              or any(path.glob("checkpoint-*.pth"))) and not (path / "config.json").is_file()
+
+
+def resolve_run(path: str | Path) -> Path:
+    """The file to read for `path`: a file as it is; for a run directory, its finished result, else its newest valid
+    checkpoint (see the module docstring). Logs which file it took."""
+    from mae.train.checkpoint import CheckpointManager
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"'{path}' does not exist; pass a run directory or a checkpoint file")
+    if not is_run_dir(path):
+        return path
+    status = read_status(path) or {}
+    result = status.get("result")
+    if status.get("status") == "finished" and result and (path / result).is_file():
+        _log.info("%s: using %s (the finished run's result)", path, result)
+        return path / result
+    latest = CheckpointManager(path).latest_valid()
+    if latest is not None:
+        why = f"the run is {status['status']}" if status.get("status") else "the newest checkpoint"
+        _log.info("%s: using %s (%s)", path, latest.name, why)
+        return latest
+    if (path / "model.safetensors").is_file():
+        return path / "model.safetensors"
+    raise CheckpointError(f"run directory '{path}' holds no checkpoint yet; let it train until its first checkpoint "
+                          f"or pass a checkpoint file")
