@@ -26,6 +26,7 @@ from mae.data.transforms import (
     build_eval_transform,
     build_transform,
     default_mean_std,
+    eval_preprocessing,
 )
 from mae.errors import ConfigError, DataError
 
@@ -33,7 +34,8 @@ __all__ = [
     "AUGMENTATIONS", "DATASETS", "GRAY_MEAN", "GRAY_STD", "IMAGENET_MEAN", "IMAGENET_STD", "UNLABELED",
     "BuiltinDataset", "ClassFolderDataset", "Digits", "EpochSampler", "MNIST5k", "Photos", "PlainFolderDataset",
     "SeededDataset", "SeededSampler", "WithMaskNoise",
-    "build_dataset", "build_eval_transform", "build_loader", "build_transform", "default_mean_std", "list_builtin",
+    "build_dataset", "build_eval_transform", "build_loader", "build_transform", "default_mean_std", "eval_preprocessing",
+    "list_builtin",
     "set_epoch", "skipped_files", "to_mode",
 ]
 

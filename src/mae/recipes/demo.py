@@ -25,22 +25,24 @@ from mae.errors import ConfigError
 log = logging.getLogger("mae")
 
 CLI_FLAGS = {"--output-dir": "output_dir", "--device": "device"}
-_CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 
 
-def _preset(relative: str) -> str:
-    """A shipped preset: from the source tree when run from it, else relative to the working directory."""
-    path = _CONFIGS / relative
-    return str(path if path.exists() else Path("configs") / relative)
+def _preset(name: str) -> str:
+    """A shipped preset's name (e.g. 'pretrain/demo_mnist'), checked now; `load_config` finds its file from any
+    working directory (`mae.presets.resolve_preset`)."""
+    from mae.presets import resolve_preset
+
+    resolve_preset(name)  # a missing preset fails when the config is built, not after pre-training
+    return name
 
 
 @dataclass
 class DemoConfig:
     output_dir: str = field(default="runs/demo", metadata={"help": "where the run, the report and summary go"})
-    pretrain_config: str = field(default_factory=lambda: _preset("pretrain/demo_mnist.yaml"))
-    linprobe_config: str = field(default_factory=lambda: _preset("linprobe/linprobe_mnist.yaml"))
-    finetune_config: str = field(default_factory=lambda: _preset("finetune/finetune_mnist.yaml"))
-    scratch_config: str = field(default_factory=lambda: _preset("finetune/scratch_mnist.yaml"))
+    pretrain_config: str = field(default_factory=lambda: _preset("pretrain/demo_mnist"))
+    linprobe_config: str = field(default_factory=lambda: _preset("linprobe/linprobe_mnist"))
+    finetune_config: str = field(default_factory=lambda: _preset("finetune/finetune_mnist"))
+    scratch_config: str = field(default_factory=lambda: _preset("finetune/scratch_mnist"))
     pretrain_overrides: list[str] = field(default_factory=list, metadata={"help": "e.g. ['epochs=5']"})
     eval_overrides: list[str] = field(default_factory=list, metadata={
         "help": "applied to every evaluation run (linprobe, finetune, scratch, knn), e.g. ['data.train_limit=500']"})
