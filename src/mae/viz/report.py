@@ -87,9 +87,9 @@ figcaption, .note, .intro {{ color: #555; font-size: 0.92em; }}
 {''.join(self.sections)}
 </body></html>
 """
-        path = Path(path)
-        path.write_text(page, encoding="utf-8")
-        return path
+        from mae.files import write_text
+
+        return write_text(path, page)
 
 
 def _cell(value: object) -> str:
@@ -99,17 +99,22 @@ def _cell(value: object) -> str:
 
 
 def plot_training_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
-    """Loss and learning rate per optimizer update, side by side."""
-    import matplotlib
+    """Loss and learning rate per optimizer update, side by side; a series of a few points (one, for a 1-epoch run)
+    is drawn with markers so that it shows."""
+    from matplotlib.figure import Figure  # a bare Figure renders with Agg and leaves pyplot's global state alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from mae.files import atomic_write_path
+
+    def marker(points: Sequence[object]) -> str | None:
+        return "o" if len(points) <= 20 else None  # a line through one point draws nothing
 
     rows = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
     steps = [r for r in rows if "loss" in r and "epoch_loss" not in r]
     epochs = [r for r in rows if "epoch_loss" in r]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
-    ax1.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=1, alpha=0.6, label="per logged step")
+    fig = Figure(figsize=(9, 3.2), layout="tight")
+    ax1, ax2 = fig.subplots(1, 2)
+    ax1.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=1, alpha=0.6, label="per logged step",
+             marker=marker(steps), ms=3)
     if epochs:
         ax1.plot([r["step"] for r in epochs], [r["epoch_loss"] for r in epochs], marker="o", ms=3, label="epoch mean")
     ax1.set_xlabel("optimizer update")
@@ -117,11 +122,8 @@ def plot_training_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path
     ax1.set_yscale("log")
     ax1.legend(fontsize=8)
     ax1.grid(alpha=0.3)
-    ax2.plot([r["step"] for r in steps], [r["lr"] for r in steps], color="tab:orange")
+    ax2.plot([r["step"] for r in steps], [r["lr"] for r in steps], color="tab:orange", marker=marker(steps), ms=3)
     ax2.set_xlabel("optimizer update")
     ax2.set_ylabel("learning rate")
     ax2.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return Path(out_png)
+    return atomic_write_path(out_png, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
