@@ -13,7 +13,6 @@ transform, so the same transforms serve built-in and folder datasets; `as_tensor
 from __future__ import annotations
 
 import abc
-
 import functools
 import importlib.util
 import logging

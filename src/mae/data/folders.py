@@ -210,7 +210,6 @@ class _ImageFiles(Dataset):
         if path not in self.bad_files:
             self.bad_files.append(path)
             warnings.warn(f"skipping corrupt or unreadable image file '{path}': {e}", stacklevel=4)
-        return None
 
     def __getitem__(self, index: int) -> tuple[object, int]:
         # An unreadable file is replaced by the next readable one, so a given index always gives the same sample.

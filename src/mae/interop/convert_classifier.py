@@ -126,8 +126,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str, model_name: st
 
     out = convert(src, dst, to=to, model_name=model_name)
     if to == "hf":
-        from mae.interop.huggingface import HF_CONFIG_NAME, config_from_hf, write_hf_metadata
         from mae.interop.hub_metadata import run_facts
+        from mae.interop.huggingface import HF_CONFIG_NAME, config_from_hf, write_hf_metadata
 
         config = config_from_hf(json.loads((Path(out) / HF_CONFIG_NAME).read_text()))
         write_hf_metadata(out, config, run_facts(src), license, **_run_mean_std(src))

@@ -43,10 +43,11 @@ def _masked_input(panels: dict[str, torch.Tensor], mean: Sequence[float], std: S
     return _denormalize(panels["masked"], mean, std) * (1 - hole) + 0.5 * hole
 
 
-def draw_reconstructions(model: MaskedAutoencoderViT, imgs: torch.Tensor, out: str | Path,
-                         mask_ratios: Sequence[float] = (0.75,), mean: Sequence[float] | None = None,
-                         std: Sequence[float] | None = None, seed: int = 0, title: str | None = None) -> Path:
-    """Write the grid PNG for a batch of normalised images [N, C, H, W]; returns the path."""
+def reconstruction_columns(model: MaskedAutoencoderViT, imgs: torch.Tensor, mask_ratios: Sequence[float] = (0.75,),
+                           mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                           seed: int = 0) -> list[tuple[str, torch.Tensor]]:
+    """The grid's (label, images in [0, 1]) columns: per mask ratio the masked input, the reconstruction and the
+    reconstruction with the visible patches pasted back; then the originals."""
     default_mean, default_std = default_mean_std(model.in_chans)
     mean, std = mean or default_mean, std or default_std
     columns: list[tuple[str, torch.Tensor]] = []
@@ -56,6 +57,14 @@ def draw_reconstructions(model: MaskedAutoencoderViT, imgs: torch.Tensor, out: s
                     ("recon-\nstruction", _denormalize(panels["recon"], mean, std)),
                     ("+ visible\npatches", _denormalize(panels["pasted"], mean, std))]
     columns.append(("original", _denormalize(imgs, mean, std)))
+    return columns
+
+
+def draw_reconstructions(model: MaskedAutoencoderViT, imgs: torch.Tensor, out: str | Path,
+                         mask_ratios: Sequence[float] = (0.75,), mean: Sequence[float] | None = None,
+                         std: Sequence[float] | None = None, seed: int = 0, title: str | None = None) -> Path:
+    """Write the grid PNG for a batch of normalised images [N, C, H, W]; returns the path."""
+    columns = reconstruction_columns(model, imgs, mask_ratios, mean, std, seed)
     if title is None:
         title = "MAE reconstructions"
         if model.config.target == "norm_pixel":

@@ -59,6 +59,10 @@ class Report:
         self.sections.append(f"<h2>{html.escape(heading)}</h2><figure><img alt='{html.escape(heading)}' "
                              f"src='data:image/png;base64,{data}'>{cap}</figure>")
 
+    def add_code(self, heading: str, text: str) -> None:
+        """A preformatted block (a config, a command), escaped."""
+        self.sections.append(f"<h2>{html.escape(heading)}</h2><pre>{html.escape(text)}</pre>")
+
     def add_table(self, heading: str, header: Sequence[str], rows: Sequence[Sequence[object]], note: str = "") -> None:
         head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(c))}</td>" for c in row) + "</tr>" for row in rows)
@@ -81,6 +85,7 @@ th {{ background: #f5f5f7; }}
 td:not(:first-child) {{ font-variant-numeric: tabular-nums; }}
 img {{ max-width: 100%; border: 1px solid #eee; }}
 figcaption, .note, .intro {{ color: #555; font-size: 0.92em; }}
+pre {{ background: #f5f5f7; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }}
 .ok {{ color: #0a7d2c; font-weight: 600; }} .bad {{ color: #b00020; font-weight: 600; }}
 </style></head><body>
 <h1>{html.escape(self.title)}</h1><p class="intro">{self.intro}</p>
@@ -99,11 +104,17 @@ def _cell(value: object) -> str:
 
 
 def plot_training_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
+    """`training_curves_figure` written as a PNG at `out_png` (atomically)."""
+    from mae.files import atomic_write_path
+
+    fig = training_curves_figure(metrics_jsonl)
+    return atomic_write_path(out_png, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+
+
+def training_curves_figure(metrics_jsonl: str | Path):
     """Loss and learning rate per optimizer update, side by side; a series of a few points (one, for a 1-epoch run)
     is drawn with markers so that it shows."""
     from matplotlib.figure import Figure  # a bare Figure renders with Agg and leaves pyplot's global state alone
-
-    from mae.files import atomic_write_path
 
     def marker(points: Sequence[object]) -> str | None:
         return "o" if len(points) <= 20 else None  # a line through one point draws nothing
@@ -126,4 +137,4 @@ def plot_training_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path
     ax2.set_xlabel("optimizer update")
     ax2.set_ylabel("learning rate")
     ax2.grid(alpha=0.3)
-    return atomic_write_path(out_png, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    return fig
