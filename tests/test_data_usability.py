@@ -118,7 +118,11 @@ def test_colour_images_for_a_grey_model_are_warned_about_once(tmp_path, caplog, 
 
 
 def test_builtin_colour_photos_for_a_grey_model_are_warned_about(caplog):
-    """builtin:photos (colour) read as 1-channel says so."""
+    """builtin:photos (colour) read as 1-channel says so (once per process: the cache is cleared first, as another
+    test may have read it that way already)."""
+    from mae.data.builtin import _warn_conversion
+
+    _warn_conversion.cache_clear()
     with caplog.at_level(logging.WARNING):
         build_dataset("builtin:photos", "val", mode="L")
     assert any("builtin:photos holds colour images" in r.getMessage() for r in caplog.records)

@@ -97,8 +97,9 @@ def _probe_checkpoint(tmp_path):
 
 
 def test_convert_of_a_linear_probe_folds_its_batchnorm_head_for_timm(tmp_path):
-    """`mae convert <probe checkpoint> --to timm` writes a plain Linear head (no head.0 / head.1 keys) that timm loads
-    strictly with the probe's logits; --to hf and --to reference keep the same logits too."""
+    """`mae convert <probe checkpoint> --to timm` (file and, through the CLI, directory) writes a plain Linear head
+    (no head.0 / head.1 keys) that timm loads strictly with the probe's logits; --to hf and --to reference keep the
+    same logits too."""
     model, path = _probe_checkpoint(tmp_path)
     assert is_classifier_checkpoint(path) and is_classifier_checkpoint(tmp_path)
     x = torch.randn(3, 1, 28, 28)
@@ -110,6 +111,12 @@ def test_convert_of_a_linear_probe_folds_its_batchnorm_head_for_timm(tmp_path):
     assert not any(k.startswith(("head.0", "head.1")) for k in load_file(out))
     with torch.no_grad():
         torch.testing.assert_close(_timm_from_file(out)(x), ours, rtol=0, atol=1e-5)
+    from mae.cli import main
+
+    assert main(["convert", str(path), str(tmp_path / "cli_timm"), "--to", "timm"]) == 0  # the command line's route
+    with torch.no_grad():
+        from_dir = timm.create_model(f"local-dir:{tmp_path / 'cli_timm'}", pretrained=True).eval()
+        torch.testing.assert_close(from_dir(x), ours, rtol=0, atol=1e-5)
     transformers = pytest.importorskip("transformers")
     hf_dir = convert_checkpoint(path, tmp_path / "probe_hf", to="hf")
     hf = transformers.ViTForImageClassification.from_pretrained(hf_dir).eval()

@@ -127,6 +127,9 @@ class _ImageFiles(Dataset):
         self.strict = strict
         self.bad_files: list[str] = []
         """Unreadable files met so far by this process (all of them after `verify=True`)."""
+        # set once a colour / grey mismatch has been reported, by whichever process saw it first
+        self._mode_warned = torch.zeros(1, dtype=torch.uint8).share_memory_()
+        self._mode_checks = 0
         if verify:
             good = [(path, label) for path, label in self.samples if self._try_load(path) is not None]
             if not good:
@@ -134,9 +137,6 @@ class _ImageFiles(Dataset):
             self.samples = good
         # one flag per sample, set by whichever process (main or DataLoader worker) fails to read the file
         self._unreadable = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
-        # set once a colour / grey mismatch has been reported, by whichever process saw it first
-        self._mode_warned = torch.zeros(1, dtype=torch.uint8).share_memory_()
-        self._mode_checks = 0
         self._verified_bad = len(self.bad_files)
 
     @property
