@@ -9,8 +9,9 @@ import pytest
 
 from mae.config import load_config
 from mae.errors import ConfigError
+from mae.presets import PRESETS_DIR
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = PRESETS_DIR
 # configs/<folder>/ -> the recipe config class that reads it
 CLASSES = {
     "pretrain": "mae.recipes.pretrain.PretrainConfig",

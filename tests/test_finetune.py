@@ -280,12 +280,12 @@ def test_finetune_runs_end_to_end_and_writes_its_files(tiny_checkpoint, tmp_path
 
 
 def test_shipped_presets_load_against_the_config_classes():
-    """Every YAML preset in configs/finetune and configs/linprobe builds its config dataclass without error."""
-    from pathlib import Path
-
+    """Every YAML preset in mae/configs/finetune and mae/configs/linprobe builds its config dataclass without
+    error."""
+    from mae.presets import PRESETS_DIR
     from mae.recipes.linprobe import LinprobeConfig
 
-    root = Path(__file__).resolve().parents[1] / "configs"
+    root = PRESETS_DIR
     presets = sorted((root / "finetune").glob("*.yaml")) + sorted((root / "linprobe").glob("*.yaml"))
     assert len(presets) >= 12
     for path in presets:

@@ -78,10 +78,10 @@ def test_sweep_runs_only_the_chosen_rows(tmp_path):
     assert [r["row"] for r in rows] == ["75%", "pixel (w/ norm)"]
     assert rows[0]["pretrain_dir"] == rows[1]["pretrain_dir"] and len(list((tmp_path / "pretrain").iterdir())) == 1
     # spelt out explicitly, the default strategy and ratio are still the same run
-    assert _key("configs/pretrain/demo_mnist.yaml", ["model.mask_strategy=random", "model.mask_ratio=0.75"]) == \
-        _key("configs/pretrain/demo_mnist.yaml", ["epochs=40"])
-    assert _key("configs/pretrain/demo_mnist.yaml", ["model.mask_ratio=0.5"]) != \
-        _key("configs/pretrain/demo_mnist.yaml", [])
+    assert _key("pretrain/demo_mnist", ["model.mask_strategy=random", "model.mask_ratio=0.75"]) == \
+        _key("pretrain/demo_mnist", ["epochs=40"])
+    assert _key("pretrain/demo_mnist", ["model.mask_ratio=0.5"]) != \
+        _key("pretrain/demo_mnist", [])
     with pytest.raises(ConfigError, match="did you mean 'mask_ratio/50%'"):
         load_config(SweepConfig, None, ["grids=[mask_ratio]", "rows=[mask_ratio/50]"])
 

@@ -17,6 +17,7 @@ from mae.config import load_config
 from mae.errors import CheckpointError, ConfigError, DataError
 from mae.interop import convert, save_model
 from mae.models.pos_embed import resize_pos_embed
+from mae.presets import PRESETS_DIR
 from mae.transfer import (
     SHAPES,
     RelativePositionBias,
@@ -32,7 +33,7 @@ from mae.transfer import (
 )
 from mae.transfer.detection import CocoInstances
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = PRESETS_DIR
 TINY_ARCH = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2, "decoder_embed_dim": 32,
              "decoder_depth": 1, "decoder_num_heads": 2}
 

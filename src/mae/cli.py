@@ -37,7 +37,13 @@ CONFIG_COMMANDS: dict[str, tuple[str, str]] = {
                "mae.recipes.detect.DetectConfig"),
     "segment": ("UperNet semantic segmentation with an MAE backbone (train / evaluate)",
                 "mae.recipes.segment.SegmentConfig"),
+    "embed": ("features of every image with a pre-trained encoder: mae embed CHECKPOINT --data DIR --out FILE",
+              "mae.recipes.embed.EmbedConfig"),
 }
+# config commands whose first bare argument is a flag's value: `mae embed CHECKPOINT ...` = `--checkpoint CHECKPOINT`
+POSITIONAL = {"embed": "--checkpoint"}
+# flags accepted anywhere on the line (`mae pretrain --debug` as well as `mae --debug pretrain`)
+ANYWHERE = ("--debug", "--quiet")
 COMMON_FLAGS = {"--data": "data.path", "--output-dir": "output_dir", "--resume": "resume", "--epochs": "epochs",
                 "--precision": "precision", "--device": "device"}
 
@@ -54,8 +60,9 @@ def _config_command(sub, name: str, help_text: str, config_cls_path: str, full: 
     module = __import__(config_cls_path.rsplit(".", 1)[0], fromlist=["run"])
     flags = getattr(module, "CLI_FLAGS", COMMON_FLAGS)
     p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML file with settings (see configs/); with --resume and no --config, the "
-                   "run's own config.yaml")
+    p.add_argument("--config", help="YAML file, or the name of a shipped preset (e.g. vit_l_800ep, "
+                   "pretrain/vit_l_800ep; `mae presets` lists them); with --resume and no --config, the run's own "
+                   "config.yaml")
     for flag, key in flags.items():
         p.add_argument(flag, dest=key.replace(".", "__"), metavar=key.split(".")[-1].upper(),
                        help=f"shortcut for {key}=...")
@@ -175,20 +182,68 @@ def _run_config_file(path: str):
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from mae.interop import convert
+    from mae.interop.convert_classifier import convert_checkpoint
 
-    out = convert(args.src, args.dst, to=args.to, model_name=args.model)
+    out = convert_checkpoint(args.src, args.dst, to=args.to, model_name=args.model, license=args.license)
     print(f"wrote {out}")
     return 0
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
+    import difflib
+
+    from mae.errors import ConfigError
     from mae.models import ARCHITECTURES, list_models
 
-    for name in list_models(args.pattern):
+    names = list_models(args.pattern)
+    if not names:
+        close = difflib.get_close_matches(args.pattern.strip("*"), ARCHITECTURES, n=3, cutoff=0.4)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise ConfigError(f"no registered architecture matches '{args.pattern}'; {hint}patterns are shell-style "
+                          f"('*large*', 'mae_vit_base_*'); `mae models` lists all {len(ARCHITECTURES)}")
+    for name in names:
         a = ARCHITECTURES[name]
         print(f"{name:32s} embed {a['embed_dim']:4d} depth {a['depth']:2d} heads {a['num_heads']:2d} "
               f"patch {a['patch_size']:2d} | decoder {a['decoder_embed_dim']} x {a['decoder_depth']}")
+    return 0
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from mae.errors import ConfigError
+    from mae.presets import PRESETS_DIR, list_presets
+
+    names = list_presets(args.recipe)
+    if not names:
+        kinds = sorted({n.split("/", 1)[0] for n in list_presets()})
+        raise ConfigError(f"no presets for '{args.recipe}'; recipes with presets: {', '.join(kinds)}")
+    for name in names:
+        print(name)
+    print(f"({len(names)} presets in {PRESETS_DIR}; use one with --config NAME)", file=sys.stderr)
+    return 0
+
+
+def _cmd_attention(args: argparse.Namespace) -> int:
+    from mae.recipes.embed import load_pretrained_model
+    from mae.viz.attention import save_attention_maps
+
+    out = save_attention_maps(load_pretrained_model(args.checkpoint), args.images, args.out, limit=args.num_images)
+    print(f"attention maps: {out}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    from mae.interop.onnx_export import check_onnx, export_checkpoint_onnx
+
+    out, module, example = export_checkpoint_onnx(args.checkpoint, args.out, model_name=args.model)
+    print(f"wrote {out}")
+    if args.check and importlib.util.find_spec("onnxruntime") is not None:
+        inputs = example.repeat(2, 1, 1, 1)  # another batch size than the exported example: the axis is dynamic
+        print(f"onnxruntime vs PyTorch on {len(inputs)} random images: max |difference| "
+              f"{check_onnx(out, module, inputs):.2e}")
+    elif args.check:
+        print("onnxruntime is not installed: the export was not checked (pip install onnxruntime)")
     return 0
 
 
@@ -205,9 +260,12 @@ def _one_line(e: BaseException) -> str:
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The CLI parser; with ``command`` given, only that config command is built in full (fast start-up)."""
+    from mae import __version__
+
     parser = argparse.ArgumentParser(prog="mae", description="Masked autoencoders (He et al., 2021): pre-train, "
                                      "fine-tune, probe, visualise and convert.")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.add_argument("--version", action="version", version=f"mae {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks (accepted anywhere on the line)")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     for name, (help_text, cls_path) in CONFIG_COMMANDS.items():
@@ -217,30 +275,119 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             if not cls_path.startswith(e.name or "-"):
                 raise
 
-    p = sub.add_parser("visualize", help="draw reconstructions (paper Figures 2 and 4)")
-    p.add_argument("checkpoint", help="a run directory or any checkpoint file the library reads")
-    p.add_argument("--data", help="dataset to draw images from (default: the run's)")
-    p.add_argument("--mask-ratio", type=float, nargs="+", default=[0.75], help="one or more mask ratios")
-    p.add_argument("--num-images", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="reconstructions.png")
+    def command_parser(name: str, help_text: str, description: str, examples: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=description, epilog=f"examples:\n{examples}",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    p = command_parser(
+        "visualize", "draw reconstructions (paper Figures 2 and 4)",
+        "Draw a grid of reconstructions: for each mask ratio the masked input, the model's reconstruction and the "
+        "reconstruction with the visible patches pasted back, then the original. Images come from the validation "
+        "split of --data (default: the run's own dataset, read from its config.yaml).",
+        "  mae visualize runs/tiny\n"
+        "  mae visualize runs/tiny --mask-ratio 0.5 0.75 0.9 --num-images 4 --out recon.png\n"
+        "  mae visualize mae_pretrain_vit_base.pth --data /data/imagenet --seed 1")
+    p.add_argument("checkpoint", help="a pre-training run directory or any MAE checkpoint file the library reads")
+    p.add_argument("--data", help="dataset to draw images from: a folder or builtin:<name> (default: the run's)")
+    p.add_argument("--mask-ratio", type=float, nargs="+", default=[0.75], metavar="RATIO",
+                   help="one or more mask ratios, one group of columns each (default: 0.75)")
+    p.add_argument("--num-images", type=int, default=8, metavar="N", help="rows of the grid (default: 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random masks (default: 0)")
+    p.add_argument("--out", default="reconstructions.png", metavar="FILE.png",
+                   help="where to write the PNG (default: reconstructions.png)")
     p.set_defaults(handler=_cmd_visualize)
 
-    p = sub.add_parser("convert", help="convert checkpoints between mae, reference, Hugging Face and timm formats")
-    p.add_argument("src", help="checkpoint file or Hugging Face directory")
+    p = command_parser(
+        "convert", "convert checkpoints between mae, reference, Hugging Face and timm formats",
+        "Convert a checkpoint, losslessly. Pre-trained MAEs: mae (safetensors + config), reference (the original "
+        "release's .pth), hf (a ViTMAEForPreTraining directory with preprocessor_config.json and a model card), "
+        "timm (the encoder's state_dict, strict for timm.create_model(..., num_classes=0)). Classifiers (finetune "
+        "/ linprobe checkpoints or run directories, anything with a head): timm (a directory for "
+        "timm.create_model('local-dir:DIR', pretrained=True), or FILE.safetensors + FILE.json), hf "
+        "(ViTForImageClassification; class-token pooling only) or reference; a linear probe's BatchNorm head is "
+        "folded into one Linear.",
+        "  mae convert mae_pretrain_vit_base.pth vitb.safetensors --to mae\n"
+        "  mae convert runs/vitb/model.safetensors vitb_hf --to hf --license cc-by-nc-4.0\n"
+        "  mae convert runs/linprobe probe_timm --to timm\n"
+        "  mae convert vit_l_encoder.pth vitl.safetensors --to mae --model mae_vit_large_patch16")
+    p.add_argument("src", help="checkpoint file, run directory or Hugging Face directory")
     p.add_argument("dst", help="output file or directory")
-    p.add_argument("--to", choices=["mae", "reference", "hf", "timm"], default="mae")
-    p.add_argument("--model", help="registered architecture name when the source stores none")
+    p.add_argument("--to", choices=["mae", "reference", "hf", "timm"], default="mae",
+                   help="output format (default: mae)")
+    p.add_argument("--model", metavar="NAME",
+                   help="registered architecture (`mae models`) for files that store none, e.g. a reference .pth")
+    p.add_argument("--license", default="unknown",
+                   help="license field of a Hugging Face model card (default: unknown), e.g. cc-by-nc-4.0")
     p.set_defaults(handler=_cmd_convert)
 
-    p = sub.add_parser("models", help="list registered architectures")
-    p.add_argument("pattern", nargs="?", default="*")
+    p = command_parser(
+        "models", "list registered architectures",
+        "List the registered architectures (for model.name=... and --model) with their encoder and decoder sizes.",
+        "  mae models\n  mae models '*large*'\n  mae models 'mae_vit_base_*'")
+    p.add_argument("pattern", nargs="?", default="*",
+                   help="shell-style wildcard over the names (quote it); default: all")
     p.set_defaults(handler=_cmd_models)
+
+    p = command_parser(
+        "presets", "list the shipped YAML presets (for --config NAME)",
+        "List the presets shipped inside the package: the paper's recipes (Tables 8-11) and the CPU demo configs. "
+        "Any command's --config takes one by name.",
+        "  mae presets\n  mae presets finetune\n  mae pretrain --config vit_l_800ep --data /data/imagenet/train")
+    p.add_argument("recipe", nargs="?", help="only this recipe's presets (pretrain, finetune, linprobe, ...)")
+    p.set_defaults(handler=_cmd_presets)
+
+    p = command_parser(
+        "attention", "draw the class token's attention of the last block over images",
+        "For each image: the image, then the class token's attention weights in the encoder's last block for each "
+        "head, then their mean over heads, drawn over the image (no masking).",
+        "  mae attention runs/tiny --images digit.png --out attention.png\n"
+        "  mae attention mae_pretrain_vit_base.pth --images photos/ --num-images 4 --out attn.png")
+    p.add_argument("checkpoint", help="a pre-training run directory or any MAE checkpoint file the library reads")
+    p.add_argument("--images", nargs="+", required=True, metavar="IMAGE",
+                   help="image files, or folders searched recursively")
+    p.add_argument("--out", default="attention.png", metavar="FILE.png", help="where to write the PNG")
+    p.add_argument("--num-images", type=int, default=8, metavar="N", help="at most this many images (default: 8)")
+    p.set_defaults(handler=_cmd_attention)
+
+    p = command_parser(
+        "export", "export a model to ONNX (MAE encoder or fine-tuned classifier)",
+        "Export to ONNX with a dynamic batch axis: a pre-trained MAE as its encoder (pixel_values -> features "
+        "[N, 1+L, D], no masking), a classifier (anything with a head) as logits. When onnxruntime is installed, "
+        "the file is run on random images and compared with PyTorch.",
+        "  mae export runs/vitb --to onnx --out vitb_encoder.onnx\n"
+        "  mae export runs/finetune --to onnx --out classifier.onnx")
+    p.add_argument("checkpoint", help="a run directory or any checkpoint file the library reads")
+    p.add_argument("--to", choices=["onnx"], default="onnx", help="output format (default: onnx)")
+    p.add_argument("--out", required=True, metavar="FILE.onnx", help="where to write the model")
+    p.add_argument("--model", metavar="NAME", help="registered architecture for files that store none")
+    p.add_argument("--no-check", dest="check", action="store_false", help="skip the onnxruntime comparison")
+    p.set_defaults(handler=_cmd_export)
     return parser
 
 
+def _normalise_argv(argv: list[str]) -> list[str]:
+    """`--debug` / `--quiet` moved to the front wherever they stand; a command's positional checkpoint (`POSITIONAL`)
+    turned into its flag."""
+    front = [a for a in argv if a in ANYWHERE]
+    rest = [a for a in argv if a not in ANYWHERE]
+    command_at = next((i for i, a in enumerate(rest) if not a.startswith("-")), None)
+    if command_at is not None and rest[command_at] in POSITIONAL:
+        flag = POSITIONAL[rest[command_at]]
+        i = command_at + 1
+        while i < len(rest) and flag not in rest:
+            token = rest[i]
+            if token.startswith("-"):
+                i += 1 if "=" in token or token in ("-h", "--help") else 2  # a flag and its value
+            elif "=" not in token:
+                rest[i:i + 1] = [flag, token]
+                break
+            else:
+                i += 1
+    return front + rest
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _normalise_argv(list(sys.argv[1:] if argv is None else argv))
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in CONFIG_COMMANDS else "")
     args, extra = parser.parse_known_args(argv)

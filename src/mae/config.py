@@ -5,7 +5,9 @@ Every recipe declares its settings as a (nested) dataclass whose fields carry a 
 builds one from the layers, checks every value against the field's type annotation, and calls ``validate()``
 on each dataclass that defines it, so a run fails at start-up with one clear line instead of hours later:
 
-    cfg = load_config(PretrainConfig, "configs/pretrain_vit_b.yaml", ["epochs=20", "optim.betas=[0.9,0.95]"])
+    cfg = load_config(PretrainConfig, "pretrain/vit_b_800ep", ["epochs=20", "optim.betas=[0.9,0.95]"])
+
+The file may be a path or the name of a preset shipped inside the package (`mae.presets.resolve_preset`).
 
 Merging: a mapping given for a nested dataclass or a ``dict`` field updates it key by key; any other value
 (lists included) replaces the previous one. Override values are read as YAML (``[1,2]``, ``null``, ``true``),
@@ -44,15 +46,18 @@ _NONE_TYPE = type(None)
 
 
 def load_config(cls: type[T], path: str | Path | Mapping[str, Any] | None = None, overrides: Sequence[str] = ()) -> T:
-    """Build a `cls` instance from its defaults, then the YAML file at `path` (or a mapping of the same shape), then
-    `key=value` overrides."""
+    """Build a `cls` instance from its defaults, then the YAML file at `path` (a file, a shipped preset's name such
+    as 'vit_l_800ep' or 'pretrain/vit_l_800ep', or a mapping of the same shape), then `key=value` overrides."""
     if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
         raise TypeError(f"load_config needs a dataclass type, got {cls!r}")
     raw = _default_raw(cls)
     if isinstance(path, Mapping):  # a config stored as data (e.g. inside a checkpoint)
         raw = _merge(raw, {k: v for k, v in path.items() if k != RUN_INFO_KEY}, cls, prefix="", root=cls)
     elif path is not None:
-        raw = _merge(raw, _read_yaml(Path(path)), cls, prefix="", root=cls)
+        from mae.presets import resolve_preset
+
+        kind = cls.__module__.rsplit(".", 1)[-1] if cls.__module__.startswith("mae.recipes.") else None
+        raw = _merge(raw, _read_yaml(resolve_preset(path, kind)), cls, prefix="", root=cls)
     if isinstance(overrides, str):  # a lone "a=b" would otherwise be split into characters
         overrides = [overrides]
     for item in overrides:

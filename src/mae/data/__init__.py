@@ -7,9 +7,10 @@ augmentations; `build_loader(...)` a DataLoader whose order is a pure function o
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,15 +29,16 @@ from mae.data.transforms import (
     build_eval_transform,
     build_transform,
     default_mean_std,
+    eval_preprocessing,
 )
 from mae.errors import ConfigError, DataError
 
 __all__ = [
-    "AUGMENTATIONS", "DATASETS", "GRAY_MEAN", "GRAY_STD", "IMAGENET_MEAN", "IMAGENET_STD", "UNLABELED",
-    "BuiltinDataset", "ClassFolderDataset", "Digits", "EpochSampler", "MNIST5k", "Photos", "PlainFolderDataset",
-    "SeededDataset", "SeededSampler", "WithMaskNoise", "fingerprint", "sample_seed",
-    "build_dataset", "build_eval_transform", "build_loader", "build_transform", "default_mean_std", "list_builtin",
-    "set_epoch", "skipped_files", "to_mode",
+    "AUGMENTATIONS", "DATASETS", "GRAY_MEAN", "GRAY_STD", "HOLDOUT_SEED", "IMAGENET_MEAN", "IMAGENET_STD",
+    "UNLABELED", "BuiltinDataset", "ClassFolderDataset", "Digits", "EpochSampler", "MNIST5k", "Photos",
+    "PlainFolderDataset", "SeededDataset", "SeededSampler", "WithMaskNoise", "build_dataset", "build_eval_transform",
+    "build_loader", "build_transform", "default_mean_std", "eval_preprocessing", "fingerprint", "has_split_folders",
+    "holdout_split", "list_builtin", "sample_seed", "set_epoch", "skipped_files", "to_mode",
 ]
 
 BUILTIN_PREFIX = "builtin:"
@@ -65,6 +67,41 @@ def _split_folder(root: Path, split: str) -> Path:
         raise DataError(f"folder '{root}' has '{others[0].name}' but no '{SPLIT_FOLDERS[split][0]}' sub-folder; "
                         f"add '{root / SPLIT_FOLDERS[split][0]}' for the {split} split")
     return root
+
+
+def has_split_folders(spec: str) -> bool:
+    """True when `spec` brings its own splits: a built-in dataset, or a folder with a train/ or val/ sub-folder."""
+    if spec.startswith(BUILTIN_PREFIX):
+        return True
+    root = Path(spec).expanduser()
+    return any((root / name).is_dir() for names in SPLIT_FOLDERS.values() for name in names)
+
+
+HOLDOUT_SEED = 0
+"""Seed of the validation hold-out of folders without splits: a property of the data, the same in every run (and
+every recipe: finetune, linprobe, knn and evaluate hold out the same images whatever their own seed)."""
+
+
+def holdout_split(targets: Sequence[int], fraction: float, seed: int = HOLDOUT_SEED) -> tuple[list[int], list[int]]:
+    """Indices (train, val) of a seeded, class-stratified hold-out: of each class of n >= 2 images,
+    ``min(n - 1, max(1, round(fraction * n)))`` go to val, chosen by a permutation that is a pure function of
+    `seed`; a class of one image stays in train. Both lists are sorted."""
+    if not 0 < fraction < 1:
+        raise ConfigError(f"the validation fraction must be in (0, 1), got {fraction}")
+    by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(targets):
+        by_class.setdefault(int(label), []).append(index)
+    generator = torch.Generator().manual_seed(seed)
+    train: list[int] = []
+    val: list[int] = []
+    for label in sorted(by_class):
+        members = by_class[label]
+        n = len(members)
+        n_val = 0 if n < 2 else min(n - 1, max(1, math.floor(fraction * n + 0.5)))
+        order = torch.randperm(n, generator=generator).tolist()
+        val += [members[i] for i in order[:n_val]]
+        train += [members[i] for i in order[n_val:]]
+    return sorted(train), sorted(val)
 
 
 def build_dataset(spec: str, split: str = "train", transform: Callable | None = None, mode: str | None = None,

@@ -13,9 +13,9 @@ transform, so the same transforms serve built-in and folder datasets; `as_tensor
 from __future__ import annotations
 
 import abc
-
 import functools
 import importlib.util
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +25,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from mae.errors import DataError
+
+_log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
 MODES = ("L", "RGB")
@@ -150,6 +152,17 @@ def _photo_crops(split: str, per_photo: int, seed: int) -> tuple[np.ndarray, np.
     return images, labels
 
 
+@functools.cache
+def _warn_conversion(name: str, native: str, mode: str) -> None:
+    """Say once per process that a built-in dataset's images are converted between colour and grey."""
+    if mode == "L":
+        _log.warning("builtin:%s holds colour images but the model reads 1 channel: they are converted to grey; a "
+                     "3-channel model (model.in_chans=3 when pre-training) would use the colour", name)
+    else:
+        _log.warning("builtin:%s holds grey images but the model reads 3 channels: each is copied into three equal "
+                     "channels; a 1-channel model (model.in_chans=1 when pre-training) fits grey data", name)
+
+
 class BuiltinDataset(Dataset, abc.ABC):
     """A split of an embedded dataset held in memory as uint8 arrays; items are `(PIL image, label)`.
 
@@ -171,6 +184,8 @@ class BuiltinDataset(Dataset, abc.ABC):
         self.split = split
         self.transform = transform
         self.mode = mode or self.native_mode
+        if self.mode != self.native_mode:
+            _warn_conversion(self.name, self.native_mode, self.mode)
         self._images, labels = self._arrays(split)  # [N, H, W] or [N, H, W, 3] uint8, read-only
         self.targets: list[int] = labels.tolist()
 

@@ -15,6 +15,8 @@ each JPEG's bytes and header size undecoded; it takes JPEG files only.
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import warnings
 from collections.abc import Callable
@@ -40,6 +42,36 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
                         category=DeprecationWarning)
 UNLABELED = -1
 """Label of every image of a plain (class-less) folder."""
+GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+"""PIL modes of images without colour (converting them to 'RGB' copies one channel into three)."""
+_MODE_CHECKS_DECODED = 32
+"""With decode='tensor', the first this-many JPEGs of each process also have their header read by PIL to notice a
+colour / grey mismatch (PIL decoding notices it for free on every image)."""
+
+_log = logging.getLogger(__name__)
+
+
+def is_grey(image: Image.Image) -> bool:
+    """True for an image without colour: a grey mode, or a palette whose entries are all grey."""
+    if image.mode in GREY_MODES:
+        return True
+    if image.mode in ("P", "PA"):
+        palette = image.getpalette() or []
+        return all(palette[i] == palette[i + 1] == palette[i + 2] for i in range(0, len(palette) - 2, 3))
+    return False
+
+
+def channel_mismatch(image: Image.Image, mode: str, where: str) -> str | None:
+    """The warning for an image whose colour does not fit the model's channels (None when it fits): colour read by
+    a 1-channel model is turned grey, grey read by a 3-channel model is copied into three equal channels."""
+    grey = is_grey(image)
+    if mode == "L" and not grey:
+        return (f"{where} holds colour images ({image.mode}) but the model reads 1 channel: they are converted to grey "
+                f"(luma); a 3-channel model (model.in_chans=3 when pre-training) would use the colour (warned once)")
+    if mode == "RGB" and grey:
+        return (f"{where} holds grey images ({image.mode}) but the model reads 3 channels: each is copied into three "
+                f"equal channels; a 1-channel model (model.in_chans=1 when pre-training) fits grey data (warned once)")
+    return None
 
 
 def is_image_file(path: str | os.PathLike) -> bool:
@@ -95,6 +127,9 @@ class _ImageFiles(Dataset):
         self.strict = strict
         self.bad_files: list[str] = []
         """Unreadable files met so far by this process (all of them after `verify=True`)."""
+        # set once a colour / grey mismatch has been reported, by whichever process saw it first
+        self._mode_warned = torch.zeros(1, dtype=torch.uint8).share_memory_()
+        self._mode_checks = 0
         if verify:
             good = [(path, label) for path, label in self.samples if self._try_load(path) is not None]
             if not good:
@@ -142,15 +177,30 @@ class _ImageFiles(Dataset):
         if self.decode == "tensor" and path.lower().endswith(JPEG_EXTENSIONS):
             try:
                 read_mode = ImageReadMode.GRAY if self.mode == "L" else ImageReadMode.RGB
-                return tv_tensors.Image(decode_jpeg(read_file(path), mode=read_mode))  # uint8 [C, H, W]
-            except RuntimeError:
+                data = read_file(path)
+                if not self._mode_warned[0] and self._mode_checks < _MODE_CHECKS_DECODED:
+                    self._mode_checks += 1
+                    with Image.open(io.BytesIO(data.numpy().tobytes())) as header:  # the header only, no decoding
+                        self._check_channels(header, path)
+                return tv_tensors.Image(decode_jpeg(data, mode=read_mode))  # uint8 [C, H, W]
+            except (RuntimeError, OSError, ValueError):
                 pass  # not a JPEG libjpeg-turbo takes (or a damaged one): PIL decides, with the usual skip / strict
         try:
             with Image.open(path) as f:
                 f.load()  # decode now: a truncated file fails here, not inside a transform
+                self._check_channels(f, path)
                 return to_mode(f, self.mode)
         except (OSError, ValueError, SyntaxError, EOFError) as e:  # what Pillow raises for bad data
             return self._unreadable_file(path, e)
+
+    def _check_channels(self, image: Image.Image, path: str) -> None:
+        """Log, once per dataset over all processes, that images are converted between colour and grey."""
+        if self._mode_warned[0]:
+            return
+        message = channel_mismatch(image, self.mode, f"'{self.root}' (e.g. '{path}')")
+        if message is not None:
+            self._mode_warned[0] = 1
+            _log.warning(message)
 
     def _unreadable_file(self, path: str, e: Exception) -> None:
         """Raise (strict), or warn once per file and return None."""
@@ -160,7 +210,6 @@ class _ImageFiles(Dataset):
         if path not in self.bad_files:
             self.bad_files.append(path)
             warnings.warn(f"skipping corrupt or unreadable image file '{path}': {e}", stacklevel=4)
-        return None
 
     def __getitem__(self, index: int) -> tuple[object, int]:
         # An unreadable file is replaced by the next readable one, so a given index always gives the same sample.

@@ -81,14 +81,31 @@ def build_transform(name: str, img_size: int, in_chans: int, mean: Sequence[floa
     return v2.Compose(geometry[name] + _finish(in_chans, mean, std))
 
 
+def default_crop_pct(img_size: int) -> float:
+    """The paper's 0.875 for images above 32 px; 1.0 (resize only) for tiny ones, where cutting the border would
+    lose a large part of the digit or object."""
+    return FIXED_CROP_PCT if img_size > 32 else 1.0
+
+
+def eval_preprocessing(img_size: int, in_chans: int, crop_pct: float | None = None,
+                       mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> dict:
+    """What `build_eval_transform` does, as numbers for other libraries' configs (timm's pretrained_cfg,
+    transformers' preprocessor_config.json): input size, the shorter side it resizes to, crop_pct, mean, std."""
+    _check_chans(in_chans)
+    crop_pct = default_crop_pct(img_size) if crop_pct is None else crop_pct
+    default_mean, default_std = default_mean_std(in_chans)
+    return {"input_size": (in_chans, img_size, img_size), "resize": resize_size(img_size, crop_pct),
+            "crop_pct": crop_pct, "interpolation": "bicubic", "crop_mode": "center",
+            "mean": tuple(default_mean if mean is None else mean), "std": tuple(default_std if std is None else std)}
+
+
 def build_eval_transform(img_size: int, in_chans: int, crop_pct: float | None = None,
                          mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> Callable:
     """Evaluation transform: resize the shorter side to img_size / crop_pct (bicubic), then centre crop img_size.
 
-    crop_pct=None picks the paper's 0.875 for images above 32 px and 1.0 (resize only) for tiny ones, where cutting
-    the border would lose a large part of the digit or object.
+    crop_pct=None picks `default_crop_pct` (0.875 above 32 px, 1.0 for tiny images).
     """
     if crop_pct is None:
-        crop_pct = FIXED_CROP_PCT if img_size > 32 else 1.0
+        crop_pct = default_crop_pct(img_size)
     geometry = [v2.Resize(resize_size(img_size, crop_pct), interpolation=BICUBIC), v2.CenterCrop(img_size)]
     return v2.Compose(geometry + _finish(in_chans, mean, std))

@@ -226,9 +226,14 @@ def config_from_hf(hf: Mapping[str, Any]) -> MAEConfig:
 
 
 def save_hf_pretrained(state_dict: Mapping[str, torch.Tensor] | torch.nn.Module, directory: str | Path,
-                       config: MAEConfig | None = None) -> Path:
+                       config: MAEConfig | None = None, training: Mapping[str, Any] | None = None,
+                       license: str = "unknown", mean: list[float] | None = None,
+                       std: list[float] | None = None) -> Path:
     """Write a directory that ``ViTMAEForPreTraining.from_pretrained(directory)`` loads: model.safetensors in the
-    Hub layout + config.json. ``config`` defaults to the model's own when a model is given."""
+    Hub layout + config.json, a ``preprocessor_config.json`` (``AutoImageProcessor.from_pretrained(directory)``:
+    our evaluation transform with `mean` / `std`) and a model card ``README.md`` (`training`: what is known of the
+    pre-training, see `mae.interop.hub_metadata.run_facts`; `license`). ``config`` defaults to the model's own when
+    a model is given."""
     from safetensors.torch import save_file
 
     from mae.interop.native import replace_atomically
@@ -250,4 +255,27 @@ def save_hf_pretrained(state_dict: Mapping[str, torch.Tensor] | torch.nn.Module,
     replace_atomically(directory / HF_WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     text = json.dumps(hf_config, indent=2, sort_keys=True) + "\n"
     replace_atomically(directory / HF_CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    write_hf_metadata(directory, config, training, license, mean, std)
     return directory
+
+
+def write_hf_metadata(directory: str | Path, config: MAEConfig, training: Mapping[str, Any] | None = None,
+                      license: str = "unknown", mean: list[float] | None = None,
+                      std: list[float] | None = None) -> None:
+    """``preprocessor_config.json`` and the model card of an MAE transformers directory (`save_hf_pretrained`)."""
+    from mae.interop.hub_metadata import model_card, preprocessor_config, write_hub_metadata
+
+    h, w = config.image_hw
+    architecture = {"model": "ViTMAEForPreTraining (encoder + decoder)", "image size": f"{h} x {w}",
+                    "patch size": config.patch_size, "channels": config.in_chans,
+                    "encoder": f"width {config.embed_dim}, depth {config.depth}, {config.num_heads} heads",
+                    "decoder": f"width {config.decoder_embed_dim}, depth {config.decoder_depth}, "
+                               f"{config.decoder_num_heads} heads",
+                    "target": config.target, "mask ratio": config.mask_ratio}
+    name = Path(directory).name
+    usage = (f"from transformers import AutoImageProcessor, ViTMAEForPreTraining\n"
+             f"processor = AutoImageProcessor.from_pretrained(\"{name}\")\n"
+             f"model = ViTMAEForPreTraining.from_pretrained(\"{name}\")\n"
+             f"outputs = model(**processor(images=image, return_tensors=\"pt\"))  # loss, logits, mask")
+    card = model_card("MAE pre-trained ViT", architecture, usage, "image-feature-extraction", training, license)
+    write_hub_metadata(directory, preprocessor_config(config.image_hw, config.in_chans, None, mean, std), card)

@@ -81,8 +81,13 @@ class ClassifyData:
     strict: bool = field(default=False, metadata={"help": "fail on a corrupt image instead of skipping it"})
     train_limit: int | None = field(default=None, metadata={"help": "use only this many training images (smoke runs)"})
     val_limit: int | None = field(default=None, metadata={"help": "use only this many validation images"})
+    val_fraction: float = field(default=0.1, metadata={
+        "help": "a folder without train/ and val/: hold out this fraction of each class (seeded) for validation; "
+                "0 uses every image for both"})
 
     def validate(self) -> None:
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
         for name in ("train_limit", "val_limit"):
@@ -142,7 +147,10 @@ def square_side(config: ClassifierConfig) -> int:
 
 def labelled_dataset(data: ClassifyData, split: str, transform: Callable | None, in_chans: int,
                      limit: int | None = None, seed: int = 0) -> tuple[Dataset, list[str]]:
-    """A split with class labels, optionally cut to `limit` images (a fixed random subset); and its class names."""
+    """A split with class labels, optionally cut to `limit` images (a fixed random subset); and its class names.
+
+    A folder without train/ and val/ sub-folders gives both splits from one tree: a seeded, class-stratified
+    ``data.val_fraction`` of it is the val split and the rest the train split (`mae.data.holdout_split`)."""
     dataset = build_dataset(data.path, split, transform=transform, mode=image_mode(in_chans), strict=data.strict,
                             require_classes=True)
     classes = [str(c) for c in getattr(dataset, "classes", [])]
@@ -150,6 +158,15 @@ def labelled_dataset(data: ClassifyData, split: str, transform: Callable | None,
     if not classes or UNLABELED in targets:
         raise DataError(f"'{data.path}' ({split}) has no class labels; classification needs class sub-folders "
                         f"('<root>/{split}/<class>/<image>') or a labelled builtin dataset")
+    from mae.data import HOLDOUT_SEED, has_split_folders, holdout_split
+
+    if data.val_fraction > 0 and not has_split_folders(data.path):
+        train_idx, val_idx = holdout_split(targets, data.val_fraction)
+        if split == "val":
+            log.info("'%s' has no val/ folder: %d images (%.0f%% of each class, seed %d) held out for validation, "
+                     "%d for training; add '%s/val' or set data.val_fraction=0 to change this", data.path,
+                     len(val_idx), 100 * data.val_fraction, HOLDOUT_SEED, len(train_idx), data.path)
+        dataset = Subset(dataset, train_idx if split == "train" else val_idx)
     if limit is not None and limit < len(dataset):
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit]
         dataset = Subset(dataset, sorted(order.tolist()))

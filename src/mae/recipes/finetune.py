@@ -267,8 +267,10 @@ def _export(cfg: FinetuneConfig, out, classes: list[str]) -> dict:
 
     model, ccfg, names = load_classifier(out / "checkpoint-best.pth")
     paths = {}
+    prep = {"mean": cfg.data.mean, "std": cfg.data.std, "crop_pct": cfg.data.crop_pct}
     if "timm" in cfg.export:
-        paths["timm_export"] = str(save_timm_classifier(model, out / "model_timm.safetensors", ccfg))
+        paths["timm_export"] = str(save_timm_classifier(model, out / "model_timm.safetensors", ccfg,
+                                                        class_names=names or classes, **prep))
     if "hf" in cfg.export:
-        paths["hf_export"] = str(save_hf_classifier(model, out / "hf", ccfg, class_names=names or classes))
+        paths["hf_export"] = str(save_hf_classifier(model, out / "hf", ccfg, class_names=names or classes, **prep))
     return paths

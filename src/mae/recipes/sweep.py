@@ -71,13 +71,14 @@ class SweepConfig:
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "one run per seed for every row"})
     rows: list[str] = field(default_factory=list, metadata={
         "help": "only these rows, as grid/label (e.g. ['mask_ratio/50%', 'target/HOG']); empty: every row"})
-    pretrain_config: str = field(default="configs/pretrain/demo_mnist.yaml", metadata={"help": "pre-training preset"})
+    pretrain_config: str = field(default="pretrain/demo_mnist", metadata={
+        "help": "pre-training preset: a shipped preset's name or a YAML file"})
     pretrain_overrides: list[str] = field(default_factory=list, metadata={"help": "applied to every pre-training"})
-    linprobe_config: str = "configs/linprobe/linprobe_mnist.yaml"
+    linprobe_config: str = "linprobe/linprobe_mnist"
     linprobe_overrides: list[str] = field(default_factory=list)
-    finetune_config: str = "configs/finetune/finetune_mnist.yaml"
+    finetune_config: str = "finetune/finetune_mnist"
     finetune_overrides: list[str] = field(default_factory=list)
-    partial_config: str = "configs/finetune/partial_mnist.yaml"
+    partial_config: str = "finetune/partial_mnist"
     device: str = "auto"
     output_dir: str = "runs/sweep"
 

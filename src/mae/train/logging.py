@@ -137,8 +137,15 @@ def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", en
 
 
 def plot_curves(metrics_jsonl_path: str | Path, out_png: str | Path, keys: Sequence[str] = ("loss", "lr")) -> Path:
-    """Plot each of `keys` against ``step`` (or the record number) from a metrics.jsonl file, one panel per key."""
+    """Plot each of `keys` against ``step`` (or the record number) from a metrics.jsonl file, one panel per key.
+
+    Points are drawn as markers where a line alone would show nothing (a panel with one value, e.g. every 1-epoch
+    run's epoch metrics) or too little (a few values)."""
     from matplotlib.figure import Figure  # a bare Figure renders with Agg and leaves pyplot's global state alone
+
+    from mae.files import atomic_write_path
+
+    few_points = 20  # series up to this long get markers
 
     src, out = Path(metrics_jsonl_path), Path(out_png)
     records = _read_records(src)
@@ -158,14 +165,12 @@ def plot_curves(metrics_jsonl_path: str | Path, out_png: str | Path, keys: Seque
     fig = Figure(figsize=(7, 2.6 * len(series)), layout="constrained")
     axes = fig.subplots(len(series), 1, sharex=True, squeeze=False)[:, 0]
     for ax, (key, (xs, ys)) in zip(axes, series.items()):
-        ax.plot(xs, ys, linewidth=1.0)
+        ax.plot(xs, ys, linewidth=1.0, marker="o" if len(xs) <= few_points else None, markersize=4)
         ax.set_ylabel(key)
         ax.grid(True, alpha=0.3)
     axes[-1].set_xlabel("step")
     fig.suptitle(src.parent.name or str(src))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    return out
+    return atomic_write_path(out, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
 
 
 def draw_curves(out: str | Path, keys: Sequence[str], name: str = "curves.png") -> dict[str, str]:

@@ -192,7 +192,8 @@ def resolve_run(path: str | Path) -> Path:
         why = f"the run is {status['status']}" if status.get("status") else "the newest checkpoint"
         _log.info("%s: using %s (%s)", path, latest.name, why)
         return latest
-    if (path / "model.safetensors").is_file():
-        return path / "model.safetensors"
+    for name in ("model.safetensors", "checkpoint-best.pth"):  # a result without a resumable checkpoint beside it
+        if (path / name).is_file():
+            return path / name
     raise CheckpointError(f"run directory '{path}' holds no checkpoint yet; let it train until its first checkpoint "
                           f"or pass a checkpoint file")

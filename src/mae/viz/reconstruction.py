@@ -7,11 +7,8 @@ import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import torch
+from matplotlib.figure import Figure  # a bare Figure renders with Agg and leaves pyplot's global state alone
 
 from mae.data import build_dataset, build_eval_transform, default_mean_std
 from mae.errors import DataError
@@ -46,18 +43,28 @@ def _masked_input(panels: dict[str, torch.Tensor], mean: Sequence[float], std: S
     return _denormalize(panels["masked"], mean, std) * (1 - hole) + 0.5 * hole
 
 
-def draw_reconstructions(model: MaskedAutoencoderViT, imgs: torch.Tensor, out: str | Path,
-                         mask_ratios: Sequence[float] = (0.75,), mean: Sequence[float] | None = None,
-                         std: Sequence[float] | None = None, seed: int = 0, title: str | None = None) -> Path:
-    """Write the grid PNG for a batch of normalised images [N, C, H, W]; returns the path."""
+def reconstruction_columns(model: MaskedAutoencoderViT, imgs: torch.Tensor, mask_ratios: Sequence[float] = (0.75,),
+                           mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                           seed: int = 0) -> list[tuple[str, torch.Tensor]]:
+    """The grid's (label, images in [0, 1]) columns: per mask ratio the masked input, the reconstruction and the
+    reconstruction with the visible patches pasted back; then the originals."""
     default_mean, default_std = default_mean_std(model.in_chans)
     mean, std = mean or default_mean, std or default_std
     columns: list[tuple[str, torch.Tensor]] = []
     for ratio in mask_ratios:
         panels = reconstruction_panels(model, imgs, ratio, seed)
-        columns += [(f"masked {ratio:.0%}", _masked_input(panels, mean, std)), ("reconstruction", _denormalize(panels["recon"], mean, std)),
-                    ("+ visible patches", _denormalize(panels["pasted"], mean, std))]
+        columns += [(f"{ratio:.0%} masked", _masked_input(panels, mean, std)),
+                    ("recon-\nstruction", _denormalize(panels["recon"], mean, std)),
+                    ("+ visible\npatches", _denormalize(panels["pasted"], mean, std))]
     columns.append(("original", _denormalize(imgs, mean, std)))
+    return columns
+
+
+def draw_reconstructions(model: MaskedAutoencoderViT, imgs: torch.Tensor, out: str | Path,
+                         mask_ratios: Sequence[float] = (0.75,), mean: Sequence[float] | None = None,
+                         std: Sequence[float] | None = None, seed: int = 0, title: str | None = None) -> Path:
+    """Write the grid PNG for a batch of normalised images [N, C, H, W]; returns the path."""
+    columns = reconstruction_columns(model, imgs, mask_ratios, mean, std, seed)
     if title is None:
         title = "MAE reconstructions"
         if model.config.target == "norm_pixel":
@@ -65,10 +72,17 @@ def draw_reconstructions(model: MaskedAutoencoderViT, imgs: torch.Tensor, out: s
     return _save_grid(columns, title, out)
 
 
-def _save_grid(columns: Sequence[tuple[str, torch.Tensor]], title: str, out: str | Path) -> Path:
-    """One row per image, one titled column per (name, images [N, C, H, W] in [0, 1]) pair, saved as a PNG."""
+LABEL_FONTSIZE = 12
+"""Column labels in points: readable when the report shrinks a 10-column grid to the page width."""
+
+
+def grid_figure(columns: Sequence[tuple[str, torch.Tensor]], title: str) -> Figure:
+    """One row per image, one labelled column per (name, images [N, C, H, W] in [0, 1]) pair. Labels are at most
+    two short lines (wrapped at 12 characters) in `LABEL_FONTSIZE` points, so that they stay apart and legible."""
     n = columns[0][1].shape[0]
-    fig, axes = plt.subplots(n, len(columns), figsize=(1.6 * len(columns), 1.6 * n + 0.6), squeeze=False)
+    side = 1.35  # inches per panel
+    fig = Figure(figsize=(side * len(columns), side * n + 1.0), layout="constrained")
+    axes = fig.subplots(n, len(columns), squeeze=False)
     for col, (name, batch) in enumerate(columns):
         for row in range(n):
             ax = axes[row][col]
@@ -78,14 +92,18 @@ def _save_grid(columns: Sequence[tuple[str, torch.Tensor]], title: str, out: str
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
-                ax.set_title(name, fontsize=8)
-    fig.suptitle(textwrap.fill(title, width=int(14 * len(columns))), fontsize=9)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+                label = "\n".join(textwrap.fill(part, width=12) for part in name.split("\n"))
+                ax.set_title(label, fontsize=LABEL_FONTSIZE)
+    fig.suptitle(textwrap.fill(title, width=int(11 * len(columns))), fontsize=LABEL_FONTSIZE)
+    return fig
+
+
+def _save_grid(columns: Sequence[tuple[str, torch.Tensor]], title: str, out: str | Path) -> Path:
+    """`grid_figure` saved as a PNG at `out` (atomically)."""
+    from mae.files import atomic_write_path
+
+    fig = grid_figure(columns, title)
+    return atomic_write_path(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
 def load_images(data: str, model: MaskedAutoencoderViT, num_images: int = 8, split: str = "val",

@@ -59,6 +59,10 @@ class Report:
         self.sections.append(f"<h2>{html.escape(heading)}</h2><figure><img alt='{html.escape(heading)}' "
                              f"src='data:image/png;base64,{data}'>{cap}</figure>")
 
+    def add_code(self, heading: str, text: str) -> None:
+        """A preformatted block (a config, a command), escaped."""
+        self.sections.append(f"<h2>{html.escape(heading)}</h2><pre>{html.escape(text)}</pre>")
+
     def add_table(self, heading: str, header: Sequence[str], rows: Sequence[Sequence[object]], note: str = "") -> None:
         head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(c))}</td>" for c in row) + "</tr>" for row in rows)
@@ -81,15 +85,16 @@ th {{ background: #f5f5f7; }}
 td:not(:first-child) {{ font-variant-numeric: tabular-nums; }}
 img {{ max-width: 100%; border: 1px solid #eee; }}
 figcaption, .note, .intro {{ color: #555; font-size: 0.92em; }}
+pre {{ background: #f5f5f7; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }}
 .ok {{ color: #0a7d2c; font-weight: 600; }} .bad {{ color: #b00020; font-weight: 600; }}
 </style></head><body>
 <h1>{html.escape(self.title)}</h1><p class="intro">{self.intro}</p>
 {''.join(self.sections)}
 </body></html>
 """
-        path = Path(path)
-        path.write_text(page, encoding="utf-8")
-        return path
+        from mae.files import write_text
+
+        return write_text(path, page)
 
 
 def _cell(value: object) -> str:
@@ -99,17 +104,28 @@ def _cell(value: object) -> str:
 
 
 def plot_training_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
-    """Loss and learning rate per optimizer update, side by side."""
-    import matplotlib
+    """`training_curves_figure` written as a PNG at `out_png` (atomically)."""
+    from mae.files import atomic_write_path
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    fig = training_curves_figure(metrics_jsonl)
+    return atomic_write_path(out_png, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+
+
+def training_curves_figure(metrics_jsonl: str | Path):
+    """Loss and learning rate per optimizer update, side by side; a series of a few points (one, for a 1-epoch run)
+    is drawn with markers so that it shows."""
+    from matplotlib.figure import Figure  # a bare Figure renders with Agg and leaves pyplot's global state alone
+
+    def marker(points: Sequence[object]) -> str | None:
+        return "o" if len(points) <= 20 else None  # a line through one point draws nothing
 
     rows = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
     steps = [r for r in rows if "loss" in r and "epoch_loss" not in r]
     epochs = [r for r in rows if "epoch_loss" in r]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
-    ax1.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=1, alpha=0.6, label="per logged step")
+    fig = Figure(figsize=(9, 3.2), layout="tight")
+    ax1, ax2 = fig.subplots(1, 2)
+    ax1.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=1, alpha=0.6, label="per logged step",
+             marker=marker(steps), ms=3)
     if epochs:
         ax1.plot([r["step"] for r in epochs], [r["epoch_loss"] for r in epochs], marker="o", ms=3, label="epoch mean")
     ax1.set_xlabel("optimizer update")
@@ -117,11 +133,8 @@ def plot_training_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path
     ax1.set_yscale("log")
     ax1.legend(fontsize=8)
     ax1.grid(alpha=0.3)
-    ax2.plot([r["step"] for r in steps], [r["lr"] for r in steps], color="tab:orange")
+    ax2.plot([r["step"] for r in steps], [r["lr"] for r in steps], color="tab:orange", marker=marker(steps), ms=3)
     ax2.set_xlabel("optimizer update")
     ax2.set_ylabel("learning rate")
     ax2.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return Path(out_png)
+    return fig

@@ -1,0 +1,141 @@
+"""``mae convert`` for classifiers: a fine-tuned or linear-probe checkpoint (this project's ``mae-classifier`` files,
+their run directories, exported timm files, reference / timm fine-tuned state_dicts with a ``head``) goes to timm,
+transformers or the reference layout with its head intact, a probe's BatchNorm + Linear folded into one Linear.
+
+    convert_checkpoint("runs/linprobe", "probe_timm", to="timm")   # timm.create_model("local-dir:probe_timm", ...)
+
+`convert_checkpoint` routes: classifiers here, pre-trained MAEs to `mae.interop.convert` (whose transformers
+directories then get the run's facts in their model card).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mae.errors import CheckpointError, ConfigError
+
+__all__ = ["convert_checkpoint", "convert_classifier", "is_classifier_checkpoint", "run_preprocessing"]
+
+CLASSIFIER_FORMAT = "mae-classifier"  # the `format` entry of classification checkpoints (recipes.classify_common)
+
+
+def is_classifier_checkpoint(path: str | Path) -> bool:
+    """True for a classifier: a ``mae-classifier`` checkpoint or its run directory, a transformers
+    ``ViTForImageClassification`` directory, or weights with a ``head.*`` (timm / reference fine-tuned files)."""
+    from mae.train.run_dir import is_run_dir, resolve_run
+
+    path = Path(path).expanduser()
+    if is_run_dir(path):
+        try:
+            path = resolve_run(path)  # the one rule for what a run directory means
+        except CheckpointError:
+            return False  # no checkpoint yet: the MAE loader reports it
+    if path.is_dir():
+        config = path / "config.json"
+        if config.is_file():
+            try:
+                return json.loads(config.read_text()).get("model_type") == "vit"
+            except (OSError, ValueError):
+                return False
+        return False
+    if not path.is_file():
+        return False
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                return _has_head(f.keys())
+        except (SafetensorError, OSError, RuntimeError, ValueError):
+            return False  # unreadable: the MAE loader reports it
+    from mae.train.checkpoint import safe_load
+
+    try:
+        state = safe_load(path)
+    except CheckpointError:
+        return False  # unreadable: the MAE loader reports it
+    if not isinstance(state, dict):
+        return False
+    if state.get("format") == CLASSIFIER_FORMAT:
+        return True
+    for key in ("model", "state_dict"):
+        if isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    return _has_head(k for k, v in state.items() if isinstance(v, torch.Tensor))
+
+
+def _has_head(keys) -> bool:
+    return any(str(k).removeprefix("module.").startswith("head.") for k in keys)
+
+
+def _run_config(path: Path) -> dict[str, Any]:
+    from mae.interop.hub_metadata import read_run_config
+
+    return read_run_config(path)
+
+
+def run_preprocessing(path: str | Path) -> dict[str, Any]:
+    """The normalisation and crop of the run that wrote `path` (its ``config.yaml``'s ``data`` section): ``mean``,
+    ``std``, ``crop_pct`` where it set them; {} outside a run directory."""
+    data = _run_config(Path(path)).get("data")
+    if not isinstance(data, dict):
+        return {}
+    return {k: data[k] for k in ("mean", "std", "crop_pct") if data.get(k) is not None}
+
+
+def convert_classifier(src: str | Path, dst: str | Path, to: str, model_name: str | None = None,
+                       license: str = "unknown") -> Path:
+    """Write the classifier at `src` as `to`: 'timm' (a directory, or a .safetensors / .pth file with its .json),
+    'hf' (`ViTForImageClassification` directory; class-token pooling only) or 'reference' (``{'model': sd}``)."""
+    from mae.interop.classifier_export import save_hf_classifier, save_timm_classifier, to_timm_classifier_state_dict
+    from mae.interop.hub_metadata import run_facts
+    from mae.recipes.classify_common import load_classifier
+
+    if to == "mae":
+        raise ConfigError(f"'{src}' is a classifier; the mae format holds a pre-trained MAE (encoder + decoder): "
+                          f"convert it to timm, hf or reference")
+    if to not in ("timm", "hf", "reference"):
+        raise ConfigError(f"unknown format '{to}' for a classifier (valid: timm, hf, reference)")
+    model, config, names = load_classifier(src, model_name=model_name)
+    data = run_preprocessing(src)
+    dst = Path(dst)
+    if to == "timm":
+        return save_timm_classifier(model, dst, config, class_names=names, **data)
+    if to == "hf":
+        if dst.suffix:
+            raise ConfigError(f"a transformers export is a directory, got '{dst}'; drop the suffix")
+        return save_hf_classifier(model, dst, config, class_names=names, training=run_facts(src), license=license,
+                                  **data)
+    if dst.suffix == ".safetensors":
+        raise ConfigError(f"the reference format is a .pth file, got '{dst}'")
+    from mae.train.checkpoint import atomic_save
+
+    return atomic_save({"model": to_timm_classifier_state_dict(model)}, dst)
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path, to: str, model_name: str | None = None,
+                       license: str = "unknown") -> Path:
+    """What ``mae convert`` does: classifiers through `convert_classifier`, everything else through
+    `mae.interop.convert`; a transformers MAE directory gets a model card with the source run's facts."""
+    if is_classifier_checkpoint(src):
+        return convert_classifier(src, dst, to, model_name, license)
+    from mae.interop import convert
+
+    out = convert(src, dst, to=to, model_name=model_name)
+    if to == "hf":
+        from mae.interop.hub_metadata import run_facts
+        from mae.interop.huggingface import HF_CONFIG_NAME, config_from_hf, write_hf_metadata
+
+        config = config_from_hf(json.loads((Path(out) / HF_CONFIG_NAME).read_text()))
+        write_hf_metadata(out, config, run_facts(src), license, **_run_mean_std(src))
+    return out
+
+
+def _run_mean_std(path: str | Path) -> dict[str, Any]:
+    data = run_preprocessing(path)
+    return {k: data[k] for k in ("mean", "std") if k in data}

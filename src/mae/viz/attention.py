@@ -1,0 +1,159 @@
+"""Where the class token looks: the attention of the class token in the encoder's last block, per head and averaged
+over heads, drawn over each image (``mae attention CHECKPOINT --images ... --out FILE.png``).
+
+The weights are recomputed from the block's own parameters, not read from inside timm: a forward pre-hook on the
+last block's ``attn`` module keeps its input x [N, 1+L, D]; ``softmax(q k^T / sqrt(d_head))`` of the class token's
+query against every key (``q, k`` from the module's ``qkv`` Linear) is what that module computes before weighting the
+values. Nothing in timm or in the model is patched.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from torch import nn
+
+from mae.errors import ConfigError, DataError
+
+__all__ = ["cls_attention", "draw_attention", "load_image_files", "save_attention_maps"]
+
+
+@torch.no_grad()
+def cls_attention(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The class token's attention weights in the last block: [N, heads, 1+L] (index 0 is the class token itself,
+    then the patches in raster order); each row sums to 1. `model` is an MAE (``forward_features``, no masking) or a
+    timm ViT classifier."""
+    blocks = getattr(model, "blocks", None)
+    if not blocks:
+        raise ConfigError(f"{type(model).__name__} has no transformer blocks; pass an MAE or a ViT classifier")
+    attn = blocks[-1].attn
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep_input(module: nn.Module, args: tuple) -> None:
+        captured["x"] = args[0]
+
+    handle = attn.register_forward_pre_hook(keep_input)
+    try:
+        model.forward_features(images)
+    finally:
+        handle.remove()
+    x = captured["x"]  # [N, T, D]
+    n, length, dim = x.shape
+    heads = attn.num_heads
+    qkv = attn.qkv(x).reshape(n, length, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)  # [3, N, H, T, d]
+    q, k = qkv[0], qkv[1]
+    q = getattr(attn, "q_norm", nn.Identity())(q)  # timm's qk-norm option (Identity unless enabled)
+    k = getattr(attn, "k_norm", nn.Identity())(k)
+    scores = (q[:, :, :1] @ k.transpose(-2, -1)) * (dim // heads) ** -0.5  # [N, H, 1, T]
+    return scores.float().softmax(dim=-1)[:, :, 0]  # [N, H, T]
+
+
+def _patch_maps(weights: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """Patch weights [N, H, 1+L] -> maps [N, H, height, width] (class token dropped, nearest upsampling), each scaled
+    to its own maximum for display."""
+    n, heads, _ = weights.shape
+    maps = weights[:, :, 1:].reshape(n, heads, *grid)
+    maps = maps / maps.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
+    return F.interpolate(maps, size=size, mode="nearest")
+
+
+def draw_attention(model: nn.Module, images: torch.Tensor, display: torch.Tensor | None = None,
+                   names: Sequence[str] | None = None) -> Figure:
+    """A figure with one row per image: the image, then the class token's attention of each head, then the mean
+    over heads, drawn over the image. `images` are the model's normalised inputs [N, C, H, W]; `display` the same
+    images in [0, 1] to draw under the maps (default: `images` rescaled per image)."""
+    weights = cls_attention(model, images)  # [N, H, 1+L]
+    n, heads, tokens = weights.shape
+    h, w = images.shape[-2:]
+    patch = getattr(model, "patch_size", None) or model.patch_embed.patch_size[0]
+    grid = (h // patch, w // patch)
+    if grid[0] * grid[1] != tokens - 1:
+        raise ConfigError(f"{tokens - 1} patch tokens do not make a {grid[0]}x{grid[1]} grid")
+    per_head = _patch_maps(weights, grid, (h, w))  # [N, H, h, w]
+    mean = _patch_maps(weights.mean(dim=1, keepdim=True), grid, (h, w))[:, 0]  # [N, h, w]
+    if display is None:
+        lo = images.amin(dim=(1, 2, 3), keepdim=True)
+        display = (images - lo) / (images.amax(dim=(1, 2, 3), keepdim=True) - lo).clamp_min(1e-12)
+    display = display.detach().float().cpu()
+    columns = ["image", *[f"head {i + 1}" for i in range(heads)], "mean of heads"]
+    fig = Figure(figsize=(1.5 * len(columns), 1.5 * n + 0.8), layout="constrained")
+    axes = fig.subplots(n, len(columns), squeeze=False)
+    for row in range(n):
+        picture = display[row].permute(1, 2, 0).numpy()
+        grey = picture[..., 0] if picture.shape[-1] == 1 else picture.mean(-1)
+        maps = [None, *per_head[row].cpu(), mean[row].cpu()]
+        for col, (label, heat) in enumerate(zip(columns, maps)):
+            ax = axes[row][col]
+            if heat is None:
+                ax.imshow(picture[..., 0] if picture.shape[-1] == 1 else picture, cmap="gray", vmin=0, vmax=1)
+            else:
+                ax.imshow(grey, cmap="gray", vmin=0, vmax=1)
+                ax.imshow(heat.numpy(), cmap="inferno", alpha=0.6, vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(label, fontsize=11)
+            if col == 0 and names is not None:
+                ax.set_ylabel(textwrap.shorten(Path(names[row]).name, width=18), fontsize=8)
+    title = "class-token attention of the last block (brighter = more weight; each map scaled to its maximum)"
+    fig.suptitle(textwrap.fill(title, width=int(11 * len(columns))), fontsize=11)
+    return fig
+
+
+def load_image_files(paths: Sequence[str | Path], img_size: int, in_chans: int, limit: int | None = None,
+                     crop_pct: float | None = None, mean: Sequence[float] | None = None,
+                     std: Sequence[float] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Images (files, or folders searched recursively) as the model's inputs [N, C, S, S], the same in [0, 1] for
+    display, and their paths."""
+    from PIL import Image
+
+    from mae.data import build_eval_transform
+    from mae.data.folders import is_image_file, to_mode
+
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DataError(f"image '{p}' does not exist; pass image files or folders")
+    if not files:
+        raise DataError(f"no image files in {', '.join(map(str, paths))}")
+    files = files[:limit] if limit else files
+    mode = "L" if in_chans == 1 else "RGB"
+    model_tf = build_eval_transform(img_size, in_chans, crop_pct, mean, std)
+    show_tf = build_eval_transform(img_size, in_chans, crop_pct, [0.0] * in_chans, [1.0] * in_chans)
+    inputs, shown = [], []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im.load()
+                im = to_mode(im, mode)
+        except (OSError, ValueError, SyntaxError) as e:
+            raise DataError(f"image '{f}' could not be read ({e}); pass readable image files") from e
+        inputs.append(model_tf(im))
+        shown.append(show_tf(im))
+    return torch.stack(inputs), torch.stack(shown).clamp(0, 1), [str(f) for f in files]
+
+
+def save_attention_maps(model: nn.Module, image_paths: Sequence[str | Path], out: str | Path,
+                        limit: int | None = 8) -> Path:
+    """Draw `draw_attention` for image files with the model's input size and write the PNG at `out`."""
+    from mae.files import atomic_write_path
+
+    config = getattr(model, "config", None) or getattr(model, "classifier_config", None)
+    h, w = config.image_hw
+    if h != w:
+        raise ConfigError(f"the image transform makes square images; this model's img_size is {h}x{w}")
+    inputs, shown, names = load_image_files(image_paths, h, config.in_chans, limit)
+    fig = draw_attention(model, inputs, shown, names)
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise ConfigError(f"--out '{out}' must be a .png file")
+    return atomic_write_path(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
