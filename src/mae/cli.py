@@ -37,6 +37,8 @@ CONFIG_COMMANDS: dict[str, tuple[str, str]] = {
                "mae.recipes.detect.DetectConfig"),
     "segment": ("UperNet semantic segmentation with an MAE backbone (train / evaluate)",
                 "mae.recipes.segment.SegmentConfig"),
+    "prepare": ("convert an image folder into tar shards (webdataset layout) for --data shards:DIR",
+                "mae.recipes.prepare.PrepareConfig"),
 }
 COMMON_FLAGS = {"--data": "data.path", "--output-dir": "output_dir", "--resume": "resume", "--epochs": "epochs",
                 "--precision": "precision", "--device": "device"}

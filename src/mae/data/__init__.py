@@ -1,7 +1,8 @@
 """Datasets (built-in embedded sets and image folders), transforms and data loaders.
 
 `build_dataset(spec, split)` takes `builtin:<name>` or a folder; `build_transform(name, ...)` the paper's
-augmentations; `build_loader(...)` a DataLoader whose order is a pure function of (seed, epoch).
+augmentations; `build_loader(...)` a DataLoader whose order is a pure function of (seed, epoch);
+`build_shard_loader("shards:DIR", ...)` the same for tar shards written by ``mae prepare``, resumable mid-epoch.
 """
 
 from __future__ import annotations
@@ -17,6 +18,15 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from mae.data.builtin import DATASETS, BuiltinDataset, Digits, MNIST5k, Photos
 from mae.data.folders import UNLABELED, ClassFolderDataset, PlainFolderDataset, is_image_file, to_mode
+from mae.data.shards import (
+    SHARDS_PREFIX,
+    ShardDataset,
+    ShardLoader,
+    build_shard_dataset,
+    build_shard_loader,
+    is_shard_spec,
+    resolve_shards,
+)
 from mae.data.transforms import (
     AUGMENTATIONS,
     GRAY_MEAN,
@@ -30,11 +40,12 @@ from mae.data.transforms import (
 from mae.errors import ConfigError, DataError
 
 __all__ = [
-    "AUGMENTATIONS", "DATASETS", "GRAY_MEAN", "GRAY_STD", "IMAGENET_MEAN", "IMAGENET_STD", "UNLABELED",
-    "BuiltinDataset", "ClassFolderDataset", "Digits", "EpochSampler", "MNIST5k", "Photos", "PlainFolderDataset",
-    "SeededDataset", "SeededSampler", "WithMaskNoise",
-    "build_dataset", "build_eval_transform", "build_loader", "build_transform", "default_mean_std", "list_builtin",
-    "set_epoch", "skipped_files", "to_mode",
+    "AUGMENTATIONS", "DATASETS", "GRAY_MEAN", "GRAY_STD", "IMAGENET_MEAN", "IMAGENET_STD", "SHARDS_PREFIX",
+    "UNLABELED", "BuiltinDataset", "ClassFolderDataset", "Digits", "EpochSampler", "MNIST5k", "Photos",
+    "PlainFolderDataset", "SeededDataset", "SeededSampler", "ShardDataset", "ShardLoader", "WithMaskNoise",
+    "build_dataset", "build_eval_transform", "build_loader", "build_shard_dataset", "build_shard_loader",
+    "build_transform", "default_mean_std", "is_shard_spec", "list_builtin", "resolve_shards", "set_epoch",
+    "skipped_files", "to_mode",
 ]
 
 BUILTIN_PREFIX = "builtin:"
@@ -231,8 +242,19 @@ def build_loader(dataset: Dataset, batch_size: int, shuffle: bool = True, num_wo
     )
 
 
-def set_epoch(loader: DataLoader, epoch: int) -> None:
-    """Make the loader's next pass use the order of `epoch` (a pure function of the loader's seed and `epoch`)."""
+def set_epoch(loader: DataLoader | ShardLoader, epoch: int, skip: int = 0) -> None:
+    """Make the loader's next pass use the order of `epoch` (a pure function of the loader's seed and `epoch`).
+
+    `skip` (batches this rank already consumed in `epoch`) resumes inside the epoch; loaders that have their own
+    ``set_epoch(epoch, skip)`` (a `ShardLoader`) get both, a DataLoader from `build_loader` takes skip=0 only.
+    """
+    own = getattr(loader, "set_epoch", None)  # a ShardLoader (or another loader that plans its own epochs)
+    if own is not None:
+        own(epoch, skip) if skip else own(epoch)
+        return
+    if skip:
+        raise ConfigError(f"skip={skip}: resuming inside an epoch is not implemented for {type(loader).__name__} "
+                          "loaders of folders or built-in datasets; pass skip=0")
     if not hasattr(loader.sampler, "set_epoch"):
         raise ConfigError(f"loader's sampler {type(loader.sampler).__name__} has no set_epoch; "
                           "build the loader with build_loader")
