@@ -259,8 +259,9 @@ Sample = dict[str, tuple[int, int]]
 
 def read_member_table(path: str) -> list[Sample]:
     """The samples of a tar shard in order (consecutive members with one key; those with an image member), from
-    the tar headers only: data is skipped by seeking. A truncated shard gives the samples before the cut (with a
-    warning); a file that is not a tar raises DataError."""
+    the tar headers only: data is skipped by seeking. A truncated shard gives the complete samples before the cut
+    (with a warning; a sample whose members may be cut off is dropped, never read without its label); a file that
+    is not a tar raises DataError."""
     samples: list[Sample] = []
     size = os.path.getsize(path)
     key, current = None, {}
@@ -282,6 +283,8 @@ def read_member_table(path: str) -> list[Sample]:
                     continue
                 if member.offset_data + member.size > size:
                     truncated = True
+                    if m.group(1) != key and _image_ext(current):  # the cut is past the previous sample: keep it
+                        samples.append(current)
                     break
                 if m.group(1) != key:
                     if _image_ext(current):
