@@ -74,6 +74,13 @@ def list_source(src: str | Path) -> list[SourceSplit]:
     if not root.is_dir():
         raise DataError(f"source '{src}' is a file, not a folder; give the folder that holds the images")
     present = [split for split, names in SPLIT_FOLDERS.items() if any((root / n).is_dir() for n in names)]
+    if present:
+        known = {n for names in SPLIT_FOLDERS.values() for n in names}
+        ignored = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")
+                         and e.name not in known)
+        if ignored:
+            log.info("source '%s': reading the split folders %s; not the other folders %s", root,
+                     ", ".join(present), ", ".join(ignored))
     splits = []
     for split in present or ["train"]:
         dataset = build_dataset(str(root), split)
@@ -190,8 +197,11 @@ def write_shards(src: str | Path, dst: str | Path, *, shard_size: int = 1000, sh
     if workers < 0:
         raise ConfigError(f"workers={workers} must be 0 (this process) or more")
     started = time.perf_counter()
-    splits = list_source(src)
     dst = Path(dst).expanduser()
+    if dst.resolve().is_relative_to(Path(src).expanduser().resolve()):
+        raise ConfigError(f"destination '{dst}' is inside the source '{src}' (it would become a class or a split "
+                          "of its own data); choose a folder outside it")
+    splits = list_source(src)
     if dst.exists() and not dst.is_dir():
         raise OutputError(f"destination '{dst}' is a file; give a folder for the shards")
     try:

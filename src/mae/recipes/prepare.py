@@ -18,6 +18,8 @@ from mae.data.shard_writer import write_shards
 from mae.data.shards import INDEX_NAME
 
 CLI_FLAGS = {"--src": "src", "--dst": "dst", "--workers": "workers"}
+CLI_POSITIONALS = ("src", "dst")
+"""``mae prepare SRC DST``: leading bare words set these fields (read by the CLI where it supports positionals)."""
 
 
 @dataclass
