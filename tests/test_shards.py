@@ -352,7 +352,8 @@ def test_brace_patterns_with_and_without_an_index(tmp_path):
 
 
 def test_evaluation_plan_reads_every_sample_once_in_order_over_ranks(tmp_path):
-    """shuffle=False, drop_last=False: ranks take consecutive near-equal parts; all samples, each once."""
+    """shuffle=False, drop_last=False: ranks take consecutive near-equal parts; all samples, each once. The
+    map-style dataset works under a plain DataLoader with workers (as evaluation loaders use it)."""
     root = _id_shards(tmp_path / "s", [4, 3])
     seen = []
     for rank in range(3):
@@ -361,6 +362,9 @@ def test_evaluation_plan_reads_every_sample_once_in_order_over_ranks(tmp_path):
         set_epoch(loader, 0)
         seen += [i for b in _labels(loader) for i in b]
     assert seen == list(range(7))
+    dataset = build_shard_dataset(f"shards:{root}", transform=_no_pixels, decode="pil")  # map-style: any sampler
+    plain = torch.utils.data.DataLoader(dataset, batch_size=3, num_workers=2)
+    assert [i for _, labels in plain for i in labels.tolist()] == list(range(7))
 
 
 @pytest.mark.parametrize("spec, split, fragment", [
@@ -407,3 +411,5 @@ def test_cli_prepare_runs_and_reports_errors_in_one_line(tmp_path, capsys):
     assert err.startswith("mae prepare: error: source folder") and "does not exist" in err and "\n" not in err
     with pytest.raises(MAEError):  # the library raises, the CLI prints
         write_shards(tmp_path / "missing", tmp_path / "d3")
+    with pytest.raises(ConfigError, match="inside the source"):
+        write_shards(tmp_path / "src", tmp_path / "src" / "shards")
