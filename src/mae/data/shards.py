@@ -448,15 +448,19 @@ class ShardDataset(Dataset):
             return self._unreadable_sample(index, ValueError("missing from its shard"))
         sample = table[position]
         ext = _image_ext(sample)
+        wanted = [sample[ext]] + ([sample[LABEL_EXTENSION]] if LABEL_EXTENSION in sample else [])
+        first, end = min(o for o, _ in wanted), max(o + n for o, n in wanted)
         try:
+            span = self._read(shard, first, end - first)  # one read for the image and its label
             label = UNLABELED
             if LABEL_EXTENSION in sample:
-                parsed = _parse_label(self._read(shard, *sample[LABEL_EXTENSION]))
+                offset, size = sample[LABEL_EXTENSION]
+                parsed = _parse_label(span[offset - first:offset - first + size])
                 if parsed is None:
                     raise ValueError("its .cls member is not a class index")
                 label = parsed
-            data = self._read(shard, *sample[ext])
-            return self._decode(data, ext), label
+            offset, size = sample[ext]
+            return self._decode(span[offset - first:offset - first + size], ext), label
         except (OSError, ValueError, SyntaxError, EOFError, RuntimeError) as e:  # what the decoders raise for bad data
             return self._unreadable_sample(index, e)
 
