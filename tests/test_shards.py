@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
 import tarfile
 import warnings
 from pathlib import Path
@@ -90,6 +91,11 @@ def _id_shards(root: Path, counts: list[int], corrupt: tuple[int, ...] = ()) -> 
 def _no_pixels(image) -> torch.Tensor:
     """A transform for tests that only look at which samples a batch holds (their labels)."""
     return torch.zeros(1)
+
+
+def _python_and_numpy_draws(image) -> torch.Tensor:
+    """A transform that draws from python's and numpy's global RNGs (as some augmentation libraries do)."""
+    return torch.tensor([random.random(), float(np.random.rand())], dtype=torch.float64)
 
 
 def _labels(loader) -> list[list[int]]:
@@ -293,6 +299,28 @@ def test_set_epoch_with_skip_resumes_bit_identically_without_reading_the_skipped
         assert _equal_batches(list(loader), resumed)
     with pytest.raises(ConfigError, match="skip=8"):
         set_epoch(loader, 2, skip=8)
+
+
+def test_python_and_numpy_rngs_are_seeded_per_sample_and_the_callers_states_restored(tmp_path):
+    """Draws from python's `random` and numpy's global RNG inside a transform are a function of the sample too
+    (the same with 0 or 2 workers, different between samples); the main process's RNG states are left as they were."""
+    root = _id_shards(tmp_path / "s", [5, 4])
+    batches = {}
+    for workers in (0, 2):
+        loader = build_shard_loader(f"shards:{root}", transform=_python_and_numpy_draws, batch_size=3, seed=4,
+                                    num_workers=workers, decode="pil")
+        set_epoch(loader, 1)
+        random.seed(11), np.random.seed(11), torch.manual_seed(11)
+        batches[workers] = list(loader)
+        assert (random.random(), np.random.rand(), torch.rand(1).item()) == _after_seeding_11()
+    assert _equal_batches(batches[0], batches[2])
+    draws = torch.cat([b[0] for b in batches[0]])
+    assert len(set(draws[:, 0].tolist())) == len(draws) and len(set(draws[:, 1].tolist())) == len(draws)
+
+
+def _after_seeding_11() -> tuple[float, float, float]:
+    random.seed(11), np.random.seed(11), torch.manual_seed(11)
+    return random.random(), np.random.rand(), torch.rand(1).item()
 
 
 def test_set_epoch_skip_is_refused_for_folder_loaders():
