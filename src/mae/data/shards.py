@@ -655,12 +655,32 @@ class ShardLoader:
     def __init__(self, dataset: ShardDataset, *, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, num_patches: int | None = None, shuffle: bool = True, drop_last: bool = True,
                  buffer_size: int = DEFAULT_BUFFER, collate_fn: Callable | None = None):
+        if batch_size < 1:
+            raise ConfigError(f"batch_size={batch_size} must be at least 1")
+        if num_workers < 0:
+            raise ConfigError(f"num_workers={num_workers} must be 0 (load in the main process) or more")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ConfigError(f"rank={rank} and world_size={world_size}: need world_size >= 1 and "
+                              "0 <= rank < world_size")
+        if buffer_size < 0:
+            raise ConfigError(f"buffer_size={buffer_size} must be >= 0 (0 or 1: no shuffle buffer)")
+        if num_patches is not None and num_patches < 1:
+            raise ConfigError(f"num_patches={num_patches} must be at least 1 (or None for (image, label) batches)")
+        total = len(dataset)
+        batches = batches_per_rank(total, batch_size, world_size, drop_last)
+        if batches == 0:
+            raise ConfigError(f"{total} samples in '{dataset.shards.spec}' ({dataset.shards.split}) are fewer than "
+                              f"one batch of {batch_size} for each of {world_size} rank(s); lower batch_size")
+        if drop_last:
+            log.info("shards: %d samples in %d shard(s); %d rank(s) x %d batches of %d per epoch; %d sample(s) left "
+                     "out of each epoch (a different run of samples each epoch)", total, len(dataset.shards.paths),
+                     world_size, batches, batch_size, total - world_size * batches * batch_size)
         self.dataset, self.batch_size, self.seed, self.num_workers = dataset, batch_size, seed, num_workers
         self.rank, self.world_size = rank, world_size
         self.batch_sampler = _PlanBatches(dataset.shards.counts, batch_size=batch_size, seed=seed, rank=rank,
                                           world_size=world_size, shuffle=shuffle, drop_last=drop_last,
                                           buffer_size=buffer_size)
-        self._batches = batches_per_rank(len(dataset), batch_size, world_size, drop_last)
+        self._batches = batches
         self.loader = DataLoader(
             _SeededItems(dataset, num_patches),
             batch_sampler=self.batch_sampler,
@@ -716,27 +736,7 @@ def build_shard_loader(spec: str, *, transform: Callable | None, batch_size: int
     passes ``shuffle=False, drop_last=False`` (every sample once; ranks may differ by one batch).
     Call ``loader.set_epoch(epoch)`` (or `mae.data.set_epoch`) before each epoch, with ``skip`` to resume inside one.
     """
-    if batch_size < 1:
-        raise ConfigError(f"batch_size={batch_size} must be at least 1")
-    if num_workers < 0:
-        raise ConfigError(f"num_workers={num_workers} must be 0 (load in the main process) or more")
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ConfigError(f"rank={rank} and world_size={world_size}: need world_size >= 1 and 0 <= rank < world_size")
-    if buffer_size < 0:
-        raise ConfigError(f"buffer_size={buffer_size} must be >= 0 (0 or 1: no shuffle buffer)")
-    if num_patches is not None and num_patches < 1:
-        raise ConfigError(f"num_patches={num_patches} must be at least 1 (or None for (image, label) batches)")
     dataset = build_shard_dataset(spec, split, transform=transform, mode=mode, decode=decode, strict=strict)
-    total = len(dataset)
-    batches = batches_per_rank(total, batch_size, world_size, drop_last)
-    if batches == 0:
-        raise ConfigError(f"{total} samples in '{spec}' ({split}) are fewer than one batch of {batch_size} for each "
-                          f"of {world_size} rank(s); lower batch_size")
-    if drop_last:
-        left_out = total - world_size * batches * batch_size
-        log.info("shards: %d samples in %d shard(s); %d rank(s) x %d batches of %d per epoch; %d sample(s) left out "
-                 "of each epoch (a different run of samples each epoch)", total, len(dataset.shards.paths),
-                 world_size, batches, batch_size, left_out)
     return ShardLoader(dataset, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
                        num_workers=num_workers, num_patches=num_patches, shuffle=shuffle, drop_last=drop_last,
                        buffer_size=buffer_size, collate_fn=collate_fn)
