@@ -58,11 +58,14 @@ def test_debug_is_accepted_after_the_command():
 
 
 def test_embed_takes_its_checkpoint_as_the_first_bare_argument():
-    """`mae embed CKPT --data D --out F` is read as `--checkpoint CKPT`, wherever the flags stand."""
+    """`mae embed CKPT --data D --out F` is read as `checkpoint=CKPT`, wherever the flags stand; `mae prepare SRC DST`
+    as `src=SRC dst=DST`."""
     assert _normalise_argv(["embed", "ck.pth", "--data", "d", "--out", "f.npy"]) == \
-        ["embed", "--checkpoint", "ck.pth", "--data", "d", "--out", "f.npy"]
+        ["embed", "checkpoint=ck.pth", "--data", "d", "--out", "f.npy"]
     assert _normalise_argv(["embed", "--data", "d", "ck.pth", "pool=mean"]) == \
-        ["embed", "--data", "d", "--checkpoint", "ck.pth", "pool=mean"]
+        ["embed", "--data", "d", "checkpoint=ck.pth", "pool=mean"]
+    assert _normalise_argv(["prepare", "photos", "out", "shard_size=30"]) == \
+        ["prepare", "src=photos", "dst=out", "shard_size=30"]
 
 
 def test_models_without_a_match_says_so_and_exits_2(capsys):

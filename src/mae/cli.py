@@ -39,9 +39,13 @@ CONFIG_COMMANDS: dict[str, tuple[str, str]] = {
                 "mae.recipes.segment.SegmentConfig"),
     "embed": ("features of every image with a pre-trained encoder: mae embed CHECKPOINT --data DIR --out FILE",
               "mae.recipes.embed.EmbedConfig"),
+    "prepare": ("convert an image folder into tar shards (webdataset layout) for --data shards:DIR",
+                "mae.recipes.prepare.PrepareConfig"),
 }
-# config commands whose first bare argument is a flag's value: `mae embed CHECKPOINT ...` = `--checkpoint CHECKPOINT`
-POSITIONAL = {"embed": "--checkpoint"}
+# config commands whose leading bare words are fields: `mae embed CHECKPOINT ...` = `checkpoint=CHECKPOINT`,
+# `mae prepare SRC DST` = `src=SRC dst=DST`
+POSITIONAL = {"embed": ("checkpoint",), "prepare": ("src", "dst")}
+_SWITCHES = ("-h", "--help", "--overwrite", "--allow-config-change", "--no-check")  # flags that take no value
 # flags accepted anywhere on the line (`mae pretrain --debug` as well as `mae --debug pretrain`)
 ANYWHERE = ("--debug", "--quiet")
 COMMON_FLAGS = {"--data": "data.path", "--output-dir": "output_dir", "--resume": "resume", "--epochs": "epochs",
@@ -366,23 +370,22 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def _normalise_argv(argv: list[str]) -> list[str]:
-    """`--debug` / `--quiet` moved to the front wherever they stand; a command's positional checkpoint (`POSITIONAL`)
-    turned into its flag."""
+    """`--debug` / `--quiet` moved to the front wherever they stand; a command's leading bare words (`POSITIONAL`)
+    turned into ``field=value`` overrides."""
     front = [a for a in argv if a in ANYWHERE]
     rest = [a for a in argv if a not in ANYWHERE]
     command_at = next((i for i, a in enumerate(rest) if not a.startswith("-")), None)
     if command_at is not None and rest[command_at] in POSITIONAL:
-        flag = POSITIONAL[rest[command_at]]
+        fields = list(POSITIONAL[rest[command_at]])
         i = command_at + 1
-        while i < len(rest) and flag not in rest:
+        while i < len(rest) and fields:
             token = rest[i]
             if token.startswith("-"):
-                i += 1 if "=" in token or token in ("-h", "--help") else 2  # a flag and its value
-            elif "=" not in token:
-                rest[i:i + 1] = [flag, token]
-                break
-            else:
-                i += 1
+                i += 1 if "=" in token or token in _SWITCHES else 2  # a flag and its value
+                continue
+            if "=" not in token:
+                rest[i] = f"{fields.pop(0)}={token}"
+            i += 1
     return front + rest
 
 

@@ -1,7 +1,8 @@
 """Datasets (built-in embedded sets and image folders), transforms and data loaders.
 
 `build_dataset(spec, split)` takes `builtin:<name>` or a folder; `build_transform(name, ...)` the paper's
-augmentations; `build_loader(...)` a DataLoader whose order is a pure function of (seed, epoch).
+augmentations; `build_loader(...)` a DataLoader whose order is a pure function of (seed, epoch);
+`build_shard_loader("shards:DIR", ...)` the same for tar shards written by ``mae prepare``, resumable mid-epoch.
 """
 
 from __future__ import annotations
@@ -20,6 +21,15 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from mae.data.builtin import DATASETS, BuiltinDataset, Digits, MNIST5k, Photos
 from mae.data.folders import UNLABELED, ClassFolderDataset, PlainFolderDataset, is_image_file, to_mode
+from mae.data.shards import (
+    SHARDS_PREFIX,
+    ShardDataset,
+    ShardLoader,
+    build_shard_dataset,
+    build_shard_loader,
+    is_shard_spec,
+    resolve_shards,
+)
 from mae.data.transforms import (
     AUGMENTATIONS,
     GRAY_MEAN,
@@ -35,10 +45,11 @@ from mae.errors import ConfigError, DataError
 
 __all__ = [
     "AUGMENTATIONS", "DATASETS", "GRAY_MEAN", "GRAY_STD", "HOLDOUT_SEED", "IMAGENET_MEAN", "IMAGENET_STD",
-    "UNLABELED", "BuiltinDataset", "ClassFolderDataset", "Digits", "EpochSampler", "MNIST5k", "Photos",
-    "PlainFolderDataset", "SeededDataset", "SeededSampler", "WithMaskNoise", "build_dataset", "build_eval_transform",
-    "build_loader", "build_transform", "default_mean_std", "eval_preprocessing", "fingerprint", "has_split_folders",
-    "holdout_split", "list_builtin", "sample_seed", "set_epoch", "skipped_files", "to_mode",
+    "SHARDS_PREFIX", "UNLABELED", "BuiltinDataset", "ClassFolderDataset", "Digits", "EpochSampler", "MNIST5k",
+    "Photos", "PlainFolderDataset", "SeededDataset", "SeededSampler", "ShardDataset", "ShardLoader", "WithMaskNoise",
+    "build_dataset", "build_eval_transform", "build_loader", "build_shard_dataset", "build_shard_loader",
+    "build_transform", "default_mean_std", "eval_preprocessing", "fingerprint", "has_split_folders", "holdout_split",
+    "is_shard_spec", "list_builtin", "resolve_shards", "sample_seed", "set_epoch", "skipped_files", "to_mode",
 ]
 
 BUILTIN_PREFIX = "builtin:"
@@ -70,8 +81,9 @@ def _split_folder(root: Path, split: str) -> Path:
 
 
 def has_split_folders(spec: str) -> bool:
-    """True when `spec` brings its own splits: a built-in dataset, or a folder with a train/ or val/ sub-folder."""
-    if spec.startswith(BUILTIN_PREFIX):
+    """True when `spec` brings its own splits: a built-in dataset, shards (their index names the splits), or a folder
+    with a train/ or val/ sub-folder."""
+    if spec.startswith(BUILTIN_PREFIX) or is_shard_spec(spec):
         return True
     root = Path(spec).expanduser()
     return any((root / name).is_dir() for names in SPLIT_FOLDERS.values() for name in names)
@@ -122,6 +134,8 @@ def build_dataset(spec: str, split: str = "train", transform: Callable | None = 
         decode: for folders, 'tensor' decodes JPEGs with torchvision.io into uint8 tensors (the transform then gets
             tensors; v2 transforms take both) instead of PIL; built-in datasets ignore it.
     """
+    if is_shard_spec(spec):  # tar shards written by `mae prepare` (mae.data.shards)
+        return build_shard_dataset(spec, split, transform=transform, mode=mode or "RGB", decode=decode, strict=strict)
     if spec.startswith(BUILTIN_PREFIX):
         name = spec[len(BUILTIN_PREFIX):]
         if name not in DATASETS:
@@ -198,12 +212,13 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class SeededDataset(Dataset):
-    """Reads `(index, seed)` keys: the wrapped dataset's item with torch's, python's and numpy's global generators
-    seeded from `seed` (the caller's generator states are restored afterwards).
+    """Reads `(index, seed)` keys: the wrapped dataset's item with torch's (CPU), python's and numpy's global
+    generators seeded from `seed`.
 
     Augmentations from torchvision draw from torch's generator; timm's (RandomResizedCropAndInterpolation,
     RandAugment, RandomErasing) from python's `random`; seeding all three makes every sample a pure function of
-    (seed, epoch, index) whatever the worker that reads it.
+    (seed, epoch, index) whatever the worker that reads it. In the main process the caller's generator states are
+    restored afterwards; a DataLoader worker reseeds them for every sample and runs nothing else, so it keeps none.
     """
 
     def __init__(self, dataset: Dataset):
@@ -214,16 +229,25 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         index, seed = key
-        py_state, np_state = random.getstate(), np.random.get_state()
+        if torch.utils.data.get_worker_info() is not None:
+            _seed_generators(seed)
+            return self.dataset[index]
+        saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
         try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                random.seed(seed)
-                np.random.seed(seed & 0xFFFF_FFFF)
-                return self.dataset[index]
+            _seed_generators(seed)
+            return self.dataset[index]
         finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+            torch.set_rng_state(saved[0])
+            random.setstate(saved[1])
+            np.random.set_state(saved[2])
+
+
+def _seed_generators(seed: int) -> None:
+    # the CPU generator only (what transforms and torch.rand use): torch.manual_seed would also queue the seeding of
+    # every accelerator, about 80x slower per sample
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed & 0xFFFF_FFFF)
 
 
 class WithMaskNoise(Dataset):
@@ -263,6 +287,9 @@ def fingerprint(dataset: Dataset) -> dict:
         inner = inner.dataset
     if isinstance(inner, BuiltinDataset):
         h.update(f"builtin:{inner.name}:{inner.split}:{len(inner)}".encode())
+    elif isinstance(inner, ShardDataset):
+        for path, count in zip(inner.shards.paths, inner.shards.counts):
+            h.update(f"{os.path.basename(path)}\t{count}\n".encode())
     elif hasattr(inner, "samples") and hasattr(inner, "root"):
         root = str(inner.root)
         for path, label in inner.samples:
@@ -284,7 +311,8 @@ def build_loader(dataset: Dataset, batch_size: int, shuffle: bool = True, num_wo
                  drop_last: bool = False, distributed: bool = False,
                  collate_fn: Callable | None = None) -> DataLoader:
     """A DataLoader whose order and augmentations are a pure function of (seed, epoch); call
-    `set_epoch(loader, epoch)` each epoch.
+    `set_epoch(loader, epoch)` each epoch. A `ShardDataset` (``shards:`` data) gets a `ShardLoader`, which plans
+    its epochs over the shards (`mae.data.shards`); everything else this DataLoader.
 
     Workers persist across epochs and prefetch 4 batches each; batches are pinned when CUDA is available. With
     `distributed=True` (torch.distributed initialised) each rank reads its own shard through a DistributedSampler
@@ -298,6 +326,12 @@ def build_loader(dataset: Dataset, batch_size: int, shuffle: bool = True, num_wo
         raise ConfigError(f"num_workers={num_workers} must be 0 (load in the main process) or more")
     if len(dataset) == 0:
         raise DataError(f"dataset {dataset!r} is empty; nothing to load")
+    shards = dataset.dataset if isinstance(dataset, WithMaskNoise) else dataset
+    if isinstance(shards, ShardDataset):  # tar shards: their own epoch plan (exact mid-epoch resume, equal ranks)
+        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        return ShardLoader(shards, batch_size=batch_size, seed=seed, rank=rank, world_size=world,
+                           num_workers=num_workers, shuffle=shuffle, drop_last=drop_last, collate_fn=collate_fn,
+                           num_patches=dataset.num_patches if isinstance(dataset, WithMaskNoise) else None)
     if distributed:
         if not (dist.is_available() and dist.is_initialized()):
             raise ConfigError("distributed=True needs torch.distributed initialised first (init_process_group)")
