@@ -16,22 +16,11 @@ from PIL import Image
 
 from mae.cli import main
 from mae.models import create_model
+from tiny import MODEL, RUN
 
-TINY = [
-    "model.name=mae_vit_micro_patch4_28", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
-    "model.decoder_embed_dim=32", "model.decoder_depth=1", "model.decoder_num_heads=2",
-    "data.path=builtin:mnist5k", "data.limit=64", "data.num_workers=0", "batch_size=32", "epochs=1",
-    "precision=fp32", "device=cpu", "progress=false", "visualize=false",
-]
+TINY = [*MODEL, *RUN, "data.limit=64", "epochs=1", "visualize=false"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """In-process runs on a small shared CPU: one intra-op thread avoids oversubscription (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _error_line(capsys, argv: list[str]) -> str:

@@ -15,13 +15,10 @@ import torch
 
 from mae.data import build_loader, set_epoch
 from mae.train.checkpoint import safe_load
+from tiny import MODEL, RUN
 
-TINY = [
-    "model.name=mae_vit_micro_patch4_28", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
-    "model.decoder_embed_dim=32", "model.decoder_depth=1", "model.decoder_num_heads=2",
-    "data.path=builtin:mnist5k", "data.limit=256", "epochs=2", "optim.warmup_epochs=1", "optim.base_lr=1e-3",
-    "precision=fp32", "device=cpu", "log_every=1", "save_every=1", "progress=false", "seed=0", "visualize=false",
-]
+TINY = [*MODEL, *[o for o in RUN if not o.startswith(("data.num_workers", "batch_size"))], "epochs=2", "save_every=1",
+        "visualize=false"]
 TIMEOUT = 300  # seconds; a deadlocked collective fails the test instead of hanging it
 
 
@@ -232,3 +229,41 @@ def test_engine_under_ddp_syncs_once_per_update_and_skips_non_finite_steps_on_ev
     for r in (r0, r1):
         assert r["stopped"] is not None and "non-finite for 2 consecutive updates" in r["stopped"]
         assert r["unchanged_at_stop"]
+
+
+@pytest.mark.slow
+def test_two_process_run_killed_after_a_mid_epoch_step_checkpoint_resumes_bit_identically(tmp_path):
+    """2 gloo processes with save_every_steps=2: the run is SIGKILLed (the whole torchrun group) once run.json says
+    a checkpoint stands inside an epoch; `torchrun ... --resume auto` on 2 processes then ends with weights
+    bit-identical (torch.equal) to the same 2-process run left alone, and metrics.jsonl has every update once."""
+    import signal
+    import time
+
+    common = [*TINY, "epochs=3", "batch_size=8", "data.num_workers=0", "save_every_steps=2", "log_every=1"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    alone = subprocess.Popen(_torchrun("-m", "mae", "pretrain", *common, f"output_dir={full}"), env=_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    victim = subprocess.Popen(_torchrun("-m", "mae", "pretrain", *common, f"output_dir={killed}"), env=_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def mid_epoch_checkpoint() -> bool:
+        try:
+            status = json.loads((killed / "run.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return status.get("checkpoint") == "checkpoint-last.pth" and status.get("position", [0, 0])[0] >= 1
+
+    deadline = time.monotonic() + TIMEOUT
+    while not mid_epoch_checkpoint() and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
+    _finish(alone)
+    resumed = subprocess.run(_torchrun("-m", "mae", "pretrain", "--output-dir", str(killed), "--resume", "auto"),
+                             env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    a, b = safe_load(full / "checkpoint-last.pth")["model"], safe_load(killed / "checkpoint-last.pth")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [s for s, _ in _step_losses(killed)]
+    assert steps == sorted(set(steps)) == list(range(1, steps[-1] + 1))

@@ -12,17 +12,11 @@ from PIL import Image
 from mae.cli import main
 from mae.interop import save_model
 from mae.models import create_model
+from tiny import ARCH
 
-TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2, "decoder_embed_dim": 16, "decoder_depth": 1,
-        "decoder_num_heads": 2}
+TINY = ARCH
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

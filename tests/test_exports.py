@@ -17,11 +17,11 @@ from mae.interop.huggingface import save_hf_pretrained
 from mae.models import create_model
 from mae.models.classifier import ClassifierConfig, build_classifier, load_encoder_into
 from mae.recipes.classify_common import CLASSIFIER_FORMAT, classifier_state, load_classifier
+from tiny import ARCH
 
 timm = pytest.importorskip("timm")
 
-TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2, "decoder_embed_dim": 16, "decoder_depth": 1,
-        "decoder_num_heads": 2}
+TINY = ARCH
 NAMES = [f"digit {i}" for i in range(10)]
 
 

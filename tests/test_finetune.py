@@ -292,3 +292,11 @@ def test_shipped_presets_load_against_the_config_classes():
         cls = LinprobeConfig if path.parent.name == "linprobe" else FinetuneConfig
         cfg = load_config(cls, path, ["checkpoint=x"])
         assert cfg.epochs >= 1, path
+
+
+def test_first_losses_equal_the_stored_reference_curve(tmp_path):
+    """The first logged losses of a seeded tiny fine-tuning (mixup, cutmix, RandAugment, drop path, layer decay,
+    warm-up) equal the stored curve; regenerate deliberately with `python tests/reference_curves.py finetune`."""
+    import reference_curves
+
+    reference_curves.check("finetune", reference_curves.run_curve("finetune", tmp_path))

@@ -23,9 +23,9 @@ from mae.recipes.evaluate import run as evaluate_run
 from mae.recipes.knn import KnnConfig, knn_monitor, knn_scores
 from mae.recipes.knn import run as knn_run
 from mae.train.checkpoint import atomic_save
+from tiny import ARCH
 
-TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2, "decoder_embed_dim": 16, "decoder_depth": 1,
-        "decoder_num_heads": 2}
+TINY = ARCH
 FAST = ["precision=fp32", "data.num_workers=0"]
 
 

@@ -15,9 +15,9 @@ from mae.models import create_model
 from mae.recipes.classify_common import load_classifier, load_encoder_source
 from mae.recipes.linprobe import FeatureBatches, LinprobeConfig, build_probe, run
 from mae.train.optim import build_optimizer, param_groups
+from tiny import ARCH
 
-TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2, "decoder_embed_dim": 16, "decoder_depth": 1,
-        "decoder_num_heads": 2}
+TINY = ARCH
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +137,11 @@ def test_unlabelled_folder_is_refused(tiny_checkpoint, tmp_path):
                                              f"output_dir={tmp_path / 'out'}", "aug.augment=none"])
     with pytest.raises(DataError, match="class sub-folders"):
         run(cfg)
+
+
+def test_first_losses_equal_the_stored_reference_curve(tmp_path):
+    """The first logged losses of a seeded tiny linear probe (RandomResizedCrop, BatchNorm head, LARS, warm-up)
+    equal the stored curve; regenerate deliberately with `python tests/reference_curves.py linprobe`."""
+    import reference_curves
+
+    reference_curves.check("linprobe", reference_curves.run_curve("linprobe", tmp_path))

@@ -14,16 +14,11 @@ from mae.interop import load_model
 from mae.recipes.pretrain import PretrainConfig, run
 from mae.train.checkpoint import safe_load
 from mae.train.engine import Engine, LRSchedule
+import reference_curves
+from tiny import PRETRAIN
 
-REFERENCE_CURVE = Path(__file__).parent / "data" / "pretrain_reference_loss.json"
 
-TINY = [
-    "model.name=mae_vit_micro_patch4_28", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
-    "model.decoder_embed_dim=32", "model.decoder_depth=1", "model.decoder_num_heads=2",
-    "data.path=builtin:mnist5k", "data.limit=256", "data.num_workers=0",
-    "batch_size=32", "epochs=4", "optim.warmup_epochs=1", "optim.base_lr=1e-3", "precision=fp32", "device=cpu",
-    "log_every=1", "save_every=2", "progress=false", "seed=0",
-]
+TINY = PRETRAIN
 
 
 def tiny_config(out: Path, *extra: str) -> PretrainConfig:
@@ -54,14 +49,10 @@ def test_run_writes_every_output_file(tiny_run):
 
 def test_first_losses_equal_the_stored_reference_curve(tiny_run):
     """The first logged losses of the seeded run equal the stored curve (catches any change in semantics:
-    masking, init, data order, augmentation seeding, schedule). Regenerate deliberately with
-    `python tests/test_pretrain.py` when a change is meant to alter it."""
+    masking, init, data order, augmentation seeding, schedule, the engine). Regenerate deliberately with
+    `python tests/reference_curves.py pretrain` when a change is meant to alter it."""
     out, _ = tiny_run
-    losses = step_losses(out)[:12]
-    reference = json.loads(REFERENCE_CURVE.read_text())["losses"]
-    assert [s for s, _ in losses] == [s for s, _ in reference]
-    for (_, got), (_, want) in zip(losses, reference):
-        assert got == pytest.approx(want, rel=1e-4, abs=1e-6)
+    reference_curves.check("pretrain", step_losses(out)[:12])
 
 
 def test_loss_falls(tiny_run):
@@ -149,13 +140,3 @@ def test_effective_batch_and_lr_scaling(tmp_path):
     peak = 2.56e-3 * 32 / 256
     assert steps[-1]["step"] == 8
     assert steps[3]["lr"] == pytest.approx(peak * 3 / 8)
-
-
-if __name__ == "__main__":  # regenerate the stored reference curve
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        run(tiny_config(Path(d)))
-        REFERENCE_CURVE.write_text(json.dumps({"command": "python tests/test_pretrain.py",
-                                               "losses": step_losses(Path(d))[:12]}, indent=1))
-    print(f"wrote {REFERENCE_CURVE}")

@@ -36,24 +36,12 @@ from mae.models import MaskedAutoencoderViT
 from mae.recipes.pretrain import PretrainConfig, run
 from mae.train.checkpoint import CheckpointManager, safe_load
 from mae.train.engine import Engine, LRSchedule
+from tiny import MODEL, RUN
 
-TINY = [
-    "model.name=mae_vit_micro_patch4_28", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
-    "model.decoder_embed_dim=32", "model.decoder_depth=1", "model.decoder_num_heads=2",
-    "data.path=builtin:mnist5k", "data.limit=256", "data.num_workers=0", "batch_size=32", "epochs=2",
-    "optim.warmup_epochs=1", "optim.base_lr=1e-3", "precision=fp32", "device=cpu", "log_every=1", "save_every=1",
-    "progress=false", "seed=0", "visualize=false",
-]
+TINY = [*MODEL, *RUN, "epochs=2", "save_every=1", "visualize=false"]
 TIMEOUT = 300
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """In-process runs on a small shared CPU: one intra-op thread avoids oversubscription (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _env() -> dict[str, str]:

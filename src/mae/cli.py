@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 
@@ -404,6 +405,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet or other_rank else logging.INFO, format="%(message)s",
                         stream=sys.stderr)
     handler: Callable[[argparse.Namespace], int] = args.handler
+    from mae.train.run import COMMAND_LINE  # recorded in each run's config.yaml
+
+    token = COMMAND_LINE.set(shlex.join(["mae", *argv]))
     try:
         return handler(args)
     except Interrupted as e:  # a signal stopped the run after a checkpoint: 128 + the signal number
@@ -417,6 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"mae {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        COMMAND_LINE.reset(token)
 
 
 if __name__ == "__main__":

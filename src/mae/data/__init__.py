@@ -63,7 +63,8 @@ def list_builtin() -> list[str]:
 
 
 def _has_direct_images(folder: Path) -> bool:
-    return any(e.is_file() and is_image_file(e.name) for e in os.scandir(folder))
+    with os.scandir(folder) as it:
+        return any(e.is_file() and is_image_file(e.name) for e in it)
 
 
 def _split_folder(root: Path, split: str) -> Path:
@@ -150,8 +151,9 @@ def build_dataset(spec: str, split: str = "train", transform: Callable | None = 
         raise DataError(f"data path '{spec}' is a file, not a folder; give the folder that holds the images")
     root = _split_folder(root, split)
     mode = mode or "RGB"
-    has_classes = any(_has_direct_images(Path(e.path)) for e in os.scandir(root)
-                      if e.is_dir() and not e.name.startswith("."))
+    with os.scandir(root) as it:
+        folders = [Path(e.path) for e in it if e.is_dir() and not e.name.startswith(".")]
+    has_classes = any(_has_direct_images(f) for f in folders)
     if has_classes or require_classes:
         return ClassFolderDataset(root, transform=transform, mode=mode, strict=strict, decode=decode)
     return PlainFolderDataset(root, transform=transform, mode=mode, strict=strict, decode=decode)

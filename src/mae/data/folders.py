@@ -19,7 +19,7 @@ import io
 import logging
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
-from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
 from mae.data.device_decode import EncodedJpeg
@@ -40,6 +40,8 @@ JPEG_EXTENSIONS = (".jpg", ".jpeg")
 # warning per decoded image would bury the training log.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                         category=DeprecationWarning)
+_BAD_IMAGE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+"""What reading a damaged, truncated or crafted image file raises (Pillow, torchvision.io, `check_pixels`)."""
 UNLABELED = -1
 """Label of every image of a plain (class-less) folder."""
 GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
@@ -78,6 +80,47 @@ def is_image_file(path: str | os.PathLike) -> bool:
     """True for a file with an image extension (case-insensitive) that is not hidden (e.g. macOS `._x.jpg`)."""
     name = os.path.basename(path)
     return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
+
+
+def walk_images(root: str | os.PathLike) -> Iterator[tuple[str, list[str]]]:
+    """(folder, sorted image file names) for every folder under `root`, following links to folders but never into a
+    folder twice (a link loop ends there), and keeping regular files only: a pipe, socket or device named like an
+    image would block or misbehave when read. Hidden files and folders are left out."""
+    seen: set[tuple[int, int]] = set()
+    stack = [str(root)]
+    while stack:
+        folder = stack.pop()
+        try:
+            st = os.stat(folder)
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        names, subfolders = [], []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                if entry.is_dir():
+                    subfolders.append(entry.path)
+                elif entry.is_file() and is_image_file(entry.name):  # is_file: a regular file (or a link to one)
+                    names.append(entry.name)
+            except OSError:  # a broken link, a file that vanished
+                continue
+        yield folder, sorted(names)
+        stack.extend(sorted(subfolders, reverse=True))
+
+
+def check_pixels(width: int, height: int) -> None:
+    """Refuse an image whose header claims more pixels than Pillow's decompression-bomb limit allows (twice
+    ``Image.MAX_IMAGE_PIXELS``): decoding it would take gigabytes, e.g. a crafted 65535 x 65535 JPEG."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and width * height > 2 * limit:
+        raise ValueError(f"its header claims {width} x {height} pixels, more than the {2 * limit} an image may "
+                         f"have (PIL.Image.MAX_IMAGE_PIXELS); a damaged or crafted file")
 
 
 def to_mode(image: Image.Image, mode: str) -> Image.Image:
@@ -171,26 +214,28 @@ class _ImageFiles(Dataset):
                     if f.format != "JPEG":
                         raise ValueError(f"a {f.format} image named like a JPEG")
                     width, height = f.size
+                check_pixels(width, height)
                 return EncodedJpeg(read_file(path), height, width)
-            except (OSError, ValueError, SyntaxError, EOFError) as e:
+            except _BAD_IMAGE as e:
                 return self._unreadable_file(path, e)
         if self.decode == "tensor" and path.lower().endswith(JPEG_EXTENSIONS):
             try:
                 read_mode = ImageReadMode.GRAY if self.mode == "L" else ImageReadMode.RGB
                 data = read_file(path)
-                if not self._mode_warned[0] and self._mode_checks < _MODE_CHECKS_DECODED:
-                    self._mode_checks += 1
-                    with Image.open(io.BytesIO(data.numpy().tobytes())) as header:  # the header only, no decoding
+                with Image.open(io.BytesIO(data.numpy().tobytes())) as header:  # the header only, no decoding
+                    check_pixels(*header.size)  # before libjpeg allocates what the header claims
+                    if not self._mode_warned[0] and self._mode_checks < _MODE_CHECKS_DECODED:
+                        self._mode_checks += 1
                         self._check_channels(header, path)
                 return tv_tensors.Image(decode_jpeg(data, mode=read_mode))  # uint8 [C, H, W]
-            except (RuntimeError, OSError, ValueError):
+            except (RuntimeError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
                 pass  # not a JPEG libjpeg-turbo takes (or a damaged one): PIL decides, with the usual skip / strict
         try:
             with Image.open(path) as f:
                 f.load()  # decode now: a truncated file fails here, not inside a transform
                 self._check_channels(f, path)
                 return to_mode(f, self.mode)
-        except (OSError, ValueError, SyntaxError, EOFError) as e:  # what Pillow raises for bad data
+        except _BAD_IMAGE as e:  # what Pillow raises for bad data
             return self._unreadable_file(path, e)
 
     def _check_channels(self, image: Image.Image, path: str) -> None:
@@ -229,7 +274,8 @@ class _ImageFiles(Dataset):
 
 def find_classes(root: str | os.PathLike) -> list[str]:
     """Sorted names of the visible sub-folders of `root` (hidden ones like `.ipynb_checkpoints` are not classes)."""
-    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    with os.scandir(root) as it:
+        return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
 
 
 class ClassFolderDataset(_ImageFiles):
@@ -254,9 +300,10 @@ class ClassFolderDataset(_ImageFiles):
                 raise DataError(f"folder '{root}' has images but no class sub-folders; labels need the layout "
                                 f"'{root}/<class name>/<image>' (one sub-folder per class)")
             raise _no_images(root)
-        # Empty classes are kept so that label indices agree between a train and a val tree.
-        samples = make_dataset(str(root), {c: i for i, c in enumerate(classes)}, is_valid_file=is_image_file,
-                               allow_empty=True)
+        # Empty classes are kept so that label indices agree between a train and a val tree. The order is
+        # torchvision's make_dataset's: classes sorted, then (folder, file name) sorted within each class.
+        samples = [(os.path.join(folder, name), i) for i, c in enumerate(classes)
+                   for folder, names in sorted(walk_images(root / c)) for name in names]
         if not samples:
             raise _no_images(root)
         super().__init__(root, samples, classes, transform, mode, strict, verify, decode)
@@ -272,10 +319,7 @@ class PlainFolderDataset(_ImageFiles):
                  strict: bool = False, verify: bool = False, decode: str = "pil"):
         root = Path(root)
         _check_folder(root)
-        paths = []
-        for folder, subfolders, files in os.walk(root, followlinks=True):
-            subfolders[:] = [d for d in subfolders if not d.startswith(".")]
-            paths += [os.path.join(folder, f) for f in files if is_image_file(f)]
+        paths = [os.path.join(folder, name) for folder, names in walk_images(root) for name in names]
         if not paths:
             raise _no_images(root)
         super().__init__(root, [(p, UNLABELED) for p in sorted(paths)], [], transform, mode, strict, verify,

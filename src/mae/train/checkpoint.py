@@ -227,13 +227,15 @@ def upgrade_state(state: dict[str, Any]) -> dict[str, Any]:
         best = {"name": "top1", "mode": "max", "value": state.get("best_top1"), "epoch": state.get("best_epoch")}
     else:
         best = {"name": None, "mode": "max", "value": state.get("best"), "epoch": state.get("best_epoch")}
+    renamed = {"loss": "epoch_loss", "train_loss": "epoch_loss", "seconds": "epoch_seconds"}
+    history = [{renamed.get(k, k): v for k, v in h.items()} for h in state.get("history", [])]
     engine = dict(state["engine"])
     engine.setdefault("skipped_total", engine.pop("nonfinite_total", 0))
     upgraded = {k: v for k, v in state.items() if k not in ("best_loss", "best_top1", "best", "best_epoch", "epoch")}
     upgraded.update(version=SCHEMA_VERSION, kind={"mae-train": "pretrain", "mae-classifier": "classify",
                                                    "mae-detect": "detect", "mae-segment": "segment"}[fmt],
                     engine=engine, rng=state.get("rng"), config=state.get("config"), data=None, versions=None,
-                    train_state={"epoch": int(state["epoch"]) + 1, "batch": 0, "history": list(state.get("history", [])),
+                    train_state={"epoch": int(state["epoch"]) + 1, "batch": 0, "history": history,
                                  "best": best, "partial": None, "skipped_epochs": []})
     return upgraded
 

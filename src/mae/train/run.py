@@ -19,6 +19,7 @@ per-process batch, so a run may resume on another number of processes with the p
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import platform
 import shlex
@@ -38,6 +39,9 @@ from mae.train.distributed import DistInfo, all_gather_objects
 __all__ = ["RunFields", "Run", "TrainFields", "check_resume", "provenance", "start_run"]
 
 _log = logging.getLogger(__name__)
+
+COMMAND_LINE: contextvars.ContextVar[str | None] = contextvars.ContextVar("mae_command_line", default=None)
+"""The command line of the `mae` invocation running now (set by `mae.cli.main`); None when called from Python."""
 
 
 @dataclass
@@ -259,7 +263,7 @@ def provenance() -> dict[str, Any]:
 
     import mae
 
-    return {"command": shlex.join(["mae", *sys.argv[1:]]) if Path(sys.argv[0]).name == "mae"
-            else shlex.join(sys.argv), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    command = COMMAND_LINE.get() or shlex.join(sys.argv)
+    return {"command": command, "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
             "versions": {"mae": str(mae.__version__), "torch": str(torch.__version__), "timm": str(timm.__version__),
                          "python": platform.python_version()}}
