@@ -207,26 +207,14 @@ def test_hf_export_gives_the_same_logits_and_avg_pool_is_refused(tmp_path):
         to_hf_classifier_state_dict(tiny_classifier(global_pool="avg"))
 
 
-def test_k0_partial_finetuning_is_the_linear_probe(tiny_checkpoint):
-    """trainable_blocks=0 builds exactly the probe: the BatchNorm(affine=False) + Linear head, the same trainable
-    parameters, the same initial weights and the same outputs in training mode."""
-    from mae.recipes.linprobe import LinprobeConfig, build_probe
-
-    source = load_encoder_source("pretrained", str(tiny_checkpoint), None)
-    ft_cfg = load_config(FinetuneConfig, None, [f"checkpoint={tiny_checkpoint}", "trainable_blocks=0",
-                                                "model.global_pool=token"])
-    torch.manual_seed(3)
-    ft, _, ft_wrap = build_finetune_model(source, ft_cfg, 10)
-    torch.manual_seed(3)
-    probe, _, probe_wrap = build_probe(source, LinprobeConfig().model, 10)
-    assert isinstance(ft.head[0], torch.nn.BatchNorm1d) and not ft.head[0].affine and ft.head[0].eps == 1e-6
-    trainable = {n for n, p in ft.named_parameters() if p.requires_grad}
-    assert trainable == {n for n, p in probe.named_parameters() if p.requires_grad} == {"head.1.weight", "head.1.bias"}
-    for (n, a), (_, b) in zip(ft.state_dict().items(), probe.state_dict().items()):
-        assert torch.equal(a, b), n
-    x = torch.randn(6, 1, 28, 28)
-    ft_wrap.train(), probe_wrap.train()
-    assert torch.equal(ft_wrap(x), probe_wrap(x))
+def test_k0_partial_finetuning_is_refused_with_a_pointer_to_linprobe():
+    """trainable_blocks=0 (Figure 9's k = 0) is the linear-probe protocol, not a frozen fine-tune: the config is
+    refused with one line that names `mae linprobe`; k >= 1 and null still load."""
+    with pytest.raises(ConfigError, match="trainable_blocks=0 is the linear probe.*mae linprobe"):
+        load_config(FinetuneConfig, None, ["checkpoint=x", "trainable_blocks=0"])
+    with pytest.raises(ConfigError, match=">= 1"):
+        load_config(FinetuneConfig, None, ["checkpoint=x", "trainable_blocks=-2"])
+    assert load_config(FinetuneConfig, None, ["checkpoint=x", "trainable_blocks=1"]).trainable_blocks == 1
 
 
 def test_config_errors_name_the_fix():
