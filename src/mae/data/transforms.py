@@ -81,14 +81,21 @@ def build_transform(name: str, img_size: int, in_chans: int, mean: Sequence[floa
     return v2.Compose(geometry[name] + _finish(in_chans, mean, std))
 
 
+def default_crop_pct(img_size: int) -> float:
+    """The evaluation crop fraction for `img_size`: 0.875 (224 / 256) from 33 to 224 px, as the reference release;
+    1.0 above 224 px (the release resizes to the input size itself, e.g. 448, and crops all of it); 1.0 up to 32 px,
+    where cutting the border would lose a large part of a digit or object."""
+    return FIXED_CROP_PCT if 32 < img_size <= 224 else 1.0
+
+
 def build_eval_transform(img_size: int, in_chans: int, crop_pct: float | None = None,
                          mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> Callable:
     """Evaluation transform: resize the shorter side to img_size / crop_pct (bicubic), then centre crop img_size.
 
-    crop_pct=None picks the paper's 0.875 for images above 32 px and 1.0 (resize only) for tiny ones, where cutting
-    the border would lose a large part of the digit or object.
+    crop_pct=None picks `default_crop_pct`: the reference release's 0.875 up to 224 px (resize 256, crop 224) and 1.0
+    above (resize 448, crop 448), and 1.0 for tiny images.
     """
     if crop_pct is None:
-        crop_pct = FIXED_CROP_PCT if img_size > 32 else 1.0
+        crop_pct = default_crop_pct(img_size)
     geometry = [v2.Resize(resize_size(img_size, crop_pct), interpolation=BICUBIC), v2.CenterCrop(img_size)]
     return v2.Compose(geometry + _finish(in_chans, mean, std))
