@@ -28,8 +28,8 @@ from mae.models.classifier import (
     load_encoder_into,
     trainable_prefixes,
 )
-from mae.recipes.classify_common import load_classifier, load_encoder_source
-from mae.recipes.finetune import FinetuneConfig, build_finetune_model, run
+from mae.recipes.classify_common import load_classifier
+from mae.recipes.finetune import FinetuneConfig, run
 from mae.train.optim import param_groups
 
 TINY = {"embed_dim": 32, "depth": 3, "num_heads": 2, "decoder_embed_dim": 16, "decoder_depth": 1,

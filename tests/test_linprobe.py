@@ -156,8 +156,8 @@ def test_probe_crop_draws_once_and_never_retries():
             u = torch.rand(2)
             area = height * width * (scale[0] + (scale[1] - scale[0]) * float(u[0]))
             aspect = math.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * float(u[1]))
-            w = min(int(round(math.sqrt(area * aspect))), width)
-            h = min(int(round(math.sqrt(area / aspect))), height)
+            w = min(round(math.sqrt(area * aspect)), width)
+            h = min(round(math.sqrt(area / aspect)), height)
             top, left = int(torch.randint(0, height - h + 1, ())), int(torch.randint(0, width - w + 1, ()))
             assert got == (top, left, h, w)
             assert torch.equal(after, torch.get_rng_state())  # no further draw: no retry loop

@@ -131,8 +131,8 @@ class SingleDrawResizedCrop:
         target_area = height * width * (scale[0] + (scale[1] - scale[0]) * float(u[0]))
         log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
         aspect = math.exp(log_lo + (log_hi - log_lo) * float(u[1]))
-        w = min(int(round(math.sqrt(target_area * aspect))), width)
-        h = min(int(round(math.sqrt(target_area / aspect))), height)
+        w = min(round(math.sqrt(target_area * aspect)), width)
+        h = min(round(math.sqrt(target_area / aspect)), height)
         top = int(torch.randint(0, height - h + 1, ()))
         left = int(torch.randint(0, width - w + 1, ()))
         return top, left, h, w

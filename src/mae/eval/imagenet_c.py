@@ -118,14 +118,13 @@ def report_csv(report: CorruptionReport) -> str:
 
 def report_markdown(report: CorruptionReport, title: str = "ImageNet-C") -> str:
     """The per-corruption table (top-1 error per severity, CE) with the mCE and the clean-vs-corrupted gap."""
-    out = [f"# {title}", "",
-           f"**mCE {report.mce:.1f}** (mean over {len(report.ce)} corruption(s) of CE = error summed over the "
-           f"severities / AlexNet's; lower is better)" + ("" if report.complete else
-                                                         ": a subset of the benchmark, not comparable with "
-                                                         "published mCE values"), ""]
+    caveat = "" if report.complete else ": a subset of the benchmark, not comparable with published mCE values"
+    headline = (f"**mCE {report.mce:.1f}** (mean over {len(report.ce)} corruption(s) of CE = error summed over the "
+                f"severities / AlexNet's; lower is better){caveat}")
+    out = [f"# {title}", "", headline, ""]
     if report.clean_error is not None:
-        out += [f"clean top-1 error {report.clean_error:.2f}%, mean corrupted error {report.mean_error:.2f}%: "
-                f"gap {report.gap:+.2f} points", ""]
+        out += [(f"clean top-1 error {report.clean_error:.2f}%, mean corrupted error {report.mean_error:.2f}%: "
+                 f"gap {report.gap:+.2f} points"), ""]
     else:
         out += [f"mean corrupted error {report.mean_error:.2f}% (no clean set scored: pass clean_data=...)", ""]
     out += ["| corruption | " + " | ".join(f"s{s}" for s in SEVERITIES) + " | CE |",

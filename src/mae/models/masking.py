@@ -140,7 +140,7 @@ def _draw_blocks(grid: tuple[int, int], num_masked: int, generator: torch.Genera
         if failures < 100:
             area = uniform(min_block, max(min_block, min(max_block, remaining)))
             aspect = math.exp(uniform(*log_aspect))
-            bh, bw = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+            bh, bw = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
             if min_block <= bh * bw and 1 <= bh <= h and 1 <= bw <= w:
                 top, left = randint(h - bh + 1), randint(w - bw + 1)
                 new = int((~mask[top:top + bh, left:left + bw]).sum())
