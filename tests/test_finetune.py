@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
 from mae.config import load_config
-from mae.errors import CheckpointError, ConfigError
+from mae.errors import CheckpointError, ConfigError, DataError
 from mae.interop import save_model
 from mae.interop.classifier_export import (
     save_hf_classifier,
@@ -277,3 +280,80 @@ def test_shipped_presets_load_against_the_config_classes():
         cls = LinprobeConfig if path.parent.name == "linprobe" else FinetuneConfig
         cfg = load_config(cls, path, ["checkpoint=x"])
         assert cfg.epochs >= 1, path
+
+
+def _write_images(root: Path, rels: list[str], size: int = 28) -> None:
+    rng = np.random.default_rng(0)
+    for rel in rels:
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+
+
+def test_inaturalist_json_splits_train_a_classifier_for_one_epoch(tiny_checkpoint, tmp_path):
+    """An iNaturalist-style folder (train2018.json / val2018.json with images / annotations / categories, images
+    under train_val2018/) is read by `mae finetune --data <folder>`: labels follow the category ids, class names are
+    the category names, and one epoch trains and evaluates."""
+    from mae.data import build_dataset
+
+    root = tmp_path / "inat"
+    categories = [{"id": 0, "name": "Aves"}, {"id": 1, "name": "Plantae"}, {"id": 2, "name": "Fungi"}]
+    for split, n in (("train", 8), ("val", 4)):
+        rels = [f"train_val2018/{categories[i % 3]['name']}/{split}{i}.jpg" for i in range(n)]
+        _write_images(root, rels)
+        doc = {"images": [{"id": 100 + i, "file_name": rel} for i, rel in enumerate(rels)],
+               "annotations": [{"id": i, "image_id": 100 + i, "category_id": i % 3} for i in range(n)],
+               "categories": categories}
+        (root / f"{split}2018.json").write_text(json.dumps(doc))
+    (root / "test2018.json").write_text(json.dumps({"images": [], "categories": categories}))  # never a split
+    ds = build_dataset(str(root), "train")
+    assert ds.classes == ["Aves", "Plantae", "Fungi"] and ds.targets == [0, 1, 2, 0, 1, 2, 0, 1]
+    out = tmp_path / "ft"
+    summary = run(load_config(FinetuneConfig, None, [
+        f"checkpoint={tiny_checkpoint}", f"data.path={root}", f"output_dir={out}", "epochs=1", "batch_size=4",
+        "data.num_workers=0", "precision=fp32", "progress=false", "aug.mixup=0", "aug.cutmix=0",
+        "aug.rand_augment=null", "device=cpu"]))
+    assert summary["updates"] == 2 and 0.0 <= summary["best_top1"] <= 100.0
+    _, _, names = load_classifier(out / "checkpoint-best.pth")
+    assert names == ["Aves", "Plantae", "Fungi"]
+
+
+def test_places_file_lists_train_a_classifier_for_one_epoch(tiny_checkpoint, tmp_path):
+    """A Places365-style folder (places365_train_standard.txt with '/a/airfield/1.jpg 0' lines, images under
+    data_256/; places365_val.txt with bare names under val_256/; categories_places365.txt) is read by
+    `mae finetune --data <folder>`, and one epoch trains and evaluates; a malformed line is refused with its
+    number."""
+    from mae.data import build_dataset
+
+    root = tmp_path / "places"
+    names = ["/a/airfield", "/b/bakery", "/c/canyon"]
+    train = [(f"{names[i % 3]}/{i:08d}.jpg", i % 3) for i in range(8)]
+    val = [(f"Places365_val_{i:08d}.jpg", i % 3) for i in range(4)]
+    _write_images(root / "data_256", [p.lstrip("/") for p, _ in train])
+    _write_images(root / "val_256", [p for p, _ in val])
+    (root / "places365_train_standard.txt").write_text("".join(f"{p} {c}\n" for p, c in train))
+    (root / "places365_val.txt").write_text("".join(f"{p} {c}\n" for p, c in val))
+    (root / "categories_places365.txt").write_text("".join(f"{n} {i}\n" for i, n in enumerate(names)))
+    (root / "notes_train.txt").write_text("how the training set was downloaded\n")  # not a list: ignored
+    ds = build_dataset(str(root), "val")
+    assert ds.classes == ["a/airfield", "b/bakery", "c/canyon"] and ds.targets == [0, 1, 2, 0]
+    assert ds.samples[0][0] == str(root / "val_256" / "Places365_val_00000000.jpg")
+    summary = run(load_config(FinetuneConfig, None, [
+        f"checkpoint={tiny_checkpoint}", f"data.path={root}", f"output_dir={tmp_path / 'ft'}", "epochs=1",
+        "batch_size=4", "data.num_workers=0", "precision=fp32", "progress=false", "aug.mixup=0", "aug.cutmix=0",
+        "aug.rand_augment=null", "device=cpu"]))
+    assert summary["updates"] == 2 and 0.0 <= summary["best_top1"] <= 100.0
+    (root / "places365_val.txt").write_text("Places365_val_00000000.jpg 0\nPlaces365_val_00000001.jpg\n")
+    with pytest.raises(DataError, match="line 2"):
+        build_dataset(str(root), "val")
+
+
+def test_inat_and_places_presets_follow_table_9_with_adjusted_epochs():
+    """The A.5 presets keep Table 9's recipe (base lr 1e-3, layer decay 0.75, batch 1024, RandAug, mixup, cutmix)
+    and adjust the epochs, saying so."""
+    configs = Path(__file__).resolve().parents[1] / "configs" / "finetune"
+    for name, epochs in (("inat2018_vit_b.yaml", 300), ("places365_vit_b.yaml", 70)):
+        cfg = load_config(FinetuneConfig, configs / name, ["checkpoint=x"])
+        assert (cfg.optim.base_lr, cfg.optim.layer_decay, cfg.aug.mixup, cfg.aug.cutmix) == (1e-3, 0.75, 0.8, 1.0)
+        assert cfg.epochs == epochs and cfg.batch_size * 8 == 1024
+        assert "adjusts" in (configs / name).read_text()
