@@ -131,6 +131,17 @@ def test_corrupt_writes_the_imagenet_c_layout(tmp_path):
         load_config(CorruptConfig, None, ["severities=[0,6]"])
 
 
+def test_corrupt_reads_a_labelled_builtin_set_with_a_per_class_limit(tmp_path):
+    """A built-in set (no files) is corrupted too: limit_per_class=1 writes one image per class (10 digits),
+    upsampled to image_size."""
+    summary = corrupt_run(load_config(CorruptConfig, None, [
+        "data=builtin:digits", f"output_dir={tmp_path}", "image_size=32", "corruptions=[pixelate]",
+        "severities=[2]", "limit_per_class=1"]))
+    assert summary["images"] == 10 and summary["written"] == 10 and summary["classes"] == 10
+    files = sorted((tmp_path / "pixelate" / "2").rglob("*.JPEG"))
+    assert len(files) == 10 and len({f.parent.name for f in files}) == 10
+
+
 # ------------------------------------------------------------------ mCE
 def test_imagenet_c_mce_equals_a_hand_computation(tmp_path):
     """protocol=imagenet-c on a generated corruption set and a tiny model: every error, CE and the mCE equal an

@@ -7,7 +7,8 @@ of 7 is built from scikit-image, NumPy and Pillow with the benchmark's severity 
 noise, brightness, contrast, pixelate, JPEG compression (`FALLBACK_CORRUPTIONS`); an mCE over that subset is not the
 paper's number and says so.
 
-`write_corrupted_folder(source, target)` turns any class-folder validation set into the benchmark's layout,
+`write_corrupted_folder(source, target)` turns any labelled validation set (class folders, split files or a
+labelled built-in set) into the benchmark's layout,
 ``<target>/<corruption>/<severity>/<class>/<image>``, as the benchmark was made: resize the shorter side to 256,
 centre crop 224 (scaled by ``image_size / 224``), corrupt, save as JPEG quality 85.
 """
@@ -166,10 +167,11 @@ def _benchmark_crop(image: Image.Image, size: int) -> Image.Image:
 def write_corrupted_folder(source: str | Path, target: str | Path, corruptions: Sequence[str] | None = None,
                            severities: Sequence[int] = SEVERITIES, image_size: int = 224, seed: int = 0,
                            limit_per_class: int | None = None, progress: Callable = lambda it: it) -> dict:
-    """Write ``<target>/<corruption>/<severity>/<class>/<stem>.JPEG`` for every image of the class folders of
-    ``source`` (ImageNet-C's layout; its ``val`` sub-folder when present); also ``<target>/clean/<class>/`` with the
-    same crop, uncorrupted, for the clean-vs-corrupted gap. Each image's corruption is seeded from (seed, corruption,
-    severity, its path), so a rerun writes the same files. Returns counts and what was written."""
+    """Write ``<target>/<corruption>/<severity>/<class>/<stem>.JPEG`` for every image of the validation split of
+    ``source`` (a class-folder tree or its ``val`` sub-folder, split files, or a labelled ``builtin:`` set; ImageNet-C's
+    layout); also ``<target>/clean/<class>/`` with the same crop, uncorrupted, for the clean-vs-corrupted gap. Each
+    image's corruption is seeded from (seed, corruption, severity, its path), so a rerun writes the same files.
+    ``limit_per_class`` keeps the first N images of each class. Returns counts and what was written."""
     from mae.data import build_dataset
 
     corruptions = check_corruptions(corruptions or available_corruptions())
@@ -178,40 +180,42 @@ def write_corrupted_folder(source: str | Path, target: str | Path, corruptions: 
         raise ConfigError(f"severities must be a non-empty subset of 1..5, got {list(severities)}")
     if image_size < MIN_SIDE:
         raise ConfigError(f"image_size must be at least {MIN_SIDE} px (the corruptions' minimum), got {image_size}")
-    dataset = build_dataset(str(source), "val", require_classes=True)
+    dataset = build_dataset(str(source), "val", mode="RGB", require_classes=True)
+    classes = [str(c) for c in dataset.classes]
     root = Path(getattr(dataset, "root", source))
-    samples = _limited(dataset.samples, limit_per_class)
+    samples = getattr(dataset, "samples", None)  # (path, label) for files; built-in sets have none
+    names = [str(Path(path).relative_to(root).with_suffix("")) for path, _ in samples] if samples is not None else \
+        [f"{i:06d}" for i in range(len(dataset))]
+    labels = [label for _, label in samples] if samples is not None else list(dataset.targets)
+    order = _limited(labels, limit_per_class)
     target = Path(target)
     written = 0
-    for path, label in progress(samples):
-        cls = dataset.classes[label]
-        stem = Path(path).stem
-        with Image.open(path) as f:
-            base = _benchmark_crop(f, image_size)
+    for i in progress(order):
+        image, label = dataset[i]  # PIL, RGB (an unreadable file is skipped by the dataset's own rule)
+        cls, stem = classes[label], Path(names[i]).name
+        base = _benchmark_crop(image, image_size)
         _save(base, target / "clean" / cls / f"{stem}.JPEG")
-        rel = str(Path(path).relative_to(root))
         for name in corruptions:
             for severity in severities:
-                image_seed = zlib.crc32(f"{seed}/{name}/{severity}/{rel}".encode())
+                image_seed = zlib.crc32(f"{seed}/{name}/{severity}/{names[i]}".encode())
                 _save(corrupt(base, name, severity, image_seed),
                       target / name / str(severity) / cls / f"{stem}.JPEG")
                 written += 1
     log.info("wrote %d corrupted images (%d source images x %d corruptions x %d severities) to %s", written,
-             len(samples), len(corruptions), len(severities), target)
-    return {"output_dir": str(target), "images": len(samples), "corruptions": list(corruptions),
+             len(order), len(corruptions), len(severities), target)
+    return {"output_dir": str(target), "images": len(order), "corruptions": list(corruptions),
             "severities": list(severities), "written": written, "complete": corruptions == CORRUPTIONS,
-            "classes": len(dataset.classes)}
+            "classes": len(classes)}
 
 
-def _limited(samples: list[tuple[str, int]], limit_per_class: int | None) -> list[tuple[str, int]]:
-    if limit_per_class is None:
-        return list(samples)
+def _limited(labels: list[int], limit_per_class: int | None) -> list[int]:
+    """Indices of the first ``limit_per_class`` items of each class (all of them for None)."""
     counts: dict[int, int] = {}
     kept = []
-    for path, label in samples:
-        if counts.get(label, 0) < limit_per_class:
+    for i, label in enumerate(labels):
+        if limit_per_class is None or counts.get(label, 0) < limit_per_class:
             counts[label] = counts.get(label, 0) + 1
-            kept.append((path, label))
+            kept.append(i)
     return kept
 
 
