@@ -111,6 +111,8 @@ def _key(preset: str, overrides: list[str]) -> str:
     cfg = load_config(PretrainConfig, preset, overrides)
     resolved = dataclasses.asdict(cfg)
     resolved["model"] = model_config(cfg.model.name, **cfg.model.overrides()).to_dict()
+    if resolved["model"]["mask_strategy"] != "block":  # no effect on the run: keep the keys of sweeps made before it
+        resolved["model"].pop("mask_min_block", None)
     resolved.pop("output_dir", None)
     return hashlib.sha1(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
