@@ -20,10 +20,11 @@ CLASSES = {
     "detect": "mae.recipes.detect.DetectConfig",
     "segment": "mae.recipes.segment.SegmentConfig",
     "sweep": "mae.recipes.sweep.SweepConfig",
+    "evaluate": "mae.recipes.evaluate.EvaluateConfig",
 }
 PRESETS = sorted(p for p in CONFIGS.rglob("*.yaml"))
 # what a user adds on the command line to a preset that leaves the weights to start from open (--checkpoint)
-COMMAND_LINE = {"finetune": ["checkpoint=weights.pth"], "linprobe": ["checkpoint=weights.pth"],
+COMMAND_LINE = {"finetune": ["checkpoint=weights.pth"], "evaluate": ["checkpoint=weights.pth"], "linprobe": ["checkpoint=weights.pth"],
                 "detect": ["backbone.checkpoint=weights.pth"], "segment": ["backbone.checkpoint=weights.pth"]}
 
 
@@ -63,3 +64,28 @@ def test_paper_pretraining_presets_match_table_8():
         assert (cfg.optim.base_lr, cfg.optim.weight_decay, tuple(cfg.optim.betas)) == (1.5e-4, 0.05, (0.9, 0.95))
         assert cfg.optim.warmup_epochs == 40 and cfg.model.mask_ratio == 0.75 and cfg.data.augment == "rrc"
         assert cfg.epochs == int(path.stem.split("_")[-1].removesuffix("ep"))
+
+
+def test_finetune_presets_ship_the_paper_and_the_release_recipes():
+    """Table 9 presets (vit_{b,l,h}) and the release's (vit_{b,l,h}_release) differ exactly where the release did:
+    ViT-B base lr 5e-4 + layer decay 0.65, drop path 0.2 (L) / 0.3 (H); each file names the numbers it reproduces.
+    The 448-px ViT-H preset fine-tunes at 448 and evaluates with crop fraction 1.0 (resize 448, crop 448)."""
+    from mae.recipes.evaluate import EvaluateConfig
+    from mae.recipes.finetune import FinetuneConfig
+
+    def load(name):
+        return load_config(FinetuneConfig, CONFIGS / "finetune" / name, ["checkpoint=x"])
+
+    recipes = {"b": ((1e-3, 0.75, 0.1), (5e-4, 0.65, 0.1)), "l": ((1e-3, 0.75, 0.1), (1e-3, 0.75, 0.2)),
+               "h": ((1e-3, 0.75, 0.2), (1e-3, 0.75, 0.3))}
+    for size, (paper, release) in recipes.items():
+        for name, want, quoted in ((f"vit_{size}.yaml", paper, "Table 9"),
+                                   (f"vit_{size}_release.yaml", release, "Reproduces the release")):
+            cfg = load(name)
+            assert (cfg.optim.base_lr, cfg.optim.layer_decay, cfg.model.drop_path) == want, name
+            assert cfg.batch_size * cfg.accum_iter * (1024 // (cfg.batch_size * cfg.accum_iter)) == 1024
+            assert quoted in (CONFIGS / "finetune" / name).read_text()
+    h448 = load("vit_h_448.yaml")
+    assert (h448.model.img_size, h448.data.crop_pct, h448.model.drop_path) == (448, 1.0, 0.3)
+    ev = load_config(EvaluateConfig, CONFIGS / "evaluate" / "vit_h_448.yaml", ["checkpoint=x"])
+    assert (ev.img_size, ev.data.crop_pct) == (448, 1.0)

@@ -152,6 +152,27 @@ def test_eval_transform_centre_crops_after_resizing_by_crop_pct():
     assert build_eval_transform(8, in_chans=3)(Image.new("L", (3, 3))).shape == (3, 8, 8)
 
 
+def test_eval_at_448_resizes_to_448_and_crops_all_of_it_as_the_release():
+    """Above 224 px the default crop fraction is 1.0 (the release: resize 448, crop 448), at 224 it is 0.875
+    (resize 256, crop 224): the 448-px output equals a bicubic resize of the shorter side to 448 plus a centre crop
+    of 448, and differs from the old resize-to-512 pipeline; a 224-px eval still resizes to 256."""
+    from torchvision.transforms import v2
+
+    from mae.data.transforms import default_crop_pct
+
+    assert (default_crop_pct(448), default_crop_pct(224), default_crop_pct(256), default_crop_pct(28)) == (
+        1.0, 0.875, 1.0, 1.0)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (500, 600, 3), dtype=np.uint8))  # 600 wide, 500 high
+    ours = build_eval_transform(448, in_chans=3)(image)
+    sizes = [t.size for t in build_eval_transform(448, in_chans=3).transforms if isinstance(t, v2.Resize)]
+    assert sizes == [[448]] and ours.shape == (3, 448, 448)
+    release = build_eval_transform(448, in_chans=3, crop_pct=1.0)(image)
+    old = build_eval_transform(448, in_chans=3, crop_pct=448 / 512)(image)
+    assert torch.equal(ours, release) and not torch.allclose(ours, old)
+    assert [t.size for t in build_eval_transform(224, in_chans=3).transforms if isinstance(t, v2.Resize)] == [[256]]
+
+
 def test_unknown_augmentation_and_bad_channels_raise_config_error():
     """An unknown augmentation name lists the valid ones; in_chans other than 1 or 3 and a mean of the wrong length
     are refused."""

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
 from mae.config import load_config
-from mae.errors import CheckpointError, ConfigError
+from mae.errors import CheckpointError, ConfigError, DataError
 from mae.interop import save_model
 from mae.interop.classifier_export import (
     save_hf_classifier,
@@ -28,8 +31,8 @@ from mae.models.classifier import (
     load_encoder_into,
     trainable_prefixes,
 )
-from mae.recipes.classify_common import load_classifier, load_encoder_source
-from mae.recipes.finetune import FinetuneConfig, build_finetune_model, run
+from mae.recipes.classify_common import load_classifier
+from mae.recipes.finetune import FinetuneConfig, run
 from mae.train.optim import param_groups
 
 TINY = {"embed_dim": 32, "depth": 3, "num_heads": 2, "decoder_embed_dim": 16, "decoder_depth": 1,
@@ -207,26 +210,14 @@ def test_hf_export_gives_the_same_logits_and_avg_pool_is_refused(tmp_path):
         to_hf_classifier_state_dict(tiny_classifier(global_pool="avg"))
 
 
-def test_k0_partial_finetuning_is_the_linear_probe(tiny_checkpoint):
-    """trainable_blocks=0 builds exactly the probe: the BatchNorm(affine=False) + Linear head, the same trainable
-    parameters, the same initial weights and the same outputs in training mode."""
-    from mae.recipes.linprobe import LinprobeConfig, build_probe
-
-    source = load_encoder_source("pretrained", str(tiny_checkpoint), None)
-    ft_cfg = load_config(FinetuneConfig, None, [f"checkpoint={tiny_checkpoint}", "trainable_blocks=0",
-                                                "model.global_pool=token"])
-    torch.manual_seed(3)
-    ft, _, ft_wrap = build_finetune_model(source, ft_cfg, 10)
-    torch.manual_seed(3)
-    probe, _, probe_wrap = build_probe(source, LinprobeConfig().model, 10)
-    assert isinstance(ft.head[0], torch.nn.BatchNorm1d) and not ft.head[0].affine and ft.head[0].eps == 1e-6
-    trainable = {n for n, p in ft.named_parameters() if p.requires_grad}
-    assert trainable == {n for n, p in probe.named_parameters() if p.requires_grad} == {"head.1.weight", "head.1.bias"}
-    for (n, a), (_, b) in zip(ft.state_dict().items(), probe.state_dict().items()):
-        assert torch.equal(a, b), n
-    x = torch.randn(6, 1, 28, 28)
-    ft_wrap.train(), probe_wrap.train()
-    assert torch.equal(ft_wrap(x), probe_wrap(x))
+def test_k0_partial_finetuning_is_refused_with_a_pointer_to_linprobe():
+    """trainable_blocks=0 (Figure 9's k = 0) is the linear-probe protocol, not a frozen fine-tune: the config is
+    refused with one line that names `mae linprobe`; k >= 1 and null still load."""
+    with pytest.raises(ConfigError, match="trainable_blocks=0 is the linear probe.*mae linprobe"):
+        load_config(FinetuneConfig, None, ["checkpoint=x", "trainable_blocks=0"])
+    with pytest.raises(ConfigError, match=">= 1"):
+        load_config(FinetuneConfig, None, ["checkpoint=x", "trainable_blocks=-2"])
+    assert load_config(FinetuneConfig, None, ["checkpoint=x", "trainable_blocks=1"]).trainable_blocks == 1
 
 
 def test_config_errors_name_the_fix():
@@ -300,3 +291,80 @@ def test_first_losses_equal_the_stored_reference_curve(tmp_path):
     import reference_curves
 
     reference_curves.check("finetune", reference_curves.run_curve("finetune", tmp_path))
+
+
+def _write_images(root: Path, rels: list[str], size: int = 28) -> None:
+    rng = np.random.default_rng(0)
+    for rel in rels:
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+
+
+def test_inaturalist_json_splits_train_a_classifier_for_one_epoch(tiny_checkpoint, tmp_path):
+    """An iNaturalist-style folder (train2018.json / val2018.json with images / annotations / categories, images
+    under train_val2018/) is read by `mae finetune --data <folder>`: labels follow the category ids, class names are
+    the category names, and one epoch trains and evaluates."""
+    from mae.data import build_dataset
+
+    root = tmp_path / "inat"
+    categories = [{"id": 0, "name": "Aves"}, {"id": 1, "name": "Plantae"}, {"id": 2, "name": "Fungi"}]
+    for split, n in (("train", 8), ("val", 4)):
+        rels = [f"train_val2018/{categories[i % 3]['name']}/{split}{i}.jpg" for i in range(n)]
+        _write_images(root, rels)
+        doc = {"images": [{"id": 100 + i, "file_name": rel} for i, rel in enumerate(rels)],
+               "annotations": [{"id": i, "image_id": 100 + i, "category_id": i % 3} for i in range(n)],
+               "categories": categories}
+        (root / f"{split}2018.json").write_text(json.dumps(doc))
+    (root / "test2018.json").write_text(json.dumps({"images": [], "categories": categories}))  # never a split
+    ds = build_dataset(str(root), "train")
+    assert ds.classes == ["Aves", "Plantae", "Fungi"] and ds.targets == [0, 1, 2, 0, 1, 2, 0, 1]
+    out = tmp_path / "ft"
+    summary = run(load_config(FinetuneConfig, None, [
+        f"checkpoint={tiny_checkpoint}", f"data.path={root}", f"output_dir={out}", "epochs=1", "batch_size=4",
+        "data.num_workers=0", "precision=fp32", "progress=false", "aug.mixup=0", "aug.cutmix=0",
+        "aug.rand_augment=null", "device=cpu"]))
+    assert summary["updates"] == 2 and 0.0 <= summary["best_top1"] <= 100.0
+    _, _, names = load_classifier(out / "checkpoint-best.pth")
+    assert names == ["Aves", "Plantae", "Fungi"]
+
+
+def test_places_file_lists_train_a_classifier_for_one_epoch(tiny_checkpoint, tmp_path):
+    """A Places365-style folder (places365_train_standard.txt with '/a/airfield/1.jpg 0' lines, images under
+    data_256/; places365_val.txt with bare names under val_256/; categories_places365.txt) is read by
+    `mae finetune --data <folder>`, and one epoch trains and evaluates; a malformed line is refused with its
+    number."""
+    from mae.data import build_dataset
+
+    root = tmp_path / "places"
+    names = ["/a/airfield", "/b/bakery", "/c/canyon"]
+    train = [(f"{names[i % 3]}/{i:08d}.jpg", i % 3) for i in range(8)]
+    val = [(f"Places365_val_{i:08d}.jpg", i % 3) for i in range(4)]
+    _write_images(root / "data_256", [p.lstrip("/") for p, _ in train])
+    _write_images(root / "val_256", [p for p, _ in val])
+    (root / "places365_train_standard.txt").write_text("".join(f"{p} {c}\n" for p, c in train))
+    (root / "places365_val.txt").write_text("".join(f"{p} {c}\n" for p, c in val))
+    (root / "categories_places365.txt").write_text("".join(f"{n} {i}\n" for i, n in enumerate(names)))
+    (root / "notes_train.txt").write_text("how the training set was downloaded\n")  # not a list: ignored
+    ds = build_dataset(str(root), "val")
+    assert ds.classes == ["a/airfield", "b/bakery", "c/canyon"] and ds.targets == [0, 1, 2, 0]
+    assert ds.samples[0][0] == str(root / "val_256" / "Places365_val_00000000.jpg")
+    summary = run(load_config(FinetuneConfig, None, [
+        f"checkpoint={tiny_checkpoint}", f"data.path={root}", f"output_dir={tmp_path / 'ft'}", "epochs=1",
+        "batch_size=4", "data.num_workers=0", "precision=fp32", "progress=false", "aug.mixup=0", "aug.cutmix=0",
+        "aug.rand_augment=null", "device=cpu"]))
+    assert summary["updates"] == 2 and 0.0 <= summary["best_top1"] <= 100.0
+    (root / "places365_val.txt").write_text("Places365_val_00000000.jpg 0\nPlaces365_val_00000001.jpg\n")
+    with pytest.raises(DataError, match="line 2"):
+        build_dataset(str(root), "val")
+
+
+def test_inat_and_places_presets_follow_table_9_with_adjusted_epochs():
+    """The A.5 presets keep Table 9's recipe (base lr 1e-3, layer decay 0.75, batch 1024, RandAug, mixup, cutmix)
+    and adjust the epochs, saying so."""
+    configs = Path(__file__).resolve().parents[1] / "src" / "mae" / "configs" / "finetune"
+    for name, epochs in (("inat2018_vit_b.yaml", 300), ("places365_vit_b.yaml", 70)):
+        cfg = load_config(FinetuneConfig, configs / name, ["checkpoint=x"])
+        assert (cfg.optim.base_lr, cfg.optim.layer_decay, cfg.aug.mixup, cfg.aug.cutmix) == (1e-3, 0.75, 0.8, 1.0)
+        assert cfg.epochs == epochs and cfg.batch_size * 8 == 1024
+        assert "adjusts" in (configs / name).read_text()

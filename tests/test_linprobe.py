@@ -145,3 +145,44 @@ def test_first_losses_equal_the_stored_reference_curve(tmp_path):
     import reference_curves
 
     reference_curves.check("linprobe", reference_curves.run_curve("linprobe", tmp_path))
+
+
+def test_probe_crop_draws_once_and_never_retries():
+    """The probe's random-resized crop is the release's TF-style one: exactly four draws of torch's RNG (area,
+    aspect, top, left) and the closed-form crop from them, clamped to the image, even where torchvision's crop would
+    redraw (a 1000 x 10 strip with scale (0.9, 1) fits no 3/4-4/3 crop: torchvision falls back to a centre crop)."""
+    import math
+
+    from mae.data.transforms import SingleDrawResizedCrop
+
+    for height, width, scale in ((1000, 10, (0.9, 1.0)), (224, 300, (0.08, 1.0)), (50, 50, (1.0, 1.0))):
+        for seed in range(20):
+            torch.manual_seed(seed)
+            got = SingleDrawResizedCrop.params(height, width, scale, (3 / 4, 4 / 3))
+            after = torch.get_rng_state()
+            torch.manual_seed(seed)
+            u = torch.rand(2)
+            area = height * width * (scale[0] + (scale[1] - scale[0]) * float(u[0]))
+            aspect = math.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * float(u[1]))
+            w = min(round(math.sqrt(area * aspect)), width)
+            h = min(round(math.sqrt(area / aspect)), height)
+            top, left = int(torch.randint(0, height - h + 1, ())), int(torch.randint(0, width - w + 1, ()))
+            assert got == (top, left, h, w)
+            assert torch.equal(after, torch.get_rng_state())  # no further draw: no retry loop
+            assert 0 <= top <= height - h and 0 <= left <= width - w
+    torch.manual_seed(0)
+    assert SingleDrawResizedCrop.params(1000, 10, (0.9, 1.0), (3 / 4, 4 / 3))[3] == 10  # width clamped to the image
+
+
+def test_linprobe_trains_with_the_single_draw_crop(tiny_checkpoint):
+    """aug.augment=rrc gives the probe the single-draw crop (bicubic, to the model's side) and the flip."""
+    from mae.data.transforms import SingleDrawResizedCrop
+    from mae.recipes.linprobe import build_probe_train_transform
+
+    cfg = load_config(LinprobeConfig, None, [f"checkpoint={tiny_checkpoint}", "aug.scale=[0.2,1.0]"])
+    tf = build_probe_train_transform(cfg, 28, 1, (0.5,), (0.5,))
+    crop = tf.transforms[0]
+    assert isinstance(crop, SingleDrawResizedCrop) and crop.size == 28 and crop.scale == (0.2, 1.0)
+    from PIL import Image
+
+    assert tf(Image.new("L", (40, 30))).shape == (1, 28, 28)

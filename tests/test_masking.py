@@ -16,7 +16,7 @@ def _make(strategy: str, n: int, grid: tuple[int, int], ratio: float, seed: int 
     if strategy == "random":
         return M.random_masking(n, grid, ratio)
     if strategy == "block":
-        return M.block_masking(n, grid, ratio, generator=torch.Generator().manual_seed(seed))
+        return M.block_masking(n, grid, ratio, generator=torch.Generator().manual_seed(seed), min_block=1)
     return M.grid_masking(n, grid)
 
 
@@ -179,7 +179,7 @@ def test_block_mask_removes_exactly_the_requested_count(grid, num_masked):
     """block_mask returns a bool [h, w] mask with exactly num_masked True cells, for many draws."""
     g = torch.Generator().manual_seed(0)
     for _ in range(10):
-        m = M.block_mask(grid, num_masked, g)
+        m = M.block_mask(grid, num_masked, g, min_block=min(16, max(num_masked, 1)))
         assert m.shape == grid and m.dtype == torch.bool
         assert int(m.sum()) == num_masked
 
@@ -198,12 +198,37 @@ def test_block_mask_single_block_is_one_rectangle(side):
     contiguous side x side square: its bounding box holds exactly the removed cells."""
     g = torch.Generator().manual_seed(side)
     for _ in range(5):
-        m = M.block_mask((8, 8), side * side, g, min_area=side * side, max_area=side * side, min_aspect=1.0)
+        m = M.block_mask((8, 8), side * side, g, min_block=side * side, max_block=side * side, min_aspect=1.0)
         rows, cols = m.nonzero(as_tuple=True)
         height = int(rows.max() - rows.min()) + 1
         width = int(cols.max() - cols.min()) + 1
         assert (height, width) == (side, side)
         assert bool(m[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].all())
+
+
+@pytest.mark.parametrize("grid,num_masked,min_block", [((14, 14), 98, 16), ((14, 14), 147, 16), ((7, 7), 25, 16),
+                                                        ((7, 7), 37, 16), ((14, 14), 98, 30)])
+def test_block_masks_have_no_block_under_the_minimum(grid, num_masked, min_block):
+    """Every rectangle of a block mask covers at least min_block patches (BEiT's 16 by default), the rectangles
+    together remove exactly num_masked patches, and the mask is their union; 40 draws each."""
+    g = torch.Generator().manual_seed(3)
+    for _ in range(40):
+        rects = M.block_rectangles(grid, num_masked, g, min_block=min_block)
+        assert rects and all(bh * bw >= min_block for _, _, bh, bw in rects)
+        union = torch.zeros(grid, dtype=torch.bool)
+        for top, left, bh, bw in rects:
+            assert 0 <= top and top + bh <= grid[0] and 0 <= left and left + bw <= grid[1]
+            union[top:top + bh, left:left + bw] = True
+        assert int(union.sum()) == num_masked
+
+
+def test_block_mask_default_minimum_is_beits_16_and_refuses_fewer_patches():
+    """The default minimum block is 16 patches (BEiT's scripts); removing fewer patches than one block raises an
+    InputError that names the minimum and the setting to lower."""
+    assert M.BEIT_MIN_BLOCK == 16
+    assert M.block_mask((14, 14), 16, torch.Generator().manual_seed(0)).sum() == 16
+    with pytest.raises(InputError, match="at least 16.*mask_min_block"):
+        M.block_mask((4, 4), 12)
 
 
 def test_block_mask_is_reproducible_with_a_generator():

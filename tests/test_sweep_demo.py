@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -102,8 +103,9 @@ def test_sweep_table_accumulates_rows_run_in_pieces(tmp_path):
 
 
 def test_sweep_partial_grid_tunes_the_last_blocks(tmp_path):
-    """The Figure 9 grid fine-tunes the last 0 / MLP / 1 / 2 / 4 / 6 blocks of one pre-trained encoder, each its own
-    stage (the MLP-only stage clears the preset's trainable_blocks)."""
+    """The Figure 9 grid fine-tunes the last MLP / 1 / 2 / 4 / 6 blocks of one pre-trained encoder, each its own
+    stage (the MLP-only stage clears the preset's trainable_blocks); k = 0 is the linear probe, run by `mae linprobe`
+    into the row's linprobe stage."""
     cfg = load_config(SweepConfig, None, [
         "grids=[partial]", f"output_dir={tmp_path}", "device=cpu",
         f"pretrain_overrides=[{','.join([*TINY_PRETRAIN, 'model.depth=6'])}]",
@@ -112,6 +114,9 @@ def test_sweep_partial_grid_tunes_the_last_blocks(tmp_path):
     assert not row.get("error"), row["error"]
     for k in ("0", "mlp", "1", "2", "4", "6"):
         assert 0 <= float(row[f"partial_{k}_top1"]) <= 100
+    probe = json.loads((Path(row["pretrain_dir"]) / "linprobe" / "summary.json").read_text())
+    assert probe["protocol"].startswith("linear probe") and float(row["partial_0_top1"]) == probe["best_top1"]
+    assert not (Path(row["pretrain_dir"]) / "partial_0").exists()
     assert (tmp_path / "partial.png").is_file()
 
 

@@ -341,3 +341,128 @@ def test_segment_cli_end_to_end(tiny_mae, shapes, tmp_path, capsys):
                  *common])
     assert code == 0
     assert json.loads((tmp_path / "e/eval.json").read_text())["mIoU"] == pytest.approx(summary["mIoU"])
+
+
+# ---------------------------------------------------------------------------------------------------- BEiT-style head
+def test_beit_rule_picks_blocks_3_5_7_11_of_vit_b_and_7_11_15_23_of_vit_l():
+    """BEiT's segmentation blocks (0-based): 3, 5, 7, 11 for 12 blocks and 7, 11, 15, 23 for 24; explicit
+    out_indices win; impossible choices are refused."""
+    from mae.transfer.backbone import default_out_indices
+
+    assert default_out_indices(12, "multiscale", "beit") == (3, 5, 7, 11)
+    assert default_out_indices(24, "multiscale", "beit") == (7, 11, 15, 23)
+    assert default_out_indices(12, "multiscale", "quarters") == (2, 5, 8, 11)
+    assert ViTPyramid(depth=8, embed_dim=32, num_heads=2, img_size=32, out_indices=(0, 2, 5, 7)).out_indices == (
+        0, 2, 5, 7)
+    with pytest.raises(ConfigError, match="4 increasing"):
+        ViTPyramid(depth=8, embed_dim=32, num_heads=2, img_size=32, out_indices=(0, 2, 2, 7))
+    with pytest.raises(ConfigError, match="deconv_norm"):
+        ViTPyramid(depth=4, embed_dim=32, num_heads=2, img_size=32, deconv_norm="gn")
+
+
+def test_beit_style_pyramid_takes_the_named_blocks_raw():
+    """With feature_norm=none the four maps are exactly the outputs of the named blocks (class token dropped),
+    resampled: stride 16 is block 7's output itself, stride 32 its max-pool of block 11's, stride 4 goes through
+    ConvTranspose -> BatchNorm -> GELU -> ConvTranspose; the position table is a trained parameter."""
+    torch.manual_seed(0)
+    backbone = ViTPyramid(img_size=64, patch_size=16, embed_dim=32, depth=12, num_heads=2, feature_blocks="beit",
+                          feature_norm="none", deconv_norm="batchnorm", learnable_pos_embed=True).eval()
+    captured = {}
+    for i in (3, 5, 7, 11):
+        backbone.blocks[i].register_forward_hook(lambda m, inp, out, i=i: captured.__setitem__(i, out))
+    maps = backbone(torch.randn(2, 3, 64, 64))
+
+    def grid(tokens):  # [N, 1+L, D] -> [N, D, 4, 4]
+        return tokens[:, 1:].transpose(1, 2).reshape(2, 32, 4, 4)
+
+    torch.testing.assert_close(maps["2"], grid(captured[7]))
+    torch.testing.assert_close(maps["3"], torch.nn.functional.max_pool2d(grid(captured[11]), 2))
+    torch.testing.assert_close(maps["1"], backbone.resample[1](grid(captured[5])))
+    kinds = [type(m).__name__ for m in backbone.resample[0]]
+    assert kinds == ["ConvTranspose2d", "BatchNorm2d", "GELU", "ConvTranspose2d"]
+    assert len(backbone.out_norms) == 0 and backbone.pos_embed.requires_grad
+    assert backbone.pyramid_options() == {"out_indices": [3, 5, 7, 11], "feature_norm": "none",
+                                          "deconv_norm": "batchnorm", "learnable_pos_embed": True}
+    old = ViTPyramid(img_size=64, patch_size=16, embed_dim=32, depth=12, num_heads=2)
+    assert not old.pos_embed.requires_grad and len(old.out_norms) == 3 and old.out_indices == (2, 5, 8, 11)
+
+
+def test_sliding_window_inference_averages_overlapping_windows(tiny_mae):
+    """On an 80 x 112 image with 48-px windows every 32 px (starts 0, 32 down; 0, 32, 64 across) the logits are
+    the per-pixel mean of the windows' logits, computed here window by window; an image no larger than the window
+    is scored whole."""
+    from mae.transfer.segmentation import slide_logits, window_starts
+
+    _, path = tiny_mae
+    backbone, _ = build_backbone(path, img_size=48, feature_norm="none", deconv_norm="batchnorm")
+    model = Segmenter(backbone, num_classes=5, channels=16, aux_channels=0).eval()
+    assert window_starts(80, 48, 32) == [0, 32] and window_starts(112, 48, 32) == [0, 32, 64]
+    assert window_starts(40, 48, 32) == [0]
+    image = torch.randn(1, 3, 80, 112)
+    total, count = torch.zeros(1, 5, 80, 112), torch.zeros(1, 1, 80, 112)
+    with torch.no_grad():
+        for top in (0, 32):
+            for left in (0, 32, 64):
+                total[..., top:top + 48, left:left + 48] += model(image[..., top:top + 48, left:left + 48])["out"]
+                count[..., top:top + 48, left:left + 48] += 1
+        got = slide_logits(model, image, 5, crop=48, stride=32)
+        torch.testing.assert_close(got, total / count)
+        assert not torch.allclose(got, model(image)["out"], atol=1e-3)
+        small = torch.randn(1, 3, 40, 48)
+        torch.testing.assert_close(slide_logits(model, small, 5, crop=48, stride=32), model(small)["out"])
+
+
+def test_poly_schedule_warms_up_over_1500_steps_then_decays_linearly():
+    """BEiT's schedule: lr = peak * (1 - t/T) after warm-up, times a factor rising linearly from 1e-6 to 1 during
+    the first 1,500 steps; min_lr at the end; the dataclass is callable like the run layer's LRSchedule."""
+    from mae.transfer.segmentation import PolySchedule, poly_lr
+
+    sched = PolySchedule(peak_lr=1e-4, total_steps=16000, warmup_steps=1500)
+    assert sched(0) == pytest.approx(1e-4 * 1e-6)
+    assert sched(750) == pytest.approx(1e-4 * (1 - 750 / 16000) * (1e-6 + (1 - 1e-6) * 0.5))
+    assert sched(1500) == pytest.approx(1e-4 * (1 - 1500 / 16000))
+    assert sched(8000) == pytest.approx(0.5e-4)
+    assert sched(16000) == 0.0 and poly_lr(100, 200, 0, 1.0, power=2.0) == pytest.approx(0.25)
+    lrs = [sched(t) for t in range(0, 16000, 100)]
+    assert lrs.index(max(lrs)) == 15  # the peak is at the end of the warm-up
+
+
+def test_segment_defaults_and_ade20k_presets_are_beit_style():
+    """`mae segment`'s defaults and both ADE20K presets use BEiT's choices (blocks, raw features, BatchNorm
+    deconvolution, learnable positions, poly + 1,500 warm-up iterations, slide 512 / 341, UperNet as wide as the
+    encoder); synthetic_tiny.yaml keeps the earlier head."""
+    from mae.recipes.segment import SegmentConfig
+
+    default = load_config(SegmentConfig, None, ["backbone.checkpoint=x"])
+    for cfg in (default, load_config(SegmentConfig, CONFIGS / "segment/ade20k_vit_base.yaml", ["backbone.checkpoint=x"]),
+                load_config(SegmentConfig, CONFIGS / "segment/ade20k_vit_large.yaml", ["backbone.checkpoint=x"])):
+        b = cfg.backbone
+        assert (b.feature_blocks, b.feature_norm, b.deconv_norm, b.learnable_pos_embed, b.rel_pos_bias) == (
+            "beit", "none", "batchnorm", True, True)
+        assert (cfg.optim.schedule, cfg.optim.warmup_iters, cfg.test.mode, cfg.test.crop, cfg.test.stride) == (
+            "poly", 1500, "slide", 512, 341)
+    assert default.head.channels is None  # = the encoder's width
+    assert load_config(SegmentConfig, CONFIGS / "segment/ade20k_vit_large.yaml",
+                       ["backbone.checkpoint=x"]).head.channels == 1024
+    old = load_config(SegmentConfig, CONFIGS / "segment/synthetic_tiny.yaml", ["backbone.checkpoint=x"])
+    assert (old.backbone.feature_norm, old.backbone.deconv_norm, old.test.mode) == ("layernorm", "layernorm", "whole")
+
+
+def test_segment_beit_head_end_to_end_and_evaluate(tiny_mae, shapes, tmp_path):
+    """The BEiT-style head trains on the synthetic scenes with sliding-window evaluation (48-px windows over 64-px
+    scenes), UperNet as wide as the encoder by default, stores its pyramid choices in the checkpoint, and
+    mode=evaluate rebuilds it to the same mIoU."""
+    from mae.recipes.segment import SegmentConfig, run
+
+    _, ckpt = tiny_mae
+    common = [f"data.path=synthetic:{shapes}", "data.synthetic.num_train=4", "data.synthetic.num_val=2",
+              "data.synthetic.image_size=64", "data.synthetic.max_objects=3", "device=cpu", "precision=fp32",
+              "progress=false", "num_workers=0", "data.eval_scale=null", "test.crop=48", "test.stride=32"]
+    summary = run(load_config(SegmentConfig, CONFIGS / "segment/synthetic_tiny_beit.yaml", [
+        *common, f"backbone.checkpoint={ckpt}", f"output_dir={tmp_path / 'run'}", "epochs=2", "batch_size=2",
+        "eval_every=2", "data.crop_size=64", "data.scale=64", "head.aux_channels=8", "head.channels=null"]))
+    state = torch.load(tmp_path / "run/checkpoint-last.pth", weights_only=True)
+    assert state["task"]["backbone"]["feature_norm"] == "none" and state["task"]["head"]["channels"] == 32
+    scored = run(load_config(SegmentConfig, None, [*common, "mode=evaluate", f"weights={tmp_path / 'run'}",
+                                                   f"output_dir={tmp_path / 'e'}"]))
+    assert scored["mIoU"] == pytest.approx(summary["mIoU"])

@@ -28,6 +28,8 @@ CONFIG_COMMANDS: dict[str, tuple[str, str]] = {
     "knn": ("weighted k-NN classification on frozen features", "mae.recipes.knn.KnnConfig"),
     "evaluate": ("top-1 / top-5, per-class accuracy and confusion matrix of a classifier",
                  "mae.recipes.evaluate.EvaluateConfig"),
+    "corrupt": ("write an ImageNet-C-style folder (<corruption>/<severity>/<class>/) from a validation set",
+                "mae.recipes.corrupt.CorruptConfig"),
     "bench": ("time training steps: images/s, memory, FLOPs, MFU, paper Table 2 ratios",
               "mae.recipes.bench.BenchConfig"),
     "demo": ("pre-train on embedded MNIST, evaluate against baselines, write runs/demo/report.html",

@@ -1,8 +1,8 @@
 """Datasets (built-in embedded sets and image folders), transforms and data loaders.
 
-`build_dataset(spec, split)` takes `builtin:<name>` or a folder; `build_transform(name, ...)` the paper's
-augmentations; `build_loader(...)` a DataLoader whose order is a pure function of (seed, epoch);
-`build_shard_loader("shards:DIR", ...)` the same for tar shards written by ``mae prepare``, resumable mid-epoch.
+`build_dataset(spec, split)` takes `builtin:<name>`, a folder, split files (iNaturalist JSON, Places lists; see
+`mae.data.lists`) or ``shards:DIR`` (tar shards written by ``mae prepare``); `build_transform(name, ...)` the paper's
+augmentations; `build_loader(...)` a loader whose order is a pure function of (seed, epoch), resumable mid-epoch.
 """
 
 from __future__ import annotations
@@ -82,12 +82,18 @@ def _split_folder(root: Path, split: str) -> Path:
 
 
 def has_split_folders(spec: str) -> bool:
-    """True when `spec` brings its own splits: a built-in dataset, shards (their index names the splits), or a folder
-    with a train/ or val/ sub-folder."""
-    if spec.startswith(BUILTIN_PREFIX) or is_shard_spec(spec):
+    """True when `spec` brings its own splits: a built-in dataset, shards (their index names the splits), a folder
+    with a train/ or val/ sub-folder, or with split files (iNaturalist JSON, Places lists)."""
+    if spec.startswith(BUILTIN_PREFIX) or is_shard_spec(spec) or "{split}" in spec:
         return True
     root = Path(spec).expanduser()
-    return any((root / name).is_dir() for names in SPLIT_FOLDERS.values() for name in names)
+    if any((root / name).is_dir() for names in SPLIT_FOLDERS.values() for name in names):
+        return True
+    if not root.is_dir():
+        return False
+    from mae.data.lists import find_split_file
+
+    return any(find_split_file(root, split) is not None for split in SPLIT_FOLDERS)
 
 
 HOLDOUT_SEED = 0
@@ -121,12 +127,16 @@ def build_dataset(spec: str, split: str = "train", transform: Callable | None = 
                   strict: bool = False, require_classes: bool = False, decode: str = "pil") -> Dataset:
     """A dataset of `(image, label)` from `builtin:<name>` or a folder.
 
-    A folder's `train` / `val` sub-folder is used for that split when present, else the whole folder. Inside it,
-    sub-folders that hold images directly are classes (ImageFolder layout); otherwise every image below it is read,
-    recursively, with label -1.
+    A folder's `train` / `val` sub-folder is used for that split when present, else the whole folder. A folder
+    with a split file for ``split`` (iNaturalist's ``train2018.json`` / ``val2018.json``, Places'
+    ``places365_train_standard.txt`` / ``places365_val.txt``, ...: `mae.data.lists.find_split_file`) reads that
+    file; a spec with ``{split}`` in it names the file (``/data/inat/{split}2018.json``). Otherwise sub-folders that
+    hold images directly are classes (ImageFolder layout), or every image below it is read, recursively, with label
+    -1.
 
     Args:
-        spec: 'builtin:mnist5k' | 'builtin:digits' | 'builtin:photos' | a folder path.
+        spec: 'builtin:mnist5k' | 'builtin:digits' | 'builtin:photos' | a folder path | a split file path with
+            '{split}'.
         split: 'train' or 'val'.
         transform: applied to each PIL image (see `build_transform`).
         mode: 'RGB' or 'L'; None keeps a built-in dataset's native mode and reads folders as 'RGB'.
@@ -144,6 +154,11 @@ def build_dataset(spec: str, split: str = "train", transform: Callable | None = 
             hint = f"did you mean '{BUILTIN_PREFIX}{close[0]}'? " if close else ""
             raise DataError(f"unknown built-in dataset '{spec}'; {hint}valid: {', '.join(list_builtin())}")
         return DATASETS[name](split, transform=transform, mode=mode)
+    from mae.data.lists import find_split_file, split_dataset
+
+    if "{split}" in spec:
+        return split_dataset(Path(spec.replace("{split}", split)).expanduser(), transform, mode or "RGB", strict,
+                             decode)
     root = Path(spec).expanduser()
     if not root.exists():
         raise DataError(f"data path '{spec}' does not exist; give an image folder or one of {', '.join(list_builtin())}")
@@ -151,6 +166,9 @@ def build_dataset(spec: str, split: str = "train", transform: Callable | None = 
         raise DataError(f"data path '{spec}' is a file, not a folder; give the folder that holds the images")
     root = _split_folder(root, split)
     mode = mode or "RGB"
+    split_file = find_split_file(root, split)
+    if split_file is not None:
+        return split_dataset(split_file, transform, mode, strict, decode)
     with os.scandir(root) as it:
         folders = [Path(e.path) for e in it if e.is_dir() and not e.name.startswith(".")]
     has_classes = any(_has_direct_images(f) for f in folders)

@@ -7,10 +7,12 @@ replicating the channel; RGB images become grey by ITU-R 601-2 luma.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.v2 import functional as TF
 
 from mae.errors import ConfigError
 
@@ -82,9 +84,10 @@ def build_transform(name: str, img_size: int, in_chans: int, mean: Sequence[floa
 
 
 def default_crop_pct(img_size: int) -> float:
-    """The paper's 0.875 for images above 32 px; 1.0 (resize only) for tiny ones, where cutting the border would
-    lose a large part of the digit or object."""
-    return FIXED_CROP_PCT if img_size > 32 else 1.0
+    """The evaluation crop fraction for `img_size`: 0.875 (224 / 256) from 33 to 224 px, as the reference release;
+    1.0 above 224 px (the release resizes to the input size itself, e.g. 448, and crops all of it); 1.0 up to 32 px,
+    where cutting the border would lose a large part of a digit or object."""
+    return FIXED_CROP_PCT if 32 < img_size <= 224 else 1.0
 
 
 def eval_preprocessing(img_size: int, in_chans: int, crop_pct: float | None = None,
@@ -103,9 +106,64 @@ def build_eval_transform(img_size: int, in_chans: int, crop_pct: float | None = 
                          mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> Callable:
     """Evaluation transform: resize the shorter side to img_size / crop_pct (bicubic), then centre crop img_size.
 
-    crop_pct=None picks `default_crop_pct` (0.875 above 32 px, 1.0 for tiny images).
+    crop_pct=None picks `default_crop_pct`: the reference release's 0.875 up to 224 px (resize 256, crop 224) and 1.0
+    above (resize 448, crop 448), and 1.0 for tiny images.
     """
     if crop_pct is None:
         crop_pct = default_crop_pct(img_size)
     geometry = [v2.Resize(resize_size(img_size, crop_pct), interpolation=BICUBIC), v2.CenterCrop(img_size)]
     return v2.Compose(geometry + _finish(in_chans, mean, std))
+
+
+PROBE_SCALE = (0.08, 1.0)
+PROBE_RATIO = (3 / 4, 4 / 3)
+
+
+class SingleDrawResizedCrop:
+    """Random-resized crop drawn once, without torchvision's retry loop: the TF / TPU crop the reference release's
+    linear probe uses (after BYOL's TF code).
+
+    One area fraction uniform in ``scale`` and one log-uniform aspect ratio in ``ratio`` give the crop's width and
+    height (rounded), each clamped to the image; the corner is uniform over the positions where the crop fits. The
+    crop is resized to ``size`` x ``size`` (bicubic). torchvision's `RandomResizedCrop` instead redraws up to 10 times
+    until the crop fits, then falls back to a centre crop, so the two differ on crops that overflow the image.
+    """
+
+    def __init__(self, size: int, scale: Sequence[float] = PROBE_SCALE, ratio: Sequence[float] = PROBE_RATIO,
+                 interpolation: InterpolationMode = BICUBIC):
+        if not 0 < scale[0] <= scale[1] or not 0 < ratio[0] <= ratio[1]:
+            raise ConfigError(f"crop scale {list(scale)} and ratio {list(ratio)} must be increasing and positive")
+        self.size, self.scale, self.ratio, self.interpolation = size, tuple(scale), tuple(ratio), interpolation
+
+    @staticmethod
+    def params(height: int, width: int, scale: Sequence[float], ratio: Sequence[float]) -> tuple[int, int, int, int]:
+        """``(top, left, crop height, crop width)`` from exactly four draws of torch's global RNG (area, aspect,
+        top, left), whatever the image."""
+        u = torch.rand(2)  # area fraction, log-aspect position
+        target_area = height * width * (scale[0] + (scale[1] - scale[0]) * float(u[0]))
+        log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+        aspect = math.exp(log_lo + (log_hi - log_lo) * float(u[1]))
+        w = min(round(math.sqrt(target_area * aspect)), width)
+        h = min(round(math.sqrt(target_area / aspect)), height)
+        top = int(torch.randint(0, height - h + 1, ()))
+        left = int(torch.randint(0, width - w + 1, ()))
+        return top, left, h, w
+
+    def __call__(self, image):
+        height, width = TF.get_size(image)
+        top, left, h, w = self.params(height, width, self.scale, self.ratio)
+        return TF.resized_crop(image, top, left, h, w, [self.size, self.size], interpolation=self.interpolation,
+                               antialias=True)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio})"
+
+
+def build_probe_transform(img_size: int, in_chans: int, scale: Sequence[float] = PROBE_SCALE, hflip: float = 0.5,
+                          mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> Callable:
+    """The linear probe's training augmentation, as the reference release: `SingleDrawResizedCrop` (bicubic, no
+    retry loop) + horizontal flip, then normalisation."""
+    steps: list[Callable] = [SingleDrawResizedCrop(img_size, scale)]
+    if hflip > 0:
+        steps.append(v2.RandomHorizontalFlip(p=hflip))
+    return v2.Compose(steps + _finish(in_chans, mean, std))

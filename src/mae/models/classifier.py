@@ -173,7 +173,8 @@ def trainable_prefixes(depth: int, trainable_blocks: int | None = None, mlp_only
     """Module names that train under a protocol; None means everything trains.
 
     - full fine-tuning: None
-    - ``trainable_blocks=k`` (paper section 4.3): the last k blocks + final norm / fc_norm + head; k=0 is the head only
+    - ``trainable_blocks=k`` (paper section 4.3): the last k blocks + final norm / fc_norm + head (k=0, the head only,
+      is what `mae linprobe` trains; the fine-tuning recipe refuses it)
       (linear probing)
     - ``mlp_only``: the MLP sub-block of the last block (its norm2, mlp, layer scale, drop path) + norms + head
     - ``head_only``: the head only (linear probing)

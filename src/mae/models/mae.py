@@ -43,6 +43,7 @@ class MAEConfig:
     target: str = "pixel"  # pixel | norm_pixel | pca | hog | any registered target
     norm_pix_loss: bool = False  # the reference's switch; True turns target "pixel" into "norm_pixel"
     mask_strategy: str = "random"  # random | block | grid
+    mask_min_block: int = masking_lib.BEIT_MIN_BLOCK  # block strategy: fewest patches per block (BEiT: 16)
     mask_ratio: float = 0.75  # used when forward() gets no ratio
     mask_in_encoder: bool = False  # ablation (Table 1c): mask tokens go through the encoder
     pca_components: int = 96
@@ -94,6 +95,8 @@ class MAEConfig:
                               f"(valid: {', '.join(masking_lib.MASK_STRATEGIES)})")
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ConfigError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        if self.mask_min_block < 1:
+            raise ConfigError(f"mask_min_block must be at least 1 patch, got {self.mask_min_block}")
         if self.target not in target_names():
             build_target(self.target, self.patch_size, self.in_chans)  # raises with a suggestion
         if self.depth < 1 or self.decoder_depth < 0:
@@ -237,7 +240,8 @@ class MaskedAutoencoderViT(nn.Module):
             return masking_lib.masking_from_mask(mask.to(device), noise)
         strategy = self.config.mask_strategy
         if strategy == "block":
-            return masking_lib.block_masking(n, self.grid_size, mask_ratio, device)
+            return masking_lib.block_masking(n, self.grid_size, mask_ratio, device,
+                                             min_block=self.config.mask_min_block)
         return masking_lib.grid_masking(n, self.grid_size, device)
 
     def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:

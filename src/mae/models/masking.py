@@ -77,26 +77,56 @@ def random_masking(
     return masking_from_noise(noise, num_kept(length, mask_ratio))
 
 
-def block_mask(
+BEIT_MIN_BLOCK = 16
+"""Fewest patches a block covers in BEiT's pre-training scripts (``min_mask_patches_per_block``), the default of the
+block strategy (the paper's Table 1f row); blocks on grids much smaller than 14 x 14 may want a smaller one."""
+RESTARTS = 50
+"""Fresh draws of a whole mask before `block_rectangles` gives up (a draw can corner itself: 24 of 25 patches
+removed with no rectangle of 16 that adds exactly one more)."""
+
+
+def block_rectangles(
     grid: tuple[int, int],
     num_masked: int,
     generator: torch.Generator | None = None,
-    min_area: int = 4,
-    max_area: int | None = None,
+    min_block: int = BEIT_MIN_BLOCK,
+    max_block: int | None = None,
     min_aspect: float = 0.3,
-) -> torch.Tensor:
-    """One BEiT-style block mask [h, w] (bool, True = removed) with exactly ``num_masked`` patches removed.
+) -> list[tuple[int, int, int, int]]:
+    """The rectangles ``(top, left, height, width)`` of one BEiT-style block mask that removes exactly
+    ``num_masked`` patches of an h x w grid; every rectangle covers at least ``min_block`` patches.
 
-    Rectangles of random area and log-uniform aspect ratio are added until the target is reached; a
-    rectangle that would overshoot is redrawn smaller, so the count is exact and every block is a rectangle.
+    Each block draws an area uniform in [min_block, max(min_block, min(max_block, still to remove))] and a
+    log-uniform aspect ratio in [min_aspect, 1 / min_aspect] (BEiT's sampling); a draw is kept when it removes
+    between 1 and the number still to remove (blocks may overlap earlier ones, which is how the last ones land the
+    count exactly). After 100 failed draws in a row the block is picked uniformly among every rectangle of at least
+    ``min_block`` patches that fits the remaining count; a draw that corners itself (no such rectangle) starts over,
+    so the count is always exact.
     """
     h, w = grid
     if not 0 <= num_masked <= h * w:
         raise InputError(f"cannot remove {num_masked} of {h * w} patches")
-    max_area = max_area or num_masked
+    if min_block < 1:
+        raise InputError(f"min_block must be at least 1 patch, got {min_block}")
+    if num_masked and (num_masked < min_block or min_block > h * w):
+        raise InputError(f"block masking cannot remove {num_masked} of {h * w} patches in blocks of at least "
+                         f"{min_block}; lower the minimum block (mask_min_block) or raise the mask ratio")
+    for _ in range(RESTARTS):
+        rects = _draw_blocks(grid, num_masked, generator, min_block, max_block or num_masked, min_aspect)
+        if rects is not None:
+            return rects
+    raise InputError(f"block masking found no way to remove exactly {num_masked} of {h * w} patches in blocks of at "
+                     f"least {min_block} after {RESTARTS} tries; lower the minimum block (mask_min_block)")
+
+
+def _draw_blocks(grid: tuple[int, int], num_masked: int, generator: torch.Generator | None, min_block: int,
+                 max_block: int, min_aspect: float) -> list[tuple[int, int, int, int]] | None:
+    """One attempt of `block_rectangles`; None when the blocks drawn so far leave no rectangle that fits."""
+    h, w = grid
     log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
     mask = torch.zeros(h, w, dtype=torch.bool)
-    count = 0
+    rects: list[tuple[int, int, int, int]] = []
+    count, failures = 0, 0
 
     def uniform(lo: float, hi: float) -> float:
         return lo + (hi - lo) * torch.rand((), generator=generator).item()
@@ -104,32 +134,75 @@ def block_mask(
     def randint(hi: int) -> int:
         return int(torch.randint(hi, (), generator=generator).item())
 
-    attempts = 0
     while count < num_masked:
         remaining = num_masked - count
-        attempts += 1
-        lo_area = min(min_area, remaining) if attempts < 100 else 1  # shrink blocks if stuck near the end
-        area = uniform(lo_area, max(lo_area, min(max_area, remaining)))
-        aspect = math.exp(uniform(*log_aspect))
-        bh = max(1, min(h, int(round(math.sqrt(area * aspect)))))
-        bw = max(1, min(w, int(round(math.sqrt(area / aspect)))))
-        top, left = randint(h - bh + 1), randint(w - bw + 1)
-        new = (~mask[top : top + bh, left : left + bw]).sum().item()
-        if 0 < new <= remaining:
-            mask[top : top + bh, left : left + bw] = True
-            count += new
-            attempts = 0
+        rect = None
+        if failures < 100:
+            area = uniform(min_block, max(min_block, min(max_block, remaining)))
+            aspect = math.exp(uniform(*log_aspect))
+            bh, bw = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if min_block <= bh * bw and 1 <= bh <= h and 1 <= bw <= w:
+                top, left = randint(h - bh + 1), randint(w - bw + 1)
+                new = int((~mask[top:top + bh, left:left + bw]).sum())
+                if 0 < new <= remaining:
+                    rect = (top, left, bh, bw)
+            failures = 0 if rect is not None else failures + 1
+        else:
+            rect = _any_fitting_rectangle(mask, remaining, min_block, generator)
+            failures = 0
+            if rect is None:
+                return None
+        if rect is not None:
+            top, left, bh, bw = rect
+            count += int((~mask[top:top + bh, left:left + bw]).sum())
+            mask[top:top + bh, left:left + bw] = True
+            rects.append(rect)
+    return rects
+
+
+def _any_fitting_rectangle(mask: torch.Tensor, remaining: int, min_block: int,
+                           generator: torch.Generator | None) -> tuple[int, int, int, int] | None:
+    """A rectangle of at least ``min_block`` cells holding between 1 and ``remaining`` unmasked cells, uniform over
+    all such rectangles (counted with an integral image), or None when there is none."""
+    h, w = mask.shape
+    free = torch.zeros(h + 1, w + 1, dtype=torch.long)
+    free[1:, 1:] = (~mask).long().cumsum(0).cumsum(1)  # free[i, j] = unmasked cells in [0, i) x [0, j)
+    candidates = []
+    for bh in range(1, h + 1):
+        for bw in range(max(1, -(-min_block // bh)), w + 1):
+            new = free[bh:, bw:] - free[:-bh, bw:] - free[bh:, :-bw] + free[:-bh, :-bw]  # [h-bh+1, w-bw+1]
+            tops, lefts = ((new > 0) & (new <= remaining)).nonzero(as_tuple=True)
+            candidates += [(int(t), int(left), bh, bw) for t, left in zip(tops, lefts)]
+    if not candidates:
+        return None
+    return candidates[int(torch.randint(len(candidates), (), generator=generator).item())]
+
+
+def block_mask(
+    grid: tuple[int, int],
+    num_masked: int,
+    generator: torch.Generator | None = None,
+    min_block: int = BEIT_MIN_BLOCK,
+    max_block: int | None = None,
+    min_aspect: float = 0.3,
+) -> torch.Tensor:
+    """One BEiT-style block mask [h, w] (bool, True = removed) with exactly ``num_masked`` patches removed, built from
+    rectangles of at least ``min_block`` patches each (see `block_rectangles`)."""
+    mask = torch.zeros(grid, dtype=torch.bool)
+    for top, left, bh, bw in block_rectangles(grid, num_masked, generator, min_block, max_block, min_aspect):
+        mask[top:top + bh, left:left + bw] = True
     return mask
 
 
 def block_masking(
     n: int, grid: tuple[int, int], mask_ratio: float, device: torch.device | str = "cpu",
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, min_block: int = BEIT_MIN_BLOCK,
 ) -> Masking:
-    """Block-wise masking (BEiT): each sample removes ``L - int(L * (1 - r))`` patches in rectangles."""
+    """Block-wise masking (BEiT): each sample removes ``L - int(L * (1 - r))`` patches in rectangles of at least
+    ``min_block`` patches."""
     length = grid[0] * grid[1]
     num_masked = length - num_kept(length, mask_ratio)
-    masks = torch.stack([block_mask(grid, num_masked, generator).flatten() for _ in range(n)])  # [N, L]
+    masks = torch.stack([block_mask(grid, num_masked, generator, min_block).flatten() for _ in range(n)])  # [N, L]
     return masking_from_mask(masks.to(device))
 
 

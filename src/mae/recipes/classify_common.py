@@ -77,7 +77,8 @@ class ClassifyData:
     mean: list[float] | None = field(default=None, metadata={"help": "normalisation mean (default: ImageNet / 0.5)"})
     std: list[float] | None = None
     crop_pct: float | None = field(default=None, metadata={
-        "help": "evaluation: resize to img_size / crop_pct, centre crop (default 0.875; 1.0 for images <= 32 px)"})
+        "help": "evaluation: resize to img_size / crop_pct, centre crop (default 0.875 up to 224 px, 1.0 above 224 px "
+                "and for images <= 32 px)"})
     strict: bool = field(default=False, metadata={"help": "fail on a corrupt image instead of skipping it"})
     train_limit: int | None = field(default=None, metadata={"help": "use only this many training images (smoke runs)"})
     val_limit: int | None = field(default=None, metadata={"help": "use only this many validation images"})

@@ -38,6 +38,8 @@ class ModelSection:
     target: str | None = field(default=None, metadata={"help": "pixel | norm_pixel | pca | hog"})
     norm_pix_loss: bool | None = field(default=None, metadata={"help": "reference switch for target=norm_pixel"})
     mask_strategy: str | None = field(default=None, metadata={"help": "random | block | grid"})
+    mask_min_block: int | None = field(default=None, metadata={
+        "help": "block masking: fewest patches per block (BEiT: 16)"})
     mask_ratio: float | None = field(default=None, metadata={"help": "fraction of patches removed (paper: 0.75)"})
     mask_in_encoder: bool | None = field(default=None, metadata={"help": "ablation: mask tokens in the encoder"})
     pca_components: int | None = None

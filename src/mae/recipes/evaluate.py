@@ -9,17 +9,28 @@ A class-subset mapping (``class_map=FILE``) evaluates on a dataset whose classes
 the 200-class ImageNet-R / ImageNet-A folders against a 1000-class model): the logits are restricted to the mapped
 classes. The file has one line per dataset class, either ``<model class>`` (lines in the sorted order of the
 dataset's class folders) or ``<folder name> <model class>``; a model class is an index or a class name stored with
-the checkpoint. Blank lines and ``#`` comments are ignored.
+the checkpoint. Blank lines and ``#`` comments are ignored. ``class_map=imagenet-a`` and ``class_map=imagenet-r``
+name the lists shipped with the package (`CLASS_LISTS`: the WordNet ids of the 200 classes each covers and their
+ImageNet-1K indices, as published with the datasets); with them the dataset must hold exactly those 200 class
+folders, as the benchmarks do, so the logits are restricted to the same 200 classes as in the published protocol.
+
+``protocol=imagenet-c`` scores an ImageNet-C tree (``data.path/<corruption>/<severity>/<class>/...``, e.g. one made
+by `mae corrupt`): top-1 error per corruption and severity, the Corruption Errors normalised by AlexNet's and their
+mean, the mCE of the paper's Table 13 (`mae.eval.imagenet_c`); with ``clean_data`` (or a ``clean/`` folder next to
+the corruptions) also the clean error and the clean-vs-corrupted gap. Writes ``imagenet_c.csv``, ``imagenet_c.md``,
+``metrics.jsonl`` and ``summary.json``.
 """
 
 from __future__ import annotations
 
 import csv
-import json
+import dataclasses
+import io
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +38,7 @@ import torch
 
 from mae.config import save_config
 from mae.errors import ConfigError, DataError
+from mae.files import atomic_write_path, write_json, write_text
 from mae.recipes.classify_common import (
     ClassifyData,
     eval_loader,
@@ -45,6 +57,9 @@ log = logging.getLogger("mae")
 
 CLI_FLAGS = {"--data": "data.path", "--output-dir": "output_dir", "--checkpoint": "checkpoint",
              "--class-map": "class_map", "--precision": "precision", "--device": "device"}
+PROTOCOLS = ("top1", "imagenet-c")
+CLASS_LISTS = {"imagenet-a": "imagenet_a.txt", "imagenet-r": "imagenet_r.txt"}
+"""Class maps shipped in ``mae/data/class_lists/``, accepted by name as ``class_map=imagenet-a`` / ``imagenet-r``."""
 
 
 @dataclass
@@ -54,10 +69,17 @@ class EvaluateConfig:
     checkpoint: str | None = field(default=None, metadata={
         "help": "a finetune / linprobe run directory or checkpoint, an exported timm file, a transformers "
                 "ViTForImageClassification directory, or a timm / reference fine-tuned state_dict (required)"})
-    data: ClassifyData = field(default_factory=ClassifyData)
+    data: ClassifyData = field(default_factory=lambda: ClassifyData(val_fraction=0.0), metadata={
+        "help": "the images to score; a folder without val/ is scored whole (data.val_fraction=0)"})
+    protocol: str = field(default="top1", metadata={
+        "help": "top1 (one labelled folder) | imagenet-c (data.path holds <corruption>/<severity>/<class>/: mCE)"})
+    clean_data: str | None = field(default=None, metadata={
+        "help": "imagenet-c: the clean validation folder, for the clean-vs-corrupted gap (default: data.path/clean "
+                "when present)"})
     split: str = field(default="val", metadata={"help": "train | val (a folder's val/ sub-folder, else the folder)"})
     class_map: str | None = field(default=None, metadata={
-        "help": "file mapping each dataset class to a model class (index or name), one line per class"})
+        "help": "imagenet-a | imagenet-r (the shipped 200-class lists) or a file mapping each dataset class to a "
+                "model class (index or name), one line per class"})
     img_size: int | None = field(default=None, metadata={"help": "evaluate at another resolution (bicubic pos. table)"})
     use_ema: bool | None = field(default=None, metadata={
         "help": "use the run's EMA weights (default: when they scored best)"})
@@ -71,6 +93,12 @@ class EvaluateConfig:
     def validate(self) -> None:
         if not self.checkpoint:
             raise ConfigError("evaluate needs checkpoint=<run directory or classifier checkpoint> (or --checkpoint)")
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"protocol '{self.protocol}' is not one of {', '.join(PROTOCOLS)}")
+        if self.class_map is not None and not Path(self.class_map).expanduser().exists() \
+                and _named_list(self.class_map) is None:
+            raise ConfigError(f"class_map '{self.class_map}' is neither a file nor a shipped list "
+                              f"({', '.join(CLASS_LISTS)})")
         if self.split not in ("train", "val"):
             raise ConfigError(f"split '{self.split}' is not one of train, val")
         if self.batch_size < 1:
@@ -78,10 +106,26 @@ class EvaluateConfig:
         require_precision(self.precision)
 
 
+def _named_list(name: str | Path) -> str | None:
+    """The shipped list's key for ``imagenet-a`` / ``imagenet_r`` / ``ImageNet-R`` (any case, - or _), else None."""
+    key = str(name).strip().lower().replace("_", "-")
+    return key if key in CLASS_LISTS else None
+
+
+def class_list_path(name: str) -> Path:
+    """The file of a shipped class list (`CLASS_LISTS`), inside the installed package."""
+    key = _named_list(name)
+    if key is None:
+        raise ConfigError(f"no shipped class list '{name}'; valid: {', '.join(CLASS_LISTS)}")
+    return Path(str(resources.files("mae.data").joinpath("class_lists", CLASS_LISTS[key])))
+
+
 def read_class_map(path: str | Path, dataset_classes: Sequence[str], model_classes: Sequence[str] | None,
                    num_model_classes: int) -> torch.Tensor:
-    """Model class index of each dataset class, from a class-map file (see the module docstring)."""
-    path = Path(path)
+    """Model class index of each dataset class, from a class-map file or a shipped list's name (see the module
+    docstring)."""
+    named = _named_list(path) if not Path(path).expanduser().exists() else None
+    path = class_list_path(named) if named else Path(path).expanduser()
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as e:
@@ -92,6 +136,13 @@ def read_class_map(path: str | Path, dataset_classes: Sequence[str], model_class
         bad = next(r for r in rows if len(r) > 2)
         raise DataError(f"class map '{path}': line '{' '.join(bad)}' has more than two fields; write "
                         f"'<model class>' or '<folder name> <model class>' per line")
+    if named and sorted(dataset_classes) != sorted(r[0] for r in rows):
+        listed = {r[0] for r in rows}
+        missing, extra = sorted(listed - set(dataset_classes)), sorted(set(dataset_classes) - listed)
+        raise DataError(f"class_map={named} covers {len(listed)} classes but the dataset has {len(dataset_classes)} "
+                        f"class folders ({len(missing)} listed ones missing, e.g. {missing[:2]}; {len(extra)} not "
+                        f"listed, e.g. {extra[:2]}); give the {named} folder with its {len(listed)} WordNet-id "
+                        f"folders, or a class_map file for a subset")
     if rows and all(len(r) == 2 for r in rows):
         by_folder = {folder: target for folder, target in rows}
         missing = [c for c in dataset_classes if c not in by_folder]
@@ -165,23 +216,20 @@ def save_confusion_png(confusion: torch.Tensor, class_names: Sequence[str], path
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(title)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return atomic_write_path(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
 
 
 def write_per_class_csv(confusion: torch.Tensor, class_names: Sequence[str], model_index: Sequence[int],
                         path: Path) -> Path:
     """One row per dataset class: its name, model class index, images, correct (top-1) and accuracy in percent."""
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["class", "model_class", "images", "correct", "top1"])
-        for i, name in enumerate(class_names):
-            total = int(confusion[i].sum())
-            correct = int(confusion[i, i])
-            writer.writerow([name, int(model_index[i]), total, correct,
-                             f"{100.0 * correct / total:.2f}" if total else ""])
-    return path
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(["class", "model_class", "images", "correct", "top1"])
+    for i, name in enumerate(class_names):
+        total = int(confusion[i].sum())
+        correct = int(confusion[i, i])
+        writer.writerow([name, int(model_index[i]), total, correct, f"{100.0 * correct / total:.2f}" if total else ""])
+    return write_text(path, buffer.getvalue())
 
 
 def run(cfg: EvaluateConfig) -> dict:
@@ -190,6 +238,8 @@ def run(cfg: EvaluateConfig) -> dict:
 
 
 def _run(cfg: EvaluateConfig, dist: DistInfo) -> dict[str, Any]:
+    if cfg.protocol == "imagenet-c":
+        return _run_imagenet_c(cfg, dist)
     device = dist.device
     precision = resolve_precision(cfg.precision, device)
     out = prepare_output_dir(cfg.output_dir)
@@ -221,7 +271,73 @@ def _run(cfg: EvaluateConfig, dist: DistInfo) -> dict[str, Any]:
         with MetricsLogger(out, tensorboard=False) as logger:
             logger.log({"epoch": 0, "step": 0, "top1": result.top1, "top5": result.top5, "loss": result.loss,
                         "images": result.count})
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(out / "summary.json", summary)
     log.info("top-1 %.2f%%, top-5 %.2f%% on %d images (%d classes)", result.top1, result.top5, result.count,
              len(classes))
+    return summary
+
+
+def _run_imagenet_c(cfg: EvaluateConfig, dist: DistInfo) -> dict[str, Any]:
+    """Score every ``<corruption>/<severity>`` folder of ``data.path`` (and the clean set), then CE / mCE."""
+    from mae.eval.imagenet_c import (
+        corruption_folders,
+        corruption_report,
+        report_csv,
+        report_markdown,
+        summary_fields,
+    )
+
+    device = dist.device
+    precision = resolve_precision(cfg.precision, device)
+    out = prepare_output_dir(cfg.output_dir)
+    t0 = time.perf_counter()
+    folders = corruption_folders(cfg.data.path)
+    model, ccfg, names = load_classifier(cfg.checkpoint, img_size=cfg.img_size, use_ema=cfg.use_ema,
+                                         model_name=cfg.model_name)
+    model.to(device)
+    tf = eval_transform(cfg.data, square_side(ccfg), ccfg.in_chans)
+    index, reference_classes = None, None
+
+    def top1_error(folder: Path | str, what: str) -> tuple[float, int]:
+        nonlocal index, reference_classes
+        data = dataclasses.replace(cfg.data, path=str(folder))
+        dataset, classes = labelled_dataset(data, "val", tf, ccfg.in_chans, cfg.data.val_limit)
+        if reference_classes is None:
+            reference_classes = classes
+            index = class_index_for(classes, names, ccfg.num_classes, cfg.class_map)
+        elif classes != reference_classes:
+            raise DataError(f"'{folder}' ({what}) has other class folders than '{first}' ({len(classes)} vs "
+                            f"{len(reference_classes)}); every corruption and severity needs the same classes")
+        result = evaluate(model, eval_loader(dataset, cfg.batch_size, cfg.data.num_workers, dist), device, precision,
+                          class_index=index)
+        log.info("%s: top-1 %.2f%% on %d images", what, result.top1, result.count)
+        return 100.0 - result.top1, result.count
+
+    first = next(iter(next(iter(folders.values())).values()))
+    errors: dict[str, dict[int, float]] = {}
+    images: dict[str, dict[int, int]] = {}
+    for name, by_severity in folders.items():
+        for severity, folder in by_severity.items():
+            error, count = top1_error(folder, f"{name} severity {severity}")
+            errors.setdefault(name, {})[severity] = error
+            images.setdefault(name, {})[severity] = count
+    clean = cfg.clean_data or (str(Path(cfg.data.path) / "clean") if (Path(cfg.data.path) / "clean").is_dir()
+                               else None)
+    clean_error = top1_error(clean, "clean")[0] if clean else None
+    report = corruption_report(errors, clean_error, images)
+    summary: dict[str, Any] = {
+        "protocol": "imagenet-c", **summary_fields(report), "clean_data": clean,
+        "images": sum(sum(v.values()) for v in images.values()), "classes": len(reference_classes or []),
+        "checkpoint": str(cfg.checkpoint), "seconds": time.perf_counter() - t0, "output_dir": str(out)}
+    if dist.is_main:
+        save_config(cfg, out / "config.yaml")
+        summary["csv"] = str(write_text(out / "imagenet_c.csv", report_csv(report)))
+        summary["markdown"] = str(write_text(out / "imagenet_c.md", report_markdown(
+            report, f"ImageNet-C: {Path(str(cfg.checkpoint)).name}")))
+        with MetricsLogger(out, tensorboard=False) as logger:
+            logger.log({"epoch": 0, "step": 0, "mCE": report.mce, "mean_corrupted_error": report.mean_error,
+                        **({"clean_error": clean_error} if clean_error is not None else {})})
+        write_json(out / "summary.json", summary)
+    log.info("ImageNet-C: mCE %.2f over %d corruption(s)%s", report.mce, len(report.ce),
+             "" if report.complete else " (a subset: not comparable with published values)")
     return summary

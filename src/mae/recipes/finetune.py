@@ -5,9 +5,10 @@ One recipe, three protocols of the paper:
 - end-to-end fine-tuning (Table 9): AdamW, layer-wise lr decay (scale ``decay ** (depth + 1 - layer_id)``), drop
   path, RandAugment, mixup / cutmix, label smoothing, random erasing, per-iteration warm-up + cosine, global
   average pooling + fc_norm, head init std 2e-5; top-1 / top-5 every epoch, best and last checkpoints;
-- partial fine-tuning (section 4.3): ``trainable_blocks=k`` trains the last k blocks (+ norms + head; k=0 is the
-  linear probe's BatchNorm + Linear head on a frozen encoder), ``mlp_only=true`` the last block's MLP sub-block;
-  frozen parts stay in eval mode;
+- partial fine-tuning (section 4.3): ``trainable_blocks=k`` (k >= 1) trains the last k blocks (+ norms + head),
+  ``mlp_only=true`` the last block's MLP sub-block; frozen parts stay in eval mode. Figure 9's k = 0 is the linear
+  probe protocol (class token, BatchNorm, LARS, no mixup), which is `mae linprobe`: ``trainable_blocks=0`` is
+  refused with a pointer to it;
 - supervised training from scratch (Table 11): ``init=scratch model.name=<architecture>``, weight decay 0.3, EMA.
 """
 
@@ -53,7 +54,7 @@ EXPORTS = ("timm", "hf")
 
 @dataclass
 class FinetuneAugment:
-    """Training augmentation and label regularisation (paper Table 9; off for a linear-probe-like k=0 run)."""
+    """Training augmentation and label regularisation (paper Table 9)."""
 
     rand_augment: str | None = field(default="rand-m9-mstd0.5-inc1", metadata={
         "help": "timm RandAugment spec (paper: RandAug(9, 0.5)); null turns it off"})
@@ -123,7 +124,7 @@ class FinetuneConfig(TrainFields):
         "help": "pre-trained weights: a run directory or any checkpoint the library reads (mae, reference, HF, timm)"})
     init: str = field(default="pretrained", metadata={"help": "pretrained | scratch (random init, Table 11)"})
     trainable_blocks: int | None = field(default=None, metadata={
-        "help": "partial fine-tuning: train only the last k blocks (0 = linear probe head); null = all"})
+        "help": "partial fine-tuning: train only the last k >= 1 blocks (k = 0 is `mae linprobe`); null = all"})
     mlp_only: bool = field(default=False, metadata={"help": "partial fine-tuning: only the last block's MLP"})
     ema: bool = field(default=False, metadata={"help": "keep an EMA of the weights and evaluate it too"})
     ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay per update (paper Table 11: 0.9999)"})
@@ -136,8 +137,11 @@ class FinetuneConfig(TrainFields):
     def validate(self) -> None:
         super().validate()
         check_init(self.init, self.checkpoint, self.model.name)
+        if self.trainable_blocks == 0:
+            raise ConfigError("trainable_blocks=0 is the linear probe (paper Figure 9: class token, BatchNorm, LARS, "
+                              "no mixup); run `mae linprobe` with the same checkpoint instead")
         if self.trainable_blocks is not None and self.trainable_blocks < 0:
-            raise ConfigError(f"trainable_blocks must be >= 0 (or null for all), got {self.trainable_blocks}")
+            raise ConfigError(f"trainable_blocks must be >= 1 (or null for all), got {self.trainable_blocks}")
         if self.mlp_only and self.trainable_blocks is not None:
             raise ConfigError("set either trainable_blocks or mlp_only=true, not both")
         if self.aug.mixes and self.batch_size % 2:
@@ -161,13 +165,11 @@ def build_train_transform(cfg: FinetuneConfig, img_size: int, mean, std):
 
 def build_finetune_model(source: EncoderSource, cfg: FinetuneConfig, num_classes: int
                          ) -> tuple[torch.nn.Module, ClassifierConfig, PartiallyFrozen]:
-    """The classifier of a fine-tuning run with the encoder loaded, and its `PartiallyFrozen` wrapper (the module
-    to train). ``trainable_blocks=0`` gets the linear probe's BatchNorm + Linear head (std 0.01): it *is* the probe."""
-    probe_head = cfg.trainable_blocks == 0
+    """The classifier of a fine-tuning run with the encoder loaded (head init std 2e-5), and its `PartiallyFrozen`
+    wrapper (the module to train)."""
     model, ccfg = build_from_source(
-        source, head_init_std=0.01 if probe_head else 2e-5, img_size=cfg.model.img_size, num_classes=num_classes,
-        global_pool=cfg.model.global_pool, drop_path_rate=cfg.model.drop_path,
-        head="bn_linear" if probe_head else "linear")
+        source, head_init_std=2e-5, img_size=cfg.model.img_size, num_classes=num_classes,
+        global_pool=cfg.model.global_pool, drop_path_rate=cfg.model.drop_path, head="linear")
     wrapper = PartiallyFrozen(model, trainable_prefixes(ccfg.depth, cfg.trainable_blocks, cfg.mlp_only))
     return model, ccfg, wrapper
 

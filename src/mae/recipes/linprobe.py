@@ -2,7 +2,8 @@
 
 Paper Table 10: a frozen encoder (kept in eval mode), its class-token feature (or the mean of its patch tokens,
 ``model.global_pool=avg``), ``BatchNorm1d(affine=False, eps=1e-6)`` + Linear (init std 0.01), LARS (base lr 0.1,
-no weight decay, momentum 0.9), per-iteration warm-up + cosine, RandomResizedCrop + flip. With ``aug.augment=none``
+no weight decay, momentum 0.9), per-iteration warm-up + cosine, random-resized crop + flip (the release's TF-style
+crop: one draw, clamped to the image, no retry loop). With ``aug.augment=none``
 the features are extracted once (encoder in eval mode over the train and val sets, kept in memory) and the head
 trains on them: the same probe, orders of magnitude faster.
 """
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from mae.config import to_dict
 from mae.data import build_loader
+from mae.data.transforms import build_probe_transform
 from mae.errors import ConfigError
 from mae.interop.loading import EncoderSource
 from mae.models.classifier import ClassifierConfig, PartiallyFrozen, trainable_prefixes
@@ -54,7 +56,7 @@ PROBE_AUGMENTATIONS = ("rrc", "none")
 @dataclass
 class LinprobeAugment:
     augment: str = field(default="rrc", metadata={
-        "help": "rrc (RandomResizedCrop + flip, the paper's) | none (cached features: extracted once, fast)"})
+        "help": "rrc (the release's single-draw random-resized crop + flip) | none (cached features: fast)"})
     scale: tuple[float, float] = field(default=(0.08, 1.0), metadata={"help": "RandomResizedCrop area range"})
     hflip: float = field(default=0.5, metadata={"help": "horizontal flip probability (0 for digits and text)"})
 
@@ -117,6 +119,13 @@ class LinprobeConfig(TrainFields):
             raise ConfigError("the probe's BatchNorm needs batch_size >= 2")
 
 
+def build_probe_train_transform(cfg: LinprobeConfig, img_size: int, in_chans: int, mean, std):
+    """The probe's training augmentation (aug.augment=rrc): the release's TF-style random-resized crop, drawn once
+    with no retry loop (`mae.data.transforms.SingleDrawResizedCrop`), and the flip."""
+    return build_probe_transform(img_size, in_chans, scale=tuple(cfg.aug.scale), hflip=cfg.aug.hflip, mean=mean,
+                                 std=std)
+
+
 def build_probe(source: EncoderSource, cfg_model: ClassifierSection, num_classes: int
                 ) -> tuple[torch.nn.Module, ClassifierConfig, PartiallyFrozen]:
     """The probe: the encoder, the paper's pooling (class token after the pre-trained norm, or the mean of the
@@ -171,7 +180,7 @@ def _train(cfg: LinprobeConfig, run: Run) -> dict:
     cached = cfg.aug.augment == "none"
     tf_eval = eval_transform(cfg.data, side, in_chans)
     # cached features come from the evaluation transform: no augmentation
-    tf_train = tf_eval if cached else train_transform(side, mean, std, scale=tuple(cfg.aug.scale), hflip=cfg.aug.hflip)
+    tf_train = tf_eval if cached else build_probe_train_transform(cfg, side, in_chans, mean, std)
     train_set, classes = labelled_dataset(cfg.data, "train", tf_train, in_chans, cfg.data.train_limit, cfg.seed)
     num_classes = cfg.model.num_classes or len(classes)
     model, ccfg, wrapper = build_probe(source, cfg.model, num_classes)

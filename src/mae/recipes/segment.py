@@ -4,6 +4,14 @@ UperNet on a ViT pyramid with relative position bias (zero at start) in every bl
 and layer-wise lr decay (paper section 5, appendix A.4); ADE20K-style data (images + label PNGs, value 0 ignored);
 mIoU, pixel accuracy and mean class accuracy.
 
+The defaults follow BEiT's semantic segmentation code, which the paper used (A.4): features of blocks 3, 5, 7, 11
+(ViT-B) / 7, 11, 15, 23 (ViT-L) taken raw, BatchNorm between the two stride-4 transposed convolutions, a learnable
+absolute position table, UperNet as wide as the encoder (768 / 1024), poly lr schedule with 1,500 warm-up
+iterations (`optim.schedule`, applied by the run layer through `mae.transfer.segmentation.PolySchedule`) and
+sliding-window inference (512 crops, stride 341). ``backbone.feature_blocks=quarters backbone.feature_norm=layernorm
+backbone.deconv_norm=layernorm backbone.learnable_pos_embed=false head.channels=512 test.mode=whole`` is this
+project's earlier head (paper A.3's detection pyramid); docs/transfer.md compares the two.
+
     mae segment --config configs/segment/synthetic_tiny.yaml --checkpoint runs/pretrain/model.safetensors
     mae segment mode=evaluate weights=runs/segment --data data/ADEChallengeData2016
 """
@@ -21,11 +29,13 @@ from mae.data import build_loader
 from mae.errors import ConfigError
 from mae.files import write_json
 from mae.train.run import Run
-from mae.transfer.backbone import ViTPyramid, check_pyramid
+from mae.transfer.backbone import DECONV_NORMS, FEATURE_BLOCKS, FEATURE_NORMS, ViTPyramid, check_pyramid
 from mae.transfer.segmentation import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    INFERENCE,
     NORMS,
+    SCHEDULES,
     SegmentationFolder,
     SegmentationTransform,
     Segmenter,
@@ -42,8 +52,8 @@ from mae.transfer.training import (
     backbone_spec,
     eval_progress,
     load_task_checkpoint,
-    make_backbone,
     evaluation_setup,
+    make_backbone,
     run_transfer,
 )
 
@@ -97,7 +107,8 @@ class SegmentData:
 class SegmentHead:
     """UperNet decoder and auxiliary FCN head."""
 
-    channels: int = field(default=512, metadata={"help": "UperNet width"})
+    channels: int | None = field(default=None, metadata={
+        "help": "UperNet width (default: the encoder's width, BEiT's 768 for ViT-B / 1024 for ViT-L)"})
     pool_scales: list[int] = field(default_factory=lambda: [1, 2, 3, 6], metadata={"help": "PPM bins"})
     aux_channels: int = field(default=256, metadata={"help": "auxiliary FCN head width (0: no auxiliary head)"})
     aux_weight: float = field(default=0.4, metadata={"help": "weight of the auxiliary loss"})
@@ -107,12 +118,83 @@ class SegmentHead:
     def validate(self) -> None:
         if self.norm not in NORMS:
             raise ConfigError(f"head.norm '{self.norm}' is not one of {', '.join(NORMS)}")
-        if self.channels < 1 or self.aux_channels < 0 or self.aux_weight < 0 or not 0 <= self.dropout < 1:
+        if (self.channels is not None and self.channels < 1) or self.aux_channels < 0 or self.aux_weight < 0 or not 0 <= self.dropout < 1:
             raise ConfigError("head: channels >= 1, aux_channels >= 0, aux_weight >= 0 and dropout in [0, 1)")
 
 
-def _default_backbone() -> BackboneSection:
-    return BackboneSection(rel_pos_bias=True)
+@dataclass
+class SegmentBackbone(BackboneSection):
+    """The backbone section plus the pyramid choices of BEiT's semantic segmentation code (the defaults)."""
+
+    feature_blocks: str = field(default="beit", metadata={
+        "help": "beit (blocks 3, 5, 7, 11 of ViT-B; 7, 11, 15, 23 of ViT-L) | quarters (last of 4 equal groups)"})
+    out_indices: list[int] | None = field(default=None, metadata={
+        "help": "the 4 blocks (0-based) that feed the pyramid; overrides feature_blocks"})
+    feature_norm: str = field(default="none", metadata={
+        "help": "none (raw block outputs, BEiT) | layernorm (a LayerNorm per map)"})
+    deconv_norm: str = field(default="batchnorm", metadata={
+        "help": "batchnorm (BEiT; SyncBatchNorm under DDP) | layernorm, between the two stride-4 deconvolutions"})
+    learnable_pos_embed: bool = field(default=True, metadata={
+        "help": "train the absolute position table (BEiT) instead of keeping the sin-cos table fixed"})
+
+    def validate(self) -> None:
+        super().validate()
+        for name, value, valid in (("feature_blocks", self.feature_blocks, FEATURE_BLOCKS),
+                                   ("feature_norm", self.feature_norm, FEATURE_NORMS),
+                                   ("deconv_norm", self.deconv_norm, DECONV_NORMS)):
+            if value not in valid:
+                raise ConfigError(f"backbone.{name} '{value}' is not one of {', '.join(valid)}")
+        if self.out_indices is not None and (len(self.out_indices) != 4 or
+                                             list(self.out_indices) != sorted(set(self.out_indices))):
+            raise ConfigError(f"backbone.out_indices must be 4 increasing block indices, got {self.out_indices}")
+
+    def pyramid_kwargs(self) -> dict[str, Any]:
+        """The `ViTPyramid` arguments of this section beyond `BackboneSection`'s."""
+        return {"feature_blocks": self.feature_blocks, "out_indices": self.out_indices,
+                "feature_norm": self.feature_norm, "deconv_norm": self.deconv_norm,
+                "learnable_pos_embed": self.learnable_pos_embed}
+
+
+def _default_backbone() -> SegmentBackbone:
+    return SegmentBackbone(rel_pos_bias=True)
+
+
+@dataclass
+class SegmentOptim(TransferOptim):
+    """AdamW with layer-wise lr decay; the lr schedule of BEiT's ADE20K code by default."""
+
+    schedule: str = field(default="poly", metadata={
+        "help": "poly (BEiT: linear warm-up over warmup_iters, then (1 - t/T)^power) | cosine (warm-up epochs)"})
+    warmup_iters: int = field(default=1500, metadata={"help": "poly: warm-up length in optimizer steps (BEiT: 1500)"})
+    power: float = field(default=1.0, metadata={"help": "poly: exponent of the decay (BEiT: 1.0)"})
+
+    def validate(self) -> None:
+        super().validate()
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"optim.schedule '{self.schedule}' is not one of {', '.join(SCHEDULES)}")
+        if self.warmup_iters < 0 or self.power <= 0:
+            raise ConfigError(f"optim.warmup_iters must be >= 0 and optim.power > 0, got {self.warmup_iters}, "
+                              f"{self.power}")
+
+
+def _default_optim() -> SegmentOptim:
+    return SegmentOptim(lr=1e-4, weight_decay=0.05, layer_decay=0.65)
+
+
+@dataclass
+class SegmentTest:
+    """How validation images are scored."""
+
+    mode: str = field(default="slide", metadata={
+        "help": "slide (BEiT: crop x crop windows every stride px, logits averaged) | whole (the image at once)"})
+    crop: int = field(default=512, metadata={"help": "slide: window side (BEiT ADE20K: 512)"})
+    stride: int = field(default=341, metadata={"help": "slide: step between windows (BEiT ADE20K: 341)"})
+
+    def validate(self) -> None:
+        if self.mode not in INFERENCE:
+            raise ConfigError(f"test.mode '{self.mode}' is not one of {', '.join(INFERENCE)}")
+        if self.crop < 32 or not 1 <= self.stride <= self.crop:
+            raise ConfigError(f"test.crop must be >= 32 and test.stride in [1, crop], got {self.crop}, {self.stride}")
 
 
 @dataclass
@@ -120,10 +202,11 @@ class SegmentConfig(TransferRun):
     """Everything a segmentation run needs; saved as config.yaml next to the run."""
 
     output_dir: str = field(default="runs/segment", metadata={"help": "checkpoints, metrics and summary go here"})
-    backbone: BackboneSection = field(default_factory=_default_backbone)
+    backbone: SegmentBackbone = field(default_factory=_default_backbone)
     data: SegmentData = field(default_factory=SegmentData)
     head: SegmentHead = field(default_factory=SegmentHead)
-    optim: TransferOptim = field(default_factory=lambda: TransferOptim(lr=1e-4, weight_decay=0.05, layer_decay=0.65))
+    optim: SegmentOptim = field(default_factory=_default_optim)
+    test: SegmentTest = field(default_factory=SegmentTest)
 
     def validate(self) -> None:
         super().validate()
@@ -132,6 +215,9 @@ class SegmentConfig(TransferRun):
         if self.mode == "train" and self.head.norm == "bn" and self.batch_size < 2:
             raise ConfigError("head.norm=bn needs batch_size >= 2 (BatchNorm over one image's pooled map fails); "
                               "raise batch_size or use head.norm=gn")
+        if self.mode == "train" and self.backbone.deconv_norm == "batchnorm" and self.batch_size < 2:
+            raise ConfigError("backbone.deconv_norm=batchnorm needs batch_size >= 2; raise batch_size or use "
+                              "backbone.deconv_norm=layernorm")
 
 
 def segmenter_from_task(task: dict[str, Any], backbone: ViTPyramid | None = None) -> Segmenter:
@@ -141,7 +227,8 @@ def segmenter_from_task(task: dict[str, Any], backbone: ViTPyramid | None = None
         check_pyramid(spec["pyramid"], spec["depth"], spec["patch_size"], spec["strides"])
         backbone = ViTPyramid(**spec)
     head = task["head"]
-    return Segmenter(backbone, len(task["classes"]), channels=head["channels"], pool_scales=head["pool_scales"],
+    return Segmenter(backbone, len(task["classes"]), channels=head["channels"] or backbone.embed_dim,
+                     pool_scales=head["pool_scales"],
                      aux_channels=head["aux_channels"], dropout=head["dropout"], norm=head["norm"])
 
 
@@ -178,7 +265,8 @@ def _scorer(cfg: SegmentConfig, val_set: SegmentationFolder, names: list[str], d
             precision: str):
     progress = eval_progress(cfg.progress, "evaluate")
     return lambda model: evaluate_segmentation(model, val_set, device, cfg.eval_batch_size, precision, names,
-                                               progress)
+                                               progress, inference=cfg.test.mode, crop=cfg.test.crop,
+                                               stride=cfg.test.stride)
 
 
 def _evaluate(cfg: SegmentConfig) -> dict[str, Any]:
@@ -204,9 +292,10 @@ def _job(cfg: SegmentConfig, run: Run) -> TransferJob:
                                    train_transform, limit=d.limit)
     backbone, report = make_backbone(cfg.backbone, d.crop_size)
     h = cfg.head
-    task = {"backbone": backbone_spec(backbone), "classes": names, "ignore_index": d.ignore_index,
-            "reduce_zero_label": d.reduce_zero_label, "image_mean": list(IMAGENET_MEAN),
-            "image_std": list(IMAGENET_STD), "head": {"channels": h.channels, "pool_scales": list(h.pool_scales),
+    task = {"backbone": {**backbone_spec(backbone), **backbone.pyramid_options()}, "classes": names,
+            "ignore_index": d.ignore_index, "reduce_zero_label": d.reduce_zero_label, "image_mean": list(IMAGENET_MEAN),
+            "image_std": list(IMAGENET_STD), "head": {"channels": h.channels or backbone.embed_dim,
+                                                      "pool_scales": list(h.pool_scales),
                                                       "aux_channels": h.aux_channels, "dropout": h.dropout,
                                                       "norm": h.norm}}
     model = segmenter_from_task(task, backbone).to(device)

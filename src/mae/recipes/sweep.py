@@ -28,7 +28,8 @@ log = logging.getLogger("mae")
 CLI_FLAGS = {"--output-dir": "output_dir", "--grids": "grids", "--device": "device"}
 
 # grid name -> (x-axis label, [(row label, pre-training overrides, evaluation stages)])
-# An evaluation stage is "linprobe", "finetune", or "partial:K" / "partial:mlp" (paper Figure 9).
+# An evaluation stage is "linprobe", "finetune", or "partial:K" / "partial:mlp" (paper Figure 9); "partial:0" is the
+# linear probe (`mae linprobe`, the same stage as "linprobe"), as in the paper.
 STANDARD = ("linprobe", "finetune")
 GRIDS: dict[str, tuple[str, list[tuple[str, list[str], tuple[str, ...]]]]] = {
     "mask_ratio": ("mask ratio (Figure 5)", [
@@ -111,6 +112,8 @@ def _key(preset: str, overrides: list[str]) -> str:
     cfg = load_config(PretrainConfig, preset, overrides)
     resolved = dataclasses.asdict(cfg)
     resolved["model"] = model_config(cfg.model.name, **cfg.model.overrides()).to_dict()
+    if resolved["model"]["mask_strategy"] != "block":  # no effect on the run: keep the keys of sweeps made before it
+        resolved["model"].pop("mask_min_block", None)
     resolved.pop("output_dir", None)
     return hashlib.sha1(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
@@ -190,6 +193,8 @@ def _evaluate(cfg: SweepConfig, stage: str, checkpoint: str, seed: int, pre_dir:
         summary = _stage("linprobe", cfg.linprobe_config, [*cfg.linprobe_overrides, *common], pre_dir / "linprobe")
     elif stage == "finetune":
         summary = _stage("finetune", cfg.finetune_config, [*cfg.finetune_overrides, *common], pre_dir / "finetune")
+    elif stage == "partial:0":  # Figure 9's k = 0 is the linear probe protocol: the row's linprobe stage, shared
+        summary = _stage("linprobe", cfg.linprobe_config, [*cfg.linprobe_overrides, *common], pre_dir / "linprobe")
     else:
         which = stage.split(":")[1]
         extra = ["trainable_blocks=null", "mlp_only=true"] if which == "mlp" else [f"trainable_blocks={int(which)}"]

@@ -87,12 +87,14 @@ def build_engine(run: Run, model: nn.Module, groups: list[dict[str, Any]], *, op
                  base_lr: float | None = None, lr: float | None = None, warmup_epochs: float = 0.0,
                  min_lr: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
                  momentum: float = 0.9, clip_grad: float | None = None, train_module: nn.Module | None = None,
-                 checkpointing: nn.Module | None = None) -> Engine:
+                 checkpointing: nn.Module | None = None,
+                 schedule: Callable[[float, int], Callable[[int], float]] | None = None) -> Engine:
     """The set-up every recipe shares: the peak lr from the effective batch, the warm-up + cosine schedule, the
     optimizer over `groups`, activation checkpointing, the DDP wrap (and torch.compile), and the `Engine`.
 
     `train_module` is what the engine calls (default `model`; e.g. a `PartiallyFrozen` wrapper), `checkpointing`
-    the module whose ``set_grad_checkpointing`` ``grad_checkpointing=true`` turns on (default `model`).
+    the module whose ``set_grad_checkpointing`` ``grad_checkpointing=true`` turns on (default `model`); `schedule`
+    ``(peak lr, total updates) -> lr of an update`` replaces the warm-up + cosine (e.g. BEiT's poly schedule).
     """
     from mae.train.optim import build_optimizer
 
@@ -103,11 +105,12 @@ def build_engine(run: Run, model: nn.Module, groups: list[dict[str, Any]], *, op
     effective = cfg.batch_size * cfg.accum_iter * dist.world_size
     peak = peak_lr(base_lr, lr, effective)
     total, warmup = cfg.epochs * updates_per_epoch, round(warmup_epochs * updates_per_epoch)
-    if warmup >= total and warmup > 0 and dist.is_main:
+    if schedule is None and warmup >= total and warmup > 0 and dist.is_main:
         _log.warning("the warm-up (%g epochs, %d updates) is as long as the run (%d epochs, %d updates): the lr rises "
                      "linearly and never reaches its peak %.3g; shorten optim.warmup_epochs or train longer",
                      warmup_epochs, warmup, cfg.epochs, total, peak)
-    schedule = LRSchedule(peak, total_steps=total, warmup_steps=warmup, min_lr=min_lr)
+    lr_of = schedule(peak, total) if schedule is not None else LRSchedule(peak, total_steps=total, warmup_steps=warmup,
+                                                                         min_lr=min_lr)
     opt = build_optimizer(groups, optimizer, lr=peak, betas=tuple(betas), weight_decay=weight_decay,
                           momentum=momentum)
     if cfg.grad_checkpointing:
@@ -120,7 +123,7 @@ def build_engine(run: Run, model: nn.Module, groups: list[dict[str, Any]], *, op
         module = DistributedDataParallel(module, device_ids=[run.device.index] if run.device.type == "cuda" else None)
     if cfg.compile:
         module = torch.compile(module)
-    engine = Engine(module, opt, schedule, precision=run.precision, device=run.device, accum_iter=cfg.accum_iter,
+    engine = Engine(module, opt, lr_of, precision=run.precision, device=run.device, accum_iter=cfg.accum_iter,
                     clip_grad=clip_grad, max_nonfinite=cfg.max_nonfinite, log_every=cfg.log_every,
                     show_progress=cfg.progress and dist.is_main, world_size=dist.world_size)
     engine.effective_batch, engine.peak_lr = effective, peak

@@ -1,8 +1,12 @@
 """A multi-scale backbone from a plain ViT encoder, for detection and segmentation (paper appendix A.3 / A.4).
 
-A ViT produces one map at the patch stride (16 for ViT-B/L). `ViTPyramid` splits its blocks into 4 equal groups,
-takes each group's output and resamples it to strides 4, 8, 16 and 32 (transposed convolutions up, max-pooling
-down), the maps an FPN or UperNet expects. ``pyramid="simple"`` builds the four maps from the last block only.
+A ViT produces one map at the patch stride (16 for ViT-B/L). `ViTPyramid` takes the outputs of four of its blocks
+and resamples them to strides 4, 8, 16 and 32 (transposed convolutions up, max-pooling down), the maps an FPN or
+UperNet expects. Which blocks: the last of each of 4 equal groups (``feature_blocks="quarters"``, paper A.3's
+detection backbone), or BEiT's semantic-segmentation choice (``"beit"``: blocks 3, 5, 7, 11 of ViT-B and 7, 11, 15,
+23 of ViT-L, 0-based), or any ``out_indices``; ``pyramid="simple"`` builds the four maps from the last block only.
+The maps are LayerNorm-ed (``feature_norm="layernorm"``) or taken raw (``"none"``, BEiT's), and the two stride-4
+transposed convolutions have a LayerNorm or a BatchNorm (BEiT's; SyncBatchNorm under DDP) + GELU between them.
 The encoder keys are the MAE encoder's (``cls_token``, ``pos_embed``, ``patch_embed.proj``, ``blocks.i`` as
 timm's Block, ``norm``), so any checkpoint the library reads loads with only the new modules missing:
 ``rel_pos_bias.*`` (optional relative position bias, zero at the start), ``out_norms.*`` and ``resample.*``.
@@ -38,6 +42,10 @@ from mae.train.optim import default_layer_id
 _log = logging.getLogger(__name__)
 
 PYRAMIDS = ("multiscale", "simple")
+FEATURE_BLOCKS = ("quarters", "beit")
+"""Rules for the blocks that feed a multiscale pyramid (see `out_indices`)."""
+FEATURE_NORMS = ("layernorm", "none")
+DECONV_NORMS = ("layernorm", "batchnorm")
 ARCH_FIELDS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "norm_eps")
 """`MAEConfig` fields that decide the encoder's shapes (`encoder_arch`)."""
 
@@ -94,16 +102,18 @@ def _relative_index(h: int, w: int, device: torch.device) -> torch.Tensor:
     return index
 
 
-def _resampler(dim: int, factor: float, norm_eps: float) -> nn.Module:
+def _resampler(dim: int, factor: float, norm_eps: float, deconv_norm: str = "layernorm") -> nn.Module:
     """Turn a map at the patch stride into one at ``factor`` x that stride (a power of two): 2x2 max-pooling per
-    halving, a 2x2 stride-2 transposed convolution per doubling (LayerNorm + GELU between two of them)."""
+    halving, a 2x2 stride-2 transposed convolution per doubling (LayerNorm or BatchNorm, then GELU, between two of
+    them)."""
     steps = round(math.log2(factor))
     if steps >= 0:
         return nn.Sequential(*[nn.MaxPool2d(2) for _ in range(steps)]) if steps else nn.Identity()
     layers: list[nn.Module] = []
     for i in range(-steps):
         if i:
-            layers += [LayerNorm2d(dim, eps=norm_eps), nn.GELU()]
+            norm = LayerNorm2d(dim, eps=norm_eps) if deconv_norm == "layernorm" else nn.BatchNorm2d(dim)
+            layers += [norm, nn.GELU()]
         layers.append(nn.ConvTranspose2d(dim, dim, kernel_size=2, stride=2))
     return nn.Sequential(*layers)
 
@@ -115,20 +125,31 @@ class ViTPyramid(nn.Module):
     Args:
         img_size: the resolution the position table is stored for (the fine-tuning resolution); other input sizes
             work too (the table is resized bicubically on the fly).
-        pyramid: 'multiscale' (paper A.3: the outputs of the last block of each of 4 equal groups of blocks) or
-            'simple' (all four maps from the last block).
+        pyramid: 'multiscale' (four blocks feed the four maps) or 'simple' (all four maps from the last block).
         strides: output strides; each divided by the patch size must be a power of two.
         rel_pos_bias: add a relative position bias to every block's attention, initialised at zero (paper A.4).
         drop_path_rate: stochastic depth, rising linearly over the blocks to this value.
+        feature_blocks: 'quarters' (the last block of each of 4 equal groups, paper A.3) or 'beit' (BEiT's
+            segmentation blocks, see `out_indices`); ignored when ``out_indices`` is given.
+        out_indices: the four blocks (0-based, increasing) whose outputs feed the maps, fine to coarse.
+        feature_norm: 'layernorm' (a new LayerNorm on each map but the last, which gets the pre-trained final
+            norm) or 'none' (the block outputs as they are, BEiT's segmentation backbone).
+        deconv_norm: 'layernorm' or 'batchnorm' (BEiT's) between the two transposed convolutions of the stride-4 map.
+        learnable_pos_embed: train the absolute position table (BEiT's segmentation code does) instead of keeping
+            the loaded sin-cos table fixed.
     """
 
     def __init__(self, img_size: int | Sequence[int] = 224, patch_size: int = 16, in_chans: int = 3,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                  norm_eps: float = 1e-6, pyramid: str = "multiscale", strides: Sequence[int] = (4, 8, 16, 32),
-                 rel_pos_bias: bool = False, drop_path_rate: float = 0.0):
+                 rel_pos_bias: bool = False, drop_path_rate: float = 0.0, feature_blocks: str = "quarters",
+                 out_indices: Sequence[int] | None = None, feature_norm: str = "layernorm",
+                 deconv_norm: str = "layernorm", learnable_pos_embed: bool = False):
         super().__init__()
         self.img_size = _pair(img_size)
         check_pyramid(pyramid, depth, patch_size, strides, self.img_size)
+        check_pyramid_options(depth, pyramid, feature_blocks, out_indices, feature_norm, deconv_norm)
+        self.feature_blocks, self.feature_norm, self.deconv_norm = feature_blocks, feature_norm, deconv_norm
         self.patch_size, self.embed_dim, self.depth = patch_size, embed_dim, depth
         self.pyramid, self.strides = pyramid, tuple(int(s) for s in strides)
         self.grid_size = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
@@ -141,7 +162,8 @@ class ViTPyramid(nn.Module):
         self.patch_embed = PatchEmbed(self.img_size, patch_size, in_chans, embed_dim, strict_img_size=False)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         num_patches = self.grid_size[0] * self.grid_size[1]
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, embed_dim), requires_grad=False)  # fixed
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, embed_dim),
+                                      requires_grad=learnable_pos_embed)  # fixed sin-cos unless learnable
         rates = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=norm_layer, drop_path=rate)
@@ -149,11 +171,14 @@ class ViTPyramid(nn.Module):
         self.norm = norm_layer(embed_dim)  # the pre-trained final norm, on the last block's output
         self.rel_pos_bias = (nn.ModuleList([RelativePositionBias(num_heads, self.grid_size) for _ in range(depth)])
                              if rel_pos_bias else None)
-        # multiscale: block outputs at the end of each quarter; the first three get a fresh LayerNorm each so that
-        # the four maps have comparable scales (the last one keeps the pre-trained `norm`)
-        self.out_indices = out_indices(depth, pyramid)
-        self.out_norms = nn.ModuleList([norm_layer(embed_dim) for _ in self.out_indices[:-1]])
-        self.resample = nn.ModuleList([_resampler(embed_dim, s / patch_size, norm_eps) for s in self.strides])
+        # feature_norm=layernorm: the first three maps get a fresh LayerNorm each so that the four have comparable
+        # scales (the last one keeps the pre-trained `norm`); none: the raw block outputs (BEiT)
+        self.out_indices = tuple(out_indices) if out_indices is not None and pyramid == "multiscale" else \
+            default_out_indices(depth, pyramid, feature_blocks)
+        self.out_norms = nn.ModuleList([norm_layer(embed_dim) for _ in self.out_indices[:-1]]
+                                       if feature_norm == "layernorm" else [])
+        self.resample = nn.ModuleList([_resampler(embed_dim, s / patch_size, norm_eps, deconv_norm)
+                                       for s in self.strides])
         self.init_weights()
 
     # ---------------------------------------------------------------- initialisation
@@ -210,10 +235,17 @@ class ViTPyramid(nn.Module):
                 x = block(x, attn_mask=bias)
             if i in self.out_indices:
                 k = self.out_indices.index(i)
-                norm = self.norm if k == len(self.out_indices) - 1 else self.out_norms[k]
-                tokens = norm(x[:, 1:])  # [N, L, D], class token dropped
+                tokens = x[:, 1:]  # [N, L, D], class token dropped
+                if self.feature_norm == "layernorm":
+                    tokens = (self.norm if k == len(self.out_indices) - 1 else self.out_norms[k])(tokens)
                 maps.append(tokens.transpose(1, 2).reshape(n, self.embed_dim, *grid))  # [N, D, h, w]
         return maps, grid
+
+    def pyramid_options(self) -> dict[str, Any]:
+        """The constructor arguments beyond the architecture and `backbone_spec`'s that rebuild this pyramid."""
+        return {"out_indices": list(self.out_indices) if self.pyramid == "multiscale" else None,
+                "feature_norm": self.feature_norm, "deconv_norm": self.deconv_norm,
+                "learnable_pos_embed": self.pos_embed.requires_grad}
 
     def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         """[N, C, H, W] -> {'0': stride strides[0], ..., '3': stride strides[3]}, each [N, D, H/s, W/s]."""
@@ -223,11 +255,30 @@ class ViTPyramid(nn.Module):
         return OrderedDict((name, op(m)) for name, op, m in zip(self.feature_names, self.resample, maps))
 
 
-def out_indices(depth: int, pyramid: str) -> tuple[int, ...]:
-    """Blocks whose outputs feed the pyramid: the last of each of 4 equal groups, or only the last block."""
+def default_out_indices(depth: int, pyramid: str, feature_blocks: str = "quarters") -> tuple[int, ...]:
+    """Blocks whose outputs feed the pyramid (0-based): only the last one ('simple'); the last of each of 4 equal
+    groups ('quarters': 2, 5, 8, 11 for 12 blocks); or BEiT's segmentation blocks ('beit': the ends of the first
+    third, half, two thirds and all of the blocks: 3, 5, 7, 11 for ViT-B, 7, 11, 15, 23 for ViT-L)."""
     if pyramid == "simple":
         return (depth - 1,)
+    if feature_blocks == "beit":
+        return tuple(round(depth * f) - 1 for f in (1 / 3, 1 / 2, 2 / 3, 1))
     return tuple(round(depth * (k + 1) / 4) - 1 for k in range(4))
+
+
+def check_pyramid_options(depth: int, pyramid: str, feature_blocks: str, out_indices: Sequence[int] | None,
+                          feature_norm: str, deconv_norm: str) -> None:
+    """Raise ConfigError for block choices and norms a `ViTPyramid` cannot build."""
+    if feature_blocks not in FEATURE_BLOCKS:
+        raise ConfigError(f"feature_blocks '{feature_blocks}' is not one of {', '.join(FEATURE_BLOCKS)}")
+    if feature_norm not in FEATURE_NORMS:
+        raise ConfigError(f"feature_norm '{feature_norm}' is not one of {', '.join(FEATURE_NORMS)}")
+    if deconv_norm not in DECONV_NORMS:
+        raise ConfigError(f"deconv_norm '{deconv_norm}' is not one of {', '.join(DECONV_NORMS)}")
+    if out_indices is not None and pyramid == "multiscale":
+        idx = list(out_indices)
+        if len(idx) != 4 or idx != sorted(set(idx)) or idx[0] < 0 or idx[-1] >= depth:
+            raise ConfigError(f"out_indices must be 4 increasing block indices in 0..{depth - 1}, got {idx}")
 
 
 def check_pyramid(pyramid: str, depth: int, patch_size: int, strides: Sequence[int],

@@ -4,7 +4,9 @@
 top-down path over the others, all levels fused at stride 4. `Segmenter` puts it (plus the usual auxiliary FCN
 head on the stride-16 map) on a `ViTPyramid`. The data are ADE20K-style folders (``images/<split>`` and
 ``annotations/<split>`` with label PNGs of the same stem) read by `SegmentationFolder`; `evaluate_segmentation`
-reports mIoU, pixel accuracy and mean class accuracy from a confusion matrix.
+reports mIoU, pixel accuracy and mean class accuracy from a confusion matrix, on whole images or with BEiT's
+sliding-window inference (`slide_logits`: 512 x 512 windows every 341 px, overlapping logits averaged).
+`PolySchedule` is BEiT's ADE20K learning-rate schedule (linear warm-up over 1,500 iterations, then poly decay).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ _log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NORMS = ("bn", "gn")
+INFERENCE = ("whole", "slide")
+SCHEDULES = ("cosine", "poly")
 SPLIT_ALIASES = {"training": ("training", "train"), "validation": ("validation", "val")}
 """Folder names tried for each split: ADE20K's, then the short ones."""
 
@@ -256,6 +260,66 @@ class SegmentationFolder(Dataset):
         return self.transform(image, label) if self.transform is not None else (image, label)
 
 
+# ---------------------------------------------------------------------------------------------------- inference
+def window_starts(size: int, crop: int, stride: int) -> list[int]:
+    """Top (or left) edges of the sliding windows over a side of ``size`` px: every ``stride`` px, the last window
+    moved back so that it ends at the border; one window when the side is no longer than the crop."""
+    count = max(math.ceil((size - crop) / stride), 0) + 1
+    return [max(min(i * stride, size - crop), 0) for i in range(count)]
+
+
+@torch.no_grad()
+def slide_logits(model: nn.Module, images: torch.Tensor, num_classes: int, crop: int = 512, stride: int = 341
+                 ) -> torch.Tensor:
+    """Sliding-window inference (BEiT's ADE20K test setting): ``model(window)['out']`` on ``crop`` x ``crop`` windows
+    every ``stride`` px (windows at the border shifted inside, smaller images scored whole), the logits of
+    overlapping windows averaged. images [N, 3, H, W] -> logits [N, classes, H, W] (float32)."""
+    if crop < 1 or stride < 1:
+        raise ConfigError(f"sliding-window crop and stride must be positive, got {crop}, {stride}")
+    n, _, height, width = images.shape
+    logits = images.new_zeros((n, num_classes, height, width), dtype=torch.float32)
+    count = images.new_zeros((1, 1, height, width), dtype=torch.float32)
+    for top in window_starts(height, crop, stride):
+        for left in window_starts(width, crop, stride):
+            bottom, right = min(top + crop, height), min(left + crop, width)
+            out = model(images[..., top:bottom, left:right])["out"].float()  # [N, classes, h, w]
+            logits[..., top:bottom, left:right] += out
+            count[..., top:bottom, left:right] += 1
+    return logits / count
+
+
+@dataclass
+class PolySchedule:
+    """BEiT's ADE20K schedule: ``lr = (peak - min_lr) * (1 - step / total) ** power + min_lr``, and during the first
+    ``warmup_steps`` that value times a factor rising linearly from ``warmup_ratio`` to 1 (mmcv's linear warm-up;
+    BEiT: 1,500 iterations, ratio 1e-6, power 1.0, min_lr 0). Called with the optimizer step like the run layer's
+    `LRSchedule`."""
+
+    peak_lr: float
+    total_steps: int
+    warmup_steps: int = 1500
+    min_lr: float = 0.0
+    power: float = 1.0
+    warmup_ratio: float = 1e-6
+
+    def __call__(self, step: int) -> float:
+        return poly_lr(step, self.total_steps, self.warmup_steps, self.peak_lr, self.power, self.min_lr,
+                       self.warmup_ratio)
+
+
+def poly_lr(step: float, total: int, warmup: int, peak: float, power: float = 1.0, min_lr: float = 0.0,
+            warmup_ratio: float = 1e-6) -> float:
+    """The lr of `PolySchedule` at optimizer step ``step`` (0-based); ``min_lr`` from ``total`` on."""
+    if total <= 0 or warmup < 0 or power <= 0:
+        raise ConfigError(f"poly schedule needs total > 0, warmup >= 0 and power > 0, got {total}, {warmup}, {power}")
+    if step >= total:
+        return min_lr
+    lr = (peak - min_lr) * (1 - step / total) ** power + min_lr
+    if step < warmup:
+        lr *= warmup_ratio + (1 - warmup_ratio) * step / warmup
+    return lr
+
+
 # ---------------------------------------------------------------------------------------------------- metrics
 def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, num_classes: int, ignore_index: int = 255
                      ) -> torch.Tensor:
@@ -286,11 +350,16 @@ def segmentation_metrics(confusion: torch.Tensor, class_names: Sequence[str] | N
 @torch.no_grad()
 def evaluate_segmentation(model: Segmenter, dataset: SegmentationFolder, device: torch.device,
                           batch_size: int = 8, precision: str = "fp32", class_names: Sequence[str] | None = None,
-                          progress: Callable[[Any], Any] = lambda it: it) -> dict[str, Any]:
-    """Whole-image inference over a dataset (images of one size are batched): mIoU, aAcc, mAcc, per-class IoU.
+                          progress: Callable[[Any], Any] = lambda it: it, inference: str = "whole",
+                          crop: int = 512, stride: int = 341) -> dict[str, Any]:
+    """Inference over a dataset (images of one size are batched): mIoU, aAcc, mAcc, per-class IoU.
 
-    The logits are resized to each label's size before the argmax, so the scores are at full label resolution.
+    ``inference='whole'`` runs each image at once; ``'slide'`` runs ``crop`` x ``crop`` windows every ``stride`` px
+    and averages the overlapping logits (`slide_logits`, BEiT's ADE20K setting: 512 / 341). The logits are resized to
+    each label's size before the argmax, so the scores are at full label resolution.
     """
+    if inference not in INFERENCE:
+        raise ConfigError(f"inference '{inference}' is not one of {', '.join(INFERENCE)}")
     model.eval()
     confusion = torch.zeros(dataset.num_classes, dataset.num_classes, dtype=torch.int64)
     for start in progress(range(0, len(dataset), batch_size)):
@@ -301,7 +370,8 @@ def evaluate_segmentation(model: Segmenter, dataset: SegmentationFolder, device:
         for group in groups.values():
             images = torch.stack([im for im, _ in group]).to(device)
             with autocast_context(precision, device):
-                logits = model(images)["out"]
+                logits = model(images)["out"] if inference == "whole" else \
+                    slide_logits(model, images, dataset.num_classes, crop, stride)
             for logit, (_, label) in zip(logits, group):
                 if logit.shape[-2:] != label.shape:
                     logit = _resize(logit[None].float(), label.shape)[0]

@@ -65,6 +65,11 @@ class BackboneSection:
         if not 0.0 <= self.drop_path < 1.0:
             raise ConfigError(f"backbone.drop_path must be in [0, 1), got {self.drop_path}")
 
+    def pyramid_kwargs(self) -> dict[str, Any]:
+        """`ViTPyramid` arguments beyond the architecture and the fields above (the segmentation section adds its
+        BEiT-style choices)."""
+        return {}
+
     def check_source(self) -> None:
         """Raise unless the section names an encoder to start from (needed to train, not to evaluate)."""
         if self.checkpoint is None and self.model_name is None:
@@ -144,8 +149,8 @@ def make_backbone(section: BackboneSection, img_size: int) -> tuple[ViTPyramid, 
     arch = {"num_heads": section.num_heads} if section.num_heads is not None else {}
     return build_backbone(section.checkpoint, model_name=section.model_name, pretrained=section.init == "pretrained",
                           img_size=section.img_size or img_size, arch_overrides=arch, pyramid=section.pyramid,
-                          strides=section.strides,
-                          rel_pos_bias=section.rel_pos_bias, drop_path_rate=section.drop_path)
+                          strides=section.strides, rel_pos_bias=section.rel_pos_bias,
+                          drop_path_rate=section.drop_path, **section.pyramid_kwargs())
 
 
 def backbone_spec(backbone: ViTPyramid) -> dict[str, Any]:
@@ -156,7 +161,7 @@ def backbone_spec(backbone: ViTPyramid) -> dict[str, Any]:
             "depth": backbone.depth, "num_heads": block.attn.num_heads,
             "mlp_ratio": block.mlp.fc1.out_features / backbone.embed_dim, "norm_eps": backbone.norm.eps,
             "pyramid": backbone.pyramid, "strides": list(backbone.strides),
-            "rel_pos_bias": backbone.rel_pos_bias is not None}
+            "rel_pos_bias": backbone.rel_pos_bias is not None, **backbone.pyramid_options()}
 
 
 def single_process_device(name: str) -> torch.device:
@@ -204,10 +209,18 @@ def train_and_evaluate(job: TransferJob, run: Run) -> dict[str, Any]:
                                    optim.layer_decay)
     write_json(out / "param_groups.json", [{"lr_scale": g["lr_scale"], "weight_decay": g["weight_decay"],
                                             "params": g["param_names"]} for g in groups], indent=1)
+    schedule = None
+    if getattr(optim, "schedule", "cosine") == "poly":  # BEiT's ADE20K schedule (the segmentation recipe's default)
+        from mae.transfer.segmentation import PolySchedule
+
+        def schedule(peak: float, total: int) -> PolySchedule:
+            return PolySchedule(peak, total, optim.warmup_iters, optim.min_lr, optim.power)
+
     engine = build_engine(run, job.model, groups, optimizer="adamw", lr=optim.lr,
                           updates_per_epoch=len(job.train_loader) // cfg.accum_iter,
                           warmup_epochs=optim.warmup_epochs, min_lr=optim.min_lr, betas=tuple(optim.betas),
-                          weight_decay=optim.weight_decay, clip_grad=optim.clip_grad, checkpointing=job.backbone)
+                          weight_decay=optim.weight_decay, clip_grad=optim.clip_grad, checkpointing=job.backbone,
+                          schedule=schedule)
     last_metrics: dict[str, Any] = {}
 
     def evaluate(epoch: int) -> dict[str, Any]:
