@@ -18,7 +18,7 @@ from mae.cli import main
 from mae.models import create_model
 from tiny import MODEL, RUN
 
-TINY = [*MODEL, *RUN, "data.limit=64", "epochs=1", "visualize=false"]
+TINY = [*MODEL, *RUN, "data.train_limit=64", "epochs=1", "visualize=false"]
 
 
 
@@ -120,7 +120,7 @@ def test_strict_data_fails_at_once_naming_the_file_also_from_a_loader_worker(cap
     buffer = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, format="JPEG")
     (folder / "3_cut.jpg").write_bytes(buffer.getvalue()[:400])
-    line = _error_line(capsys, ["pretrain", *TINY, "--data", str(folder), "data.limit=null", "data.strict=true",
+    line = _error_line(capsys, ["pretrain", *TINY, "--data", str(folder), "data.train_limit=null", "data.strict=true",
                                 "data.num_workers=1", "batch_size=4", f"output_dir={tmp_path / 'run'}"])
     assert f"image file '{folder / '3_cut.jpg'}' is corrupt or unreadable" in line
     assert "DataLoader worker" not in line

@@ -88,4 +88,4 @@ def test_finetune_presets_ship_the_paper_and_the_release_recipes():
     h448 = load("vit_h_448.yaml")
     assert (h448.model.img_size, h448.data.crop_pct, h448.model.drop_path) == (448, 1.0, 0.3)
     ev = load_config(EvaluateConfig, CONFIGS / "evaluate" / "vit_h_448.yaml", ["checkpoint=x"])
-    assert (ev.img_size, ev.data.crop_pct) == (448, 1.0)
+    assert (ev.model.img_size, ev.data.crop_pct) == (448, 1.0)

@@ -208,14 +208,14 @@ def test_resume_refuses_a_changed_batch_size_or_dataset_naming_each_field(tmp_pa
     for i in range(64):
         Image.new("L", (28, 28), i * 3).save(images / f"{i:03d}.png")
     out = tmp_path / "run"
-    base = ["pretrain", *ARGS, "epochs=1", f"--data={images}", "data.limit=null", "--output-dir", str(out)]
+    base = ["pretrain", *ARGS, "epochs=1", f"--data={images}", "data.train_limit=null", "--output-dir", str(out)]
     assert main(base) == 0
     before = _snapshot(out)
     resume = ["pretrain", "--output-dir", str(out), "--resume", "auto"]
     assert main([*resume, "batch_size=16"]) == 2
     assert "effective batch 32 -> 16" in _error_line(capsys)
-    assert main([*resume, "data.limit=32"]) == 2
-    assert "data.limit None -> 32" in _error_line(capsys)
+    assert main([*resume, "data.train_limit=32"]) == 2
+    assert "data.train_limit None -> 32" in _error_line(capsys)
     Image.new("L", (28, 28), 255).save(images / "new.png")
     assert main([*resume, "epochs=2"]) == 2
     line = _error_line(capsys)
@@ -533,7 +533,7 @@ def test_pipes_link_loops_and_crafted_headers_in_a_data_folder_neither_hang_nor_
     dataset = build_dataset(str(folder), mode="L")
     assert len(dataset) == 41  # 40 images and the crafted one; no pipe, nothing twice through the loop
     with caplog.at_level("WARNING", logger="mae"), pytest.warns(UserWarning, match="bomb.png.*(exceeds limit|100000 x 100000)"):
-        assert main(["pretrain", *ARGS, "epochs=1", f"--data={folder}", "data.limit=null", "batch_size=8",
+        assert main(["pretrain", *ARGS, "epochs=1", f"--data={folder}", "data.train_limit=null", "batch_size=8",
                      "--output-dir", str(tmp_path / "run")]) == 0
     assert "skipped_files: 1" in capsys.readouterr().out
     assert any("bomb.png" in r.getMessage() for r in caplog.records)

@@ -365,7 +365,7 @@ def test_pretraining_on_a_messy_folder_converts_every_kind_and_reports_skipped_f
     truncated JPEG and a garbage PNG runs to the end; the epoch-end warning and the summary count the 2 skipped
     files."""
     _odd_images(tmp_path / "images", n_good=30)
-    cfg = load_config(PretrainConfig, None, [*TINY, f"data.path={tmp_path / 'images'}", "data.limit=null",
+    cfg = load_config(PretrainConfig, None, [*TINY, f"data.path={tmp_path / 'images'}", "data.train_limit=null",
                                              "data.num_workers=2", "batch_size=8", "epochs=1",
                                              f"output_dir={tmp_path / 'run'}"])
     with caplog.at_level(logging.WARNING, logger="mae"):

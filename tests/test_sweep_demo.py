@@ -13,7 +13,7 @@ from mae.errors import ConfigError
 from mae.recipes.sweep import GRIDS, SweepConfig, _key, _series, run
 
 TINY_PRETRAIN = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.decoder_embed_dim=32",
-                 "model.decoder_depth=1", "model.decoder_num_heads=2", "data.limit=128", "data.num_workers=0",
+                 "model.decoder_depth=1", "model.decoder_num_heads=2", "data.train_limit=128", "data.num_workers=0",
                  "epochs=1", "batch_size=32", "save_every=1", "visualize=false", "precision=fp32"]
 TINY_EVAL = ["data.train_limit=128", "data.val_limit=64", "data.num_workers=0", "epochs=1", "batch_size=32",
              "precision=fp32"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torchvision.models.detection import MaskRCNN
@@ -65,14 +65,14 @@ class DetectData:
     val_images: str = "val2017"
     val_annotations: str = "annotations/instances_val2017.json"
     hflip: float = field(default=0.5, metadata={"help": "horizontal flip probability in training"})
-    limit: int | None = field(default=None, metadata={"help": "use only the first N training images"})
+    train_limit: int | None = field(default=None, metadata={"help": "use only the first N training images"})
     val_limit: int | None = field(default=None, metadata={"help": "score only the first N val images"})
     synthetic: SyntheticSection = field(default_factory=SyntheticSection)
 
     def validate(self) -> None:
         if not 0.0 <= self.hflip <= 1.0:
             raise ConfigError(f"data.hflip must be in [0, 1], got {self.hflip}")
-        for name in ("limit", "val_limit"):
+        for name in ("train_limit", "val_limit"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"data.{name} must be at least 1, got {getattr(self, name)}")
 
@@ -120,6 +120,8 @@ class DetectConfig(TransferRun):
     head: DetectHead = field(default_factory=DetectHead)
     optim: TransferOptim = field(default_factory=lambda: TransferOptim(lr=1e-4, weight_decay=0.1, layer_decay=0.7))
 
+
+    RENAMED: ClassVar[dict[str, str]] = {"data.train_limit": "data.train_limit"}
     def validate(self) -> None:
         super().validate()
         if self.mode == "train":
@@ -185,7 +187,7 @@ def _evaluate(cfg: DetectConfig) -> dict[str, Any]:
 def _job(cfg: DetectConfig, run: Run) -> TransferJob:
     device = run.device
     val_set, (train_images, train_ann) = _val_set(cfg, run.out)
-    train_set = CocoInstances(train_images, train_ann, hflip=cfg.data.hflip, limit=cfg.data.limit)
+    train_set = CocoInstances(train_images, train_ann, hflip=cfg.data.hflip, limit=cfg.data.train_limit)
     if train_set.classes != val_set.classes:
         raise ConfigError(f"train and val annotations have different categories: {train_set.classes} vs "
                           f"{val_set.classes}")

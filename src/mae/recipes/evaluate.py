@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -52,6 +52,7 @@ from mae.recipes.common import prepare_output_dir, require_precision, run_distri
 from mae.train.distributed import DistInfo
 from mae.train.logging import MetricsLogger
 from mae.train.precision import resolve_precision
+from mae.train.run import RunFields
 
 log = logging.getLogger("mae")
 
@@ -63,8 +64,28 @@ CLASS_LISTS = {"imagenet-a": "imagenet_a.txt", "imagenet-r": "imagenet_r.txt"}
 
 
 @dataclass
-class EvaluateConfig:
+class EvalModel:
+    """The classifier's resolution and, for files that store no config, its architecture."""
+
+    name: str | None = field(default=None, metadata={
+        "help": "registered architecture for state_dicts without a config (gives the head count)"})
+    img_size: int | None = field(default=None, metadata={"help": "evaluate at another resolution (bicubic pos. table)"})
+
+    def validate(self) -> None:
+        if self.img_size is not None and self.img_size < 1:
+            raise ConfigError(f"model.img_size must be positive, got {self.img_size}")
+        if self.name is not None:
+            from mae.models import model_config
+
+            model_config(self.name)  # unknown names raise with a suggestion
+
+
+@dataclass
+class EvaluateConfig(RunFields):
     """What to evaluate, on which images."""
+
+    output_dir: str = field(default="runs/evaluate", metadata={"help": "CSV, PNG, metrics and summary go here"})
+    model: EvalModel = field(default_factory=EvalModel)
 
     checkpoint: str | None = field(default=None, metadata={
         "help": "a finetune / linprobe run directory or checkpoint, an exported timm file, a transformers "
@@ -80,17 +101,15 @@ class EvaluateConfig:
     class_map: str | None = field(default=None, metadata={
         "help": "imagenet-a | imagenet-r (the shipped 200-class lists) or a file mapping each dataset class to a "
                 "model class (index or name), one line per class"})
-    img_size: int | None = field(default=None, metadata={"help": "evaluate at another resolution (bicubic pos. table)"})
     use_ema: bool | None = field(default=None, metadata={
         "help": "use the run's EMA weights (default: when they scored best)"})
-    model_name: str | None = field(default=None, metadata={
-        "help": "registered architecture for state_dicts without a config (gives the head count)"})
     batch_size: int = field(default=128, metadata={"help": "images per forward pass"})
-    output_dir: str = field(default="runs/evaluate", metadata={"help": "CSV, PNG, metrics and summary go here"})
-    precision: str = field(default="auto", metadata={"help": "auto | bf16 | fp16 | fp32"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+
+    RENAMED: ClassVar[dict[str, str]] = {"img_size": "model.img_size", "model_name": "model.name"}
+    """Keys of earlier versions, read under their new names."""
 
     def validate(self) -> None:
+        super().validate()
         if not self.checkpoint:
             raise ConfigError("evaluate needs checkpoint=<run directory or classifier checkpoint> (or --checkpoint)")
         if self.protocol not in PROTOCOLS:
@@ -103,7 +122,6 @@ class EvaluateConfig:
             raise ConfigError(f"split '{self.split}' is not one of train, val")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
-        require_precision(self.precision)
 
 
 def _named_list(name: str | Path) -> str | None:
@@ -244,8 +262,8 @@ def _run(cfg: EvaluateConfig, dist: DistInfo) -> dict[str, Any]:
     precision = resolve_precision(cfg.precision, device)
     out = prepare_output_dir(cfg.output_dir)
     t0 = time.perf_counter()
-    model, ccfg, names = load_classifier(cfg.checkpoint, img_size=cfg.img_size, use_ema=cfg.use_ema,
-                                         model_name=cfg.model_name)
+    model, ccfg, names = load_classifier(cfg.checkpoint, img_size=cfg.model.img_size, use_ema=cfg.use_ema,
+                                         model_name=cfg.model.name)
     model.to(device)
     tf = eval_transform(cfg.data, square_side(ccfg), ccfg.in_chans)
     limit = cfg.data.val_limit if cfg.split == "val" else cfg.data.train_limit
@@ -292,8 +310,8 @@ def _run_imagenet_c(cfg: EvaluateConfig, dist: DistInfo) -> dict[str, Any]:
     out = prepare_output_dir(cfg.output_dir)
     t0 = time.perf_counter()
     folders = corruption_folders(cfg.data.path)
-    model, ccfg, names = load_classifier(cfg.checkpoint, img_size=cfg.img_size, use_ema=cfg.use_ema,
-                                         model_name=cfg.model_name)
+    model, ccfg, names = load_classifier(cfg.checkpoint, img_size=cfg.model.img_size, use_ema=cfg.use_ema,
+                                         model_name=cfg.model.name)
     model.to(device)
     tf = eval_transform(cfg.data, square_side(ccfg), ccfg.in_chans)
     index, reference_classes = None, None

@@ -41,6 +41,7 @@ from mae.train.distributed import DistInfo
 from mae.train.logging import MetricsLogger
 from mae.train.precision import resolve_precision
 from mae.train.rng import seed_everything
+from mae.train.run import RunFields
 
 log = logging.getLogger("mae")
 
@@ -48,15 +49,28 @@ CLI_FLAGS = {"--data": "data.path", "--output-dir": "output_dir", "--checkpoint"
              "--precision": "precision", "--device": "device"}
 
 
-def _knn_model() -> ClassifierSection:
-    return ClassifierSection(global_pool="token", drop_path=0.0)
+@dataclass
+class FeatureSection:
+    """The frozen encoder's features: the architecture (for init=random), the resolution and the pooling."""
+
+    name: str | None = field(default=None, metadata={
+        "help": "registered MAE architecture: the encoder for init=random, and a hint (head count) for checkpoints "
+                "that store no config"})
+    img_size: int | None = field(default=None, metadata={
+        "help": "image side (default: the checkpoint's); another size interpolates the position table (bicubic)"})
+    global_pool: str = field(default="token", metadata={
+        "help": "token (class token after the final norm, the linear probe's feature) | avg (mean of patch tokens)"})
+
+    def validate(self) -> None:
+        ClassifierSection(name=self.name, img_size=self.img_size, global_pool=self.global_pool).validate()
 
 
 @dataclass
-class KnnConfig:
+class KnnConfig(RunFields):
     """A k-NN evaluation of frozen features (also the settings of the pre-training monitor)."""
 
-    model: ClassifierSection = field(default_factory=_knn_model)
+    output_dir: str = field(default="runs/knn", metadata={"help": "metrics.jsonl, summary.json and config.yaml"})
+    model: FeatureSection = field(default_factory=FeatureSection)
     data: ClassifyData = field(default_factory=ClassifyData)
     checkpoint: str | None = field(default=None, metadata={
         "help": "pre-trained weights: a run directory or any checkpoint the library reads (mae, reference, HF, timm)"})
@@ -64,18 +78,14 @@ class KnnConfig:
     k: int = field(default=20, metadata={"help": "neighbours that vote"})
     temperature: float = field(default=0.07, metadata={"help": "vote weight exp(cosine similarity / temperature)"})
     batch_size: int = field(default=256, metadata={"help": "images per forward pass"})
-    output_dir: str = field(default="runs/knn", metadata={"help": "metrics.jsonl, summary.json and config.yaml"})
-    precision: str = field(default="auto", metadata={"help": "auto | bf16 | fp16 | fp32"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    seed: int = 0
 
     def validate(self) -> None:
+        super().validate()
         check_init(self.init, self.checkpoint, self.model.name)
         if self.k < 1 or self.batch_size < 1:
             raise ConfigError(f"k and batch_size must be at least 1, got k={self.k}, batch_size={self.batch_size}")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be positive, got {self.temperature}")
-        require_precision(self.precision)
 
 
 # ---------------------------------------------------------------------------------------------------- the classifier

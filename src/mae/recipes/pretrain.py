@@ -51,11 +51,12 @@ class PretrainData:
     mean: list[float] | None = field(default=None, metadata={"help": "normalisation mean (default: ImageNet / 0.5)"})
     std: list[float] | None = None
     strict: bool = field(default=False, metadata={"help": "fail on a corrupt image instead of skipping it"})
-    limit: int | None = field(default=None, metadata={"help": "use a fixed random subset of N images (quick trials)"})
+    train_limit: int | None = field(default=None, metadata={
+        "help": "use a fixed random subset of N images (quick trials)"})
 
     def validate(self) -> None:
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"data.limit must be at least 1, got {self.limit}")
+        if self.train_limit is not None and self.train_limit < 1:
+            raise ConfigError(f"data.train_limit must be at least 1, got {self.train_limit}")
         if self.augment not in AUGMENTATIONS:
             raise ConfigError(f"data.augment '{self.augment}' is not one of {', '.join(AUGMENTATIONS)}")
         if self.num_workers < 0:
@@ -104,6 +105,8 @@ class PretrainConfig(TrainFields):
         "help": "k-NN top-1 / top-5 of the encoder every N epochs on the labelled data.path (0: off)"})
 
     RESUME_FREE: ClassVar[tuple[str, ...]] = (*TrainFields.RESUME_FREE, "visualize", "knn_every", "data.decode")
+    RENAMED: ClassVar[dict[str, str]] = {"data.train_limit": "data.train_limit"}
+    """Keys of earlier versions, read under their new names (config files and runs of those versions load)."""
 
 
 def build_model(section: ModelSection) -> MaskedAutoencoderViT:
@@ -129,8 +132,8 @@ def build_pretrain_loader(cfg: PretrainConfig, model_cfg: MAEConfig, dist: DistI
     mode = "L" if model_cfg.in_chans == 1 else "RGB"
     dataset = build_dataset(cfg.data.path, split, transform=transform, mode=mode, strict=cfg.data.strict,
                             decode="encoded" if on_device else cfg.data.decode)
-    if cfg.data.limit is not None and cfg.data.limit < len(dataset):  # a fixed random subset (splits may be sorted)
-        keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.data.limit]
+    if cfg.data.train_limit is not None and cfg.data.train_limit < len(dataset):  # a fixed random subset
+        keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.data.train_limit]
         dataset = Subset(dataset, sorted(keep.tolist()))
     # per-sample masking noise: masks are a function of (seed, epoch, index), like the crops, whatever the world size
     noisy = WithMaskNoise(dataset, model_cfg.grid_size[0] * model_cfg.grid_size[1])

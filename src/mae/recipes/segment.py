@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -84,7 +84,7 @@ class SegmentData:
     ratio_range: tuple[float, float] = field(default=(0.5, 2.0), metadata={"help": "random rescale range"})
     eval_scale: int | None = field(default=512, metadata={"help": "eval short side (null: native size)"})
     hflip: float = 0.5
-    limit: int | None = field(default=None, metadata={"help": "use only the first N training images"})
+    train_limit: int | None = field(default=None, metadata={"help": "use only the first N training images"})
     val_limit: int | None = field(default=None, metadata={"help": "score only the first N val images"})
     synthetic: SyntheticSection = field(default_factory=SyntheticSection)
 
@@ -208,6 +208,8 @@ class SegmentConfig(TransferRun):
     optim: SegmentOptim = field(default_factory=_default_optim)
     test: SegmentTest = field(default_factory=SegmentTest)
 
+
+    RENAMED: ClassVar[dict[str, str]] = {"data.train_limit": "data.train_limit"}
     def validate(self) -> None:
         super().validate()
         if self.mode == "train":
@@ -289,7 +291,7 @@ def _job(cfg: SegmentConfig, run: Run) -> TransferJob:
     train_transform = SegmentationTransform(scale=d.scale, crop_size=d.crop_size, ratio_range=tuple(d.ratio_range),
                                             hflip=d.hflip, ignore_index=d.ignore_index)
     train_set = SegmentationFolder(root, d.train_split, num_classes, d.reduce_zero_label, d.ignore_index,
-                                   train_transform, limit=d.limit)
+                                   train_transform, limit=d.train_limit)
     backbone, report = make_backbone(cfg.backbone, d.crop_size)
     h = cfg.head
     task = {"backbone": {**backbone_spec(backbone), **backbone.pyramid_options()}, "classes": names,
