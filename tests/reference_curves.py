@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny import PRETRAIN, micro_mae  # noqa: E402
+from tiny import PRETRAIN, micro_mae
 
 DATA = Path(__file__).parent / "data"
 CLASSIFY = ["data.path=builtin:mnist5k", "data.train_limit=256", "data.val_limit=64", "data.num_workers=0",

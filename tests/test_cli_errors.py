@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import MODEL, RUN
 
 from mae.cli import main
 from mae.models import create_model
-from tiny import MODEL, RUN
 
 TINY = [*MODEL, *RUN, "data.train_limit=64", "epochs=1", "visualize=false"]
 

@@ -22,7 +22,7 @@ class ModelCfg:
 class OptimCfg:
     name: Literal["adamw", "sgd", "lars"] = "adamw"
     betas: tuple[float, float] = (0.9, 0.95)
-    lr: Optional[float] = None  # noqa: UP045 (typing.Optional is checked as well as X | None)
+    lr: Optional[float] = None
     layer_decay: float | None = None
 
 

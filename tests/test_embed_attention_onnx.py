@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import ARCH
 
 from mae.cli import main
 from mae.interop import save_model
 from mae.models import create_model
-from tiny import ARCH
 
 TINY = ARCH
 

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from PIL import Image
+from tiny import ARCH
 
 from mae.interop import save_model
 from mae.interop.classifier_export import save_hf_classifier, save_timm_classifier
@@ -17,7 +18,6 @@ from mae.interop.huggingface import save_hf_pretrained
 from mae.models import create_model
 from mae.models.classifier import ClassifierConfig, build_classifier, load_encoder_into
 from mae.recipes.classify_common import CLASSIFIER_FORMAT, classifier_state, load_classifier
-from tiny import ARCH
 
 timm = pytest.importorskip("timm")
 

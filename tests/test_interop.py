@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mae import create_model
 from mae.errors import CheckpointError
 from mae.interop import (
     config_from_hf,
@@ -36,7 +37,6 @@ from mae.interop import (
     to_hf_state_dict,
     to_reference_checkpoint,
 )
-from mae import create_model
 from mae.models.mae import MAEConfig, MaskedAutoencoderViT
 from mae.models.pos_embed import sincos_2d
 

@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from tiny import ARCH
 from torch.utils.data import DataLoader, TensorDataset
 
 from mae.config import load_config
@@ -23,7 +24,6 @@ from mae.recipes.evaluate import run as evaluate_run
 from mae.recipes.knn import KnnConfig, knn_monitor, knn_scores
 from mae.recipes.knn import run as knn_run
 from mae.train.checkpoint import atomic_save
-from tiny import ARCH
 
 TINY = ARCH
 FAST = ["precision=fp32", "data.num_workers=0"]

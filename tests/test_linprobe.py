@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from tiny import ARCH
 
 from mae.config import load_config
 from mae.errors import DataError
@@ -15,7 +16,6 @@ from mae.models import create_model
 from mae.recipes.classify_common import load_classifier, load_encoder_source
 from mae.recipes.linprobe import FeatureBatches, LinprobeConfig, build_probe, run
 from mae.train.optim import build_optimizer, param_groups
-from tiny import ARCH
 
 TINY = ARCH
 

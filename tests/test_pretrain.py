@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+import reference_curves
 import torch
+from tiny import PRETRAIN
 
 from mae.config import load_config
 from mae.errors import ConfigError
@@ -14,9 +16,6 @@ from mae.interop import load_model
 from mae.recipes.pretrain import PretrainConfig, run
 from mae.train.checkpoint import safe_load
 from mae.train.engine import Engine, LRSchedule
-import reference_curves
-from tiny import PRETRAIN
-
 
 TINY = PRETRAIN
 

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import MODEL, RUN
 from torch import nn
 
 from mae.cli import main
@@ -36,7 +37,6 @@ from mae.models import MaskedAutoencoderViT
 from mae.recipes.pretrain import PretrainConfig, run
 from mae.train.checkpoint import CheckpointManager, safe_load
 from mae.train.engine import Engine, LRSchedule
-from tiny import MODEL, RUN
 
 TINY = [*MODEL, *RUN, "epochs=2", "save_every=1", "visualize=false"]
 TIMEOUT = 300

@@ -7,6 +7,7 @@ Every training command reads its config the same way: built-in defaults <- ``--c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shlex
@@ -135,7 +136,7 @@ def _resume_base(cls: type, overrides: Sequence[str]):
     if not resume or resume in ("null", "None"):
         return None
     if resume == "auto":
-        out = _override(overrides, "output_dir") or getattr(cls, "__dataclass_fields__")["output_dir"].default
+        out = _override(overrides, "output_dir") or cls.__dataclass_fields__["output_dir"].default
         candidate = Path(out).expanduser() / "config.yaml"
     else:
         path = Path(resume).expanduser()
@@ -423,6 +424,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"mae {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `mae models | head`: the reader left; say nothing more
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     finally:
         COMMAND_LINE.reset(token)
 

@@ -428,7 +428,7 @@ class ShardDataset(Dataset):
     def _read(self, shard: int, offset: int, size: int) -> bytes:
         f = self._files.get(shard)
         if f is None:
-            f = open(self.shards.paths[shard], "rb")  # noqa: SIM115 - kept open, closed when evicted
+            f = open(self.shards.paths[shard], "rb")
             self._files[shard] = f
             if len(self._files) > _OPEN_FILES:
                 self._files.popitem(last=False)[1].close()

@@ -31,10 +31,10 @@ from mae.interop.loading import (
     read_checkpoint,
     read_encoder,
 )
-from mae.models.loading import LoadReport
 from mae.interop.native import save_model
 from mae.interop.reference import to_reference_checkpoint
 from mae.interop.timm_vit import encoder_for_timm, timm_vit_kwargs
+from mae.models.loading import LoadReport
 
 __all__ = [
     "FORMATS", "Checkpoint", "EncoderSource", "LoadReport", "config_from_hf", "convert", "encoder_for_timm", "from_hf_state_dict",

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from mae.data import UNLABELED, build_dataset, build_eval_transform, default_mean_std
 from mae.errors import CheckpointError, ConfigError, DataError
 from mae.files import write_json
+from mae.interop.keys import short_list
 from mae.interop.loading import EncoderSource, read_encoder
 from mae.models.classifier import GLOBAL_POOLS, ClassifierConfig, build_classifier, load_encoder_into
 from mae.models.pos_embed import resize_pos_embed
@@ -397,8 +398,8 @@ def load_classifier(path: str | Path, img_size: int | tuple[int, int] | None = N
         sd = {**sd, "pos_embed": resize_pos_embed(sd["pos_embed"], stored_grid, config.grid_size)}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"'{path}' does not fit the classifier it describes: missing {_short(list(missing))}; "
-                              f"unexpected {_short(list(unexpected))}")
+        raise CheckpointError(f"'{path}' does not fit the classifier it describes: missing {short_list(missing)}; "
+                              f"unexpected {short_list(unexpected)}")
     return model.eval(), config, names
 
 

@@ -39,9 +39,9 @@ from mae.transfer.training import (
     TransferRun,
     backbone_spec,
     eval_progress,
+    evaluation_setup,
     load_task_checkpoint,
     make_backbone,
-    evaluation_setup,
     run_transfer,
 )
 

@@ -48,7 +48,7 @@ from mae.recipes.classify_common import (
     load_classifier,
     square_side,
 )
-from mae.recipes.common import prepare_output_dir, require_precision, run_distributed
+from mae.recipes.common import prepare_output_dir, run_distributed
 from mae.train.distributed import DistInfo
 from mae.train.logging import MetricsLogger
 from mae.train.precision import resolve_precision
@@ -273,8 +273,9 @@ def _run(cfg: EvaluateConfig, dist: DistInfo) -> dict[str, Any]:
     result = evaluate(model, loader, device, precision, class_index=index, confusion_classes=len(classes))
     seconds = time.perf_counter() - t0
     model_index = index.tolist() if index is not None else list(range(len(classes)))
+    many = len(classes) > 5  # top-5 of 5 classes or fewer is always 100%: not shown
     summary: dict[str, Any] = {
-        "top1": result.top1, "top5": result.top5, "best_top1": result.top1, "loss": result.loss,
+        "top1": result.top1, **({"top5": result.top5} if many else {}), "best_top1": result.top1, "loss": result.loss,
         "images": result.count, "classes": len(classes), "model_classes": ccfg.num_classes,
         "img_size": ccfg.img_size if isinstance(ccfg.img_size, int) else list(ccfg.img_size),
         "checkpoint": str(cfg.checkpoint), "seconds": seconds, "output_dir": str(out)}
@@ -287,11 +288,11 @@ def _run(cfg: EvaluateConfig, dist: DistInfo) -> dict[str, Any]:
             result.confusion, classes, out / "confusion.png",
             title=f"{Path(str(cfg.checkpoint)).name}: top-1 {result.top1:.2f}%"))
         with MetricsLogger(out, tensorboard=False) as logger:
-            logger.log({"epoch": 0, "step": 0, "top1": result.top1, "top5": result.top5, "loss": result.loss,
-                        "images": result.count})
+            logger.log({"epoch": 0, "step": 0, "top1": result.top1, **({"top5": result.top5} if many else {}),
+                        "loss": result.loss, "images": result.count})
         write_json(out / "summary.json", summary)
-    log.info("top-1 %.2f%%, top-5 %.2f%% on %d images (%d classes)", result.top1, result.top5, result.count,
-             len(classes))
+    log.info("top-1 %.2f%%%s on %d images (%d classes)", result.top1,
+             f", top-5 {result.top5:.2f}%" if many else "", result.count, len(classes))
     return summary
 
 

@@ -8,7 +8,6 @@ summed votes (top-1 / top-5). Defaults k = 20, T = 0.07.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from torch import nn
 
 from mae.config import save_config
 from mae.errors import ConfigError, DataError
+from mae.files import write_json
 from mae.models.classifier import ClassifierConfig
 from mae.recipes.classify_common import (
     ClassifierSection,
@@ -36,7 +36,7 @@ from mae.recipes.classify_common import (
     square_side,
     topk_counts,
 )
-from mae.recipes.common import prepare_output_dir, require_precision, run_distributed
+from mae.recipes.common import prepare_output_dir, run_distributed
 from mae.train.distributed import DistInfo
 from mae.train.logging import MetricsLogger
 from mae.train.precision import resolve_precision
@@ -234,15 +234,17 @@ def _run(cfg: KnnConfig, dist: DistInfo) -> dict[str, Any]:
                           eval_loader(val_set, cfg.batch_size, cfg.data.num_workers, dist), len(classes), device,
                           cfg.k, cfg.temperature, precision)
     seconds = time.perf_counter() - t0
-    summary = {"output_dir": str(out), "top1": result["knn_top1"], "top5": result["knn_top5"],
+    many = len(classes) > 5  # top-5 of 5 classes or fewer is always 100%: not shown
+    summary = {"output_dir": str(out), "top1": result["knn_top1"], **({"top5": result["knn_top5"]} if many else {}),
                "best_top1": result["knn_top1"], "k": cfg.k, "temperature": cfg.temperature,
                "train_images": len(train_set), "val_images": result["knn_images"], "seconds": seconds}
     if dist.is_main:
         save_config(cfg, out / "config.yaml")
         with MetricsLogger(out, tensorboard=False) as logger:
-            logger.log({"epoch": 0, "step": 0, "top1": summary["top1"], "top5": summary["top5"], "k": cfg.k,
-                        "temperature": cfg.temperature, "seconds": seconds})
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    log.info("k-NN (k=%d, T=%g): top-1 %.2f%%, top-5 %.2f%% on %d val images (%d train) in %.1f s", cfg.k,
-             cfg.temperature, summary["top1"], summary["top5"], summary["val_images"], len(train_set), seconds)
+            logger.log({"epoch": 0, "step": 0, "top1": summary["top1"], **({"top5": summary["top5"]} if many else {}),
+                        "k": cfg.k, "temperature": cfg.temperature, "seconds": seconds})
+        write_json(out / "summary.json", summary)
+    log.info("k-NN (k=%d, T=%g): top-1 %.2f%%%s on %d val images (%d train) in %.1f s", cfg.k, cfg.temperature,
+             summary["top1"], f", top-5 {summary['top5']:.2f}%" if many else "", summary["val_images"],
+             len(train_set), seconds)
     return summary

@@ -39,7 +39,6 @@ from mae.recipes.classify_common import (
     score_logits,
     square_side,
     train_classifier,
-    train_transform,
 )
 from mae.recipes.common import run_distributed
 from mae.train.distributed import DistInfo

@@ -51,8 +51,8 @@ from mae.transfer.training import (
     TransferRun,
     backbone_spec,
     eval_progress,
-    load_task_checkpoint,
     evaluation_setup,
+    load_task_checkpoint,
     make_backbone,
     run_transfer,
 )

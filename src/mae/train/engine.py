@@ -255,7 +255,7 @@ class Engine:
                 if self.world_size > 1:
                     torch.distributed.all_reduce(both)
                 total, n = both.tolist()
-                count = int(round(n))
+                count = round(n)
             self._read_counters(check=False)
             return EpochProgress(before.loss_sum + total, before.count + count, self.epoch_skipped)
 

@@ -13,6 +13,10 @@ import logging
 import signal
 import threading
 from types import FrameType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 __all__ = ["STOP_SIGNALS", "SignalStop"]
 
@@ -38,7 +42,7 @@ class SignalStop:
                          signal.Signals(signum).name)
         self.requested = signum
 
-    def __enter__(self) -> SignalStop:
+    def __enter__(self) -> Self:
         if threading.current_thread() is threading.main_thread():
             for signum in STOP_SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)

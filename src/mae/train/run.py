@@ -36,7 +36,7 @@ import torch
 from mae.errors import ConfigError, MAEError
 from mae.train.distributed import DistInfo, all_gather_objects
 
-__all__ = ["RunFields", "Run", "TrainFields", "check_resume", "provenance", "start_run"]
+__all__ = ["Run", "RunFields", "TrainFields", "check_resume", "provenance", "start_run"]
 
 _log = logging.getLogger(__name__)
 

@@ -24,10 +24,13 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mae.errors import CheckpointError, ConfigError
 from mae.files import pid_alive, write_json
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 __all__ = ["RUN_FILES", "RunLock", "guard_fresh_start", "read_status", "resolve_run", "write_status"]
 
@@ -126,7 +129,7 @@ class RunLock:
             os.close(self._fd)  # closing the descriptor releases the flock
         self._fd = None
 
-    def __enter__(self) -> RunLock:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
