@@ -51,7 +51,7 @@ class MetricsLogger:
             return
         try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a", encoding="utf-8")
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         except OSError as e:
             raise OutputError(f"could not write '{self.path}': {reason_of(e)}; {fix_for(e)}") from e
         if tensorboard:
