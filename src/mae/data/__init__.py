@@ -369,7 +369,19 @@ def build_loader(dataset: Dataset, batch_size: int, shuffle: bool = True, num_wo
         prefetch_factor=4 if num_workers > 0 else None,
         collate_fn=collate_fn,
         generator=torch.Generator().manual_seed(seed),  # the loader's own draws leave the global generator alone
+        worker_init_fn=ignore_stop_signals,
     )
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """In a DataLoader worker: ignore SIGTERM, SIGUSR1 and SIGINT. A scheduler or a terminal signals the whole
+    process group; the training process decides (it finishes its update and saves a checkpoint, see
+    `mae.train.preemption`), and a worker dying first would turn that clean stop into a crash."""
+    import signal
+
+    for name in ("SIGTERM", "SIGUSR1", "SIGINT"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def set_epoch(loader, epoch: int, skip: int = 0) -> None:

@@ -641,7 +641,7 @@ class ShardLoader:
                                           world_size=world_size, shuffle=shuffle, drop_last=drop_last,
                                           buffer_size=buffer_size)
         self._batches = batches
-        from mae.data import SeededDataset, WithMaskNoise  # the folders' per-sample seeding and masking noise
+        from mae.data import SeededDataset, WithMaskNoise, ignore_stop_signals  # the folders' seeding, noise, workers
 
         self.loader = DataLoader(
             SeededDataset(WithMaskNoise(dataset, num_patches) if num_patches is not None else dataset),
@@ -654,6 +654,7 @@ class ShardLoader:
             # the workers' base seed comes from here, not from the global RNG: iterating leaves the caller's
             # RNG states untouched (every sample is reseeded anyway)
             generator=torch.Generator().manual_seed(seed),
+            worker_init_fn=ignore_stop_signals,
         )
 
     @property

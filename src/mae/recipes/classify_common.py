@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from mae.data import UNLABELED, build_dataset, build_eval_transform, default_mean_std
+from mae.data import UNLABELED, build_dataset, build_eval_transform, default_mean_std, ignore_stop_signals
 from mae.errors import CheckpointError, ConfigError, DataError
 from mae.files import write_json
 from mae.interop.keys import short_list
@@ -236,7 +236,7 @@ def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, dist: DistI
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rank, world),
                       num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=num_workers > 0)
+                      persistent_workers=num_workers > 0, worker_init_fn=ignore_stop_signals)
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation

@@ -121,7 +121,7 @@ class DetectConfig(TransferRun):
     optim: TransferOptim = field(default_factory=lambda: TransferOptim(lr=1e-4, weight_decay=0.1, layer_decay=0.7))
 
 
-    RENAMED: ClassVar[dict[str, str]] = {"data.train_limit": "data.train_limit"}
+    RENAMED: ClassVar[dict[str, str]] = {"data.limit": "data.train_limit"}
     def validate(self) -> None:
         super().validate()
         if self.mode == "train":

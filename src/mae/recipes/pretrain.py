@@ -105,7 +105,7 @@ class PretrainConfig(TrainFields):
         "help": "k-NN top-1 / top-5 of the encoder every N epochs on the labelled data.path (0: off)"})
 
     RESUME_FREE: ClassVar[tuple[str, ...]] = (*TrainFields.RESUME_FREE, "visualize", "knn_every", "data.decode")
-    RENAMED: ClassVar[dict[str, str]] = {"data.train_limit": "data.train_limit"}
+    RENAMED: ClassVar[dict[str, str]] = {"data.limit": "data.train_limit"}
     """Keys of earlier versions, read under their new names (config files and runs of those versions load)."""
 
 

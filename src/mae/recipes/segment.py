@@ -209,7 +209,7 @@ class SegmentConfig(TransferRun):
     test: SegmentTest = field(default_factory=SegmentTest)
 
 
-    RENAMED: ClassVar[dict[str, str]] = {"data.train_limit": "data.train_limit"}
+    RENAMED: ClassVar[dict[str, str]] = {"data.limit": "data.train_limit"}
     def validate(self) -> None:
         super().validate()
         if self.mode == "train":
