@@ -255,33 +255,40 @@ _SIGNAL_AT = textwrap.dedent('''
     from mae.cli import main
     from mae.models.mae import MaskedAutoencoderViT
 
-    at, signum = int(sys.argv[1]), getattr(signal, sys.argv[2])
+    at, signum, group = int(sys.argv[1]), getattr(signal, sys.argv[2]), sys.argv[3] == "group"
     calls = {"n": 0}
     loss = MaskedAutoencoderViT.forward_loss
 
     def signalled(self, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == at:
-            os.kill(os.getpid(), signum)  # what SLURM / Kubernetes / Ctrl-C do, in the middle of an update
+        if calls["n"] == at:  # what SLURM / Kubernetes / Ctrl-C do, in the middle of an update
+            if group:  # the whole process group, DataLoader workers included (a terminal, slurmstepd)
+                os.killpg(os.getpgid(0), signum)
+            else:
+                os.kill(os.getpid(), signum)
         return loss(self, *args, **kwargs)
 
     MaskedAutoencoderViT.forward_loss = signalled
-    sys.exit(main(sys.argv[3:]))
+    sys.exit(main(sys.argv[4:]))
 ''')
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, code", [("SIGTERM", 143), ("SIGUSR1", 138), ("SIGINT", 130)])
-def test_a_signal_mid_epoch_saves_exits_with_its_code_and_the_resumed_run_is_bit_identical(uninterrupted, tmp_path,
-                                                                                          name, code):
-    """A signal during update 13 (epoch 1, update 5 of 8): the update finishes, checkpoint-last.pth is written at
-    epoch 1, batch 5, the process exits with 128 + the signal number and one line saying how to continue; the
-    resumed run ends bit-identical to the uninterrupted one."""
+@pytest.mark.parametrize("name, code, target, workers", [
+    ("SIGTERM", 143, "process", 0), ("SIGUSR1", 138, "process", 0), ("SIGINT", 130, "process", 0),
+    ("SIGTERM", 143, "group", 2)])
+def test_a_signal_mid_epoch_saves_exits_with_its_code_and_the_resumed_run_is_bit_identical(
+        uninterrupted, tmp_path, name, code, target, workers):
+    """A signal during update 13 (epoch 1, update 5 of 8) to the training process, or to its whole process group
+    with 2 DataLoader workers (they ignore it): the update finishes, checkpoint-last.pth is written at epoch 1,
+    batch 5, the process exits with 128 + the signal number and one line saying how to continue; the resumed run
+    ends bit-identical to the uninterrupted one."""
     script = tmp_path / "signal_at.py"
     script.write_text(_SIGNAL_AT)
     out = tmp_path / "run"
-    stopped = subprocess.run([sys.executable, str(script), "13", name, "pretrain", *ARGS, f"output_dir={out}"],
-                             env=_env(), capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    stopped = subprocess.run([sys.executable, str(script), "13", name, target, "pretrain", *ARGS,
+                              f"data.num_workers={workers}", f"output_dir={out}"], env=_env(), capture_output=True,
+                             text=True, timeout=TIMEOUT, check=False, start_new_session=True)
     assert stopped.returncode == code, stopped.stderr[-3000:]
     last_line = stopped.stderr.strip().splitlines()[-1]
     assert f"stopped by {name}" in last_line and "--resume auto" in last_line
