@@ -95,7 +95,7 @@ def test_sigkill_mid_run_then_resume_auto_ends_bit_identical_to_an_uninterrupted
                              capture_output=True, text=True, timeout=TIMEOUT)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "skipping damaged checkpoint" in resumed.stderr and "checkpoint-last.pth" in resumed.stderr
-    assert f"resumed from {killed / f'checkpoint-{epoch_at_kill:04d}.pth'} at epoch {epoch_at_kill + 1}" \
+    assert f"resumed from {killed / f'checkpoint-{epoch_at_kill:04d}.pth'} at epoch {epoch_at_kill + 2}/6" \
         in resumed.stderr
     assert alone.wait(timeout=TIMEOUT) == 0, alone.stderr.read()[-3000:]
 

@@ -254,8 +254,9 @@ class Trainer:
             path = self.manager.save(state, epoch_end, is_best=is_best)
             write_status(self.run.out, status="running", checkpoint=path.name, step=self.engine.step,
                          position=list(position))
-            where = f"end of epoch {epoch_end}" if epoch_end is not None else \
-                f"epoch {position[0]}, batch {position[1]}"
+            total = self.run.cfg.epochs  # messages count epochs from 1, as the per-epoch line does
+            where = f"end of epoch {epoch_end + 1}/{total}" if epoch_end is not None else \
+                f"epoch {position[0] + 1}/{total}, batch {position[1]}"
             _log.info("saved %s (%s, update %d)", path.name, where, self.engine.step)
         self._last_save = time.monotonic()
 
@@ -300,8 +301,8 @@ class Trainer:
             epoch, batch, partial = self._restore(run.resume_state)
             run.resume_state = None  # the big state is not needed any more
             if run.dist.is_main:
-                _log.info("resumed from %s at epoch %d, batch %d (update %d)", run.resume_path, epoch, batch,
-                          engine.step)
+                _log.info("resumed from %s at epoch %d/%d, batch %d (update %d)", run.resume_path, epoch + 1,
+                          cfg.epochs, batch, engine.step)
         if run.dist.is_main:
             from mae.config import save_config
 
@@ -394,9 +395,9 @@ class Trainer:
 
         signum = self._stop.requested or signal.SIGTERM
         name = signal.Signals(signum).name
-        raise Interrupted(f"stopped by {name} after saving {self.manager.last_path} (epoch {epoch}, batch {batch}, "
-                          f"update {self.engine.step}); continue with --resume auto --output-dir {self.run.out}",
-                          signum)
+        raise Interrupted(f"stopped by {name} after saving {self.manager.last_path} (epoch {epoch + 1}/"
+                          f"{self.run.cfg.epochs}, batch {batch}, update {self.engine.step}); continue with --resume "
+                          f"auto --output-dir {self.run.out}", signum)
 
     def _log_epoch(self, epoch: int, record: dict[str, Any], epoch_times: list[float]) -> None:
         if not self.run.dist.is_main:
