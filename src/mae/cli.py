@@ -394,6 +394,9 @@ def _normalise_argv(argv: list[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from mae.threads import configure
+
+    configure()  # OMP wait policy and thread count for this process, unless set: before torch starts
     argv = _normalise_argv(list(sys.argv[1:] if argv is None else argv))
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in CONFIG_COMMANDS else "")

@@ -25,6 +25,7 @@ from mae.interop.keys import short_list
 from mae.interop.loading import EncoderSource, read_encoder
 from mae.models.classifier import GLOBAL_POOLS, ClassifierConfig, build_classifier, load_encoder_into
 from mae.models.pos_embed import resize_pos_embed
+from mae.threads import default_workers
 from mae.train.checkpoint import safe_load
 from mae.train.distributed import DistInfo
 from mae.train.precision import autocast_context
@@ -74,7 +75,8 @@ class ClassifyData:
 
     path: str = field(default="builtin:mnist5k", metadata={
         "help": "builtin:<name> or a folder of class sub-folders (root/train/<class>/..., root/val/<class>/...)"})
-    num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes"})
+    num_workers: int = field(default_factory=default_workers, metadata={
+        "help": "DataLoader worker processes (default: this process's share of the CPUs less one, at most 8)"})
     mean: list[float] | None = field(default=None, metadata={"help": "normalisation mean (default: ImageNet / 0.5)"})
     std: list[float] | None = None
     crop_pct: float | None = field(default=None, metadata={

@@ -28,6 +28,7 @@ from mae.data.device_decode import CropPlan, DeviceDecoder, collate_encoded
 from mae.errors import ConfigError
 from mae.models import MAEConfig, MaskedAutoencoderViT, create_model
 from mae.recipes.common import ModelSection, run_distributed
+from mae.threads import default_workers
 from mae.train.distributed import DistInfo, all_gather_objects
 from mae.train.logging import plot_curves
 from mae.train.optim import param_groups
@@ -44,7 +45,8 @@ PRETRAIN_DECODERS = ("tensor", "pil", "nvjpeg")
 class PretrainData:
     path: str = field(default="builtin:mnist5k", metadata={"help": "builtin:<name>, a class-folder tree or a folder of images"})
     augment: str = field(default="rrc", metadata={"help": "rrc | fixed_crop | none | rrc_jitter (paper Table 1e)"})
-    num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes"})
+    num_workers: int = field(default_factory=default_workers, metadata={
+        "help": "DataLoader worker processes (default: this process's share of the CPUs less one, at most 8)"})
     decode: str = field(default="tensor", metadata={
         "help": "tensor: JPEGs decoded by torchvision.io to uint8 (about 2x PIL's speed) | pil | nvjpeg: JPEGs "
                 "decoded, cropped and normalised on the GPU (CUDA only; augment rrc or none)"})

@@ -20,6 +20,7 @@ from mae.errors import CheckpointError, ConfigError
 from mae.files import write_json
 from mae.models.loading import LoadReport
 from mae.recipes.common import resolve_device
+from mae.threads import default_workers
 from mae.train.checkpoint import safe_load
 from mae.train.distributed import DistInfo
 from mae.train.logging import draw_curves, progress
@@ -128,7 +129,8 @@ class TransferRun(TrainFields):
         "help": "mode=evaluate: a run directory (its result, see docs/robustness.md) or a checkpoint-*.pth"})
     eval_batch_size: int = 8
     eval_every: int = field(default=1, metadata={"help": "evaluate every N epochs (and after the last)"})
-    num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes"})
+    num_workers: int = field(default_factory=default_workers, metadata={
+        "help": "DataLoader worker processes (default: this process's share of the CPUs less one, at most 8)"})
 
     RESUME_FREE: ClassVar[tuple[str, ...]] = (*TrainFields.RESUME_FREE, "mode", "weights", "eval_batch_size",
                                               "eval_every", "num_workers")
