@@ -89,6 +89,7 @@ def test_nvjpeg_config_errors(tmp_path):
             run(cfg)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_pretrain_with_nvjpeg_on_cuda(tmp_path):
     """One epoch of pre-training with the batch decoded on the GPU; the loss is finite and the run completes."""

@@ -545,3 +545,34 @@ def test_pipes_link_loops_and_crafted_headers_in_a_data_folder_neither_hang_nor_
                      "--output-dir", str(tmp_path / "run")]) == 0
     assert "skipped_files: 1" in capsys.readouterr().out
     assert any("bomb.png" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_training_step_does_not_synchronise_with_the_host_on_cuda():
+    """On a GPU with fused AdamW, the synchronisations CUDA reports (torch.cuda.set_sync_debug_mode) during an epoch
+    are the same for 4 and for 12 updates: they come from the epoch's end (the loss and counters read once), none
+    from the updates themselves."""
+    import warnings
+
+    from tiny import micro_mae
+
+    def syncs(updates: int) -> int:
+        model = micro_mae(seed=0).cuda()
+        engine = Engine(model, torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True),
+                        LRSchedule(1e-3, updates, 0), device="cuda", show_progress=False, log_every=10_000)
+        batches = [(torch.randn(8, 1, 28, 28, device="cuda"), torch.rand(8, 49, device="cuda"))
+                   for _ in range(updates)]
+        loss = lambda m, b: m(b[0], 0.75, noise=b[1])[0]  # noqa: E731
+        engine.train_epoch(batches[:1], 0, loss)  # warm-up: first-call allocations and lazy initialisations
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                engine.train_epoch(batches, 1, loss)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    assert syncs(4) == syncs(12)
