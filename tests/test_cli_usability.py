@@ -142,3 +142,53 @@ def test_every_preset_is_package_data():
     shipped = set(PRESETS_DIR.rglob("*.yaml"))
     assert shipped and shipped <= packaged
     assert len(list_presets()) == len(shipped)
+
+
+def test_device_mps_without_an_apple_gpu_is_one_line(capsys):
+    """`--device mps` where MPS is absent: exit 2 and one line naming the device and the fix (no traceback); the
+    CLI never chooses it for device=auto on such a machine."""
+    import torch
+
+    from mae.recipes.common import resolve_device
+
+    if torch.backends.mps.is_available():
+        pytest.skip("this machine has an Apple GPU")
+    assert main(["pretrain", "--device", "mps", "epochs=1", "--output-dir", "unused"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "mps" in err[0] and "device=cpu" in err[0]
+    assert resolve_device("auto").type in ("cpu", "cuda")
+
+
+def test_pretraining_logs_one_line_per_epoch_and_warns_about_a_warmup_longer_than_the_run(tmp_path, caplog):
+    """Every epoch ends with one line (loss, lr, img/s, time, ETA) whatever the progress bar does, and a warm-up as
+    long as the run (the default 40 epochs in a 2-epoch run) is said once, with the fix."""
+    from tiny import MODEL, RUN
+
+    args = [o for o in RUN if not o.startswith("optim.warmup_epochs")]
+    with caplog.at_level("INFO", logger="mae"):
+        assert main(["pretrain", *MODEL, *args, "epochs=2", "visualize=false", "--output-dir", str(tmp_path)]) == 0
+    lines = [r.getMessage() for r in caplog.records]
+    epoch_lines = [m for m in lines if m.startswith("epoch ")]
+    assert len(epoch_lines) == 2 and epoch_lines[0].startswith("epoch 1/2: loss ") and "img/s" in epoch_lines[0]
+    assert "ETA" in epoch_lines[0] and "ETA" not in epoch_lines[1]
+    assert sum("never reaches its peak" in m and "optim.warmup_epochs" in m for m in lines) == 1
+
+
+def test_a_non_square_model_pretrains_from_the_command_line(tmp_path):
+    """model.img_size=[32,48] is accepted on the command line and pre-trains on a folder of photos (crops resized to
+    32 x 48); config.yaml records the size as a list."""
+    import yaml
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(16):
+        Image.new("RGB", (60 + i, 40 + 2 * i), (10 * i, 100, 200)).save(photos / f"{i}.jpg")
+    out = tmp_path / "run"
+    assert main(["pretrain", "--data", str(photos), "--output-dir", str(out), "model.name=mae_vit_micro_patch4_28",
+                 "model.in_chans=3", "model.img_size=[32,48]", "model.embed_dim=32", "model.depth=1",
+                 "model.num_heads=2", "model.decoder_embed_dim=32", "model.decoder_depth=1",
+                 "model.decoder_num_heads=2", "epochs=1", "batch_size=8", "precision=fp32", "device=cpu",
+                 "data.num_workers=0", "progress=false"]) == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["model"]["img_size"] == [32, 48]
+    assert (out / "reconstructions.png").is_file()

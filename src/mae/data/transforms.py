@@ -59,9 +59,10 @@ def resize_size(img_size: int, crop_pct: float) -> int:
     return max(img_size, round(img_size / crop_pct))
 
 
-def build_transform(name: str, img_size: int, in_chans: int, mean: Sequence[float] | None = None,
+def build_transform(name: str, img_size: int | tuple[int, int], in_chans: int, mean: Sequence[float] | None = None,
                     std: Sequence[float] | None = None) -> Callable:
-    """The pre-training augmentation `name` (one of `AUGMENTATIONS`), PIL image -> [in_chans, img_size, img_size].
+    """The pre-training augmentation `name` (one of `AUGMENTATIONS`), PIL image -> [in_chans, H, W] with
+    ``img_size`` = H = W, or (H, W) for non-square models (the crops are then resized to H x W).
 
     - rrc: RandomResizedCrop(scale=(0.2, 1), bicubic) + horizontal flip (the paper's default)
     - fixed_crop: resize the shorter side to img_size / 0.875, random crop + horizontal flip
@@ -70,12 +71,14 @@ def build_transform(name: str, img_size: int, in_chans: int, mean: Sequence[floa
     mean / std default to ImageNet's for 3 channels and (0.5,) / (0.5,) for 1.
     """
     flip = v2.RandomHorizontalFlip()
-    rrc = v2.RandomResizedCrop(img_size, scale=RRC_SCALE, interpolation=BICUBIC)
+    size = tuple(img_size) if isinstance(img_size, (list, tuple)) else (img_size, img_size)
+    longer = max(size)  # the shorter image side is resized to this, so that an H x W crop fits
+    rrc = v2.RandomResizedCrop(size, scale=RRC_SCALE, interpolation=BICUBIC)
     geometry: dict[str, list[Callable]] = {
         "rrc": [rrc, flip],
-        "fixed_crop": [v2.Resize(resize_size(img_size, FIXED_CROP_PCT), interpolation=BICUBIC),
-                       v2.RandomCrop(img_size), flip],
-        "none": [v2.Resize(img_size, interpolation=BICUBIC), v2.CenterCrop(img_size)],
+        "fixed_crop": [v2.Resize(resize_size(longer, FIXED_CROP_PCT), interpolation=BICUBIC),
+                       v2.RandomCrop(size), flip],
+        "none": [v2.Resize(longer, interpolation=BICUBIC), v2.CenterCrop(size)],
         "rrc_jitter": [rrc, flip, v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4)],
     }
     if name not in geometry:

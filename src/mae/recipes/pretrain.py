@@ -115,10 +115,16 @@ def build_model(section: ModelSection) -> MaskedAutoencoderViT:
     return create_model(section.name, **section.overrides())
 
 
+def _image_size(cfg: MAEConfig) -> int | tuple[int, int]:
+    h, w = cfg.image_hw
+    return h if h == w else (h, w)
+
+
 def _image_side(cfg: MAEConfig) -> int:
     h, w = cfg.image_hw
     if h != w:
-        raise ConfigError(f"the pre-training transforms make square crops; img_size {h}x{w} is not square")
+        raise ConfigError(f"data.decode=nvjpeg makes square crops; img_size {h}x{w} is not square: use "
+                          f"data.decode=tensor")
     return h
 
 
@@ -129,7 +135,7 @@ def build_pretrain_loader(cfg: PretrainConfig, model_cfg: MAEConfig, dist: DistI
     if on_device:
         transform = CropPlan(cfg.data.augment)
     else:
-        transform = build_transform(cfg.data.augment, _image_side(model_cfg), model_cfg.in_chans, cfg.data.mean,
+        transform = build_transform(cfg.data.augment, _image_size(model_cfg), model_cfg.in_chans, cfg.data.mean,
                                     cfg.data.std)
     mode = "L" if model_cfg.in_chans == 1 else "RGB"
     dataset = build_dataset(cfg.data.path, split, transform=transform, mode=mode, strict=cfg.data.strict,

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure  # a bare Figure renders with Agg and leaves pyplot's global state alone
 
-from mae.data import build_dataset, build_eval_transform, default_mean_std
+from mae.data import build_dataset, build_eval_transform, build_transform, default_mean_std
 from mae.errors import DataError
 from mae.models import MaskedAutoencoderViT
 
@@ -109,8 +109,9 @@ def _save_grid(columns: Sequence[tuple[str, torch.Tensor]], title: str, out: str
 def load_images(data: str, model: MaskedAutoencoderViT, num_images: int = 8, split: str = "val",
                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> torch.Tensor:
     """The first ``num_images`` of a dataset's split, resized and centre-cropped to the model's input."""
-    side = model.config.image_hw[0]
-    transform = build_eval_transform(side, model.in_chans, crop_pct=1.0, mean=mean, std=std)
+    h, w = model.config.image_hw
+    transform = (build_eval_transform(h, model.in_chans, crop_pct=1.0, mean=mean, std=std) if h == w
+                 else build_transform("none", (h, w), model.in_chans, mean, std))  # resize, centre crop to H x W
     try:
         dataset = build_dataset(data, split, transform=transform, mode="L" if model.in_chans == 1 else "RGB")
     except DataError:  # a folder without a val split: show training images
