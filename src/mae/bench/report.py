@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from mae.files import atomic_write_path
+
 
 def _fmt(value, digits: int = 3) -> str:
     if value is None:
@@ -128,7 +130,7 @@ def plot_scaling(rows: Sequence[dict], out_dir: Path, caption: str) -> list[Path
                      fontsize=10)
         fig.text(0.5, -0.02, caption, ha="center", va="top", fontsize=7, wrap=True)
         path = out_dir / f"scaling_{axis}.png"
-        fig.savefig(path, dpi=110, bbox_inches="tight")
+        atomic_write_path(path, lambda tmp, fig=fig: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
         written.append(path)
     return written
 
@@ -148,5 +150,5 @@ def plot_data(rows: Sequence[dict], out_path: Path, caption: str) -> Path:
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.text(0.5, -0.02, caption, ha="center", va="top", fontsize=7, wrap=True)
-    fig.savefig(out_path, dpi=110, bbox_inches="tight")
+    atomic_write_path(out_path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
     return out_path

@@ -13,7 +13,6 @@ Results go to ``<output_dir>/bench.json`` (every number, the machine, the comman
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shlex
@@ -38,6 +37,7 @@ from mae.bench.suites import (
 )
 from mae.config import to_dict
 from mae.errors import ConfigError
+from mae.files import write_json, write_text
 from mae.models import model_config
 from mae.recipes.common import ModelSection, prepare_output_dir, require_at_least, require_precision, resolve_device
 from mae.train.precision import resolve_precision
@@ -260,13 +260,13 @@ def _run(cfg: BenchConfig, device: torch.device, out) -> dict:
             summary["mfu"] = results["suites"]["step"]["rows"][0]["mfu"]
     results["peaks"] = ctx.peaks
     results["machine"]["load_average_end"] = measure.load_average()
-    (out / "bench.json").write_text(json.dumps(results, indent=2, default=str))
+    write_json(out / "bench.json", results)
     md = [f"# mae bench\n\n`{command}`\n\n{caption}\n"]
     for name, res in results["suites"].items():
         md.append(f"## {name}\n\n{suite_tables(name, res)}\n")
     if ctx.peaks:
         md.append("## matmul peaks\n\n" + "\n".join(
             f"- {p}: {v['flops_per_s'] / 1e12:.3g} TFLOP/s ({v['size']}^3)" for p, v in ctx.peaks.items()) + "\n")
-    (out / "bench.md").write_text("\n".join(md))
+    write_text(out / "bench.md", "\n".join(md))
     return {"suites": ",".join(results["suites"]), "precision": precision, **summary,
             "json": str(out / "bench.json"), "markdown": str(out / "bench.md")}

@@ -14,6 +14,7 @@ import csv
 import dataclasses
 import difflib
 import hashlib
+import io
 import json
 import logging
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from mae.config import load_config
 from mae.errors import ConfigError, MAEError
+from mae.files import atomic_write_path, write_json, write_text
 
 log = logging.getLogger("mae")
 
@@ -126,12 +128,12 @@ def _stage(kind: str, preset: str, overrides: list[str], out: Path) -> dict:
     module = {"pretrain": "pretrain", "linprobe": "linprobe", "finetune": "finetune"}[kind]
     recipe = __import__(f"mae.recipes.{module}", fromlist=["run"])
     cls = {"pretrain": "PretrainConfig", "linprobe": "LinprobeConfig", "finetune": "FinetuneConfig"}[kind]
-    extra = ["resume=auto"] if kind == "pretrain" else []  # an interrupted pre-training continues from its checkpoint
+    extra = ["resume=auto"]  # an interrupted stage continues from its checkpoint (a finished one is reused)
     cfg = load_config(getattr(recipe, cls), preset, [*overrides, f"output_dir={out}", "progress=false", *extra])
     t0 = time.perf_counter()
     summary = recipe.run(cfg)
     summary["stage_seconds"] = time.perf_counter() - t0
-    done.write_text(json.dumps(summary, indent=2, default=str))
+    write_json(done, summary)
     return summary
 
 
@@ -239,10 +241,11 @@ def _write_tables(out: Path, rows: list[dict]) -> None:
     columns: list[str] = []
     for r in rows:
         columns += [k for k in r if k not in columns]
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(out / "results.csv", table.getvalue())
     lines = []
     for grid in dict.fromkeys(r["grid"] for r in rows):
         part = [r for r in rows if r["grid"] == grid]
@@ -254,7 +257,7 @@ def _write_tables(out: Path, rows: list[dict]) -> None:
                      *(_fmt(r.get(c), 1) for c in shown)]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    (out / "results.md").write_text("\n".join(lines))
+    write_text(out / "results.md", "\n".join(lines))
 
 
 def _fmt(value, digits: int) -> str:
@@ -315,7 +318,7 @@ def _plot(out: Path, rows: list[dict]) -> list[str]:
         ax.legend(fontsize=8)
         fig.tight_layout()
         path = out / f"{grid}.png"
-        fig.savefig(path, dpi=110)
+        atomic_write_path(path, lambda tmp, fig=fig: fig.savefig(tmp, dpi=110, format="png"))
         plt.close(fig)
         paths.append(str(path))
     return paths

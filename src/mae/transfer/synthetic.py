@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from mae.errors import DataError
+from mae.files import write_json
 
 _log = logging.getLogger(__name__)
 
@@ -228,7 +229,7 @@ def _write_split(root: Path, split: str, count: int, spec: SyntheticSpec, photos
     categories = [{"id": k + 1, "name": name, "supercategory": "shape"} for k, name in enumerate(SHAPES)]
     coco = {"info": {"description": f"mae synthetic shapes, {split}"}, "images": images,
             "annotations": annotations, "categories": categories}
-    data.coco(split).write_text(json.dumps(coco))
+    write_json(data.coco(split), coco, indent=None)
 
 
 def generate_synthetic(root: str | Path, spec: SyntheticSpec | None = None, overwrite: bool = False,
@@ -268,7 +269,7 @@ def generate_synthetic(root: str | Path, spec: SyntheticSpec | None = None, over
         photos = _photos()
         for split, count in zip(SPLITS, (spec.num_train, spec.num_val)):
             _write_split(root, split, count, spec, photos)
-        meta_path.write_text(json.dumps(meta, indent=1))
+        write_json(meta_path, meta, indent=1)
     except OSError as e:
         raise DataError(f"could not write synthetic data to '{root}': {e.strerror or e}") from e
     _log.info("synthetic data: wrote %d + %d scenes of %d px to %s", spec.num_train, spec.num_val, spec.image_size,
