@@ -31,8 +31,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from mae.errors import ConfigError, Interrupted, MAEError
 from mae.train.checkpoint import SCHEMA_VERSION, CheckpointManager, load_model_state
+from mae.train.dcp import DCPCheckpointManager
+from mae.train.dcp import restore as restore_dcp
 from mae.train.distributed import all_gather_objects
 from mae.train.engine import Engine, EpochProgress, LRSchedule
+from mae.train.fsdp import apply_fsdp, is_sharded
 from mae.train.logging import MetricsLogger, truncate_metrics
 from mae.train.preemption import SignalStop
 from mae.train.rng import capture_rng_state, restore_rng_state
@@ -89,7 +92,8 @@ def build_engine(run: Run, model: nn.Module, groups: list[dict[str, Any]], *, op
                  momentum: float = 0.9, clip_grad: float | None = None, train_module: nn.Module | None = None,
                  checkpointing: nn.Module | None = None) -> Engine:
     """The set-up every recipe shares: the peak lr from the effective batch, the warm-up + cosine schedule, the
-    optimizer over `groups`, activation checkpointing, the DDP wrap (and torch.compile), and the `Engine`.
+    optimizer over `groups`, activation checkpointing, the DDP wrap or FSDP sharding (``distributed.strategy``; and
+    torch.compile), and the `Engine`.
 
     `train_module` is what the engine calls (default `model`; e.g. a `PartiallyFrozen` wrapper), `checkpointing`
     the module whose ``set_grad_checkpointing`` ``grad_checkpointing=true`` turns on (default `model`).
@@ -108,15 +112,18 @@ def build_engine(run: Run, model: nn.Module, groups: list[dict[str, Any]], *, op
                      "linearly and never reaches its peak %.3g; shorten optim.warmup_epochs or train longer",
                      warmup_epochs, warmup, cfg.epochs, total, peak)
     schedule = LRSchedule(peak, total_steps=total, warmup_steps=warmup, min_lr=min_lr)
-    opt = build_optimizer(groups, optimizer, lr=peak, betas=tuple(betas), weight_decay=weight_decay,
-                          momentum=momentum)
     if cfg.grad_checkpointing:
         target = checkpointing if checkpointing is not None else model
         if not hasattr(target, "set_grad_checkpointing"):
             raise ConfigError(f"grad_checkpointing=true: {type(target).__name__} has no activation checkpointing")
         target.set_grad_checkpointing(True)
+    sharded = is_sharded(run)
+    if sharded:  # shards `model` in place (and materialises it); the optimizer then holds the shards
+        groups = apply_fsdp(run, model, groups)
+    opt = build_optimizer(groups, optimizer, lr=peak, betas=tuple(betas), weight_decay=weight_decay,
+                          momentum=momentum)
     module = train_module if train_module is not None else model
-    if dist.world_size > 1:
+    if dist.world_size > 1 and not sharded:
         module = DistributedDataParallel(module, device_ids=[run.device.index] if run.device.type == "cuda" else None)
     if cfg.compile:
         module = torch.compile(module)
@@ -184,6 +191,8 @@ class Trainer:
         self.resume_free = tuple(type(run.cfg).RESUME_FREE) + tuple(resume_free)
         self.batch_size_of = batch_size_of
         self.manager = CheckpointManager(run.out, keep_last=run.cfg.keep_last)
+        # fsdp: every rank writes its shards into DCP directories (mae.train.dcp); the manager above still finds them
+        self.sharded = DCPCheckpointManager(run.out, keep_last=run.cfg.keep_last) if is_sharded(run) else None
         self.logger: MetricsLogger | None = None
         self.history: list[dict] = []
         self.best_state: dict[str, Any] = {"name": best.metric, "mode": best.mode, "value": None, "epoch": None}
@@ -194,11 +203,14 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ resume
     def _restore(self, state: dict[str, Any]) -> tuple[int, int, EpochProgress | None]:
         run = self.run
-        load_model_state(self.model, state["model"], run.resume_path)
-        self.engine.load_state_dict(state["engine"])
-        for key, module in self.extra_state.items():
-            if state.get(key) is not None:
-                module.load_state_dict(state[key])
+        if "dcp" in state:  # a DCP directory: tensors loaded in place and resharded to this run's processes
+            restore_dcp(run.resume_path, self.model, self.engine, self.extra_state)
+        else:
+            load_model_state(self.model, state["model"], run.resume_path)
+            self.engine.load_state_dict(state["engine"])
+            for key, module in self.extra_state.items():
+                if state.get(key) is not None:
+                    module.load_state_dict(state[key])
         rng = state.get("rng")
         states = rng if isinstance(rng, list) else ([rng] if rng is not None else [])
         if len(states) == run.dist.world_size:
@@ -237,18 +249,22 @@ class Trainer:
 
     def _save(self, position: tuple[int, int], partial: EpochProgress | None, epoch_end: int | None,
               is_best: bool = False) -> None:
-        """Write a checkpoint standing at `position` (a collective under DDP: every rank calls it, rank 0 writes)."""
+        """Write a checkpoint standing at `position` (a collective: every rank calls it; under DDP rank 0 writes one
+        file, under FSDP every rank writes its shards of one DCP directory)."""
         rng = self._gather_rng()
-        if self.run.dist.is_main:
-            state = {
-                "format": self.run.format, "version": SCHEMA_VERSION, "kind": self.run.kind,
-                "model": self.model.state_dict(), "engine": self.engine.state_dict(),
+        meta = {"format": self.run.format, "version": SCHEMA_VERSION, "kind": self.run.kind,
                 "train_state": {"epoch": position[0], "batch": position[1], "history": self.history,
                                 "best": self.best_state, "partial": partial.to_dict() if partial else None,
                                 "skipped_epochs": self.skipped_epochs},
                 "rng": rng, "config": self.resolved, "data": self.data, "versions": provenance()["versions"],
-                **self.meta, **{k: m.state_dict() for k, m in self.extra_state.items()}}
+                **self.meta}
+        if self.sharded is not None:  # every rank writes its shards
+            path = self.sharded.save(meta, self.model, self.engine, self.extra_state, epoch_end, is_best=is_best)
+        elif self.run.dist.is_main:
+            state = {**meta, "model": self.model.state_dict(), "engine": self.engine.state_dict(),
+                     **{k: m.state_dict() for k, m in self.extra_state.items()}}
             path = self.manager.save(state, epoch_end, is_best=is_best)
+        if self.run.dist.is_main:
             write_status(self.run.out, status="running", checkpoint=path.name, step=self.engine.step,
                          position=list(position))
             where = f"end of epoch {epoch_end}" if epoch_end is not None else \
@@ -391,7 +407,8 @@ class Trainer:
 
         signum = self._stop.requested or signal.SIGTERM
         name = signal.Signals(signum).name
-        raise Interrupted(f"stopped by {name} after saving {self.manager.last_path} (epoch {epoch}, batch {batch}, "
+        last = (self.sharded or self.manager).last_path
+        raise Interrupted(f"stopped by {name} after saving {last} (epoch {epoch}, batch {batch}, "
                           f"update {self.engine.step}); continue with --resume auto --output-dir {self.run.out}",
                           signum)
 
