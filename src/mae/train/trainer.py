@@ -442,8 +442,16 @@ class Trainer:
                      "; ".join(f"{k} {o!r} -> {n!r}" for k, o, n in changes))
 
     # ------------------------------------------------------------------------------------------------ the end
+    @property
+    def best_path(self):
+        """Where the best checkpoint is: ``checkpoint-best.pth``, or the ``checkpoint-best`` DCP link under fsdp."""
+        return (self.sharded or self.manager).best_path
+
     def finish(self, summary: dict[str, Any], result_file: str | None) -> dict[str, Any]:
-        """Write ``summary.json`` and mark the run finished with `result_file` as its result (rank 0)."""
+        """Write ``summary.json`` and mark the run finished with `result_file` as its result (rank 0); under fsdp
+        ``checkpoint-best.pth`` means the ``checkpoint-best`` DCP directory."""
+        if self.sharded is not None and result_file == self.manager.best_path.name:
+            result_file = self.sharded.best_path.name
         if self.run.dist.is_main:
             from mae.files import write_json
 
