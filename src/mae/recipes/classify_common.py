@@ -312,16 +312,15 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precisi
     index = class_index.to(device) if class_index is not None else None
 
     def batches():
-        done, images = 0, None
+        # A sharded (FSDP) model's forward is a collective: a rank with fewer batches than the busiest one runs (and
+        # ignores) as many forwards more, after its own (agreed before any forward).
+        short, images = _batches_short(model, len(loader), device), None
         for images, target in loader:
             with autocast_context(precision, device):
                 logits = model(images.to(device, non_blocking=True))
             logits = logits.float()
-            done += 1
             yield (logits[:, index] if index is not None else logits), target.to(device)
-        # A sharded (FSDP) model's forward is a collective: a rank whose share ran out of batches runs (and ignores)
-        # forwards until every rank has run as many as the rank with the most.
-        for _ in range(_batches_short(model, done, device)):
+        for _ in range(short):
             if images is None:
                 raise DataError("a process got no validation images under distributed.strategy=fsdp; use fewer "
                                 "processes or more validation images")

@@ -120,8 +120,8 @@ def _init_of(run: Run, build: Callable[[], nn.Module]) -> str:
         count = sum(p.numel() for p in build().parameters())
     chosen = "full" if count <= FULL_INIT_MAX_PARAMS else "sharded"
     if run.dist.is_main:
-        _log.info("distributed.init=auto: %s initialisation (%.2f B parameters, threshold %.1f B)", chosen,
-                  count / 1e9, FULL_INIT_MAX_PARAMS / 1e9)
+        _log.info("distributed.init=auto: %s initialisation (%.1f M parameters; sharded above %.0f M)", chosen,
+                  count / 1e6, FULL_INIT_MAX_PARAMS / 1e6)
     return chosen
 
 
