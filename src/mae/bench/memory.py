@@ -131,9 +131,8 @@ def _saved_tensors(model: nn.Module, forward: Callable[[], Any], precision: str)
 
         handles += [block.register_forward_pre_hook(enter), block.register_forward_hook(leave)]
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            with autocast_context(precision, "cpu"):
-                forward()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast_context(precision, "cpu"):
+            forward()
     finally:
         for h in handles:
             h.remove()
@@ -257,7 +256,9 @@ def measure_memory(config: MAEConfig, *, strategy: str, batch_size: int, precisi
         model = MaskedAutoencoderViT(config).to(device)
         engine = build_engine(run, model, param_groups(model, 0.05), optimizer="adamw", updates_per_epoch=steps,
                               lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
-        loss_fn: Callable = lambda m, b: m(b[0].to(device), noise=b[1].to(device))[0]  # noqa: E731
+        def loss_fn(m: nn.Module, b: Any) -> torch.Tensor:
+            return m(b[0].to(device), noise=b[1].to(device))[0]
+
         engine.train_epoch(batches, 0, loss_fn, num_batches=steps)
         peak = meter.stop()
         del engine, model

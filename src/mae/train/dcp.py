@@ -138,7 +138,7 @@ def read_state(path: str | Path) -> dict[str, Any]:
     try:
         with _one_process():
             dcp.load({"model": model}, checkpoint_id=str(path), no_dist=True)
-    except Exception as e:  # DCP wraps every failure of every rank in one CheckpointException
+    except _dcp_errors() as e:  # DCP wraps every failure of every rank in one CheckpointException
         raise CheckpointError(f"could not read the weights of '{path}': {_first_line(e)}; use an earlier "
                               f"checkpoint") from None
     return {**{k: v for k, v in meta.items() if k not in ("dcp", "integrity")}, "model": model}
@@ -159,7 +159,7 @@ def restore(path: str | Path, model: nn.Module, engine: Any, extra_state: dict[s
     try:
         with _one_process():  # a plain single-process run may resume a sharded run's checkpoint
             dcp.load(state, checkpoint_id=str(path))
-    except Exception as e:
+    except _dcp_errors() as e:
         raise CheckpointError(f"'{path}' does not fit this run's model and optimizer ({_first_line(e)}); resume with "
                               f"the model settings and optimizer of the run that wrote it") from None
     set_state_dict(model, engine.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
@@ -229,7 +229,7 @@ class DCPCheckpointManager:
         on_main(prepare, info)
         try:
             dcp.save(state, storage_writer=FileSystemWriter(str(tmp), sync_files=True))
-        except Exception as e:  # a full disk on any rank fails the collective save on every rank
+        except _dcp_errors() as e:  # a full disk on any rank fails the collective save on every rank
             raise OutputError(f"could not write checkpoint '{final}': {_first_line(e)}; free space or change "
                               f"--output-dir (the previous checkpoint is kept)") from None
 
@@ -339,6 +339,14 @@ def _one_process():
         yield
 
 
+def _dcp_errors() -> tuple[type[BaseException], ...]:
+    """What a DCP load or save raises: its CheckpointException (which gathers every rank's failure) and the errors
+    of one process."""
+    from torch.distributed.checkpoint import CheckpointException
+
+    return (CheckpointException, OSError, RuntimeError, ValueError, KeyError)
+
+
 def _first_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
@@ -391,7 +399,7 @@ def file_to_dcp(src: str | Path, dst: str | Path) -> Path:
     try:
         with _one_process():
             dcp.save(tensors, checkpoint_id=str(tmp), no_dist=True)
-    except Exception as e:
+    except _dcp_errors() as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise OutputError(f"could not write '{dst}': {_first_line(e)}; free space or choose another place") from None
     files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
