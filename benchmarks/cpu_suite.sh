@@ -54,3 +54,5 @@ bench2 memory_vitl_2proc --suite memory --model mae_vit_large_patch16 --batch-si
   "memory.measure=[ddp,fsdp]" "memory.models=[]"
 bench memory_vitb_1proc --suite memory --model mae_vit_base_patch16 --batch-size 8 --precision fp32 \
   "memory.measure=[ddp]" "memory.models=[]"
+bench2 memory_micro_2proc --suite memory --model mae_vit_micro_patch4_28 --batch-size 128 --precision fp32 \
+  "memory.measure=[ddp,fsdp]" "memory.models=[]"
