@@ -126,6 +126,35 @@ def test_finetuning_under_fsdp_equals_ddp_with_uneven_validation_shards(tmp_path
     assert names == [str(i) for i in range(10)] and model.head.weight.shape == (10, 32)
 
 
+def test_segmentation_under_one_process_fsdp_trains_and_its_best_checkpoint_re_scores(tmp_path, capsys):
+    """`mae segment distributed.strategy=fsdp` (the transfer backbone's blocks as FSDP units, a 1-rank mesh) trains
+    UperNet on synthetic label PNGs, and evaluating its run (the checkpoint-best DCP link) gives the same mIoU."""
+    import mae
+    from mae.cli import main
+    from mae.interop import save_model
+    from mae.presets import PRESETS_DIR
+    from mae.transfer import generate_synthetic
+
+    torch.manual_seed(0)
+    backbone = mae.create_model("mae_vit_tiny_patch16", img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2,
+                                decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+    ckpt = save_model(backbone, tmp_path / "tiny.safetensors")
+    shapes = tmp_path / "shapes"
+    generate_synthetic(shapes, num_train=4, num_val=2, image_size=64, max_objects=3)
+    common = [f"--data=synthetic:{shapes}", "data.synthetic.num_train=4", "data.synthetic.num_val=2",
+              "data.synthetic.image_size=64", "data.synthetic.max_objects=3", "--device=cpu", "--precision=fp32",
+              "progress=false", "num_workers=0", "data.eval_scale=null"]
+    assert main(["segment", "--config", str(PRESETS_DIR / "segment/synthetic_tiny.yaml"), f"--checkpoint={ckpt}",
+                 f"--output-dir={tmp_path / 'run'}", "--epochs=2", *common, "batch_size=2", "eval_every=2",
+                 "data.crop_size=64", "data.scale=64", "head.channels=16", "head.aux_channels=8", "optim.lr=1e-3",
+                 FSDP]) == 0
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert (tmp_path / "run/checkpoint-best").is_symlink() and not list((tmp_path / "run").glob("*.pth"))
+    assert main(["segment", "--mode=evaluate", f"--weights={tmp_path / 'run'}", f"--output-dir={tmp_path / 'e'}",
+                 *common]) == 0
+    assert json.loads((tmp_path / "e/eval.json").read_text())["mIoU"] == pytest.approx(summary["mIoU"])
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # DCP checkpoints: resharding, atomicity, conversion
 # ---------------------------------------------------------------------------------------------------------------------
@@ -298,6 +327,23 @@ def test_load_latest_skips_damaged_and_unfinished_dcp_checkpoints(one_process_fs
         safe_load(out / "checkpoint-0000")
 
 
+def test_a_new_run_refuses_a_directory_of_dcp_checkpoints_and_overwrite_removes_them(one_process_fsdp_run, tmp_path):
+    """A fresh start in the directory of a sharded run is refused naming its DCP checkpoints; overwrite removes the
+    directories and the last / best links (never what they point at through the link)."""
+    from mae.train.run_dir import guard_fresh_start
+
+    out = tmp_path / "run"
+    shutil.copytree(one_process_fsdp_run, out, symlinks=True)
+    for path in out.iterdir():  # only the checkpoints are left: they alone must make it a previous run
+        if not path.name.startswith("checkpoint-"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    with pytest.raises(ConfigError, match="checkpoint-0000/"):
+        guard_fresh_start(out, overwrite=False)
+    guard_fresh_start(out, overwrite=True)
+    assert not list(out.glob("checkpoint-*")) and CheckpointManager(out).load_latest() is None
+    assert (one_process_fsdp_run / "checkpoint-0001" / "meta.pt").is_file()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # meta-device construction and initialisation
 # ---------------------------------------------------------------------------------------------------------------------
@@ -368,8 +414,8 @@ def test_init_weights_after_meta_construction_is_the_reference_initialisation():
     with fitted state (pca) is refused with the way out."""
     from mae.models import create_model
 
-    kw = dict(embed_dim=64, depth=2, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2,
-              target="hog")
+    kw = {"embed_dim": 64, "depth": 2, "num_heads": 2, "decoder_embed_dim": 32, "decoder_depth": 1,
+          "decoder_num_heads": 2, "target": "hog"}
     torch.manual_seed(0)
     normal = create_model("mae_vit_micro_patch4_28", **kw)
     with torch.device("meta"):

@@ -192,7 +192,7 @@ def apply_fsdp(run: Run, model: nn.Module, groups: list[dict[str, Any]]) -> list
     params = dict(model.named_parameters())
     if run.dist.is_main:
         local = sum(p.to_local().numel() for p in params.values())
-        _log.info("fsdp: %d blocks + root sharded over %d process(es) (%s init%s); %.1f M of %.1f M parameters on "
+        _log.info("fsdp: %d blocks + root sharded over %d process(es) (%s init%s); %.3g M of %.3g M parameters on "
                   "this rank", len(blocks), dist.get_world_size(), "sharded" if on_meta else "full",
                   ", bf16 compute" if section.mixed_precision else "", local / 1e6,
                   sum(p.numel() for p in params.values()) / 1e6)
