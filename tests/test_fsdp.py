@@ -166,23 +166,23 @@ def test_dcp_checkpoint_of_two_processes_resumes_on_one_and_on_two_processes(tmp
     saves DCP checkpoints; resuming its epoch-0 checkpoint on 2 processes, on 1 process (fsdp, a 1-rank mesh, batch
     doubled to keep the effective batch) and on 1 plain process (ddp) logs the same epoch-1 losses as the run itself
     (1e-5): the shards are resharded into whatever holds them now."""
-    first = tmp_path / "first"
-    _finish(_start(_torchrun("-m", "mae", "pretrain", *TINY, "batch_size=16", FSDP, "distributed.init=sharded",
+    first, small = tmp_path / "first", [*TINY, "data.limit=128"]
+    _finish(_start(_torchrun("-m", "mae", "pretrain", *small, "batch_size=16", FSDP, "distributed.init=sharded",
                              f"output_dir={first}")))
     start = first / "checkpoint-0000"
-    runs = {"two": _start(_torchrun("-m", "mae", "pretrain", *TINY, "batch_size=16", FSDP, f"resume={start}",
+    runs = {"two": _start(_torchrun("-m", "mae", "pretrain", *small, "batch_size=16", FSDP, f"resume={start}",
                                     f"output_dir={tmp_path / 'two'}")),
-            "one": _start([sys.executable, "-m", "mae", "pretrain", *TINY, "batch_size=32", FSDP, f"resume={start}",
+            "one": _start([sys.executable, "-m", "mae", "pretrain", *small, "batch_size=32", FSDP, f"resume={start}",
                            f"output_dir={tmp_path / 'one'}"]),
-            "plain": _start([sys.executable, "-m", "mae", "pretrain", *TINY, "batch_size=32", f"resume={start}",
+            "plain": _start([sys.executable, "-m", "mae", "pretrain", *small, "batch_size=32", f"resume={start}",
                              f"output_dir={tmp_path / 'plain'}"])}
     outputs = {name: _finish(proc) for name, proc in runs.items()}
     reference = _step_losses(first)
-    assert sorted(reference) == list(range(1, 17))
+    assert sorted(reference) == list(range(1, 9))
     for name in runs:
-        assert f"resumed from {start} at epoch 1, batch 0 (update 8)" in outputs[name], name
+        assert f"resumed from {start} at epoch 1, batch 0 (update 4)" in outputs[name], name
         losses = _step_losses(tmp_path / name)
-        assert sorted(losses) == list(range(9, 17)), name
+        assert sorted(losses) == list(range(5, 9)), name
         diff = max(abs(losses[s] - reference[s]) for s in losses)
         assert diff < 1e-5, (name, diff)
     assert "RNG states of 2 process(es), this run has 1" in outputs["one"]  # said, not silently changed
@@ -239,14 +239,15 @@ def test_a_kill_during_a_dcp_save_leaves_the_previous_checkpoint_the_newest_vali
     script = tmp_path / "killer.py"
     script.write_text(_KILLER)
     out = tmp_path / "run"
-    proc = _start(_torchrun(str(script), where, "pretrain", *TINY, "batch_size=16", FSDP, f"output_dir={out}"))
+    small = [*TINY, "data.limit=128"]
+    proc = _start(_torchrun(str(script), where, "pretrain", *small, "batch_size=16", FSDP, f"output_dir={out}"))
     log, _ = proc.communicate(timeout=TIMEOUT)
     assert proc.returncode != 0, log[-2000:]
     assert (out / ".checkpoint-0001.tmp").is_dir() and not (out / "checkpoint-0001").exists()
     path, state = CheckpointManager(out).load_latest()
     assert path == out / "checkpoint-0000" and state["train_state"]["epoch"] == 1
     assert os.readlink(out / "checkpoint-last") == "checkpoint-0000"
-    resumed = _finish(_start([sys.executable, "-m", "mae", "pretrain", *TINY, "batch_size=32", FSDP, "resume=auto",
+    resumed = _finish(_start([sys.executable, "-m", "mae", "pretrain", *small, "batch_size=32", FSDP, "resume=auto",
                               f"output_dir={out}"]))
     assert f"resumed from {out / 'checkpoint-0000'} at epoch 1" in resumed
     assert not list(out.glob(".*.tmp")) and load_training_state(out / "checkpoint-0001")["train_state"]["epoch"] == 2

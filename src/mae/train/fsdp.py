@@ -154,7 +154,7 @@ def apply_fsdp(run: Run, model: nn.Module, groups: list[dict[str, Any]]) -> list
                           f"{run.precision}; set precision=bf16 (or turn distributed.mixed_precision off)")
     _ensure_process_group(run)
     on_meta = any(p.is_meta for p in model.parameters())
-    if on_meta and device.type == "cpu" and dist.get_world_size() > 1:
+    if on_meta and device.type == "cpu":
         # DTensor has no shared RNG on CPU (it says so in a warning): each rank draws its own shard, as documented
         warnings.filterwarnings("ignore", message=".*random operators may not have complete support on cpu")
     if not on_meta and dist.get_world_size() > 1:

@@ -23,6 +23,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -443,7 +444,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ the end
     @property
-    def best_path(self):
+    def best_path(self) -> Path:
         """Where the best checkpoint is: ``checkpoint-best.pth``, or the ``checkpoint-best`` DCP link under fsdp."""
         return (self.sharded or self.manager).best_path
 
