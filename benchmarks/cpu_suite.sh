@@ -24,6 +24,14 @@ bench() {  # bench NAME ARGS...
   [[ -n "$cache" ]] && rm -rf "$cache"
 }
 
+bench2() {  # bench2 NAME ARGS...: the same under torchrun, 2 processes of 1 thread each (gloo)
+  local name=$1; shift
+  want "$name" || return 0
+  echo "=== $name ($(date +%T), load $(cut -d' ' -f1-3 /proc/loadavg))"
+  OMP_NUM_THREADS=1 "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 -m mae bench --device cpu \
+    --output-dir "$R/$name" "$@" 2>&1 | grep -v Warning | tail -n 40
+}
+
 bench table1c --suite table1c
 bench peer_vitb --suite peer --model mae_vit_base_patch16 --batch-size 16 warmup=1 steps=8
 bench peer_micro28 --suite peer --model mae_vit_micro_patch4_28 --batch-size 128 warmup=3 steps=20
@@ -40,3 +48,11 @@ bench threads1_micro28 --suite peer --model mae_vit_micro_patch4_28 --batch-size
 bench vitl_b32 --model mae_vit_large_patch16 --batch-size 32 warmup=1 steps=1 flop_check=false
 bench vitl_b32_ckpt --model mae_vit_large_patch16 --batch-size 32 warmup=1 steps=1 flop_check=false \
   grad_checkpointing=true
+# memory per GPU: the plans of the ViT-L/H/2B/6.5B runs, and the planner against measured peaks (docs/benchmarks.md)
+bench memory_plan --suite memory
+bench2 memory_vitl_2proc --suite memory --model mae_vit_large_patch16 --batch-size 2 --precision fp32 \
+  "memory.measure=[ddp,fsdp]" "memory.models=[]"
+bench memory_vitb_1proc --suite memory --model mae_vit_base_patch16 --batch-size 8 --precision fp32 \
+  "memory.measure=[ddp]" "memory.models=[]"
+bench2 memory_micro_2proc --suite memory --model mae_vit_micro_patch4_28 --batch-size 128 --precision fp32 \
+  "memory.measure=[ddp,fsdp]" "memory.models=[]"

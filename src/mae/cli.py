@@ -313,14 +313,18 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "/ linprobe checkpoints or run directories, anything with a head): timm (a directory for "
         "timm.create_model('local-dir:DIR', pretrained=True), or FILE.safetensors + FILE.json), hf "
         "(ViTForImageClassification; class-token pooling only) or reference; a linear probe's BatchNorm head is "
-        "folded into one Linear.",
+        "folded into one Linear. Training checkpoints (the whole run state): checkpoint (a DCP directory of an "
+        "fsdp run -> one .pth file) or dcp (a .pth training checkpoint -> a DCP directory an fsdp run resumes on "
+        "any number of processes); a DCP directory is also read as a source by every other format.",
         "  mae convert mae_pretrain_vit_base.pth vitb.safetensors --to mae\n"
         "  mae convert runs/vitb/model.safetensors vitb_hf --to hf --license cc-by-nc-4.0\n"
         "  mae convert runs/linprobe probe_timm --to timm\n"
-        "  mae convert vit_l_encoder.pth vitl.safetensors --to mae --model mae_vit_large_patch16")
+        "  mae convert vit_l_encoder.pth vitl.safetensors --to mae --model mae_vit_large_patch16\n"
+        "  mae convert runs/vit2b/checkpoint-last last.pth --to checkpoint\n"
+        "  mae convert runs/vitb/checkpoint-last.pth runs/vitb/checkpoint-0100 --to dcp")
     p.add_argument("src", help="checkpoint file, run directory or Hugging Face directory")
     p.add_argument("dst", help="output file or directory")
-    p.add_argument("--to", choices=["mae", "reference", "hf", "timm"], default="mae",
+    p.add_argument("--to", choices=["mae", "reference", "hf", "timm", "checkpoint", "dcp"], default="mae",
                    help="output format (default: mae)")
     p.add_argument("--model", metavar="NAME",
                    help="registered architecture (`mae models`) for files that store none, e.g. a reference .pth")

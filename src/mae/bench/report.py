@@ -46,9 +46,25 @@ SCALING_COLUMNS = [("axis", "axis"), *STEP_COLUMNS[:5], ("mask_ratio", "mask"), 
                    *STEP_COLUMNS[5:]]
 
 
+MEMORY_COLUMNS = [("model", "model"), ("params_b", "params (B)"), ("strategy", "strategy"), ("world_size", "GPUs"),
+                  ("batch_size", "batch/GPU"), ("precision", "precision"), ("mixed_precision", "bf16 params"),
+                  ("grad_checkpointing", "ckpt"), ("parameters_gib", "params GiB"), ("gradients_gib", "grads GiB"),
+                  ("optimizer_gib", "AdamW GiB"), ("buckets_gib", "DDP buckets GiB"), ("gathered_gib", "gathered GiB"),
+                  ("activations_gib", "activations GiB"), ("peak_gib", "peak GiB")]
+MEMORY_CHECK_COLUMNS = [("model", "model"), ("params_m", "params (M)"), ("strategy", "strategy"),
+                        ("world_size", "processes"), ("batch_size", "batch/process"), ("precision", "precision"),
+                        ("grad_checkpointing", "ckpt"), ("measured_mib", "measured MiB (max over ranks)"),
+                        ("planned_mib", "planned MiB"), ("plan_over_measured", "plan / measured")]
+
+
 def suite_tables(name: str, result: dict) -> str:
     """The Markdown tables of one suite's result."""
     rows = result.get("rows", [])
+    if name == "memory":
+        text = markdown_table(rows, MEMORY_COLUMNS)
+        if result.get("checks"):
+            text += "\n\nmeasured on this machine:\n\n" + markdown_table(result["checks"], MEMORY_CHECK_COLUMNS)
+        return text
     if name == "table2":
         return markdown_table(rows, TABLE2_COLUMNS)
     if name == "table1c":

@@ -8,6 +8,8 @@
 - ``scaling``: images/s and peak memory against batch size, mask ratio and model size (with / without
   activation checkpointing).
 - ``data``: the JPEG input pipeline alone, per decoder and worker count.
+- ``memory``: the planned memory per GPU of pre-training (ddp / fsdp, world size, batch, precision, checkpointing)
+  and, optionally, this machine's measured peak against the plan (`mae.bench.memory`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from mae.models.mae import MAEConfig, MaskedAutoencoderViT
 
 log = logging.getLogger("mae")
 
-SUITES = ("step", "table2", "table1c", "peer", "scaling", "data")
+SUITES = ("step", "table2", "table1c", "peer", "scaling", "data", "memory")  # memory: mae.bench.memory
 PAPER_TABLE2 = {"large": {8: 2.8, 1: 3.7}, "huge": {8: 3.5, 1: 4.1}}  # speed-up vs encoder with mask tokens
 _ENCODER_NAMES = {"tiny": "mae_vit_tiny_patch16", "small": "mae_vit_small_patch16", "base": "mae_vit_base_patch16",
                   "large": "mae_vit_large_patch16", "huge": "mae_vit_huge_patch14"}

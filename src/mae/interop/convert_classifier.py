@@ -34,6 +34,15 @@ def is_classifier_checkpoint(path: str | Path) -> bool:
             path = resolve_run(path)  # the one rule for what a run directory means
         except CheckpointError:
             return False  # no checkpoint yet: the MAE loader reports it
+    from mae.train.dcp import is_dcp_checkpoint
+
+    if is_dcp_checkpoint(path):  # a sharded run's checkpoint: its format says
+        from mae.train.dcp import read_meta
+
+        try:
+            return read_meta(path).get("format") == CLASSIFIER_FORMAT
+        except CheckpointError:
+            return False  # damaged: the MAE loader reports it
     if path.is_dir():
         config = path / "config.json"
         if config.is_file():
@@ -120,8 +129,11 @@ def convert_classifier(src: str | Path, dst: str | Path, to: str, model_name: st
 
 def convert_checkpoint(src: str | Path, dst: str | Path, to: str, model_name: str | None = None,
                        license: str = "unknown") -> Path:
-    """What ``mae convert`` does: classifiers through `convert_classifier`, everything else through
+    """What ``mae convert`` does: training checkpoints between DCP directories (fsdp runs) and single files (``to``
+    'dcp' / 'checkpoint', `mae.train.dcp`), classifiers through `convert_classifier`, everything else through
     `mae.interop.convert`; a transformers MAE directory gets a model card with the source run's facts."""
+    if to in ("dcp", "checkpoint"):
+        return _convert_training_checkpoint(Path(src).expanduser(), Path(dst).expanduser(), to)
     if is_classifier_checkpoint(src):
         return convert_classifier(src, dst, to, model_name, license)
     from mae.interop import convert
@@ -134,6 +146,26 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str, model_name: st
         config = config_from_hf(json.loads((Path(out) / HF_CONFIG_NAME).read_text()))
         write_hf_metadata(out, config, run_facts(src), license, **_run_mean_std(src))
     return out
+
+
+def _convert_training_checkpoint(src: Path, dst: Path, to: str) -> Path:
+    """A training checkpoint (the whole run state, resumable) from one layout to the other."""
+    from mae.train.dcp import dcp_to_file, file_to_dcp, is_dcp_checkpoint
+    from mae.train.run_dir import is_run_dir, resolve_run
+
+    if is_run_dir(src):
+        raise ConfigError(f"'{src}' is a run directory; convert one of its checkpoints (e.g. {src}/checkpoint-last or "
+                          f"{src}/checkpoint-last.pth)")
+    if to == "checkpoint":
+        if not is_dcp_checkpoint(resolve_run(src)):
+            raise ConfigError(f"--to checkpoint turns a DCP checkpoint directory (of an fsdp run) into one .pth file; "
+                              f"'{src}' is not one")
+        if dst.suffix != ".pth":
+            raise ConfigError(f"a single-file training checkpoint is a .pth file, got '{dst}'")
+        return dcp_to_file(src, dst)
+    if is_dcp_checkpoint(src):
+        raise ConfigError(f"'{src}' is already a DCP checkpoint; --to checkpoint makes a single file of it")
+    return file_to_dcp(src, dst)
 
 
 def _run_mean_std(path: str | Path) -> dict[str, Any]:

@@ -61,7 +61,9 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     container: dict[str, Any] = {}
     metadata: dict[str, str] = {}
     json_config: dict[str, Any] | None = None
-    if path.is_dir():
+    from mae.train.dcp import is_dcp_checkpoint
+
+    if path.is_dir() and not is_dcp_checkpoint(path):  # a DCP checkpoint (fsdp run) reads as a checkpoint file
         json_config = _read_json(path / hf.HF_CONFIG_NAME)
         tensors, metadata = _read_directory(path)
     elif not path.exists():

@@ -191,8 +191,8 @@ class MaskedAutoencoderViT(nn.Module):
 
         As in the reference, the patch conv's bias keeps PyTorch's default initialisation.
         """
-        self.pos_embed.data.copy_(sincos_2d(self.pos_embed.shape[-1], self.grid_size))
-        self.decoder_pos_embed.data.copy_(sincos_2d(self.decoder_pos_embed.shape[-1], self.grid_size))
+        _copy_full(self.pos_embed, sincos_2d(self.pos_embed.shape[-1], self.grid_size))
+        _copy_full(self.decoder_pos_embed, sincos_2d(self.decoder_pos_embed.shape[-1], self.grid_size))
         w = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.cls_token, std=0.02)
@@ -202,6 +202,22 @@ class MaskedAutoencoderViT(nn.Module):
         for name, child in self.named_children():
             if name != "target":  # a target may hold a user's pretrained tokenizer: never re-initialise it
                 child.apply(init_linear_and_norm)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Fill every parameter and buffer in place: for a model built on the meta device and materialised with
+        ``to_empty``, also when its parameters are FSDP shards (`mae.train.fsdp`). PyTorch's default for the patch
+        conv (whose bias the reference keeps), then `initialize_weights`; the target is built again (only a target
+        without fitted or loaded state can be: pixel, norm_pixel, hog)."""
+        cfg = self.config
+        fresh = build_target(cfg.target, cfg.patch_size, cfg.in_chans, pca_components=cfg.pca_components,
+                             hog_bins=cfg.hog_bins)
+        if any(True for _ in fresh.parameters()) or fresh.state_dict():
+            raise ConfigError(f"target '{cfg.target}' holds fitted or loaded state, which a model built on the meta "
+                              f"device lacks; use distributed.init=full")
+        self.target = fresh.to(self.cls_token.device)
+        self.patch_embed.proj.reset_parameters()
+        self.initialize_weights()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute block activations in the backward pass: less memory for large models, ~30% more compute."""
@@ -330,6 +346,15 @@ class MaskedAutoencoderViT(nn.Module):
     def group_matcher(self, coarse: bool = False) -> dict:
         """timm-style parameter groups: stem, then one group per encoder block."""
         return {"stem": r"^cls_token|^pos_embed|^patch_embed", "blocks": r"^blocks\.(\d+)"}
+
+
+def _copy_full(param: torch.Tensor, full: torch.Tensor) -> None:
+    """``param.copy_(full)``; when `param` is a sharded DTensor (FSDP), each rank copies its own part of `full`."""
+    if hasattr(param, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        full = distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+    param.data.copy_(full)
 
 
 def init_linear_and_norm(module: nn.Module) -> None:

@@ -9,13 +9,17 @@ import fnmatch
 from mae.errors import ConfigError
 from mae.models.mae import MAEConfig, MaskedAutoencoderViT, config_fields
 
-# Encoder widths of the ViT family (ViT-Tiny/Small as in DeiT; Base/Large/Huge as in the paper).
+# Encoder widths of the ViT family (ViT-Tiny/Small as in DeiT; Base/Large/Huge as in the paper; 2B and 6.5B for FSDP).
 _ENCODERS = {
     "tiny": dict(embed_dim=192, depth=12, num_heads=3),
     "small": dict(embed_dim=384, depth=12, num_heads=6),
     "base": dict(embed_dim=768, depth=12, num_heads=12),
     "large": dict(embed_dim=1024, depth=24, num_heads=16),
     "huge": dict(embed_dim=1280, depth=32, num_heads=16),
+    # Beyond the paper, for model-scale runs (distributed.strategy=fsdp): ViT-2B (1.9 B encoder parameters) and
+    # ViT-6.5B (6.4 B), MLP 4x wide (10240 / 16384), meant for patch 14.
+    "2b": {"embed_dim": 2560, "depth": 24, "num_heads": 32},
+    "6.5b": {"embed_dim": 4096, "depth": 32, "num_heads": 32},
 }
 _PAPER_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
 # Named decoder variants of paper Table 1a/1b: suffix -> decoder fields.

@@ -93,6 +93,33 @@ class DataSection:
 
 
 @dataclass
+class MemorySection:
+    models: list[str] = field(default_factory=lambda: ["mae_vit_large_patch16", "mae_vit_huge_patch14",
+                                                       "mae_vit_2b_patch14", "mae_vit_6.5b_patch14"],
+                              metadata={"help": "registered names to plan"})
+    strategies: list[str] = field(default_factory=lambda: ["ddp", "fsdp"], metadata={"help": "ddp | fsdp"})
+    world_sizes: list[int] = field(default_factory=lambda: [8, 64], metadata={"help": "GPUs of the planned run"})
+    batch_size: int = field(default=64, metadata={"help": "images per GPU of the planned run"})
+    precision: str = field(default="bf16", metadata={"help": "autocast precision of the planned run"})
+    mixed_precision: bool = field(default=True, metadata={"help": "fsdp rows: bf16 parameters and compute "
+                                                                  "(distributed.mixed_precision)"})
+    grad_checkpointing: list[bool] = field(default_factory=lambda: [False, True],
+                                           metadata={"help": "plan without and / or with activation checkpointing"})
+    measure: list[str] = field(default_factory=list, metadata={
+        "help": "strategies to measure on this machine (model, batch_size, precision: the bench's own; processes: "
+                "torchrun's), next to their plan"})
+
+    def validate(self) -> None:
+        for s in (*self.strategies, *self.measure):
+            if s not in ("ddp", "fsdp"):
+                raise ConfigError(f"memory: strategy '{s}' is not one of ddp, fsdp")
+        if any(w < 1 for w in self.world_sizes) or self.batch_size < 1:
+            raise ConfigError("memory.world_sizes and memory.batch_size must be at least 1")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"memory.precision '{self.precision}' is not one of fp32, bf16, fp16")
+
+
+@dataclass
 class BenchConfig:
     """What to time and how; every suite shares the device, threads, warm-up and step counts."""
 
@@ -119,6 +146,7 @@ class BenchConfig:
     peer: PeerSection = field(default_factory=PeerSection)
     scaling: ScalingSection = field(default_factory=ScalingSection)
     data: DataSection = field(default_factory=DataSection)
+    memory: MemorySection = field(default_factory=MemorySection)
 
     def suites(self) -> list[str]:
         names = [s.strip() for s in self.suite.split(",") if s.strip()]
@@ -174,8 +202,20 @@ def command_of(cfg: BenchConfig) -> str:
 
 
 def run(cfg: BenchConfig) -> dict:
-    """Run the selected suites; write bench.json and bench.md; return the headline numbers."""
+    """Run the selected suites; write bench.json and bench.md; return the headline numbers. Under torchrun (several
+    processes) only the memory suite runs, every rank measuring its own peak, rank 0 writing."""
     device = resolve_device(cfg.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if cfg.suites() != ["memory"]:
+            raise ConfigError(f"under torchrun only --suite memory runs (it measures every process); got "
+                              f"'{cfg.suite}'")
+        from mae.recipes.common import run_distributed
+
+        def body(dist) -> dict:
+            with threads(cfg.threads):
+                return _run(cfg, dist.device, prepare_output_dir(cfg.output_dir) if dist.is_main else None)
+
+        return run_distributed(cfg.device, body)
     out = prepare_output_dir(cfg.output_dir)
     with threads(cfg.threads):
         return _run(cfg, device, out)
@@ -240,6 +280,18 @@ def _run(cfg: BenchConfig, device: torch.device, out) -> dict:
                                 model_precisions=[p for p in sc.precisions if _available(p, device)])
             if cfg.plots:
                 res["plots"] = [str(p) for p in plot_scaling(res["rows"], out, caption)]
+        elif name == "memory":
+            from mae.bench.memory import suite_memory
+
+            m = cfg.memory
+            res = suite_memory(m.models, m.strategies, m.world_sizes, m.batch_size, m.precision, m.mixed_precision,
+                               m.grad_checkpointing, m.measure, cfg.model.name, cfg.model.overrides(), cfg.batch_size,
+                               precision, device)
+            for check in res["checks"]:
+                key = f"memory_{check['strategy']}{'_ckpt' if check['grad_checkpointing'] else ''}_plan_over_measured"
+                summary[key] = check["plan_over_measured"]
+            if out is None:  # another rank of a torchrun measurement: rank 0 writes
+                return {}
         else:  # data
             d = cfg.data
             res = suite_data(ctx, d.folder, d.num_images, d.decoders, d.workers, d.batch_size, d.batches, d.img_size,

@@ -290,6 +290,21 @@ def score_logits(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], device: t
                       count=n, confusion=cm.cpu() if cm is not None else None)
 
 
+def _batches_short(model: nn.Module, done: int, device: torch.device) -> int:
+    """How many batches fewer than the busiest rank this rank ran (0 unless the model is FSDP-sharded)."""
+    import sys
+
+    if "torch.distributed.fsdp" not in sys.modules or not (tdist.is_initialized() and tdist.get_world_size() > 1):
+        return 0
+    from torch.distributed.fsdp import FSDPModule
+
+    if not any(isinstance(m, FSDPModule) for m in model.modules()):
+        return 0
+    most = torch.tensor([done], device=device)
+    tdist.all_reduce(most, op=tdist.ReduceOp.MAX)
+    return int(most) - done
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precision: str = "fp32",
              class_index: torch.Tensor | None = None, confusion_classes: int | None = None) -> EvalResult:
@@ -301,11 +316,20 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precisi
     index = class_index.to(device) if class_index is not None else None
 
     def batches():
+        # A sharded (FSDP) model's forward is a collective: a rank with fewer batches than the busiest one runs (and
+        # ignores) as many forwards more, after its own (agreed before any forward).
+        short, images = _batches_short(model, len(loader), device), None
         for images, target in loader:
             with autocast_context(precision, device):
                 logits = model(images.to(device, non_blocking=True))
             logits = logits.float()
             yield (logits[:, index] if index is not None else logits), target.to(device)
+        for _ in range(short):
+            if images is None:
+                raise DataError("a process got no validation images under distributed.strategy=fsdp; use fewer "
+                                "processes or more validation images")
+            with autocast_context(precision, device):
+                model(images[:1].to(device))
 
     try:
         return score_logits(batches(), device, confusion_classes)
@@ -474,7 +498,7 @@ def train_classifier(run: Run, *, model: nn.Module, classifier_config: Classifie
                                "best_epoch": result.best["epoch"], "last_top1": last.get("top1"),
                                **({"last_top5": last.get("top5")} if many else {}),
                                "train_seconds": result.train_seconds, "updates": result.updates,
-                               "best_checkpoint": str(run.out / "checkpoint-best.pth")}
+                               "best_checkpoint": str(trainer.best_path)}
     if run.dist.is_main:
         summary.update(draw_curves(run.out, ("loss", "lr", "top1")))
     return trainer, summary

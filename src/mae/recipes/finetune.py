@@ -149,6 +149,9 @@ class FinetuneConfig(TrainFields):
                               f"got {self.batch_size}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.ema and self.distributed.strategy == "fsdp":
+            raise ConfigError("ema=true keeps a whole copy of the model on every process, which distributed.strategy="
+                              "fsdp exists to avoid; set ema=false or use distributed.strategy=ddp")
         unknown = sorted(set(self.export) - set(EXPORTS))
         if unknown:
             raise ConfigError(f"export '{unknown[0]}' is not one of {', '.join(EXPORTS)}")
@@ -234,7 +237,7 @@ def _train(cfg: FinetuneConfig, run: Run) -> dict:
         resolved=resolved, train_module=wrapper, eval_module=wrapper, ema=ema, protocol=_protocol(cfg))
     summary["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if dist.is_main and cfg.export:
-        summary.update(_export(cfg, run.out, classes))
+        summary.update(_export(cfg, run.out, classes, trainer.best_path))
     return trainer.finish(summary, "checkpoint-best.pth")
 
 
@@ -263,11 +266,11 @@ def _loss(cfg: FinetuneConfig, num_classes: int):
     return None, torch.nn.CrossEntropyLoss()
 
 
-def _export(cfg: FinetuneConfig, out, classes: list[str]) -> dict:
+def _export(cfg: FinetuneConfig, out, classes: list[str], best) -> dict:
     from mae.interop.classifier_export import save_hf_classifier, save_timm_classifier
     from mae.recipes.classify_common import load_classifier
 
-    model, ccfg, names = load_classifier(out / "checkpoint-best.pth")
+    model, ccfg, names = load_classifier(best)
     paths = {}
     prep = {"mean": cfg.data.mean, "std": cfg.data.std, "crop_pct": cfg.data.crop_pct}
     if "timm" in cfg.export:

@@ -30,6 +30,7 @@ from mae.models import MAEConfig, MaskedAutoencoderViT, create_model
 from mae.recipes.common import ModelSection, run_distributed
 from mae.threads import default_workers
 from mae.train.distributed import DistInfo, all_gather_objects
+from mae.train.fsdp import FULL_INIT_MAX_PARAMS, build_for_strategy, full_state_dict, is_sharded
 from mae.train.logging import plot_curves
 from mae.train.optim import param_groups
 from mae.train.rng import seed_everything
@@ -110,6 +111,19 @@ class PretrainConfig(TrainFields):
     RENAMED: ClassVar[dict[str, str]] = {"data.limit": "data.train_limit"}
     """Keys of earlier versions, read under their new names (config files and runs of those versions load)."""
 
+    def validate(self) -> None:
+        super().validate()
+        if self.distributed.strategy == "fsdp":
+            from mae.models import model_config
+
+            if model_config(self.model.name, **self.model.overrides()).target == "pca":
+                raise ConfigError("model.target=pca is fitted on each process's own batches, which fsdp's shards do "
+                                  "not reconcile; use distributed.strategy=ddp for PCA targets")
+            if self.knn_every:
+                raise ConfigError("knn_every runs the encoder on each process's share of the data, which a sharded "
+                                  "model cannot do unevenly; set knn_every=0 under distributed.strategy=fsdp and "
+                                  "run `mae knn` on the finished model")
+
 
 def build_model(section: ModelSection) -> MaskedAutoencoderViT:
     return create_model(section.name, **section.overrides())
@@ -175,6 +189,17 @@ def fit_pca_target(model: MaskedAutoencoderViT, loader, num_batches: int) -> flo
     return float(ratio)
 
 
+def _whole_model(config: MAEConfig, weights: dict[str, torch.Tensor]) -> MaskedAutoencoderViT | None:
+    """A CPU copy of a sharded run's model for the reconstruction picture, or None when it is too large to build
+    whole (the picture is skipped; ``mae visualize`` draws it from model.safetensors where memory allows)."""
+    if sum(v.numel() for v in weights.values()) > FULL_INIT_MAX_PARAMS:
+        log.info("reconstructions.png skipped: the model is too large to rebuild whole on rank 0's CPU")
+        return None
+    model = MaskedAutoencoderViT(config)
+    model.load_state_dict(weights)
+    return model.eval()
+
+
 def run(cfg: PretrainConfig) -> dict:
     """Pre-train an MAE; returns a summary (losses of the first and last epoch, time, output paths)."""
     return run_distributed(cfg.device, lambda dist: _run(cfg, dist))
@@ -187,7 +212,7 @@ def _run(cfg: PretrainConfig, dist: DistInfo) -> dict:
 
 def _train(cfg: PretrainConfig, run: Run) -> dict:
     device, dist, out = run.device, run.dist, run.out
-    model = build_model(cfg.model).to(device)
+    model = build_for_strategy(run, lambda: build_model(cfg.model))  # on the meta device for sharded init (fsdp)
     model_cfg = model.config
     images_of = device_batch_fn(cfg, model_cfg, device)  # refuses nvjpeg without CUDA before any data is read
     dataset, loader = build_pretrain_loader(cfg, model_cfg, dist)
@@ -238,16 +263,19 @@ def _train(cfg: PretrainConfig, run: Run) -> dict:
                "last_epoch_loss": history[-1]["epoch_loss"] if history else None,
                "train_seconds": result.train_seconds, "skipped_steps": result.skipped_updates,
                "skipped_files": len(skipped)}
+    weights = full_state_dict(model) if is_sharded(run) else None  # fsdp: gathered on rank 0 (every rank calls)
     if dist.is_main:
-        from mae.interop import save_model
+        from mae.interop.native import save_state_dict
 
-        summary["model_path"] = str(save_model(model, out / "model.safetensors"))
+        state = weights if weights is not None else model.state_dict()
+        summary["model_path"] = str(save_state_dict(state, model_cfg.to_dict(), out / "model.safetensors"))
         plot_curves(out / "metrics.jsonl", out / "loss.png")
         summary["loss_png"] = str(out / "loss.png")
-        if cfg.visualize and model_cfg.target in ("pixel", "norm_pixel"):
+        shown = model if weights is None else _whole_model(model_cfg, weights)
+        if cfg.visualize and model_cfg.target in ("pixel", "norm_pixel") and shown is not None:
             from mae.viz.reconstruction import save_reconstructions
 
-            save_reconstructions(model, cfg.data.path, out / "reconstructions.png", mask_ratios=(mask_ratio,),
+            save_reconstructions(shown, cfg.data.path, out / "reconstructions.png", mask_ratios=(mask_ratio,),
                                  mean=cfg.data.mean, std=cfg.data.std, seed=cfg.seed)
             summary["reconstructions_png"] = str(out / "reconstructions.png")
     return trainer.finish(summary, "model.safetensors")

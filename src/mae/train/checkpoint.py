@@ -86,6 +86,10 @@ _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a ``.pth``/``.pt`` (weights only) or ``.safetensors`` file without executing anything from it."""
     path = Path(path)
+    if path.is_dir() and _is_dcp(path):  # a sharded run's checkpoint: its schema keys and the whole model
+        from mae.train.dcp import read_state
+
+        return read_state(path)
     if not path.is_file():
         what = "is a directory, not a file" if path.is_dir() else "does not exist"
         raise CheckpointError(f"checkpoint '{path}' {what}; check the path")
@@ -334,8 +338,20 @@ class CheckpointManager:
 
         ``checkpoint-last.pth`` is tried first; a numbered file standing later (a crash between writing it and
         updating last) wins over it, and the numbered files, newest first, are the fallback when last is missing,
-        unreadable or fails its checksum.
+        unreadable or fails its checksum. The DCP directories of a sharded run (`mae.train.dcp.newest_valid`) count
+        too: the checkpoint standing furthest in the run wins (a run may switch between ddp and fsdp on resume).
         """
+        from mae.train.dcp import newest_valid
+
+        found = self._load_latest_file(map_location)
+        sharded = newest_valid(self.output_dir)  # DCP directories of sharded (fsdp) runs: the newest verified one
+        if sharded is None:
+            return found
+        if found is None or _standing(sharded[1]) > _standing(found[1]):
+            return sharded
+        return found
+
+    def _load_latest_file(self, map_location: str | torch.device) -> tuple[Path, dict[str, Any]] | None:
         numbered = list(reversed(self.numbered()))  # newest first
         last = self._try_load(self.last_path, map_location) if self.last_path.is_file() else None
         if last is not None:
@@ -358,8 +374,24 @@ class CheckpointManager:
             return None
 
 
+def _is_dcp(path: Path) -> bool:
+    from mae.train.dcp import is_dcp_checkpoint
+
+    return is_dcp_checkpoint(path)
+
+
+def _standing(state: dict[str, Any]) -> tuple[int, int, int]:
+    """How far into the run a state stands: (epoch, batch, update)."""
+    return (*position_of(state), int((state.get("engine") or {}).get("step", 0)))
+
+
 def load_training_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """A checkpoint file read safely, verified against its digest and upgraded to the current schema."""
+    """A checkpoint file read safely, verified against its digest and upgraded to the current schema. A DCP directory
+    (sharded run) gives its verified schema keys without tensors: `mae.train.dcp.restore` loads those in place."""
+    if Path(path).is_dir() and _is_dcp(Path(path)):
+        from mae.train.dcp import read_meta
+
+        return read_meta(path)
     state = safe_load(path, map_location)
     verify_state(state, path)
     return upgrade_state(state)

@@ -1,5 +1,6 @@
 """The inner training loop every recipe shares: precision, gradient accumulation, per-iteration lr schedule, gradient
-clipping, the non-finite-loss guard, DDP ``no_sync``, progress bar and per-step metrics.
+clipping, the non-finite-loss guard, DDP ``no_sync`` (FSDP's gradient-sync switch), progress bar and per-step
+metrics.
 
 A recipe supplies a ``loss_fn(model, batch) -> loss`` (the mean over the batch); the loop does the rest, and the
 run layer (`mae.train.trainer.Trainer`) drives it epoch by epoch:
@@ -87,6 +88,27 @@ class EpochStats:
     progress: EpochProgress = field(default_factory=EpochProgress)
 
 
+def _fsdp_root(model: nn.Module) -> nn.Module | None:
+    """The outermost FSDP-sharded module inside `model` (the model, or the module a wrapper calls), or None."""
+    import sys
+
+    if "torch.distributed.fsdp" not in sys.modules:  # nothing can be sharded: do not import it for nothing
+        return None
+    from torch.distributed.fsdp import FSDPModule
+
+    return next((m for m in getattr(model, "_orig_mod", model).modules() if isinstance(m, FSDPModule)), None)
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(root):
+    """FSDP's counterpart of DDP's ``no_sync``: gradients accumulate unreduced until the window's last micro-batch."""
+    root.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        root.set_requires_gradient_sync(True)
+
+
 def supports_device_skip(optimizer: torch.optim.Optimizer) -> bool:
     """True for torch's fused optimizers, which skip an update on the device when given a ``found_inf`` flag."""
     return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)) and bool(
@@ -113,6 +135,9 @@ class Engine:
         self.on_update: Callable[[], None] | None = None  # called after each applied update (e.g. an EMA)
         self._streak = 0  # consecutive skipped updates up to the last host read
         self._counters: torch.Tensor | None = None  # on the device: [skipped total, streak, longest streak]
+        self._fsdp_root = _fsdp_root(model)
+        # where the optimizer steps: the device, or the host for FSDP's CPU offload (its found_inf flag goes there)
+        self._step_device = next((p.device for g in optimizer.param_groups for p in g["params"]), self.device)
 
     # -------------------------------------------------------------------------------------------------------------
     @property
@@ -129,7 +154,8 @@ class Engine:
         self.skipped_total = int(state.get("skipped_total", state.get("nonfinite_total", 0)))
         self._streak = int(state.get("streak", 0))
         self._counters = None
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:  # a DCP checkpoint restores the (sharded) optimizer itself: mae.train.dcp
+            self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
 
@@ -139,10 +165,13 @@ class Engine:
         return model if isinstance(model, DistributedDataParallel) else None
 
     def _sync_context(self, boundary: bool):
-        """Skip DDP's gradient all-reduce on micro-batches that do not end an accumulation window."""
+        """Skip DDP's gradient all-reduce (FSDP's reduce-scatter) on micro-batches that do not end an accumulation
+        window."""
         ddp = self._ddp()
         if ddp is not None and not boundary:
             return ddp.no_sync()
+        if not boundary and self._fsdp_root is not None:
+            return _fsdp_no_sync(self._fsdp_root)
         return contextlib.nullcontext()
 
     def _agree(self, bad: torch.Tensor) -> torch.Tensor:
@@ -166,7 +195,8 @@ class Engine:
         if self.device_skip and self.on_update is None:
             if self.clip_grad is not None:
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
-            self.optimizer.found_inf = bad.to(torch.float32)  # fused kernels leave every tensor untouched when 1
+            # fused kernels leave every tensor untouched when 1
+            self.optimizer.found_inf = bad.to(self._step_device, torch.float32)
             self.optimizer.grad_scale = None
             try:
                 self.optimizer.step()

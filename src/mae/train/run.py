@@ -35,6 +35,7 @@ import torch
 
 from mae.errors import ConfigError, MAEError
 from mae.train.distributed import DistInfo, all_gather_objects
+from mae.train.fsdp import DistributedSection
 
 __all__ = ["Run", "RunFields", "TrainFields", "check_resume", "provenance", "start_run"]
 
@@ -87,13 +88,15 @@ class TrainFields(RunFields):
     max_nonfinite: int = field(default=5, metadata={"help": "consecutive non-finite losses before stopping"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "recompute activations (saves memory)"})
+    distributed: DistributedSection = field(default_factory=DistributedSection, metadata={
+        "help": "ddp or fsdp (sharded parameters, gradients and optimizer state; DCP checkpoints): docs/scale.md"})
 
     RESUME_FREE: ClassVar[tuple[str, ...]] = (
         "output_dir", "precision", "device", "progress", "save_every", "save_every_steps", "save_every_minutes",
         "keep_last", "log_every", "resume", "overwrite", "allow_config_change", "max_nonfinite", "compile",
-        "grad_checkpointing", "batch_size", "accum_iter", "data.num_workers", "data.strict")
+        "grad_checkpointing", "batch_size", "accum_iter", "data.num_workers", "data.strict", "distributed")
     """Fields a resume may change: they decide where and how the run goes, not what it computes (the per-process
-    batch and accumulation are compared through the effective batch)."""
+    batch and accumulation are compared through the effective batch; ddp and fsdp compute the same updates)."""
 
     def validate(self) -> None:
         super().validate()
@@ -147,6 +150,7 @@ def start_run(cfg: TrainFields, dist: DistInfo, kind: str) -> Iterator[Run]:
     """Resolve device and precision, claim the output directory (refuse a previous run unless resuming or
     ``overwrite``; take the lock) and load the checkpoint to resume from; release the lock on exit."""
     from mae.train.checkpoint import CheckpointManager, load_training_state
+    from mae.train.dcp import is_dcp_checkpoint
     from mae.train.precision import resolve_precision
     from mae.train.rng import seed_everything
     from mae.train.run_dir import RunLock, guard_fresh_start
@@ -181,7 +185,7 @@ def start_run(cfg: TrainFields, dist: DistInfo, kind: str) -> Iterator[Run]:
                 path, state = found
         elif cfg.resume:
             path = Path(cfg.resume).expanduser()
-            if path.is_dir():
+            if path.is_dir() and not is_dcp_checkpoint(path):  # a run directory (a DCP checkpoint is one directory)
                 found = CheckpointManager(path).load_latest()
                 if found is None:
                     raise ConfigError(f"resume: '{path}' holds no valid checkpoint; pass a checkpoint file or "

@@ -49,6 +49,7 @@ def _previous_run_files(out: Path) -> list[str]:
         return []
     found = [name for name in RUN_FILES if (out / name).exists()]
     found += sorted(p.name for p in out.glob("checkpoint-*.pth"))
+    found += sorted(f"{p.name}/" for p in out.glob("checkpoint-*") if p.is_dir())  # DCP checkpoints (fsdp runs)
     if (out / "tensorboard").is_dir():
         found.append("tensorboard/")
     return found
@@ -66,7 +67,7 @@ def guard_fresh_start(out: Path, overwrite: bool) -> None:
                           f"--output-dir (--overwrite deletes that run and starts again)")
     for name in found:
         path = out / name.rstrip("/")
-        if path.is_dir():
+        if path.is_dir() and not path.is_symlink():  # checkpoint-last / -best of an fsdp run are links
             shutil.rmtree(path)
         else:
             path.unlink()
@@ -187,7 +188,7 @@ def resolve_run(path: str | Path) -> Path:
         return path
     status = read_status(path) or {}
     result = status.get("result")
-    if status.get("status") == "finished" and result and (path / result).is_file():
+    if status.get("status") == "finished" and result and ((path / result).is_file() or (path / result).is_dir()):
         _log.info("%s: using %s (the finished run's result)", path, result)
         return path / result
     latest = CheckpointManager(path).latest_valid()

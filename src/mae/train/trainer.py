@@ -23,6 +23,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,8 +32,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from mae.errors import ConfigError, Interrupted, MAEError
 from mae.train.checkpoint import SCHEMA_VERSION, CheckpointManager, load_model_state
+from mae.train.dcp import DCPCheckpointManager
+from mae.train.dcp import restore as restore_dcp
 from mae.train.distributed import all_gather_objects
 from mae.train.engine import Engine, EpochProgress, LRSchedule
+from mae.train.fsdp import apply_fsdp, is_sharded
 from mae.train.logging import MetricsLogger, truncate_metrics
 from mae.train.preemption import SignalStop
 from mae.train.rng import capture_rng_state, restore_rng_state
@@ -90,7 +94,8 @@ def build_engine(run: Run, model: nn.Module, groups: list[dict[str, Any]], *, op
                  checkpointing: nn.Module | None = None,
                  schedule: Callable[[float, int], Callable[[int], float]] | None = None) -> Engine:
     """The set-up every recipe shares: the peak lr from the effective batch, the warm-up + cosine schedule, the
-    optimizer over `groups`, activation checkpointing, the DDP wrap (and torch.compile), and the `Engine`.
+    optimizer over `groups`, activation checkpointing, the DDP wrap or FSDP sharding (``distributed.strategy``; and
+    torch.compile), and the `Engine`.
 
     `train_module` is what the engine calls (default `model`; e.g. a `PartiallyFrozen` wrapper), `checkpointing`
     the module whose ``set_grad_checkpointing`` ``grad_checkpointing=true`` turns on (default `model`); `schedule`
@@ -111,15 +116,18 @@ def build_engine(run: Run, model: nn.Module, groups: list[dict[str, Any]], *, op
                      warmup_epochs, warmup, cfg.epochs, total, peak)
     lr_of = schedule(peak, total) if schedule is not None else LRSchedule(peak, total_steps=total, warmup_steps=warmup,
                                                                          min_lr=min_lr)
-    opt = build_optimizer(groups, optimizer, lr=peak, betas=tuple(betas), weight_decay=weight_decay,
-                          momentum=momentum)
     if cfg.grad_checkpointing:
         target = checkpointing if checkpointing is not None else model
         if not hasattr(target, "set_grad_checkpointing"):
             raise ConfigError(f"grad_checkpointing=true: {type(target).__name__} has no activation checkpointing")
         target.set_grad_checkpointing(True)
+    sharded = is_sharded(run)
+    if sharded:  # shards `model` in place (and materialises it); the optimizer then holds the shards
+        groups = apply_fsdp(run, model, groups)
+    opt = build_optimizer(groups, optimizer, lr=peak, betas=tuple(betas), weight_decay=weight_decay,
+                          momentum=momentum)
     module = train_module if train_module is not None else model
-    if dist.world_size > 1:
+    if dist.world_size > 1 and not sharded:
         module = DistributedDataParallel(module, device_ids=[run.device.index] if run.device.type == "cuda" else None)
     if cfg.compile:
         module = torch.compile(module)
@@ -187,6 +195,8 @@ class Trainer:
         self.resume_free = tuple(type(run.cfg).RESUME_FREE) + tuple(resume_free)
         self.batch_size_of = batch_size_of
         self.manager = CheckpointManager(run.out, keep_last=run.cfg.keep_last)
+        # fsdp: every rank writes its shards into DCP directories (mae.train.dcp); the manager above still finds them
+        self.sharded = DCPCheckpointManager(run.out, keep_last=run.cfg.keep_last) if is_sharded(run) else None
         self.logger: MetricsLogger | None = None
         self.history: list[dict] = []
         self.best_state: dict[str, Any] = {"name": best.metric, "mode": best.mode, "value": None, "epoch": None}
@@ -197,11 +207,14 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ resume
     def _restore(self, state: dict[str, Any]) -> tuple[int, int, EpochProgress | None]:
         run = self.run
-        load_model_state(self.model, state["model"], run.resume_path)
-        self.engine.load_state_dict(state["engine"])
-        for key, module in self.extra_state.items():
-            if state.get(key) is not None:
-                module.load_state_dict(state[key])
+        if "dcp" in state:  # a DCP directory: tensors loaded in place and resharded to this run's processes
+            restore_dcp(run.resume_path, self.model, self.engine, self.extra_state)
+        else:
+            load_model_state(self.model, state["model"], run.resume_path)
+            self.engine.load_state_dict(state["engine"])
+            for key, module in self.extra_state.items():
+                if state.get(key) is not None:
+                    module.load_state_dict(state[key])
         rng = state.get("rng")
         states = rng if isinstance(rng, list) else ([rng] if rng is not None else [])
         if len(states) == run.dist.world_size:
@@ -240,18 +253,22 @@ class Trainer:
 
     def _save(self, position: tuple[int, int], partial: EpochProgress | None, epoch_end: int | None,
               is_best: bool = False) -> None:
-        """Write a checkpoint standing at `position` (a collective under DDP: every rank calls it, rank 0 writes)."""
+        """Write a checkpoint standing at `position` (a collective: every rank calls it; under DDP rank 0 writes one
+        file, under FSDP every rank writes its shards of one DCP directory)."""
         rng = self._gather_rng()
-        if self.run.dist.is_main:
-            state = {
-                "format": self.run.format, "version": SCHEMA_VERSION, "kind": self.run.kind,
-                "model": self.model.state_dict(), "engine": self.engine.state_dict(),
+        meta = {"format": self.run.format, "version": SCHEMA_VERSION, "kind": self.run.kind,
                 "train_state": {"epoch": position[0], "batch": position[1], "history": self.history,
                                 "best": self.best_state, "partial": partial.to_dict() if partial else None,
                                 "skipped_epochs": self.skipped_epochs},
                 "rng": rng, "config": self.resolved, "data": self.data, "versions": provenance()["versions"],
-                **self.meta, **{k: m.state_dict() for k, m in self.extra_state.items()}}
+                **self.meta}
+        if self.sharded is not None:  # every rank writes its shards
+            path = self.sharded.save(meta, self.model, self.engine, self.extra_state, epoch_end, is_best=is_best)
+        elif self.run.dist.is_main:
+            state = {**meta, "model": self.model.state_dict(), "engine": self.engine.state_dict(),
+                     **{k: m.state_dict() for k, m in self.extra_state.items()}}
             path = self.manager.save(state, epoch_end, is_best=is_best)
+        if self.run.dist.is_main:
             write_status(self.run.out, status="running", checkpoint=path.name, step=self.engine.step,
                          position=list(position))
             total = self.run.cfg.epochs  # messages count epochs from 1, as the per-epoch line does
@@ -395,9 +412,10 @@ class Trainer:
 
         signum = self._stop.requested or signal.SIGTERM
         name = signal.Signals(signum).name
-        raise Interrupted(f"stopped by {name} after saving {self.manager.last_path} (epoch {epoch + 1}/"
-                          f"{self.run.cfg.epochs}, batch {batch}, update {self.engine.step}); continue with --resume "
-                          f"auto --output-dir {self.run.out}", signum)
+        last = (self.sharded or self.manager).last_path
+        raise Interrupted(f"stopped by {name} after saving {last} (epoch {epoch + 1}/{self.run.cfg.epochs}, batch "
+                          f"{batch}, update {self.engine.step}); continue with --resume auto --output-dir "
+                          f"{self.run.out}", signum)
 
     def _log_epoch(self, epoch: int, record: dict[str, Any], epoch_times: list[float]) -> None:
         if not self.run.dist.is_main:
@@ -429,8 +447,16 @@ class Trainer:
                      "; ".join(f"{k} {o!r} -> {n!r}" for k, o, n in changes))
 
     # ------------------------------------------------------------------------------------------------ the end
+    @property
+    def best_path(self) -> Path:
+        """Where the best checkpoint is: ``checkpoint-best.pth``, or the ``checkpoint-best`` DCP link under fsdp."""
+        return (self.sharded or self.manager).best_path
+
     def finish(self, summary: dict[str, Any], result_file: str | None) -> dict[str, Any]:
-        """Write ``summary.json`` and mark the run finished with `result_file` as its result (rank 0)."""
+        """Write ``summary.json`` and mark the run finished with `result_file` as its result (rank 0); under fsdp
+        ``checkpoint-best.pth`` means the ``checkpoint-best`` DCP directory."""
+        if self.sharded is not None and result_file == self.manager.best_path.name:
+            result_file = self.sharded.best_path.name
         if self.run.dist.is_main:
             from mae.files import write_json
 

@@ -1,0 +1,444 @@
+"""Checkpoints of sharded (FSDP) runs: `torch.distributed.checkpoint` (DCP) directories, written by every rank in
+parallel, complete or absent, and loadable on any number of processes.
+
+    runs/vit6b/
+      checkpoint-0019/            the end of epoch 19 (numbered as the single-file checkpoint-0019.pth)
+        .metadata                 DCP's index: every tensor's global shape, dtype and where its pieces are
+        __0_0.distcp ...          one file per rank: that rank's shards of the weights and optimizer state
+        meta.pt                   rank 0: the run layer's schema (format, version, kind, train_state, rng of every
+                                  rank, config, data, versions, engine counters, recipe metadata), the file list
+                                  with sizes, and a SHA-256 digest of all of it (``integrity``)
+      checkpoint-step-00012345/   a checkpoint in the middle of an epoch (update 12345; replaced by the next save)
+      checkpoint-last -> checkpoint-0019     symbolic links, moved atomically
+      checkpoint-best -> checkpoint-0019
+
+**Atomic.** Every rank writes into ``.checkpoint-0019.tmp/``; when DCP's save returns (every rank's file written
+and fsynced, ``.metadata`` written by the coordinator) rank 0 lists the files, writes ``meta.pt`` last, fsyncs and
+renames the directory into place. A save killed at any point leaves only a ``.tmp`` directory, which is never read
+and which the next save removes; the newest complete checkpoint stays the newest valid one.
+
+**Finding the newest.** `newest_valid` (called by `mae.train.checkpoint.CheckpointManager.load_latest` next to the
+``.pth`` files) takes the complete directories, reads each one's ``meta.pt``, verifies its digest and that every
+listed file is there with its size, and returns the one standing furthest in the run (epoch, batch).
+
+**Resharding.** The tensors are stored as DCP shards with their global shapes; `restore` loads them into the live
+model and optimizer whatever their sharding (2 processes -> 1, 8 -> 16, FSDP -> a plain module). The RNG states
+are restored when the number of processes is the same (as for single-file checkpoints).
+
+`read_state` gives a DCP checkpoint as a single-file state (the whole model on the CPU), so every reader of
+checkpoints (``mae visualize``, ``finetune checkpoint=...``, ``mae convert``) takes the directories too;
+`dcp_to_file` and `file_to_dcp` convert training checkpoints both ways (``mae convert --to file|dcp``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mae.errors import CheckpointError, OutputError, TrainingError
+from mae.files import fsync_dir
+
+__all__ = ["META_NAME", "DCPCheckpointManager", "dcp_to_file", "file_to_dcp", "is_dcp_checkpoint", "newest_valid",
+           "read_meta", "read_state", "restore"]
+
+_log = logging.getLogger(__name__)
+
+META_NAME = "meta.pt"
+_DCP_INDEX = ".metadata"
+_FINAL = re.compile(r"^checkpoint-(\d+|step-\d+)$")
+_STATES = ("model", "optimizer")  # the tensor states every DCP checkpoint holds (plus the recipe's extra modules)
+
+
+def is_dcp_checkpoint(path: str | Path) -> bool:
+    """True for a DCP checkpoint directory written by this library (DCP's index and ``meta.pt`` present)."""
+    path = Path(path)
+    return path.is_dir() and (path / _DCP_INDEX).is_file() and (path / META_NAME).is_file()
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The run-layer state of a DCP checkpoint (no tensors), verified: its digest, and every file it lists present
+    with the size it had when written. CheckpointError names what is wrong."""
+    from mae.train.checkpoint import safe_load, verify_state
+
+    path = Path(path)
+    if not is_dcp_checkpoint(path):
+        raise CheckpointError(f"'{path}' is not a complete DCP checkpoint (no {_DCP_INDEX} or {META_NAME}); use an "
+                              f"earlier checkpoint")
+    meta = safe_load(path / META_NAME)
+    verify_state(meta, path)
+    listed = (meta.get("dcp") or {}).get("files")
+    if not isinstance(listed, dict):
+        raise CheckpointError(f"'{path / META_NAME}' lists no files; it was not written by this library's DCP saver")
+    for name, size in listed.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint '{path}' is incomplete: '{name}' is missing; use an earlier checkpoint")
+        if file.stat().st_size != size:
+            raise CheckpointError(f"checkpoint '{path}' is damaged: '{name}' has {file.stat().st_size} bytes, "
+                                  f"{size} were written; use an earlier checkpoint")
+    return meta
+
+
+def newest_valid(directory: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """The complete DCP checkpoint of `directory` standing furthest in the run, as (path, meta); damaged ones are
+    skipped with a warning; None when there is none."""
+    from mae.train.checkpoint import position_of
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    best: tuple[tuple[int, int, int], Path, dict[str, Any]] | None = None
+    for path in directory.iterdir():
+        if not _FINAL.match(path.name) or path.is_symlink() or not path.is_dir():
+            continue
+        try:
+            meta = read_meta(path)
+        except CheckpointError as e:
+            warnings.warn(f"skipping damaged checkpoint '{path}': {e}", stacklevel=3)
+            continue
+        key = (*position_of(meta), int((meta.get("engine") or {}).get("step", 0)))
+        if best is None or key > best[0]:
+            best = (key, path, meta)
+    return None if best is None else (best[1], best[2])
+
+
+def _tensor_template(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """Empty CPU tensors of the global shapes and dtypes DCP's index records under `prefix` (e.g. 'model')."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    index = FileSystemReader(str(path)).read_metadata()
+    out: dict[str, torch.Tensor] = {}
+    for key, entry in index.state_dict_metadata.items():
+        where = index.planner_data.get(key, ())
+        if len(where) == 2 and where[0] == prefix and isinstance(entry, TensorStorageMetadata):
+            out[where[1]] = torch.empty(entry.size, dtype=entry.properties.dtype)
+    return out
+
+
+def read_state(path: str | Path) -> dict[str, Any]:
+    """A DCP checkpoint as a single-file state on the CPU of one process: ``meta.pt``'s entries plus ``model`` (the
+    whole model). Not the optimizer (`dcp_to_file` converts everything)."""
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+    meta = read_meta(path)
+    model = _tensor_template(path, "model")
+    try:
+        with _one_process():
+            dcp.load({"model": model}, checkpoint_id=str(path), no_dist=True)
+    except _dcp_errors() as e:  # DCP wraps every failure of every rank in one CheckpointException
+        raise CheckpointError(f"could not read the weights of '{path}': {_first_line(e)}; use an earlier "
+                              f"checkpoint") from None
+    return {**{k: v for k, v in meta.items() if k not in ("dcp", "integrity")}, "model": model}
+
+
+# ---------------------------------------------------------------------------------------------------- restoring
+def restore(path: str | Path, model: nn.Module, engine: Any, extra_state: dict[str, nn.Module] | None = None) -> None:
+    """Load a DCP checkpoint into the live (sharded or plain) `model`, the engine's optimizer and counters, and the
+    `extra_state` modules, resharding as needed; a collective under FSDP (every rank calls it)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    path = Path(path)
+    meta = read_meta(path)
+    model_state, optim_state = get_state_dict(model, engine.optimizer)
+    extra = {k: m.state_dict() for k, m in (extra_state or {}).items() if k in meta["dcp"]["states"]}
+    state = {"model": model_state, "optimizer": optim_state, **extra}
+    try:
+        with _one_process():  # a plain single-process run may resume a sharded run's checkpoint
+            dcp.load(state, checkpoint_id=str(path))
+    except _dcp_errors() as e:
+        raise CheckpointError(f"'{path}' does not fit this run's model and optimizer ({_first_line(e)}); resume with "
+                              f"the model settings and optimizer of the run that wrote it") from None
+    set_state_dict(model, engine.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    for key in extra:
+        extra_state[key].load_state_dict(state[key])  # type: ignore[index]
+    engine.load_state_dict(meta["engine"])
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+class DCPCheckpointManager:
+    """Writes and prunes the DCP checkpoints of a sharded run (see the module docstring); the counterpart of
+    `mae.train.checkpoint.CheckpointManager`, whose ``load_latest`` reads both kinds."""
+
+    def __init__(self, output_dir: str | Path, keep_last: int | None = None) -> None:
+        self.output_dir = Path(output_dir)
+        self.keep_last = keep_last
+
+    @property
+    def last_path(self) -> Path:
+        return self.output_dir / "checkpoint-last"
+
+    @property
+    def best_path(self) -> Path:
+        return self.output_dir / "checkpoint-best"
+
+    def save(self, meta: dict[str, Any], model: nn.Module, engine: Any, extra_state: dict[str, nn.Module],
+             epoch: int | None, is_best: bool = False) -> Path | None:
+        """Write a checkpoint (a collective: every rank calls it, every rank writes its shards); returns its path on
+        rank 0 (None elsewhere). `meta` holds the schema keys but ``model`` and ``engine``; `epoch` is the epoch the
+        state ends (a numbered directory) or None in the middle of one. A state with NaN or inf is refused on every
+        rank (TrainingError) and nothing is written."""
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import FileSystemWriter
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        from mae.train.checkpoint import _first_nonfinite
+        from mae.train.distributed import DistInfo
+        from mae.train.run import on_main
+
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        info = DistInfo(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"), is_main=rank == 0)
+        model_state, optim_state = get_state_dict(model, engine.optimizer)
+        state = {"model": model_state, "optimizer": optim_state,
+                 **{k: m.state_dict() for k, m in extra_state.items()}}
+        bad = _first_nonfinite({k: _local(v) for k, v in state.items()})
+        flags = [bad] if world == 1 else _gather(bad)
+        bad = next((b for b in flags if b is not None), None)
+        if bad is not None:
+            where = f"epoch {epoch}" if epoch is not None else "this step"
+            raise TrainingError(f"refusing to save the checkpoint of {where}: '{bad}' holds NaN or inf (the weights "
+                                f"diverged); the previous checkpoint in '{self.output_dir}' is kept; lower the "
+                                f"learning rate or use --precision fp32")
+        step = int(engine.step)
+        name = f"checkpoint-{epoch:04d}" if epoch is not None and self.keep_last != 0 else f"checkpoint-step-{step:08d}"
+        final, tmp = self.output_dir / name, self.output_dir / f".{name}.tmp"
+
+        def prepare() -> None:
+            self._remove_temporaries()
+            try:
+                tmp.mkdir(parents=True)
+            except OSError as e:
+                raise OutputError(f"could not create '{tmp}': {e.strerror or e}; free space or change "
+                                  f"--output-dir") from e
+
+        on_main(prepare, info)
+        try:
+            dcp.save(state, storage_writer=FileSystemWriter(str(tmp), sync_files=True))
+        except _dcp_errors() as e:  # a full disk on any rank fails the collective save on every rank
+            raise OutputError(f"could not write checkpoint '{final}': {_first_line(e)}; free space or change "
+                              f"--output-dir (the previous checkpoint is kept)") from None
+
+        def publish() -> Path:
+            from mae.train.checkpoint import atomic_save, state_digest
+
+            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.name != META_NAME}
+            engine_meta = {k: v for k, v in engine.state_dict().items() if k != "optimizer"}
+            full = {**meta, "engine": engine_meta, "dcp": {"files": files, "world_size": world,
+                                                           "states": sorted(state)}, "integrity": None}
+            full["integrity"] = {"sha256": state_digest(full)}
+            atomic_save(full, tmp / META_NAME)
+            fsync_dir(tmp)
+            self._replace(tmp, final)
+            self._link(self.last_path, final)
+            if is_best:
+                self._link(self.best_path, final)
+            self._prune()
+            return final
+
+        return on_main(publish, info)
+
+    def _replace(self, tmp: Path, final: Path) -> None:
+        """Rename the finished temporary directory to its name (a save at the same position replaces the old one)."""
+        old = None
+        try:
+            if final.exists():
+                old = final.with_name(f".{final.name}.old.tmp")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+            os.replace(tmp, final)
+            fsync_dir(final.parent)
+        except OSError as e:
+            raise OutputError(f"could not put checkpoint '{final}' in place: {e.strerror or e}; check "
+                              f"'{final.parent}'") from e
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _link(self, link: Path, target: Path) -> None:
+        """Point `link` at `target` atomically (a relative symbolic link renamed over the old one)."""
+        tmp = link.with_name(f".{link.name}.link.tmp")
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            os.symlink(target.name, tmp)
+            os.replace(tmp, link)
+            fsync_dir(link.parent)
+        except OSError as e:
+            warnings.warn(f"could not point '{link.name}' at '{target.name}' ({e.strerror or e}); resume=auto still "
+                          f"finds the newest checkpoint", stacklevel=3)
+
+    def _targets(self) -> set[str]:
+        out = set()
+        for link in (self.last_path, self.best_path):
+            if link.is_symlink():
+                out.add(os.readlink(link))
+        return out
+
+    def _prune(self) -> None:
+        """Drop mid-epoch directories that last and best no longer name, and numbered ones beyond `keep_last`."""
+        keep = self._targets()
+        numbered, steps = [], []
+        for path in self.output_dir.iterdir():
+            match = _FINAL.match(path.name)
+            if match and not path.is_symlink() and path.is_dir():
+                (steps if match.group(1).startswith("step-") else numbered).append(path)
+        doomed = [p for p in steps if p.name not in keep]
+        if self.keep_last is not None:
+            numbered.sort(key=lambda p: int(_FINAL.match(p.name).group(1)))  # type: ignore[union-attr]
+            doomed += [p for p in numbered[: max(len(numbered) - self.keep_last, 0)] if p.name not in keep]
+        for path in doomed:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def _remove_temporaries(self) -> None:
+        """Directories of saves that were killed before their rename (never read; only this run writes here)."""
+        if self.output_dir.is_dir():
+            for path in self.output_dir.glob(".checkpoint-*.tmp"):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+
+
+def _local(obj: Any) -> Any:
+    """`obj` with every DTensor replaced by this rank's shard (for the NaN check, which must not communicate)."""
+    if hasattr(obj, "to_local") and isinstance(obj, torch.Tensor):
+        return obj.to_local()
+    if isinstance(obj, dict):
+        return {k: _local(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_local(v) for v in obj]
+    return obj
+
+
+def _gather(value: Any) -> list[Any]:
+    from mae.train.distributed import all_gather_objects
+
+    return all_gather_objects(value)
+
+
+@contextlib.contextmanager
+def _one_process():
+    """DCP in a single process (reading or converting outside a run): DCP says so in a warning, every time."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _dcp_errors() -> tuple[type[BaseException], ...]:
+    """What a DCP load or save raises: its CheckpointException (which gathers every rank's failure) and the errors
+    of one process."""
+    from torch.distributed.checkpoint import CheckpointException
+
+    return (CheckpointException, OSError, RuntimeError, ValueError, KeyError)
+
+
+def _first_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
+
+
+# ---------------------------------------------------------------------------------------------------- converting
+def dcp_to_file(src: str | Path, dst: str | Path) -> Path:
+    """A DCP training checkpoint as one ``.pth`` file in the single-file layout (`CheckpointManager`'s, with its
+    digest): the whole model, the optimizer state keyed by parameter index, every schema key. Runs in one process;
+    needs the whole state in memory once."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from mae.train.checkpoint import atomic_save, safe_load, state_digest
+
+    src, dst = Path(src), Path(dst)
+    meta = read_meta(src)
+    with tempfile.TemporaryDirectory(prefix=".mae-convert-", dir=dst.parent if dst.parent.is_dir() else None) as tmp:
+        plain = Path(tmp) / "state.pt"
+        with _one_process():
+            dcp_to_torch_save(str(src), str(plain))
+        tensors = safe_load(plain)
+    engine = {**meta["engine"], "optimizer": _optimizer_by_index(tensors["optimizer"], src)}
+    state = {**{k: v for k, v in meta.items() if k not in ("dcp", "integrity")}, "model": tensors["model"],
+             "engine": engine, **{k: tensors[k] for k in meta["dcp"]["states"] if k not in _STATES}}
+    state["integrity"] = None
+    state["integrity"] = {"sha256": state_digest(state)}
+    return atomic_save(state, dst)
+
+
+def file_to_dcp(src: str | Path, dst: str | Path) -> Path:
+    """A single-file training checkpoint as a DCP directory that a sharded run resumes from (any number of
+    processes); written into a temporary directory and renamed into place. Runs in one process."""
+    import torch.distributed.checkpoint as dcp
+
+    from mae.train.checkpoint import atomic_save, load_training_state, state_digest
+
+    src, dst = Path(src), Path(dst)
+    state = load_training_state(src)
+    if "engine" not in state or "model" not in state or "train_state" not in state:
+        raise CheckpointError(f"'{src}' is not a training checkpoint (no model, engine or train_state); a DCP "
+                              f"checkpoint resumes a run, so convert the run's checkpoint-last.pth")
+    if dst.exists():
+        raise CheckpointError(f"'{dst}' exists; choose a new directory for the DCP checkpoint")
+    engine = dict(state["engine"])
+    tensors = {"model": state["model"], "optimizer": _optimizer_by_name(engine.pop("optimizer"), src)}
+    extra = {k: state[k] for k in ("model_ema",) if isinstance(state.get(k), dict)}
+    tensors.update(extra)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with _one_process():
+            dcp.save(tensors, checkpoint_id=str(tmp), no_dist=True)
+    except _dcp_errors() as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"could not write '{dst}': {_first_line(e)}; free space or choose another place") from None
+    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+    meta = {**{k: v for k, v in state.items() if k not in ("model", "engine", "integrity", *extra)},
+            "engine": engine, "dcp": {"files": files, "world_size": 1, "states": sorted(tensors)}, "integrity": None}
+    meta["integrity"] = {"sha256": state_digest(meta)}
+    atomic_save(meta, tmp / META_NAME)
+    fsync_dir(tmp)
+    os.replace(tmp, dst)
+    fsync_dir(dst.parent)
+    return dst
+
+
+def _optimizer_by_index(state: dict[str, Any], path: Path) -> dict[str, Any]:
+    """DCP's optimizer state (keyed by parameter name) in ``torch.optim.Optimizer.state_dict``'s layout (parameters
+    numbered group by group, as the optimizer numbers them)."""
+    index: dict[str, int] = {}
+    groups = []
+    for group in state["param_groups"]:
+        names = list(group["params"])
+        ids = [index.setdefault(name, len(index)) for name in names]
+        groups.append({**group, "params": ids, "param_names": names})
+    unknown = sorted(set(state["state"]) - set(index))
+    if unknown:
+        raise CheckpointError(f"'{path}': optimizer state for parameters in no group ({unknown[:3]})")
+    return {"state": {index[name]: value for name, value in state["state"].items()}, "param_groups": groups}
+
+
+def _optimizer_by_name(state: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The inverse of `_optimizer_by_index`: a torch optimizer state dict keyed by the parameter names each group
+    records (``param_names``, which `mae.train.optim.param_groups` sets)."""
+    names: dict[int, str] = {}
+    groups = []
+    for group in state["param_groups"]:
+        if len(group.get("param_names") or ()) != len(group["params"]):
+            raise CheckpointError(f"'{path}': its optimizer groups do not name their parameters (param_names), so "
+                                  f"its state cannot be matched to a sharded model; resume it with "
+                                  f"distributed.strategy=ddp")
+        names.update(zip(group["params"], group["param_names"]))
+        groups.append({**group, "params": list(group["param_names"])})
+    return {"state": {names[i]: value for i, value in state["state"].items()}, "param_groups": groups}
+
