@@ -9,14 +9,28 @@ import mae.threads as threads
 
 
 def test_configure_fills_in_only_what_the_user_did_not_set(monkeypatch):
-    """Unset: OMP_WAIT_POLICY=PASSIVE and OMP_NUM_THREADS = usable CPUs / processes per node; set values stay."""
+    """Unset: OMP_NUM_THREADS = usable CPUs / processes per node, and OMP_WAIT_POLICY=PASSIVE only when other
+    processes keep half a CPU or more busy; values the user set stay."""
     monkeypatch.setattr(threads, "usable_cpus", lambda: 16)
-    env: dict[str, str] = {}
-    assert threads.configure(env) == {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "16"}
-    assert threads.configure({"LOCAL_WORLD_SIZE": "4"})["OMP_NUM_THREADS"] == "4"
-    assert threads.configure({"LOCAL_WORLD_SIZE": "32"})["OMP_NUM_THREADS"] == "1"
+    assert threads.configure({}, busy=0.2) == {"OMP_NUM_THREADS": "16"}
+    assert threads.configure({}, busy=1.0) == {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "16"}
+    assert threads.configure({"LOCAL_WORLD_SIZE": "4"}, busy=0)["OMP_NUM_THREADS"] == "4"
+    assert threads.configure({"LOCAL_WORLD_SIZE": "32"}, busy=0)["OMP_NUM_THREADS"] == "1"
     mine = {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "3"}
-    assert threads.configure(mine) == {} and mine == {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "3"}
+    assert threads.configure(mine, busy=2.0) == {} and mine == {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "3"}
+
+
+def test_busy_cpus_sees_a_spinning_neighbour():
+    """busy_cpus reads the CPU time other processes use: a process spinning on one core counts about one CPU."""
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        import time
+
+        time.sleep(0.5)
+        assert threads.busy_cpus(window=0.3) >= 0.6
+    finally:
+        spinner.kill()
+        spinner.wait()
 
 
 def test_usable_cpus_follows_the_affinity_and_a_cgroup_quota(monkeypatch, tmp_path):
@@ -36,9 +50,10 @@ def test_default_workers_leave_a_cpu_for_training_and_stay_at_most_eight(monkeyp
 
 
 def test_the_cli_sets_the_policy_before_torch_starts():
-    """A `mae` process started without the variables runs torch with the passive wait policy and its CPU count."""
+    """A process that calls `configure` (as the CLI does) before importing torch runs torch with the chosen wait
+    policy and thread count."""
     code = ("import os, sys; [os.environ.pop(k, None) for k in ('OMP_WAIT_POLICY', 'OMP_NUM_THREADS')]; "
-            "from mae.threads import configure; configure(); import torch; "
+            "from mae.threads import configure; configure(busy=1.0); import torch; "
             "print(os.environ['OMP_WAIT_POLICY'], os.environ['OMP_NUM_THREADS'], torch.get_num_threads())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out[0] == "PASSIVE" and out[1] == out[2] == str(threads.usable_cpus())

@@ -398,11 +398,12 @@ def _normalise_argv(argv: list[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from mae.threads import configure
-
-    configure()  # OMP wait policy and thread count for this process, unless set: before torch starts
     argv = _normalise_argv(list(sys.argv[1:] if argv is None else argv))
     command = next((a for a in argv if not a.startswith("-")), None)
+    if command in CONFIG_COMMANDS and "torch" not in sys.modules and not {"-h", "--help"} & set(argv):
+        from mae.threads import configure
+
+        configure()  # the OpenMP wait policy and thread count of this process, unless set: before torch starts
     parser = build_parser(command if command in CONFIG_COMMANDS else "")
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may stand anywhere among the flags; argparse only collects the first run of them
