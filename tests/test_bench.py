@@ -128,6 +128,7 @@ def test_mae_bench_peer_table2_scaling_and_data_smoke(tmp_path):
     suites = result["suites"]
     assert suites["peer"]["same_precision_ratio"]["fp32"] > 0
     assert suites["peer"]["weights_check"]["abs_diff"] < 1e-4
+    assert suites["peer"]["reference_ratio"]["fp32"] > 0
     assert next(r["variant"] for r in suites["table2"]["rows"]).startswith("encoder w/ mask tokens")
     assert suites["table2"]["speedups"][0]["speedup_dec1"] > 0
     assert {r["axis"] for r in suites["scaling"]["rows"]} == {"batch_size", "mask_ratio", "model"}
@@ -147,3 +148,21 @@ def test_mae_bench_on_cuda_reports_memory_and_mfu(tmp_path):
     assert code == 0
     row = json.loads((tmp_path / "bench.json").read_text())["suites"]["step"]["rows"][0]
     assert row["peak_memory_mib"] > 0 and 0 < row["mfu"] < 1
+
+
+def test_the_reference_step_trains_the_same_weights_to_the_same_loss():
+    """`build_reference` (written-out attention, default AdamW) starts from `build_ours`'s weights and computes the
+    same loss for the same masking noise: the peer differs in speed only."""
+    from mae.bench.step import build_ours, build_reference
+    from mae.models import model_config
+
+    cfg = model_config(MICRO)
+    ours = build_ours(cfg, 2, "fp32", torch.device("cpu"))
+    ref = build_reference(cfg, 2, "fp32", torch.device("cpu"))
+    assert type(ref.model.blocks[0].attn).__module__.startswith("timm")
+    imgs = torch.randn(3, cfg.in_chans, *cfg.image_hw)
+    noise = torch.rand(3, cfg.grid_size[0] * cfg.grid_size[1])
+    with torch.no_grad():
+        a, b = ours.model(imgs, noise=noise)[0], ref.model(imgs, noise=noise)[0]
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert ref.step() > 0

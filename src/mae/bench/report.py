@@ -84,7 +84,11 @@ def suite_tables(name: str, result: dict) -> str:
                                           ("images_per_s", "img/s"), ("peak_memory_mib", "peak MiB"), ("mfu", "MFU")])
         ratios = ", ".join(f"{p}: {r:.2f}x" for p, r in result["same_precision_ratio"].items())
         a, b = result["default_labels"]
-        return (f"{text}\n\nsame precision (mae / hf): {ratios}; defaults ({a} / {b}): "
+        ref = ""
+        if "reference_ratio" in result:
+            ref = "; same precision (mae / reference): " + ", ".join(
+                f"{p}: {r:.2f}x" for p, r in result["reference_ratio"].items())
+        return (f"{text}\n\nsame precision (mae / hf): {ratios}{ref}; defaults ({a} / {b}): "
                 f"{result['default_ratio']:.2f}x; losses agree to {result['weights_check']['abs_diff']:.1e}")
     text = markdown_table(rows, STEP_COLUMNS)
     if "flop_check" in result:

@@ -98,6 +98,43 @@ def build_ours(cfg: MAEConfig, batch_size: int, precision: str, device: torch.de
     return Trainee(label, model, run_step, cfg, precision, device, info)
 
 
+def build_reference(cfg: MAEConfig, batch_size: int, precision: str, device: torch.device, *, seed: int = 0,
+                    label: str = "reference") -> Trainee:
+    """The reference release's training step as its code runs it, on `build_ours`'s weights (same seed): attention
+    written out (q k^T scaled, softmax, times v: timm's ``Attention`` with ``fused_attn=False``, the arithmetic of the
+    timm 0.3.2 blocks the release builds on), ``torch.optim.AdamW`` with its defaults (betas (0.9, 0.95), weight decay
+    0.05 on matrices, as the release sets them), the loss under autocast. The release autocasts only on CUDA
+    (``torch.cuda.amp``, fp16 with a loss scaler): on a CPU it trains in fp32, and a bf16 row here is what it would
+    do with autocast there."""
+    from timm.layers import Attention as TimmAttention
+
+    torch.manual_seed(seed)
+    model: torch.nn.Module = MaskedAutoencoderViT(cfg)
+    for block in [*model.blocks, *model.decoder_blocks]:
+        dim = block.attn.qkv.in_features
+        attn = TimmAttention(dim, num_heads=block.attn.num_heads, qkv_bias=block.attn.qkv.bias is not None)
+        attn.load_state_dict(block.attn.state_dict())
+        attn.fused_attn = False
+        block.attn = attn
+    model = model.to(device).train()
+    opt = torch.optim.AdamW(param_groups(model, weight_decay=0.05), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    scaler = make_grad_scaler(precision, device)
+    imgs = torch.randn(batch_size, cfg.in_chans, *cfg.image_hw, device=device)
+
+    def run_step() -> float:
+        opt.zero_grad(set_to_none=True)
+        with autocast_context(precision, device):
+            loss = model(imgs, cfg.mask_ratio)[0]
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        return loss.item()
+
+    info = {"implementation": "reference-style (explicit attention, default AdamW)", "batch_size": batch_size,
+            "optimizer": _describe_optimizer(opt), "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+    return Trainee(label, model, run_step, cfg, precision, device, info)
+
+
 def _describe_optimizer(opt: torch.optim.Optimizer) -> str:
     d = opt.defaults
     impl = "fused" if d.get("fused") else "foreach" if d.get("foreach") else (

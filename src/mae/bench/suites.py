@@ -26,7 +26,7 @@ import torch
 
 from mae.bench import measure
 from mae.bench.flops import counted_flops, mae_flops, table1c_ratio
-from mae.bench.step import Trainee, build_hf, build_ours, time_alternating, timed_step, warm_up
+from mae.bench.step import Trainee, build_hf, build_ours, build_reference, time_alternating, timed_step, warm_up
 from mae.errors import ConfigError
 from mae.models import model_config
 from mae.models.mae import MAEConfig, MaskedAutoencoderViT
@@ -277,12 +277,14 @@ def suite_table1c() -> dict:
 
 
 def suite_peer(ctx: BenchContext, name: str, cfg: MAEConfig, batch: int, precisions: list[str], default_precision: str,
-               *, optimizer: str = "auto", compile: bool = False, hf_optimizer: str = "fused") -> dict:
+               *, optimizer: str = "auto", compile: bool = False, hf_optimizer: str = "fused",
+               reference: bool = True) -> dict:
     """This library vs Hugging Face ViTMAEForPreTraining: same architecture, weights, batch, threads; all runs in
     this process, timed one step each in turn. Ratios (`speed_ratio`) > 1 mean this library is faster.
 
     Same precision: both in `precisions`, each with its usual optimizer (ours: ``build_optimizer``; HF: its
-    Trainer's default ``adamw_torch_fused``). Defaults: ours at `default_precision` (what ``precision=auto``
+    Trainer's default ``adamw_torch_fused``); with `reference`, also the reference release's step at each of them
+    (``build_reference``). Defaults: ours at `default_precision` (what ``precision=auto``
     picks) with `optimizer` / `compile` against HF's Trainer default, fp32.
     """
     check = same_loss_check(cfg)
@@ -291,6 +293,9 @@ def suite_peer(ctx: BenchContext, name: str, cfg: MAEConfig, batch: int, precisi
         builds.append((name, _ours_builder(ctx, cfg, batch, p, f"mae {p}", optimizer)))
         builds.append((name, lambda p=p: build_hf(cfg, batch, p, ctx.device, optimizer=hf_optimizer,
                                                    seed=ctx.seed, label=f"hf {p}")))
+        if reference:
+            builds.append((name, lambda p=p: build_reference(cfg, batch, p, ctx.device, seed=ctx.seed,
+                                                             label=f"reference {p}")))
     ours_default = f"mae {default_precision}"
     if compile or default_precision not in precisions:
         ours_default = f"mae default ({default_precision}{', compiled' if compile else ''})"
@@ -302,8 +307,11 @@ def suite_peer(ctx: BenchContext, name: str, cfg: MAEConfig, batch: int, precisi
     by_label = {r["label"]: r for r in rows}
     ratios = {p: speed_ratio(by_label[f"hf {p}"], by_label[f"mae {p}"]) for p in precisions}
     default_ratio = speed_ratio(by_label["hf fp32"], by_label[ours_default])
-    return {"rows": rows, "same_precision_ratio": ratios, "default_ratio": default_ratio,
-            "default_labels": [ours_default, "hf fp32"], "weights_check": check}
+    out = {"rows": rows, "same_precision_ratio": ratios, "default_ratio": default_ratio,
+           "default_labels": [ours_default, "hf fp32"], "weights_check": check}
+    if reference:
+        out["reference_ratio"] = {p: speed_ratio(by_label[f"reference {p}"], by_label[f"mae {p}"]) for p in precisions}
+    return out
 
 
 def same_loss_check(cfg: MAEConfig) -> dict:

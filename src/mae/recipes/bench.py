@@ -63,6 +63,8 @@ class PeerSection:
                                                     "device has none)"})
     hf_optimizer: str = field(default="fused", metadata={"help": "AdamW for the HF model: fused (its Trainer's "
                                                                  "default) | foreach | for-loop | auto"})
+    reference: bool = field(default=True, metadata={"help": "also time the reference release's step (written-out "
+                                                            "attention, default AdamW) at each precision"})
 
 
 @dataclass
@@ -269,9 +271,12 @@ def _run(cfg: BenchConfig, device: torch.device, out) -> dict:
         elif name == "peer":
             precisions = [p for p in cfg.peer.precisions if _available(p, device)]
             res = suite_peer(ctx, cfg.model.name, model_cfg, cfg.batch_size, precisions, precision,
-                             optimizer=cfg.optimizer, compile=cfg.compile, hf_optimizer=cfg.peer.hf_optimizer)
+                             optimizer=cfg.optimizer, compile=cfg.compile, hf_optimizer=cfg.peer.hf_optimizer,
+                             reference=cfg.peer.reference)
             for p, r in res["same_precision_ratio"].items():
                 summary[f"peer_ratio_{p}"] = r
+            for p, r in res.get("reference_ratio", {}).items():
+                summary[f"reference_ratio_{p}"] = r
             summary["peer_ratio_defaults"] = res["default_ratio"]
         elif name == "scaling":
             sc = cfg.scaling

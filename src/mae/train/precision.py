@@ -40,9 +40,14 @@ def resolve_precision(name: str, device: torch.device | str) -> str:
 
 @functools.cache
 def cpu_has_fast_bf16() -> bool:
-    """True when the CPU has native bf16 arithmetic (AVX-512 BF16 or AMX), so bf16 autocast is actually faster."""
-    if "AMX" in torch.backends.cpu.get_cpu_capability().upper():
+    """True when the CPU has native bf16 arithmetic (AVX-512 BF16 or AMX) and ATen runs its AVX-512 kernels, so bf16
+    autocast is actually faster. Where ATen dispatches to AVX2 or plainer kernels (an older CPU, or
+    ``ATEN_CPU_CAPABILITY=avx2``) bf16 is emulated there whatever the CPU flags say: fp32."""
+    capability = torch.backends.cpu.get_cpu_capability().upper()
+    if "AMX" in capability:
         return True
+    if "AVX512" not in capability:
+        return False
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:  # not Linux: assume no, fp32 is always correct
