@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
+from mae.data.folders import ImageDataset
 from mae.errors import DataError
 
 _log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ def _warn_conversion(name: str, native: str, mode: str) -> None:
                      "channels; a 1-channel model (model.in_chans=1 when pre-training) fits grey data", name)
 
 
-class BuiltinDataset(Dataset, abc.ABC):
+class BuiltinDataset(ImageDataset, abc.ABC):
     """A split of an embedded dataset held in memory as uint8 arrays; items are `(PIL image, label)`.
 
     Subclasses set the class attributes and `_arrays`. `mode` ('L' or 'RGB') converts the images; None keeps the
@@ -192,15 +192,6 @@ class BuiltinDataset(Dataset, abc.ABC):
     @abc.abstractmethod
     def _arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """The split's images (uint8 [N, H, W] or [N, H, W, 3]) and labels [N]."""
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def in_chans(self) -> int:
-        """Channels of the images this dataset returns: 1 for mode 'L', 3 for 'RGB'."""
-        return 1 if self.mode == "L" else 3
 
     def __len__(self) -> int:
         return len(self.targets)

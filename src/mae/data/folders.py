@@ -147,7 +147,24 @@ def _no_images(root: Path) -> DataError:
     return DataError(f"folder '{root}' holds no image files; accepted extensions: {' '.join(IMG_EXTENSIONS)}")
 
 
-class _ImageFiles(Dataset):
+class ImageDataset(Dataset):
+    """What every image dataset of this library tells the recipes: `classes` (names, in label order) and the image
+    `mode` ('L' or 'RGB') give `num_classes` and `in_chans`."""
+
+    classes: list[str] | tuple[str, ...]
+    mode: str | None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def in_chans(self) -> int:
+        """Channels of the images this dataset returns: 1 for mode 'L', 3 for 'RGB'."""
+        return 1 if self.mode == "L" else 3
+
+
+class _ImageFiles(ImageDataset):
     """A list of (image path, label) pairs read as PIL images, with the skip / strict policy for unreadable files."""
 
     def __init__(self, root: Path, samples: list[tuple[str, int]], classes: list[str], transform: Callable | None,
@@ -185,14 +202,6 @@ class _ImageFiles(Dataset):
     @property
     def targets(self) -> list[int]:
         return [label for _, label in self.samples]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def in_chans(self) -> int:
-        return 1 if self.mode == "L" else 3
 
     @property
     def num_skipped(self) -> int:

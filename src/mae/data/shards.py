@@ -42,12 +42,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from mae.data.device_decode import EncodedJpeg
-from mae.data.folders import UNLABELED, to_mode
+from mae.data.folders import UNLABELED, ImageDataset, to_mode
 from mae.errors import ConfigError, DataError
 
 __all__ = ["INDEX_NAME", "SHARDS_PREFIX", "ShardDataset", "ShardLoader", "ShardSet", "build_shard_dataset",
@@ -324,7 +324,7 @@ def _parse_label(data: bytes) -> int | None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class ShardDataset(Dataset):
+class ShardDataset(ImageDataset):
     """Sample i of a shard set (global index, index order) as ``(image, label)``; label -1 without ``.cls`` members.
 
     A member that does not decode (or a sample lost to a truncated shard) is skipped with a warning and replaced by
@@ -363,14 +363,6 @@ class ShardDataset(Dataset):
         state = self.__dict__.copy()
         state["_files"], state["_tables"] = OrderedDict(), OrderedDict()
         return state
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def in_chans(self) -> int:
-        return 1 if self.mode == "L" else 3
 
     @property
     def num_skipped(self) -> int:
