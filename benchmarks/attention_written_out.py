@@ -34,29 +34,28 @@ def written_out_forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool =
     return self.proj_drop(self.proj(out.transpose(1, 2).reshape(n, length, dim)))
 
 
-def operation_alone(rounds: int) -> None:
-    """Forward + backward of the fp32 product alone at the demo model's shapes (batch, heads, tokens, head dim)."""
-    import torch.nn.functional as F
+def _flash_step(q, k, v, grad) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        torch.nn.functional.scaled_dot_product_attention(q, k, v).backward(grad)
+
+
+def _written_out_step(q, k, v, grad) -> None:
+    (((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v).backward(grad)
+
+
+def operation_alone(rounds: int) -> None:
+    """Forward + backward of the fp32 product alone at the demo model's shapes (batch, heads, tokens, head dim)."""
     for shape in ((128, 4, 13, 32), (128, 4, 50, 16)):
-        q, k, v = (torch.randn(*shape, requires_grad=True) for _ in range(3))
-        grad = torch.randn(*shape)
-
-        def flash():
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                F.scaled_dot_product_attention(q, k, v).backward(grad)
-
-        def written():
-            (((q * shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v).backward(grad)
-
+        tensors = [torch.randn(*shape, requires_grad=True) for _ in range(3)] + [torch.randn(*shape)]
         medians = []
-        for fn in (flash, written):
-            fn()
+        for step in (_flash_step, _written_out_step):
+            step(*tensors)
             times = []
             for _ in range(rounds):
                 t0 = time.perf_counter()
-                fn()
+                step(*tensors)
                 times.append(time.perf_counter() - t0)
             medians.append(statistics.median(times) * 1e3)
         print(f"{shape}: flash {medians[0]:.2f} ms, written out {medians[1]:.2f} ms; written out is "
