@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import mae.threads as threads
+from mae import threads
 
 
 def test_configure_fills_in_only_what_the_user_did_not_set(monkeypatch):

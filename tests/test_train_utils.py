@@ -373,7 +373,7 @@ def test_disabled_logger_and_progress_write_nothing(tmp_path):
 def test_auto_precision_is_fp32_where_aten_runs_avx2_kernels(monkeypatch):
     """bf16 only where it is native: AMX, or AVX-512 kernels on a CPU with avx512_bf16; ATen limited to AVX2 (an
     older CPU, or ATEN_CPU_CAPABILITY=avx2 on a new one) emulates bf16, so 'auto' is fp32 whatever /proc/cpuinfo says."""
-    import mae.train.precision as precision
+    from mae.train import precision
 
     for capability, want in (("AVX2", "fp32"), ("DEFAULT", "fp32"), ("AMX", "bf16")):
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
