@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _subprocess import run_quiet
+
 PY = sys.executable
 CODE_LIBRARY = ("import sys; from mae.config import load_config; from mae.recipes.pretrain import PretrainConfig, run; "
                 "run(load_config(PretrainConfig, 'pretrain/demo_mnist', sys.argv[1:]))")
@@ -33,7 +35,7 @@ def epoch_seconds(code: str, env: dict[str, str], epochs: int) -> float:
     with tempfile.TemporaryDirectory() as d:
         args = [f"epochs={epochs}", f"output_dir={d}/run", "progress=false", "visualize=false", "save_every_minutes=0",
                 f"save_every={epochs}", f"optim.warmup_epochs={min(2, epochs)}"]
-        subprocess.run([PY, "-c", code, *args], env=env, check=True, capture_output=True, text=True)
+        run_quiet([PY, "-c", code, *args], env=env)
         rows = [json.loads(x) for x in (Path(d) / "run" / "metrics.jsonl").read_text().splitlines()]
         return [r["epoch_seconds"] for r in rows if "epoch_seconds" in r][-1]
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _subprocess import run_quiet
 
 MAE = [sys.executable, "-m", "mae"]
 GRID = {
@@ -36,13 +37,13 @@ GRID = {
 def one(overrides: list[str], precision: str, workdir: Path) -> dict:
     run = workdir / "run"
     t0 = time.perf_counter()
-    subprocess.run([*MAE, "pretrain", "--config", "pretrain/demo_mnist", f"output_dir={run}", "progress=false",
-                    "visualize=false", f"precision={precision}", *overrides], check=True, capture_output=True)
+    run_quiet([*MAE, "pretrain", "--config", "pretrain/demo_mnist", f"output_dir={run}", "progress=false",
+               "visualize=false", f"precision={precision}", *overrides])
     seconds = time.perf_counter() - t0
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["epoch_loss"] for r in rows if "epoch_seconds" in r]
-    subprocess.run([*MAE, "linprobe", "--config", "linprobe/linprobe_mnist", f"checkpoint={run}",
-                    f"output_dir={workdir / 'probe'}", "progress=false"], check=True, capture_output=True)
+    run_quiet([*MAE, "linprobe", "--config", "linprobe/linprobe_mnist", f"checkpoint={run}",
+               f"output_dir={workdir / 'probe'}", "progress=false"])
     probe = json.loads((workdir / "probe" / "summary.json").read_text())
     top1 = probe.get("best_top1", probe.get("top1"))
     return {"linprobe_top1": top1, "first_loss": losses[0], "last_loss": losses[-1], "pretrain_seconds": seconds,
