@@ -139,6 +139,26 @@ def test_transform_normalises_with_imagenet_stats_for_rgb_and_half_for_grey():
     assert torch.allclose(custom, torch.full((1, 8, 8), (1 - 0.1307) / 0.3081))
 
 
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "1"])
+@pytest.mark.parametrize("in_chans", [1, 3])
+def test_the_one_step_finish_equals_torchvisions_four_modules_bit_for_bit(mode, in_chans):
+    """`ToNormalizedTensor` (channels, to image, to float, normalise in one call) gives exactly what v2.RGB /
+    v2.Grayscale + ToImage + ToDtype(scale) + Normalize give, for PIL images of every mode and for uint8 tensors."""
+    from torchvision.transforms import v2
+    from torchvision.transforms.v2 import functional as TF
+
+    from mae.data.transforms import ToNormalizedTensor, default_mean_std
+
+    mean, std = default_mean_std(in_chans)
+    modules = v2.Compose([v2.RGB() if in_chans == 3 else v2.Grayscale(num_output_channels=1), v2.ToImage(),
+                          v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    pixels = np.random.default_rng(0).integers(0, 256, (13, 17, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels).convert(mode)
+    for source in (image, TF.pil_to_tensor(image.convert("L" if mode in ("L", "1") else "RGB"))):
+        ours = ToNormalizedTensor(in_chans, mean, std)(source)
+        assert type(ours) is torch.Tensor and torch.equal(ours, modules(source).as_subclass(torch.Tensor))
+
+
 def test_eval_transform_centre_crops_after_resizing_by_crop_pct():
     """The eval transform resizes the shorter side to size / crop_pct then centre crops: a 1-px border around a
     56-px image's centre 48 px disappears with crop_pct=0.875 but not with crop_pct=1."""
@@ -389,6 +409,47 @@ def test_loader_order_is_a_pure_function_of_seed_and_epoch():
     assert _order(c) != epoch0
     assert _order(build_loader(_Indices(), batch_size=8, shuffle=False)) == list(range(50))
     assert len(list(build_loader(_Indices(), batch_size=8, drop_last=True))) == 6
+
+
+def test_a_batch_fetched_at_once_equals_its_samples_fetched_one_by_one_and_leaves_the_callers_generators():
+    """The loader asks `SeededDataset` for a whole batch: each sample still gets its own seeds (the same crops and
+    mask noise as one at a time), and the caller's torch / python / numpy generators are as they were."""
+    import random
+
+    from mae.data import SeededDataset, WithMaskNoise
+
+    data = SeededDataset(WithMaskNoise(build_dataset("builtin:digits", "train", transform=build_transform(
+        "rrc", 8, 1)), num_patches=4))
+    keys = [(3, 11), (0, 12), (3, 13)]
+    torch.manual_seed(5), random.seed(5), np.random.seed(5)
+    before = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    batch = data.__getitems__(keys)
+    assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
+    assert np.array_equal(np.random.get_state()[1], before[2])
+    for (image, noise), key in zip(batch, keys):
+        one_image, one_noise = data[key]
+        assert torch.equal(image, one_image) and torch.equal(noise, one_noise)
+    assert not torch.equal(batch[0][0], batch[2][0])  # same index, other seed: another crop
+
+
+def test_fixed_embedded_items_are_memoized_identically_and_everything_else_is_left_alone(tmp_path):
+    """The embedded digits under the deterministic 'none' augmentation are transformed once: every later read
+    returns the same item, equal to a fresh read; the fingerprint sees through the wrapper. A random augmentation,
+    a folder, or a set too big for the memory cap are not wrapped."""
+    from mae.data import MemoizedDataset, fingerprint, memoize_if_fixed
+
+    plain = build_dataset("builtin:digits", "train", transform=build_transform("none", 8, 1))
+    memo = memoize_if_fixed(plain, "none", item_bytes=4 * 8 * 8)
+    assert isinstance(memo, MemoizedDataset) and len(memo) == len(plain)
+    first = memo[5]
+    assert memo[5] is first and torch.equal(first[0], plain[5][0]) and first[1] == plain[5][1]
+    assert fingerprint(memo) == fingerprint(plain)
+    random_crops = build_dataset("builtin:digits", "train", transform=build_transform("rrc", 8, 1))
+    assert memoize_if_fixed(random_crops, "rrc", item_bytes=256) is random_crops
+    assert memoize_if_fixed(plain, "none", item_bytes=2**30) is plain
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    folder = build_dataset(str(tmp_path), "train", transform=build_transform("none", 8, 1))
+    assert memoize_if_fixed(folder, "none", item_bytes=256) is folder
 
 
 def test_loader_with_workers_keeps_the_order_and_persistent_workers():

@@ -158,6 +158,16 @@ def test_tiny_model_written_as_hf_directory_loads_in_transformers_with_identical
     _check_against_hf(ours, hf_model)
 
 
+def test_the_demo_model_with_2x_mlps_and_one_channel_matches_transformers(tmp_path):
+    """The demo's nano MAE (MLP ratio 2 in encoder and decoder, grey 28 px digits, normalised-pixel target) through
+    our HF writer: intermediate sizes 256 / 128, and the same mask, loss and logits in transformers."""
+    ours = create_model("mae_vit_nano_patch4_28", target="norm_pixel")
+    hf_model = _written_and_loaded_by_transformers(ours, tmp_path)
+    assert (hf_model.config.intermediate_size, hf_model.config.decoder_intermediate_size) == (256, 128)
+    assert hf_model.config.num_channels == 1
+    _check_against_hf(ours, hf_model)
+
+
 def test_vit_b_shaped_model_written_as_hf_directory_gives_identical_outputs_in_transformers(vit_b_pair):
     """The same checks at ViT-B size (768 wide, 12 blocks, 12 heads, decoder 512 x 8 x 16, img 64 patch 16):
     every tensor equal after from_pretrained, then the same mask / loss / logits with norm_pix_loss on (as

@@ -87,7 +87,7 @@ def _fake_demo_run(out):
     Image.new("RGB", (40, 20), "white").save(out / "grid.png")
     (out / "linprobe").mkdir()
     (out / "linprobe" / "config.yaml").write_text("data:\n  path: builtin:mnist5k\n")
-    (out / "config.yaml").write_text("epochs: 1\nmodel:\n  name: mae_vit_micro_patch4_28\n")
+    (out / "config.yaml").write_text("epochs: 1\nmodel:\n  name: mae_vit_nano_patch4_28\n  depth: 3\n")
     seconds = dict.fromkeys(["linprobe", "random_init_linprobe", "raw_pixels_linear", "knn", "random_init_knn",
                              "finetune", "scratch"], 1.0)
     summary = {"linprobe_top1": 91.5, "random_init_linprobe_top1": 70.25, "raw_pixels_linear_top1": 93.0,
@@ -117,7 +117,9 @@ def test_demo_report_shows_the_command_overrides_commit_config_and_the_numbers_b
     assert f"mae demo --output-dir {out} &#x27;pretrain_overrides=[epochs=1]&#x27;" in page
     assert f"<td>overrides</td><td>output_dir={out} pretrain_overrides=[epochs=1]</td>" in page
     assert "commit" in page and ("not a git checkout" in page or len(page.split("commit")[1]) > 40)
-    assert "pretrain_config: pretrain/demo_mnist" in page and "name: mae_vit_micro_patch4_28" in page
+    assert "pretrain_config: pretrain/demo_mnist" in page and "name: mae_vit_nano_patch4_28" in page
+    assert ("A small MAE (mae_vit_nano_patch4_28: ViT encoder 128 wide, 3 blocks, MLP 2x; decoder 64 wide, 2 blocks; "
+            "7 x 7 patches of 4 px)") in page  # the architecture the run's config.yaml describes, overrides included
     assert "MAE 91.5% against 70.2% top-1" in page and "chance is 10.0%" in page
     assert "MAE 91.5% against 93.0% top-1" in page and "<span class='bad'>fail</span>" in page
     assert "Last epoch 0.500 against first 0.900; passing needs at most 0.450" in page

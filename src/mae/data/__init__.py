@@ -46,10 +46,11 @@ from mae.errors import ConfigError, DataError
 __all__ = [
     "AUGMENTATIONS", "DATASETS", "GRAY_MEAN", "GRAY_STD", "HOLDOUT_SEED", "IMAGENET_MEAN", "IMAGENET_STD",
     "SHARDS_PREFIX", "UNLABELED", "BuiltinDataset", "ClassFolderDataset", "Digits", "EpochSampler", "MNIST5k",
-    "Photos", "PlainFolderDataset", "SeededDataset", "SeededSampler", "ShardDataset", "ShardLoader", "WithMaskNoise",
-    "build_dataset", "build_eval_transform", "build_loader", "build_shard_dataset", "build_shard_loader",
-    "build_transform", "default_mean_std", "eval_preprocessing", "fingerprint", "has_split_folders", "holdout_split",
-    "is_shard_spec", "list_builtin", "resolve_shards", "sample_seed", "set_epoch", "skipped_files", "to_mode",
+    "MemoizedDataset", "Photos", "PlainFolderDataset", "SeededDataset", "SeededSampler", "ShardDataset", "ShardLoader",
+    "WithMaskNoise", "build_dataset", "build_eval_transform", "build_loader", "build_shard_dataset",
+    "build_shard_loader", "build_transform", "default_mean_std", "eval_preprocessing", "fingerprint",
+    "has_split_folders", "holdout_split", "is_shard_spec", "list_builtin", "memoize_if_fixed", "resolve_shards",
+    "sample_seed", "set_epoch", "skipped_files", "to_mode",
 ]
 
 BUILTIN_PREFIX = "builtin:"
@@ -248,18 +249,27 @@ class SeededDataset(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, key: tuple[int, int]):
-        index, seed = key
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list:
+        """The items of a batch (the DataLoader asks for a whole batch at once). In the main process the caller's
+        generator states are saved and restored once per batch, not per sample: numpy's alone costs ~0.1 ms."""
         if torch.utils.data.get_worker_info() is not None:
-            _seed_generators(seed)
-            return self.dataset[index]
+            return self._items(keys)
         saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
         try:
-            _seed_generators(seed)
-            return self.dataset[index]
+            return self._items(keys)
         finally:
             torch.set_rng_state(saved[0])
             random.setstate(saved[1])
             np.random.set_state(saved[2])
+
+    def _items(self, keys: list[tuple[int, int]]) -> list:
+        items = []
+        for index, seed in keys:
+            _seed_generators(seed)
+            items.append(self.dataset[index])
+        return items
 
 
 def _seed_generators(seed: int) -> None:
@@ -268,6 +278,38 @@ def _seed_generators(seed: int) -> None:
     torch.default_generator.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed & 0xFFFF_FFFF)
+
+
+class MemoizedDataset(Dataset):
+    """Keeps each item of a dataset whose items never change (an in-memory set under a deterministic transform,
+    such as the 'none' augmentation of the embedded digits) after its first read: later epochs skip the image
+    conversion and transform (about 0.15 ms a digit, 0.6 s of a 6 s demo epoch). Items are identical to the
+    wrapped dataset's; `fingerprint` and `skipped_files` look through it."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+        self._items: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int):
+        item = self._items.get(index)
+        if item is None:
+            item = self._items[index] = self.dataset[index]
+        return item
+
+
+MEMOIZE_MAX_BYTES = 256 * 2**20
+
+
+def memoize_if_fixed(dataset: Dataset, augment: str, item_bytes: int) -> Dataset:
+    """`dataset` wrapped in a `MemoizedDataset` when its items cannot change between epochs (an embedded dataset,
+    held in memory, with the deterministic 'none' augmentation) and all of them fit in `MEMOIZE_MAX_BYTES`;
+    otherwise `dataset` itself."""
+    if augment == "none" and isinstance(dataset, BuiltinDataset) and len(dataset) * item_bytes <= MEMOIZE_MAX_BYTES:
+        return MemoizedDataset(dataset)
+    return dataset
 
 
 class WithMaskNoise(Dataset):

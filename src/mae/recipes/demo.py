@@ -139,11 +139,14 @@ def _knn_overrides(ev: list[str]) -> list[str]:
     return [o for o in ev if o.split("=", 1)[0].split(".")[0] in ("data", "device", "precision", "seed")]
 
 
-def _pretrain_model_name(out: Path) -> str:
+def _saved_config(out: Path) -> dict:
     import yaml
 
-    saved = yaml.safe_load((out / "config.yaml").read_text())
-    return saved["model"]["name"]
+    return yaml.safe_load((out / "config.yaml").read_text())
+
+
+def _pretrain_model_name(out: Path) -> str:
+    return _saved_config(out)["model"]["name"]
 
 
 # ------------------------------------------------------------------------------------------------ raw pixels
@@ -224,12 +227,10 @@ def _raw_pixel_probe(cfg, dist) -> dict:
 
 # ------------------------------------------------------------------------------------------------ report
 def _reconstructions(out: Path, ratios: list[float]) -> Path:
-    import yaml
-
     from mae.interop import load_model
     from mae.viz.reconstruction import save_reconstructions
 
-    saved = yaml.safe_load((out / "config.yaml").read_text())
+    saved = _saved_config(out)
     model = load_model(out)
     return save_reconstructions(model, saved["data"]["path"], out / "reconstructions_ratios.png", mask_ratios=ratios,
                                 mean=saved["data"].get("mean"), std=saved["data"].get("std"), num_images=8)
@@ -245,8 +246,7 @@ def _write_report(out: Path, summary: dict, grids: Path, mask_ratios: list[float
     provenance = report_provenance(out, cfg)
     report = Report(
         title="MAE demo: pre-training on 4,000 MNIST digits",
-        intro=(f"A micro MAE (ViT encoder 128 wide, 6 blocks; decoder 64 wide, 2 blocks; 7 x 7 patches of 4 px) "
-               f"pre-trained with 75% random masking on the embedded <code>builtin:mnist5k</code> training split, "
+        intro=(f"A small MAE ({html.escape(_model_line(out))}) pre-trained with 75% random masking on the embedded <code>builtin:mnist5k</code> training split, "
                f"then evaluated on its 1,000 held-out digits (the numbers describe the default recipe; overrides, "
                f"below, change them). Everything on this page was produced by "
                f"<code>{html.escape(provenance['command'])}</code> in {summary['total_seconds'] / 60:.1f} minutes."))
@@ -277,6 +277,21 @@ def _write_report(out: Path, summary: dict, grids: Path, mask_ratios: list[float
     info = machine_info()
     report.add_table("Machine", ["", "this run"], [(k, v) for k, v in info.items()])
     return report.write(out / "report.html")
+
+
+def _model_line(out: Path) -> str:
+    """The pre-trained architecture in words, from the run's config.yaml (the registered name and any field it sets)."""
+    import dataclasses
+
+    from mae.models import model_config
+    from mae.models.mae import MAEConfig
+
+    section = _saved_config(out)["model"]
+    names = {f.name for f in dataclasses.fields(MAEConfig)}
+    c = model_config(section["name"], **{k: v for k, v in section.items() if k in names and v is not None})
+    grid = " x ".join(map(str, c.grid_size))
+    return (f"{section['name']}: ViT encoder {c.embed_dim} wide, {c.depth} blocks, MLP {c.mlp_ratio:g}x; decoder "
+            f"{c.decoder_embed_dim} wide, {c.decoder_depth} blocks; {grid} patches of {c.patch_size} px")
 
 
 def check_lines(summary: dict, chance: float | None) -> list[str]:

@@ -21,6 +21,7 @@ from mae.data import (
     build_loader,
     build_transform,
     default_mean_std,
+    memoize_if_fixed,
     set_epoch,
     skipped_files,
 )
@@ -154,6 +155,9 @@ def build_pretrain_loader(cfg: PretrainConfig, model_cfg: MAEConfig, dist: DistI
     mode = "L" if model_cfg.in_chans == 1 else "RGB"
     dataset = build_dataset(cfg.data.path, split, transform=transform, mode=mode, strict=cfg.data.strict,
                             decode="encoded" if on_device else cfg.data.decode)
+    if not on_device:  # the embedded digits without augmentation: each is transformed once, not every epoch
+        h, w = model_cfg.img_size if isinstance(model_cfg.img_size, tuple) else (model_cfg.img_size,) * 2
+        dataset = memoize_if_fixed(dataset, cfg.data.augment, 4 * model_cfg.in_chans * h * w)
     if cfg.data.train_limit is not None and cfg.data.train_limit < len(dataset):  # a fixed random subset
         keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.data.train_limit]
         dataset = Subset(dataset, sorted(keep.tolist()))

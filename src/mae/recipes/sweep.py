@@ -74,7 +74,7 @@ class SweepConfig:
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "one run per seed for every row"})
     rows: list[str] = field(default_factory=list, metadata={
         "help": "only these rows, as grid/label (e.g. ['mask_ratio/50%', 'target/HOG']); empty: every row"})
-    pretrain_config: str = field(default="pretrain/demo_mnist", metadata={
+    pretrain_config: str = field(default="pretrain/micro_mnist", metadata={
         "help": "pre-training preset: a shipped preset's name or a YAML file"})
     pretrain_overrides: list[str] = field(default_factory=list, metadata={"help": "applied to every pre-training"})
     linprobe_config: str = "linprobe/linprobe_mnist"
