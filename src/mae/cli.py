@@ -212,7 +212,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
     for name in names:
         a = ARCHITECTURES[name]
         print(f"{name:32s} embed {a['embed_dim']:4d} depth {a['depth']:2d} heads {a['num_heads']:2d} "
-              f"patch {a['patch_size']:2d} | decoder {a['decoder_embed_dim']} x {a['decoder_depth']}")
+              f"mlp {a.get('mlp_ratio', 4.0):g}x patch {a['patch_size']:2d} | decoder {a['decoder_embed_dim']} x "
+              f"{a['decoder_depth']}")
     return 0
 
 
