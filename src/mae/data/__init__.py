@@ -283,8 +283,8 @@ def _seed_generators(seed: int) -> None:
 class MemoizedDataset(Dataset):
     """Keeps each item of a dataset whose items never change (an in-memory set under a deterministic transform,
     such as the 'none' augmentation of the embedded digits) after its first read: later epochs skip the image
-    conversion and transform (about 0.15 ms a digit, 0.6 s of a 6 s demo epoch). Items are identical to the
-    wrapped dataset's; `fingerprint` and `skipped_files` look through it."""
+    conversion and transform (about 0.15 ms a digit: the loader's 0.78 s of an AVX2 demo epoch becomes 0.12 s).
+    Items are identical to the wrapped dataset's; `fingerprint` and `skipped_files` look through it."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset

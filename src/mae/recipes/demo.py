@@ -246,7 +246,8 @@ def _write_report(out: Path, summary: dict, grids: Path, mask_ratios: list[float
     provenance = report_provenance(out, cfg)
     report = Report(
         title="MAE demo: pre-training on 4,000 MNIST digits",
-        intro=(f"A small MAE ({html.escape(_model_line(out))}) pre-trained with 75% random masking on the embedded <code>builtin:mnist5k</code> training split, "
+        intro=(f"A small MAE ({html.escape(_model_line(out))}) pre-trained with 75% random masking on the embedded "
+               f"<code>builtin:mnist5k</code> training split, "
                f"then evaluated on its 1,000 held-out digits (the numbers describe the default recipe; overrides, "
                f"below, change them). Everything on this page was produced by "
                f"<code>{html.escape(provenance['command'])}</code> in {summary['total_seconds'] / 60:.1f} minutes."))
