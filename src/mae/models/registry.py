@@ -44,7 +44,7 @@ ARCHITECTURES["mae_vit_micro_patch4_28"] = dict(
     decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
 )
 # The CPU demo's model (`make demo`): the micro model with 4 encoder blocks instead of 6 and MLPs 2x wide instead of
-# 4x: 1.9x fewer FLOPs, a 1.7x faster step (AVX2, fp32), and after the same 40 epochs as good a linear probe (92.7
+# 4x: 1.9x fewer FLOPs, a 1.8x faster step (AVX2, fp32), and after the same 40 epochs as good a linear probe (92.7
 # and 92.2 with seeds 0 and 1, docs/benchmarks.md "The demo's recipe").
 ARCHITECTURES["mae_vit_nano_patch4_28"] = dict(
     img_size=28, patch_size=4, in_chans=1, embed_dim=128, depth=4, num_heads=4, mlp_ratio=2.0,
