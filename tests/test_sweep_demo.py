@@ -142,3 +142,19 @@ def test_raw_pixel_baseline_learns_digits(tmp_path):
         f"output_dir={tmp_path}", "progress=false"])
     assert result["features"] == 28 * 28
     assert result["best_top1"] > 70
+
+
+def test_a_demo_folder_of_other_settings_is_refused_with_the_demo_s_own_fix(tmp_path):
+    """A demo rerun into a folder whose pre-training stage was made with other settings (an older release's recipe)
+    stops before training with one error naming the changed settings and `overwrite=true`; nothing is overwritten."""
+    from mae.recipes.demo import _stage
+
+    out = tmp_path / "demo"
+    common = [*TINY_PRETRAIN, "model.name=mae_vit_micro_patch4_28", "device=cpu", "progress=false", "resume=auto",
+              f"output_dir={out}"]
+    _stage("pretrain", "PretrainConfig", "pretrain/demo_mnist", common)
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(ConfigError, match=r"model\.depth 2 -> 3.*overwrite=true") as caught:
+        _stage("pretrain", "PretrainConfig", "pretrain/demo_mnist", [*common, "model.depth=3"])
+    assert "--allow-config-change" not in str(caught.value)
+    assert sorted(p.name for p in out.iterdir()) == before

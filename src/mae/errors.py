@@ -13,6 +13,14 @@ class ConfigError(MAEError, ValueError):
     """An unknown key, a wrong type or an impossible value in a config."""
 
 
+class ResumeConflictError(ConfigError):
+    """A resume whose settings would change what the run computes; `changes` lists them as "key old -> new"."""
+
+    def __init__(self, message: str, changes: str) -> None:
+        super().__init__(message)
+        self.changes = changes
+
+
 class DataError(MAEError):
     """A missing, empty or unreadable dataset."""
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mae.config import load_config, to_dict
-from mae.errors import ConfigError
+from mae.errors import ConfigError, ResumeConflictError
 from mae.files import write_json
 
 log = logging.getLogger("mae")
@@ -64,7 +64,12 @@ def _stage(module: str, cls: str, preset: str | None, overrides: list[str]) -> t
     recipe = __import__(f"mae.recipes.{module}", fromlist=["run"])
     cfg = load_config(getattr(recipe, cls), preset, overrides)
     t0 = time.perf_counter()
-    summary = recipe.run(cfg)
+    try:
+        summary = recipe.run(cfg)
+    except ResumeConflictError as e:  # a folder left by a demo of other settings (e.g. an older release's recipe)
+        raise ConfigError(f"'{cfg.output_dir}' holds the {module} stage of an earlier demo made with other settings "
+                          f"({e.changes}); add overwrite=true to run the demo again from the start there (its old "
+                          f"stages are deleted), or give another --output-dir") from e
     return summary, time.perf_counter() - t0
 
 
@@ -282,13 +287,11 @@ def _write_report(out: Path, summary: dict, grids: Path, mask_ratios: list[float
 
 def _model_line(out: Path) -> str:
     """The pre-trained architecture in words, from the run's config.yaml (the registered name and any field it sets)."""
-    import dataclasses
-
     from mae.models import model_config
-    from mae.models.mae import MAEConfig
+    from mae.models.mae import config_fields
 
     section = _saved_config(out)["model"]
-    names = {f.name for f in dataclasses.fields(MAEConfig)}
+    names = set(config_fields())
     c = model_config(section["name"], **{k: v for k, v in section.items() if k in names and v is not None})
     grid = " x ".join(map(str, c.grid_size))
     return (f"{section['name']}: ViT encoder {c.embed_dim} wide, {c.depth} blocks, MLP {c.mlp_ratio:g}x; decoder "

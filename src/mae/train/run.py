@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from mae.errors import ConfigError, MAEError
+from mae.errors import ConfigError, MAEError, ResumeConflictError
 from mae.train.distributed import DistInfo, all_gather_objects
 from mae.train.fsdp import DistributedSection
 
@@ -250,9 +250,9 @@ def check_resume(run: Run, resolved: Mapping[str, Any], data: Mapping[str, Any],
             changes.append((label, old, new))
     if changes and not run.cfg.allow_config_change:
         listed = "; ".join(f"{k} {_short(o)} -> {_short(n)}" for k, o, n in changes)
-        raise ConfigError(f"resuming '{run.resume_path}' would change what the run computes: {listed}; keep the "
-                          f"run's settings (its config.yaml), start a new --output-dir, or pass "
-                          f"--allow-config-change to go on and record the change")
+        raise ResumeConflictError(f"resuming '{run.resume_path}' would change what the run computes: {listed}; "
+                                  f"keep the run's settings (its config.yaml), start a new --output-dir, or pass "
+                                  f"--allow-config-change to go on and record the change", listed)
     return changes
 
 
