@@ -6,8 +6,9 @@ import importlib
 from pathlib import Path
 
 import pytest
+import yaml
 
-from mae.config import load_config
+from mae.config import load_config, to_dict
 from mae.errors import ConfigError
 from mae.presets import PRESETS_DIR
 
@@ -43,14 +44,37 @@ def test_every_config_folder_has_a_reader():
 @pytest.mark.parametrize("path", PRESETS, ids=[str(p.relative_to(CONFIGS)) for p in PRESETS])
 def test_preset_loads_and_validates(path):
     """The preset parses, every key is known, every value has the right type and passes validate() (given the
-    checkpoint a user passes on the command line when the preset leaves it open)."""
+    checkpoint a user passes on the command line when the preset leaves it open), and every value the file sets is
+    the loaded config's value (nothing dropped, moved or left at its default)."""
     cls = _class_for(path)
     try:
         cfg = load_config(cls, path)
     except ConfigError as e:  # only a missing start checkpoint may be left to the command line
         assert "checkpoint" in str(e), e
         cfg = load_config(cls, path, COMMAND_LINE[path.relative_to(CONFIGS).parts[0]])
-    assert cfg is not None
+    written = yaml.safe_load(path.read_text(encoding="utf-8"))
+    assert isinstance(written, dict) and written, "an empty preset"
+    mismatches = _differences(written, to_dict(cfg))
+    assert not mismatches, mismatches
+
+
+def _differences(written, loaded, where: str = "") -> list[str]:
+    """Where a value the YAML sets differs from the loaded config's (a key the config lacks included); a number
+    written as text ("1e-3": YAML reads it as a string) counts as that number."""
+    if isinstance(written, dict):
+        if not isinstance(loaded, dict):
+            return [f"{where}: a section in the file, {loaded!r} in the config"]
+        return [d for k, v in written.items() for d in (
+            _differences(v, loaded[k], f"{where}{k}.") if k in loaded else [f"{where}{k}: not in the config"])]
+    if isinstance(written, list) and isinstance(loaded, list) and len(written) == len(loaded):
+        return [d for i, (a, b) in enumerate(zip(written, loaded)) for d in _differences(a, b, f"{where}{i}.")]
+    if isinstance(written, str) and isinstance(loaded, (int, float)) and not isinstance(loaded, bool):
+        try:
+            written = float(written)
+        except ValueError:
+            pass
+    same = written == loaded and type(written) is not bool is not type(loaded) or written is loaded
+    return [] if same else [f"{where.rstrip('.')}: {written!r} in the file, {loaded!r} loaded"]
 
 
 def test_paper_pretraining_presets_match_table_8():

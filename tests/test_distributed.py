@@ -51,7 +51,11 @@ def test_two_process_gloo_run_equals_one_process_run_with_the_same_global_batch(
 
     Every weight agrees to 1e-5 except the attention key biases: their gradient is analytically zero (softmax ignores
     a shift common to all keys), so AdamW turns float rounding noise into updates of up to lr x 0.1 per step; those are
-    only required to agree to 1e-4."""
+    only required to agree to 1e-4.
+
+    AdamW all but cancels a gradient scaled by a constant, so gradients summed over the 2 ranks instead of averaged
+    move the losses by 2e-7 and the weights by 6e-7 only; AdamW's first moment (a running mean of the gradients)
+    doubles, though: every parameter's exp_avg must agree to 1e-3 of its largest entry (measured: 3e-7)."""
     one, two = tmp_path / "one", tmp_path / "two"
     common = [*TINY, "accum_iter=2"]
     single = subprocess.Popen([sys.executable, "-m", "mae", "pretrain", *common, "batch_size=32", "data.num_workers=0",
@@ -83,6 +87,24 @@ def test_two_process_gloo_run_equals_one_process_run_with_the_same_global_batch(
     assert worst < 1e-5 and worst_key_bias < 1e-4, (worst, worst_key_bias)
     assert not torch.equal(wa["blocks.0.attn.proj.weight"], safe_load(one / "checkpoint-0000.pth")["model"][
         "blocks.0.attn.proj.weight"])  # the weights did move between the two compared points
+    ma, mb = _first_moments(one / "checkpoint-last.pth"), _first_moments(two / "checkpoint-last.pth")
+    assert ma.keys() == mb.keys() == wa.keys() - {"pos_embed", "decoder_pos_embed"}  # every trained parameter
+    relative = {}
+    for k in ma:
+        a, b = ma[k], mb[k]
+        if k.endswith("attn.qkv.bias"):  # the key biases' gradient is rounding noise (above): so is its mean
+            dim = a.numel() // 3
+            a, b = torch.cat([a[:dim], a[2 * dim:]]), torch.cat([b[:dim], b[2 * dim:]])
+        relative[k] = ((a - b).abs().max() / a.abs().max()).item()
+    print(f"1 vs 2 processes: AdamW exp_avg max relative diff {max(relative.values()):.2e}")
+    assert max(relative.values()) < 1e-3, sorted(relative.items(), key=lambda kv: -kv[1])[:5]
+
+
+def _first_moments(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """AdamW's exp_avg of every trained parameter of a single-file training checkpoint, by parameter name."""
+    optimizer = safe_load(checkpoint)["engine"]["optimizer"]
+    named = [(n, i) for g in optimizer["param_groups"] for n, i in zip(g["param_names"], g["params"], strict=True)]
+    return {n: optimizer["state"][i]["exp_avg"] for n, i in named}
 
 
 class _IndexAndDraw(torch.utils.data.Dataset):
@@ -136,6 +158,7 @@ _ENGINE_SCRIPT = textwrap.dedent('''
     info = init_distributed("cpu")
     torch.manual_seed(0)
     model = nn.Linear(4, 1)
+    initial = [p.detach().clone() for p in model.parameters()]
     ddp = DistributedDataParallel(model)
     allreduces = []
 
@@ -177,6 +200,26 @@ _ENGINE_SCRIPT = textwrap.dedent('''
     result["epoch_loss"] = stats.loss
     result["step_losses"] = [row["loss"] for row in Records.rows]
     result["seen"] = seen
+    # the two SGD steps of epoch 0 by hand, on one process: each takes the mean gradient of its window's 4 losses
+    # (2 micro-batches x 2 ranks); gradients summed over the ranks would make each step twice as long
+    reference = nn.Linear(4, 1)
+    with torch.no_grad():
+        for p, p0 in zip(reference.parameters(), initial):
+            p.copy_(p0)
+    both = []
+    for r in range(info.world_size):
+        gr = torch.Generator().manual_seed(10 + r)
+        both.append([(torch.randn(3, 4, generator=gr), torch.randn(3, 1, generator=gr)) for _ in range(4)])
+    for w in range(2):
+        window = [b for rank_batches in both for b in rank_batches[2 * w:2 * w + 2]]
+        mean_loss = sum(((reference(x) - y) ** 2).mean() for x, y in window) / len(window)
+        grads = torch.autograd.grad(mean_loss, list(reference.parameters()))
+        with torch.no_grad():
+            for p, grad in zip(reference.parameters(), grads):
+                p -= engine.schedule(w) * grad
+    result["sgd_step_error"] = max((a - b).abs().max().item() for a, b in zip(model.parameters(),
+                                                                               reference.parameters()))
+    result["sgd_step_size"] = max((a - b).abs().max().item() for a, b in zip(reference.parameters(), initial))
     if info.rank == 1:
         nan_at = {(1, 1)}  # NaN on rank 1 only, on the micro-batch that ends the first window (the synced one)
     epoch_run(1)
@@ -204,6 +247,8 @@ _ENGINE_SCRIPT = textwrap.dedent('''
 def test_engine_under_ddp_syncs_once_per_update_and_skips_non_finite_steps_on_every_rank(tmp_path):
     """Two gloo processes through torchrun running `Engine` on a DDP model with accum_iter=2:
     - gradients are all-reduced once per update, not per micro-batch (no_sync inside the accumulation window);
+    - each SGD update is the step of the mean gradient over the window's micro-batches of both ranks (a hand-made
+      one-process reference, to 1e-6; gradients summed over the ranks would double it);
     - the logged per-update losses and the epoch loss are the same on both ranks: means over both ranks' losses;
     - a NaN loss on rank 1 only, on the synced micro-batch, skips that update on both ranks (no deadlock, replicas
       stay identical, counted);
@@ -224,6 +269,8 @@ def test_engine_under_ddp_syncs_once_per_update_and_skips_non_finite_steps_on_ev
                for w in range(2)]
     assert r0["step_losses"] == r1["step_losses"] == pytest.approx(windows, rel=1e-12)
     assert r0["seen"] != r1["seen"]  # the ranks really had different losses to average
+    for r in (r0, r1):
+        assert r["sgd_step_size"] > 1e-2 and r["sgd_step_error"] < 1e-6, (r["sgd_step_size"], r["sgd_step_error"])
     assert r0["skipped"] == r1["skipped"] == 1 and r0["step"] == r1["step"] == 4  # windows: 2 + (1 skipped, 1 done)
     assert r0["weights"] == r1["weights"]
     for r in (r0, r1):

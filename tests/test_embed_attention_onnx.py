@@ -51,7 +51,7 @@ def _reference(model, root, pool):
 def test_embed_equals_forward_features_on_every_image_in_path_order(tiny, tmp_path, pool, suffix):
     """`mae embed CKPT --data DIR --out FILE` (batches of 3 over 7 images in nested folders) writes the class token
     or the patch mean of forward_features for every image, with the image paths in the same order; a second run
-    writes the same numbers."""
+    (--overwrite: the file exists) writes the same numbers."""
     from mae.recipes.embed import load_embeddings
 
     root, model = tiny
@@ -63,7 +63,7 @@ def test_embed_equals_forward_features_on_every_image_in_path_order(tiny, tmp_pa
     expected, expected_paths = _reference(model, root, pool)
     assert paths == expected_paths and features.shape == (7, 32)
     torch.testing.assert_close(features, expected, rtol=0, atol=1e-5)
-    assert main(argv) == 0
+    assert main([*argv, "--overwrite"]) == 0
     assert torch.equal(load_embeddings(out)[0], features)
 
 

@@ -149,8 +149,9 @@ def _square_image(side: int, channels: int) -> Image.Image:
 
 def test_hf_mae_export_has_a_preprocessor_and_a_model_card(tmp_path):
     """`mae convert --to hf` of a pre-training run: AutoImageProcessor.from_pretrained(dir) gives the same pixels as
-    our evaluation transform, ViTMAEForPreTraining loads, and README.md has metadata (library, license, pipeline)
-    and the run's data and epochs."""
+    our evaluation transform, ViTMAEForPreTraining loads every one of its weights from the file (no missing,
+    unexpected or mismatched key: transformers only warns of those and initialises the rest at random) and they are
+    ours, and README.md has metadata (library, license, pipeline) and the run's data and epochs."""
     transformers = pytest.importorskip("transformers")
     from mae.data import build_eval_transform
 
@@ -158,13 +159,18 @@ def test_hf_mae_export_has_a_preprocessor_and_a_model_card(tmp_path):
     run.mkdir()
     (run / "config.yaml").write_text("model:\n  name: mae_vit_micro_patch4_28\n  mask_ratio: 0.75\n"
                                      "data:\n  path: builtin:mnist5k\nepochs: 3\n")
-    save_model(tiny_mae(), run / "model.safetensors")
+    ours = tiny_mae()
+    save_model(ours, run / "model.safetensors")
     out = convert_checkpoint(run / "model.safetensors", tmp_path / "hf", to="hf", license="apache-2.0")
     processor = transformers.AutoImageProcessor.from_pretrained(out)
     image = _square_image(40, 1)
     pixels = processor(images=image, return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(pixels[0], build_eval_transform(28, 1)(image), rtol=0, atol=1e-5)
-    transformers.ViTMAEForPreTraining.from_pretrained(out)
+    hf, loading = transformers.ViTMAEForPreTraining.from_pretrained(out, output_loading_info=True)
+    assert loading.keys() >= {"missing_keys", "unexpected_keys", "mismatched_keys"}
+    assert not any(loading.values()), loading
+    assert torch.equal(hf.vit.embeddings.patch_embeddings.projection.weight, ours.patch_embed.proj.weight)
+    assert torch.equal(hf.decoder.decoder_pred.weight, ours.decoder_pred.weight)
     card = (out / "README.md").read_text()
     head = card.split("---")[1]
     assert "library_name: transformers" in head and "license: apache-2.0" in head and "pipeline_tag:" in head

@@ -97,12 +97,34 @@ def test_knn_command_and_monitor_agree(tiny_mae, tiny_checkpoint, tmp_path):
     assert json.loads((tmp_path / "knn" / "summary.json").read_text())["best_top1"] == pytest.approx(summary["top1"])
 
 
-def test_knn_on_a_random_encoder_runs(tmp_path):
-    """init=random with a registered name builds a fresh MAE-initialised encoder (the baseline of the protocol)."""
+def test_knn_on_a_random_encoder_runs(tmp_path, monkeypatch):
+    """init=random with a registered name builds a fresh MAE-initialised encoder (the baseline of the protocol): the
+    encoder that is scored has the MAE's fixed sin-cos positions and xavier-uniform linears with zero biases, not
+    the timm classifier's own initialisation (learned positions, linears drawn with std 0.02)."""
+    import mae.recipes.knn as knn_module
+    from mae.models.pos_embed import sincos_2d
+
+    real_build, built = knn_module.build_from_source, []
+
+    def build_and_keep(*args, **kwargs):
+        built.append(real_build(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(knn_module, "build_from_source", build_and_keep)
     summary = knn_run(load_config(KnnConfig, None, [
         "init=random", "model.name=mae_vit_micro_patch4_28", "model.img_size=28", f"output_dir={tmp_path}",
         "data.train_limit=50", "data.val_limit=20", *FAST]))
     assert summary["val_images"] == 20
+    (model, _), = built
+    dim = model.embed_dim  # the registered micro encoder: 128 wide, 7 x 7 patches
+    assert torch.equal(model.pos_embed, sincos_2d(dim, 7))
+    for name, module in model.blocks.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            out_f, in_f = module.weight.shape
+            xavier = (2 / (in_f + out_f)) ** 0.5
+            assert module.weight.std().item() == pytest.approx(xavier, rel=0.1), name
+            assert torch.all(module.bias == 0), name
+    assert model.cls_token.std().item() == pytest.approx(0.02, rel=0.3)
 
 
 def test_shard_sampler_counts_every_index_once():

@@ -543,8 +543,9 @@ def test_pipes_link_loops_and_crafted_headers_in_a_data_folder_neither_hang_nor_
     with caplog.at_level("WARNING", logger="mae"), pytest.warns(UserWarning, match="bomb.png.*(exceeds limit|100000 x 100000)"):
         assert main(["pretrain", *ARGS, "epochs=1", f"--data={folder}", "data.train_limit=null", "batch_size=8",
                      "--output-dir", str(tmp_path / "run")]) == 0
-    assert "skipped_files: 1" in capsys.readouterr().out
+    assert "skipped_files: 2" in capsys.readouterr().out  # the crafted image (read) and the pipe (passed over)
     assert any("bomb.png" in r.getMessage() for r in caplog.records)
+    assert any("pipe.jpg' (not a regular file)" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.gpu

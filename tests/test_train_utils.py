@@ -350,13 +350,22 @@ def test_single_process_distributed_helpers(monkeypatch):
 
 
 def test_metrics_logger_writes_jsonl_and_tensorboard_and_plot(tmp_path):
-    """Each log() call adds one JSON line (tensors become numbers), TensorBoard gets events, plot_curves a PNG."""
+    """Each log() call adds one JSON line (tensors become numbers), TensorBoard gets events (read back: one scalar
+    curve per metric, at the logged steps, with the logged values; "step" is the x-axis), plot_curves a PNG."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     with MetricsLogger(tmp_path) as logger:
         for step in range(5):
             logger.log({"step": step, "loss": torch.tensor(1.0 / (step + 1)), "lr": 1e-4 * step})
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 5 and json.loads(lines[2]) == {"step": 2, "loss": pytest.approx(1 / 3), "lr": 2e-4}
-    assert any((tmp_path / "tensorboard").iterdir())
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == ["loss", "lr"]
+    for tag, expected in (("loss", [1 / (s + 1) for s in range(5)]), ("lr", [1e-4 * s for s in range(5)])):
+        scalars = events.Scalars(tag)
+        assert [e.step for e in scalars] == list(range(5)), tag
+        assert [e.value for e in scalars] == pytest.approx(expected, rel=1e-6), tag  # stored as float32
     out = plot_curves(tmp_path / "metrics.jsonl", tmp_path / "curves.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import shlex
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -84,6 +86,10 @@ def _config_command(sub, name: str, help_text: str, config_cls_path: str, full: 
                                  "change what the run computes; the change is recorded in config_changes.jsonl")):
             p.add_argument(flag, dest=key, action="store_const", const="true", help=text)
         flags = {**flags, "--overwrite": "overwrite", "--allow-config-change": "allow_config_change"}
+    elif "overwrite" in getattr(cls, "__dataclass_fields__", {}):  # the writers (embed, corrupt, prepare, ...)
+        text = cls.__dataclass_fields__["overwrite"].metadata.get("help", "replace an output that already exists")
+        p.add_argument("--overwrite", dest="overwrite", action="store_const", const="true", help=text)
+        flags = {**flags, "--overwrite": "overwrite"}
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override any config field, e.g. epochs=20")
     p.set_defaults(config_cls=config_cls_path, flags=flags, handler=_run_config_command)
     p.epilog = f"config fields (key=value):\n{_lazy_help(config_cls_path)}"
@@ -129,18 +135,23 @@ def _override(overrides: Sequence[str], key: str) -> str | None:
 
 def _resume_base(cls: type, overrides: Sequence[str]):
     """With --resume and no --config, the run's own config.yaml is the base: the run continues with its own settings
-    (what the command line overrides is then checked against the checkpoint)."""
+    (what the command line overrides is then checked against the checkpoint). A checkpoint of another kind (another
+    command's run, weights only) is refused first, named for what it is, before its run's config keys are read."""
     from pathlib import Path
+
+    from mae.train.checkpoint_kinds import check_resume, recipe_command
+    from mae.train.dcp import is_dcp_checkpoint
 
     resume = _override(overrides, "resume")
     if not resume or resume in ("null", "None"):
         return None
     if resume == "auto":
-        out = _override(overrides, "output_dir") or cls.__dataclass_fields__["output_dir"].default
-        candidate = Path(out).expanduser() / "config.yaml"
+        path = Path(_override(overrides, "output_dir") or cls.__dataclass_fields__["output_dir"].default).expanduser()
+        candidate = path / "config.yaml"
     else:
         path = Path(resume).expanduser()
-        candidate = (path if path.is_dir() else path.parent) / "config.yaml"
+        candidate = (path if path.is_dir() and not is_dcp_checkpoint(path) else path.parent) / "config.yaml"
+    check_resume(path, recipe_command(cls))
     if candidate.is_file():
         logging.getLogger("mae").info("resume: settings from %s", candidate)
         return candidate
@@ -155,30 +166,61 @@ def _print_summary(summary: dict) -> None:
 
 
 def _cmd_visualize(args: argparse.Namespace) -> int:
+    import math
+
+    from mae.errors import ConfigError
+    from mae.files import check_new_file
     from mae.interop import load_model, read_checkpoint
     from mae.interop.keys import has_decoder
     from mae.viz.reconstruction import save_reconstructions
 
+    _check_num_images(args.num_images)
+    for ratio in args.mask_ratio:
+        if not (math.isfinite(ratio) and 0 <= ratio < 1):
+            raise ConfigError(f"--mask-ratio must be in [0, 1) (the share of patches hidden), got {ratio}")
+    check_new_file(args.out, args.overwrite)
     ckpt = read_checkpoint(args.checkpoint)
     if not has_decoder(ckpt.state_dict):
-        raise MAEError(f"{ckpt.label} holds the encoder only: its reconstructions would come from a random decoder; "
+        from mae.train.checkpoint_kinds import describe
+
+        what = describe(ckpt.path, fallback=f"{ckpt.label} holds the encoder only") if ckpt.path else ckpt.label
+        raise MAEError(f"{what}: it has no MAE decoder, so its reconstructions would come from a random decoder; "
                        f"pass a full pre-training checkpoint (a pre-training run directory or its model.safetensors)")
     model = load_model(ckpt.path)
     data, mean, std = args.data, None, None
     config_file = _run_config_file(args.checkpoint)
     if config_file is not None:
-        import yaml
-
-        saved = yaml.safe_load(config_file.read_text()) or {}
-        data_cfg = saved.get("data", {})
-        data = data or data_cfg.get("path")
-        mean, std = data_cfg.get("mean"), data_cfg.get("std")
+        saved = _run_data_settings(config_file)
+        data = data or saved.path
+        mean, std = saved.mean, saved.std
     if not data:
         raise MAEError("no dataset to draw from: pass --data (e.g. --data builtin:mnist5k)")
     out = save_reconstructions(model, data, args.out, mask_ratios=args.mask_ratio, num_images=args.num_images,
                                mean=mean, std=std, seed=args.seed)
     print(f"reconstructions: {out}")
     return 0
+
+
+def _check_num_images(n: int) -> None:
+    from mae.errors import ConfigError
+
+    if n < 1:
+        raise ConfigError(f"--num-images must be at least 1, got {n}")
+
+
+def _run_data_settings(config_file):
+    """The data section of a pre-training run's config.yaml, read by the config loader (safe YAML: a Python tag is an
+    error, never run; every key checked against `PretrainConfig`). Errors name the file."""
+    from mae.config import load_config
+    from mae.errors import ConfigError
+    from mae.recipes.pretrain import PretrainConfig
+
+    try:
+        return load_config(PretrainConfig, config_file).data
+    except ConfigError as e:
+        if str(config_file) in str(e):
+            raise
+        raise ConfigError(f"the run's settings '{config_file}': {e}") from e
 
 
 def _run_config_file(path: str):
@@ -192,7 +234,8 @@ def _run_config_file(path: str):
 def _cmd_convert(args: argparse.Namespace) -> int:
     from mae.interop.convert_classifier import convert_checkpoint
 
-    out = convert_checkpoint(args.src, args.dst, to=args.to, model_name=args.model, license=args.license)
+    out = convert_checkpoint(args.src, args.dst, to=args.to, model_name=args.model, license=args.license,
+                             overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0
 
@@ -232,9 +275,12 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
 
 def _cmd_attention(args: argparse.Namespace) -> int:
+    from mae.files import check_new_file
     from mae.recipes.embed import load_pretrained_model
     from mae.viz.attention import save_attention_maps
 
+    _check_num_images(args.num_images)
+    check_new_file(args.out, args.overwrite)
     out = save_attention_maps(load_pretrained_model(args.checkpoint), args.images, args.out, limit=args.num_images)
     print(f"attention maps: {out}")
     return 0
@@ -243,8 +289,10 @@ def _cmd_attention(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     import importlib.util
 
+    from mae.files import check_new_file
     from mae.interop.onnx_export import check_onnx, export_checkpoint_onnx
 
+    check_new_file(args.out, args.overwrite)
     out, module, example = export_checkpoint_onnx(args.checkpoint, args.out, model_name=args.model)
     print(f"wrote {out}")
     if args.check and importlib.util.find_spec("onnxruntime") is not None:
@@ -304,6 +352,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random masks (default: 0)")
     p.add_argument("--out", default="reconstructions.png", metavar="FILE.png",
                    help="where to write the PNG (default: reconstructions.png)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace FILE.png if it exists (without it an existing file is refused)")
     p.set_defaults(handler=_cmd_visualize)
 
     p = command_parser(
@@ -331,6 +381,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="registered architecture (`mae models`) for files that store none, e.g. a reference .pth")
     p.add_argument("--license", default="unknown",
                    help="license field of a Hugging Face model card (default: unknown), e.g. cc-by-nc-4.0")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output file, or write into an existing output folder (files of the same "
+                        "names are replaced, nothing else is touched; a DCP checkpoint is replaced whole); without it "
+                        "an existing output is refused")
     p.set_defaults(handler=_cmd_convert)
 
     p = command_parser(
@@ -360,6 +414,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="image files, or folders searched recursively")
     p.add_argument("--out", default="attention.png", metavar="FILE.png", help="where to write the PNG")
     p.add_argument("--num-images", type=int, default=8, metavar="N", help="at most this many images (default: 8)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace FILE.png if it exists (without it an existing file is refused)")
     p.set_defaults(handler=_cmd_attention)
 
     p = command_parser(
@@ -374,6 +430,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="FILE.onnx", help="where to write the model")
     p.add_argument("--model", metavar="NAME", help="registered architecture for files that store none")
     p.add_argument("--no-check", dest="check", action="store_false", help="skip the onnxruntime comparison")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace FILE.onnx if it exists (without it an existing file is refused)")
     p.set_defaults(handler=_cmd_export)
     return parser
 
@@ -421,15 +479,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     token = COMMAND_LINE.set(shlex.join(["mae", *argv]))
     try:
-        return handler(args)
+        with _signals_end_the_command():
+            return handler(args)
     except Interrupted as e:  # a signal stopped the run after a checkpoint: 128 + the signal number
         print(f"mae {args.command}: {_one_line(e)}", file=sys.stderr)
         return e.exit_code
-    except MAEError as e:
-        if args.debug:
-            raise
-        print(f"mae {args.command}: error: {_one_line(e)}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    except _Terminated as e:  # a signal outside a training loop: the command's own clean-up has run
+        print(f"mae {args.command}: stopped by {signal.Signals(e.signum).name}; nothing half-written was kept",
+              file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print(f"mae {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -437,8 +495,87 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as e:
+        if args.debug:
+            raise
+        message, code = describe_error(e)
+        print(f"mae {args.command}: error: {message}", file=sys.stderr)
+        return code
     finally:
         COMMAND_LINE.reset(token)
+
+
+EXIT_BUG = 1
+_BUG_HINT = "this is a bug in mae: run the command again with --debug to see the traceback, and report it"
+
+
+def describe_error(e: BaseException) -> tuple[str, int]:
+    """One line for an exception that reached the command line, and the exit code: 2 for what a user can cause or
+    meet (bad input, a full disk, a stray launch environment, too little memory), 1 for a bug."""
+    if isinstance(e, MAEError):
+        return _one_line(e), EXIT_USER_ERROR
+    if isinstance(e, OSError) and e.errno is not None:
+        return _os_error_line(e), EXIT_USER_ERROR
+    kind = type(e)
+    module = kind.__module__ or ""
+    if module.startswith("yaml"):
+        return f"could not read a YAML file: {_one_line(e)}; fix its syntax", EXIT_USER_ERROR
+    if isinstance(e, MemoryError) or kind.__name__ == "OutOfMemoryError":
+        return (f"out of memory ({_one_line(e)[:200] or kind.__name__}); lower batch_size (accum_iter keeps the "
+                f"effective batch), use precision=bf16, or a smaller model"), EXIT_USER_ERROR
+    if module.startswith("torch.distributed") or kind.__name__.startswith("Dist"):
+        return (f"torch.distributed: {_one_line(e)[:300]}; start every process with the same torchrun command, or "
+                f"unset WORLD_SIZE RANK LOCAL_RANK MASTER_ADDR MASTER_PORT to run as one process"), EXIT_USER_ERROR
+    text = _one_line(e)
+    if "DataLoader worker" in text and "killed by signal" in text:
+        return (f"{text}: a data-loading process was killed (often for memory); lower data.num_workers or "
+                f"batch_size"), EXIT_USER_ERROR
+    return f"{kind.__name__}: {text[:300]}; {_BUG_HINT}", EXIT_BUG
+
+
+def _os_error_line(e: OSError) -> str:
+    """An OSError by errno: what failed, on which file, and the fix."""
+    from mae.files import fix_for
+
+    where = f" '{e.filename}'" if e.filename else ""
+    reason = e.strerror or _one_line(e)
+    if e.errno in (errno.ENOENT, errno.ENOTDIR):
+        return f"{reason}:{where}; check the path"
+    if e.errno == errno.EISDIR:
+        return f"{reason}:{where}; give a file, not a folder"
+    if e.errno == errno.EEXIST:
+        return f"{reason}:{where}; pass --overwrite to replace it, or choose another path"
+    return f"{reason}:{where}; {fix_for(e)}"
+
+
+class _Terminated(BaseException):  # noqa: N818 (a signal, like KeyboardInterrupt: not an error of the command)
+    """SIGTERM / SIGHUP outside a training loop, raised in the main thread so `finally` blocks (temporary files of
+    the atomic writer, locks) run before the process exits with 128 + the signal number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_end_the_command():
+    """Turn SIGTERM and SIGHUP, where nothing else handles them, into `_Terminated`. A training run replaces these
+    handlers with its own for its duration (`mae.train.preemption.SignalStop`: a checkpoint, then exit 128 + n)."""
+
+    def stop(signum, frame):
+        raise _Terminated(signum)
+
+    previous = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        signum = getattr(signal, name, None)
+        if signum is not None and signal.getsignal(signum) is signal.SIG_DFL:
+            with contextlib.suppress(ValueError):  # not the main thread (an embedding program): leave them alone
+                previous[signum] = signal.signal(signum, stop)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,13 @@ on each dataclass that defines it, so a run fails at start-up with one clear lin
 
 The file may be a path or the name of a preset shipped inside the package (`mae.presets.resolve_preset`).
 
+Numbers: every float setting must be finite, and a section declares the valid values of its number fields in one
+table, checked before its ``validate()`` (`Range` explains the notation):
+
+    RANGES: ClassVar[dict[str, str]] = {"lr": "> 0", "weight_decay": ">= 0", "betas": "[0, 1)"}
+
+A list or tuple of numbers is checked value by value; ``None`` (null) stays allowed where the type allows it.
+
 Merging: a mapping given for a nested dataclass or a ``dict`` field updates it key by key; any other value
 (lists included) replaces the previous one. Override values are read as YAML (``[1,2]``, ``null``, ``true``),
 except that a ``str`` field takes the text as written (``run_name=2024`` stays the string ``'2024'``).
@@ -23,6 +30,7 @@ import functools
 import inspect
 import itertools
 import logging
+import math
 import textwrap
 import types
 import typing
@@ -34,7 +42,7 @@ import yaml
 
 from mae.errors import ConfigError
 
-__all__ = ["config_help", "load_config", "save_config", "to_dict"]
+__all__ = ["Range", "config_help", "load_config", "parse_range", "save_config", "to_dict"]
 
 T = TypeVar("T")
 _log = logging.getLogger(__name__)
@@ -419,20 +427,127 @@ def _wrong(value: Any, tp: Any, path: str) -> typing.NoReturn:
     raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
 
 
-def _validate_tree(obj: Any) -> None:
-    """Call ``validate()`` on every dataclass in the tree, innermost first."""
+def _validate_tree(obj: Any, prefix: str = "") -> None:
+    """Check the numbers of every dataclass in the tree against their ranges, then call its ``validate()``,
+    innermost first."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         for f in dataclasses.fields(obj):
-            _validate_tree(getattr(obj, f.name))
+            _validate_tree(getattr(obj, f.name), f"{prefix}{f.name}.")
+        _check_numbers(obj, prefix)
         validate = getattr(obj, "validate", None)
         if callable(validate):
             validate()
     elif isinstance(obj, (list, tuple)):
         for v in obj:
-            _validate_tree(v)
+            _validate_tree(v, prefix)
     elif isinstance(obj, Mapping):
         for v in obj.values():
-            _validate_tree(v)
+            _validate_tree(v, prefix)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# number ranges
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The valid values of a number setting, written as in maths (`parse_range`): ``"> 0"``, ``">= 0"``, ``"< 1"``,
+    ``"<= 1"``, ``"[0, 1)"``, ``"(0, 1]"``, or ``"any"`` (every finite number). NaN is never valid, and +-inf only
+    where the interval closes on it (``"[0, inf]"``)."""
+
+    low: float
+    high: float
+    low_open: bool
+    high_open: bool
+    text: str
+    """As messages and --help show it: ``> 0``, ``in [0, 1)``, ``finite``."""
+
+    def __contains__(self, x: float) -> bool:
+        if math.isnan(x) or x < self.low or x > self.high:
+            return False
+        return not ((self.low_open and x == self.low) or (self.high_open and x == self.high))
+
+
+@functools.cache
+def parse_range(spec: str) -> Range:
+    """`Range` of a spec such as ``"> 0"`` or ``"[0, 1)"``; a malformed spec is a bug in the config class."""
+    text = " ".join(spec.split())
+    if text == "any":
+        return Range(-math.inf, math.inf, True, True, "finite")
+    for op in (">=", "<=", ">", "<"):
+        if text.startswith(op):
+            bound = float(text[len(op):])
+            if op[0] == ">":
+                return Range(bound, math.inf, op == ">", True, text)
+            return Range(-math.inf, bound, True, op == "<", text)
+    if text[:1] in "[(" and text[-1:] in "])" and text.count(",") == 1:
+        low, high = (float(part) for part in text[1:-1].split(","))
+        if low <= high:
+            return Range(low, high, text[0] == "(", text[-1] == ")", f"in {text}")
+    raise ValueError(f"bad range {spec!r}: write '> 0', '>= 0', '[0, 1)', '(0, 1]' or 'any'")
+
+
+@functools.cache
+def _ranges(cls: type) -> dict[str, Range]:
+    """The ``RANGES`` of `cls` and its bases (a subclass's entry wins), parsed."""
+    merged: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        merged.update(vars(klass).get("RANGES", {}))
+    unknown = sorted(set(merged) - set(_hints(cls)))
+    if unknown:
+        raise TypeError(f"{cls.__name__}.RANGES names {unknown}, which are not fields of {cls.__name__}")
+    return {name: parse_range(spec) for name, spec in merged.items()}
+
+
+def _check_numbers(obj: Any, prefix: str) -> None:
+    """Raise a ConfigError for the first number field of dataclass `obj` outside its range (a float field without
+    one must still be finite), naming the key, the value and the valid values."""
+    cls = type(obj)
+    ranges, hints = _ranges(cls), _hints(cls)
+    for f in _init_fields(cls):
+        valid = ranges.get(f.name) or (parse_range("any") if _holds_float(hints[f.name]) else None)
+        value = getattr(obj, f.name)
+        numbers = _numbers(value)
+        if valid is None or all(x in valid for x in numbers):
+            continue
+        key, many = prefix + f.name, isinstance(value, (list, tuple))
+        default = _field_default(f)  # the example: the field's own default, when it is a valid number
+        example = f"e.g. {key}={_show(default)}" if _numbers(default) and all(x in valid for x in _numbers(default)) \
+            else ""
+        if any(math.isnan(x) or math.isinf(x) for x in numbers if x not in valid):
+            what = "holds a value that is not a finite number" if many else "is not a finite number"
+            want = f"{'finite numbers' if many else 'a finite number'}" if valid.text == "finite" else \
+                f"{'numbers' if many else 'a number'} {valid.text}"
+            nullable = " or null" if _NONE_TYPE in typing.get_args(hints[f.name]) else ""
+            raise ConfigError(f"{key}={_show(value)} {what}; give {want}{nullable}" + (f", {example}" if example else ""))
+        each = "each value of " if many else ""
+        raise ConfigError(f"{each}{key} must be {valid.text}, got {_show(value)}" + (f"; {example}" if example else ""))
+
+
+def _holds_float(tp: Any) -> bool:
+    return tp is float or any(_holds_float(a) for a in typing.get_args(tp))
+
+
+def _numbers(value: Any) -> list[float]:
+    """The numbers a setting holds: itself, or the items of a list, tuple or mapping of numbers (bools are not)."""
+    items = value.values() if isinstance(value, Mapping) else value if isinstance(value, (list, tuple)) else [value]
+    return [float(v) for v in items if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _show(value: Any) -> str:
+    """A number or a list of numbers as a user would type it: ``nan``, ``0.05``, ``[0.9, 0.95]``."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return repr(value) if isinstance(value, float) else str(value)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -455,6 +570,9 @@ def _help_rows(cls: type, defaults: Mapping[str, Any], prefix: str, rows: list[t
             _help_rows(dc, sub, f"{key}.", rows)
             continue
         shown = "required" if default is _MISSING else f"default {to_dict(default)!r}"
+        valid = _ranges(cls).get(f.name)
+        if valid is not None:
+            shown += f", {valid.text}"
         rows.append((key, f"({_type_name(tp)}, {shown}) {_help_text(f, docs)}".rstrip()))
 
 

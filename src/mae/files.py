@@ -4,6 +4,8 @@ Every write goes to a temporary file next to the target, is flushed and fsynced,
 directory is fsynced, so a reader (or a crash, or a full disk) sees the old file or the new one, never half of one.
 The file is created with mode ``0o666`` minus the process umask, like any ``open(path, "w")``: colleagues read what
 the umask lets them read. Errors become one `OutputError` line that names the file, the reason and the fix.
+Before any work, a command asks `check_new_file` / `check_output_folder` whether it may write there: what the user
+already has is refused unless ``--overwrite``.
 
     write_json(out / "summary.json", summary)
     atomic_write(out / "checkpoint.pth", lambda f: torch.save(state, f))
@@ -16,15 +18,17 @@ import contextlib
 import errno
 import json
 import os
+import re
 import secrets
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 from mae.errors import OutputError
 
-__all__ = ["atomic_write", "atomic_write_path", "fix_for", "is_stale_temporary", "reason_of", "write_json",
-           "write_text"]
+__all__ = ["as_os_error", "atomic_write", "atomic_write_path", "check_new_file", "check_output_folder", "fix_for",
+           "is_stale_temporary", "reason_of", "write_json", "write_text"]
 
 TEMP_SUFFIX = ".tmp"
 
@@ -49,7 +53,15 @@ def atomic_write_path(path: str | Path, write: Callable[[Path], None]) -> Path:
         # O_EXCL with mode 0o666: the kernel applies the umask (mkstemp would force 0o600)
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         mode = os.stat(tmp).st_mode & 0o777
-        write(tmp)
+        try:
+            write(tmp)
+        except OSError:
+            raise
+        except Exception as e:  # noqa: BLE001 (torch's zip writer and safetensors turn an OSError into their own)
+            cause = as_os_error(e, path)
+            if cause is e:
+                raise
+            raise cause from e
         if os.stat(tmp).st_mode & 0o777 != mode:  # a writer that replaced the file (safetensors does) made it 0o600
             os.chmod(tmp, mode)
         fd = os.open(tmp, os.O_RDONLY)
@@ -124,6 +136,38 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+# how writers that wrap an OSError in their own exception word it
+_STRERRORS = {os.strerror(code): code for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                                                    errno.EIO, errno.EFBIG, errno.ENAMETOOLONG, errno.EMFILE)}
+# torch.save's zip writer (PyTorchStreamWriter) reports a failed write by position or by its C++ source file
+_ZIP_WRITER_FAILURE = re.compile(r"unexpected pos|inline_container|PytorchStreamWriter failed|file write failed")
+
+
+def as_os_error(e: Exception, path: Path) -> Exception:
+    """The OSError behind a library's own write error (`e` itself when there is none to find, i.e. a bug).
+
+    ``torch.save`` on a full disk raises ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos``
+    and safetensors ``SafetensorError: ... No space left on device (os error 28)``: the errno is read from the text,
+    or, for torch's zip writer, from the free space left where the file was being written.
+    """
+    text = str(e)
+    match = re.search(r"\[Errno (\d+)\]|\(os error (\d+)\)", text)
+    if match:
+        code = int(match.group(1) or match.group(2))
+        return OSError(code, os.strerror(code), str(path))
+    for message, code in _STRERRORS.items():
+        if message in text:
+            return OSError(code, message, str(path))
+    if _ZIP_WRITER_FAILURE.search(text):
+        try:
+            full = shutil.disk_usage(path.parent).free < (1 << 20)
+        except OSError:
+            full = False
+        code = errno.ENOSPC if full else errno.EIO
+        return OSError(code, os.strerror(code), str(path))
+    return e
+
+
 def reason_of(e: OSError) -> str:
     return e.strerror or str(e) or type(e).__name__
 
@@ -134,4 +178,45 @@ def fix_for(e: OSError) -> str:
         return "free some space or choose another --output-dir"
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return "make the folder writable or choose another --output-dir"
+    if e.errno == errno.ENAMETOOLONG:
+        return "choose a shorter path"
+    if e.errno == errno.EMFILE:
+        return "raise the limit of open files (ulimit -n) or lower data.num_workers"
+    if e.errno == errno.ENOENT:
+        return "check that the folder exists"
     return "check the output folder or choose another --output-dir"
+
+
+# ---------------------------------------------------------------------------------------------------- existing outputs
+def check_new_file(path: str | Path, overwrite: bool) -> None:
+    """Before a command writes the file `path`: a file (or link) the user already has there is refused unless
+    `overwrite`, when the atomic writer replaces it; a folder there is refused either way. Writes nothing."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"'{path}' is a folder; give the name of the file to write")
+    if os.path.lexists(path) and not overwrite:
+        raise OutputError(f"'{path}' already exists; pass --overwrite to replace it, or choose another path")
+
+
+def check_output_folder(path: str | Path, command: str, overwrite: bool,
+                        own: Callable[[Path], bool] | None = None) -> None:
+    """Before ``mae <command>`` writes into the folder `path`. A file there is refused either way (a file is never
+    replaced by a folder). A folder that holds anything besides stale temporaries of this writer counts as existing
+    unless ``own(path)`` recognises it as one the command wrote itself (and continues); an existing folder is refused
+    unless `overwrite`, which writes into it: files of the same names are replaced, nothing else is touched. Writes
+    nothing."""
+    path = Path(path)
+    if os.path.lexists(path) and not path.is_dir():
+        raise OutputError(f"'{path}' is a file; mae {command} writes a folder there: choose another path")
+    if not path.is_dir():
+        return
+    try:
+        entries = sorted(e.name for e in os.scandir(path) if not is_stale_temporary(path / e.name))
+    except OSError as e:
+        raise OutputError(f"cannot read the folder '{path}': {reason_of(e)}; {fix_for(e)}") from e
+    if not entries or overwrite or (own is not None and own(path)):
+        return
+    shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+    raise OutputError(f"'{path}' already holds files that mae {command} did not write ({shown}); pass --overwrite to "
+                      f"write into it (files of the same names are replaced, nothing else is touched), or choose "
+                      f"another path")

@@ -110,6 +110,8 @@ def build_reference(cfg: MAEConfig, batch_size: int, precision: str, device: tor
 
     torch.manual_seed(seed)
     model: torch.nn.Module = MaskedAutoencoderViT(cfg)
+    # `build_ours`'s batch: drawn before the timm attention modules below take their (discarded) random init
+    imgs = torch.randn(batch_size, cfg.in_chans, *cfg.image_hw, device=device)
     for block in [*model.blocks, *model.decoder_blocks]:
         dim = block.attn.qkv.in_features
         attn = TimmAttention(dim, num_heads=block.attn.num_heads, qkv_bias=block.attn.qkv.bias is not None)
@@ -119,7 +121,6 @@ def build_reference(cfg: MAEConfig, batch_size: int, precision: str, device: tor
     model = model.to(device).train()
     opt = torch.optim.AdamW(param_groups(model, weight_decay=0.05), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
     scaler = make_grad_scaler(precision, device)
-    imgs = torch.randn(batch_size, cfg.in_chans, *cfg.image_hw, device=device)
 
     def run_step() -> float:
         opt.zero_grad(set_to_none=True)

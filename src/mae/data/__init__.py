@@ -20,7 +20,14 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from mae.data.builtin import DATASETS, BuiltinDataset, Digits, MNIST5k, Photos
-from mae.data.folders import UNLABELED, ClassFolderDataset, PlainFolderDataset, is_image_file, to_mode
+from mae.data.folders import (
+    UNLABELED,
+    ClassFolderDataset,
+    PlainFolderDataset,
+    is_dir_entry,
+    is_image_entry,
+    to_mode,
+)
 from mae.data.shards import (
     SHARDS_PREFIX,
     ShardDataset,
@@ -49,8 +56,8 @@ __all__ = [
     "MemoizedDataset", "Photos", "PlainFolderDataset", "SeededDataset", "SeededSampler", "ShardDataset", "ShardLoader",
     "WithMaskNoise", "build_dataset", "build_eval_transform", "build_loader", "build_shard_dataset",
     "build_shard_loader", "build_transform", "default_mean_std", "eval_preprocessing", "fingerprint",
-    "has_split_folders", "holdout_split", "is_shard_spec", "list_builtin", "memoize_if_fixed", "resolve_shards",
-    "sample_seed", "set_epoch", "skipped_files", "to_mode",
+    "has_split_folders", "holdout_split", "is_shard_spec", "list_builtin", "memoize_if_fixed", "passed_over_files",
+    "resolve_shards", "sample_seed", "set_epoch", "skipped_files", "to_mode",
 ]
 
 BUILTIN_PREFIX = "builtin:"
@@ -65,7 +72,7 @@ def list_builtin() -> list[str]:
 
 def _has_direct_images(folder: Path) -> bool:
     with os.scandir(folder) as it:
-        return any(e.is_file() and is_image_file(e.name) for e in it)
+        return any(is_image_entry(e) for e in it)
 
 
 def _split_folder(root: Path, split: str) -> Path:
@@ -171,7 +178,7 @@ def build_dataset(spec: str, split: str = "train", transform: Callable | None = 
     if split_file is not None:
         return split_dataset(split_file, transform, mode, strict, decode)
     with os.scandir(root) as it:
-        folders = [Path(e.path) for e in it if e.is_dir() and not e.name.startswith(".")]
+        folders = [Path(e.path) for e in it if is_dir_entry(e) and not e.name.startswith(".")]
     has_classes = any(_has_direct_images(f) for f in folders)
     if has_classes or require_classes:
         return ClassFolderDataset(root, transform=transform, mode=mode, strict=strict, decode=decode)
@@ -367,6 +374,14 @@ def skipped_files(dataset: Dataset) -> list[str]:
     while not hasattr(dataset, "unreadable_files") and hasattr(dataset, "dataset"):
         dataset = dataset.dataset
     return dataset.unreadable_files() if hasattr(dataset, "unreadable_files") else []
+
+
+def passed_over_files(dataset: Dataset) -> list[str]:
+    """Entries the scan of a folder dataset passed over (dangling links, unreadable entries; see
+    `mae.data.folders.walk_images`), looking through wrappers as `skipped_files` does; [] for other datasets."""
+    while not hasattr(dataset, "passed_over") and hasattr(dataset, "dataset"):
+        dataset = dataset.dataset
+    return list(getattr(dataset, "passed_over", []))
 
 
 def build_loader(dataset: Dataset, batch_size: int, shuffle: bool = True, num_workers: int = 0, seed: int = 0,

@@ -5,7 +5,8 @@ with alpha (composited on white), or 16-bit (scaled 0..65535 -> 0..255). An unre
 warning and replaced by the next readable one (so the order stays deterministic), or raises at once with
 `strict=True`; `verify=True` decodes every file up front so the bad ones are known before training starts.
 Unreadable files are flagged in a shared-memory tensor, so `num_skipped` / `unreadable_files()` count what the
-DataLoader worker processes met too.
+DataLoader worker processes met too. Entries the folder scan passes over (a dangling link, a link loop, a pipe named
+like an image, a folder that cannot be listed) are named in one warning and kept in `passed_over`.
 
 `decode='tensor'` reads JPEG files with `torchvision.io.decode_jpeg` into uint8 tensors (about 2x faster than PIL
 with the same v2 transforms; see docs/benchmarks.md); other formats, and any JPEG that libjpeg-turbo refuses, still
@@ -82,19 +83,26 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
 
 
-def walk_images(root: str | os.PathLike) -> Iterator[tuple[str, list[str]]]:
+def walk_images(root: str | os.PathLike, passed_over: list[tuple[str, str]] | None = None
+                ) -> Iterator[tuple[str, list[str]]]:
     """(folder, sorted image file names) for every folder under `root`, following links to folders but never into a
     folder twice (a link loop ends there), and keeping regular files only: a pipe, socket or device named like an
-    image would block or misbehave when read. Hidden files and folders are left out."""
+    image would block or misbehave when read. Hidden files and folders are left out.
+
+    What the walk passes over that a user may have meant as data is appended to `passed_over` as (path, reason):
+    dangling links, entries that cannot be read (a link loop, no permission), non-regular files named like images,
+    and folders that cannot be listed."""
     seen: set[tuple[int, int]] = set()
     stack = [str(root)]
+    skip = passed_over.append if passed_over is not None else lambda item: None
     while stack:
         folder = stack.pop()
         try:
             st = os.stat(folder)
             with os.scandir(folder) as it:
-                entries = list(it)
-        except OSError:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            skip((folder, f"a folder that cannot be listed: {e.strerror or e}"))
             continue
         if (st.st_dev, st.st_ino) in seen:
             continue
@@ -103,15 +111,72 @@ def walk_images(root: str | os.PathLike) -> Iterator[tuple[str, list[str]]]:
         for entry in entries:
             if entry.name.startswith("."):
                 continue
-            try:
-                if entry.is_dir():
-                    subfolders.append(entry.path)
-                elif entry.is_file() and is_image_file(entry.name):  # is_file: a regular file (or a link to one)
-                    names.append(entry.name)
-            except OSError:  # a broken link, a file that vanished
-                continue
+            why = _passed_over(entry)
+            if why is not None:
+                skip((entry.path, why))
+            elif entry.is_dir():
+                subfolders.append(entry.path)
+            elif entry.is_file() and is_image_file(entry.name):  # is_file: a regular file (or a link to one)
+                names.append(entry.name)
         yield folder, sorted(names)
         stack.extend(sorted(subfolders, reverse=True))
+
+
+def _passed_over(entry: os.DirEntry, images: bool = True) -> str | None:
+    """Why a folder scan cannot use `entry` although a user may mean it as data (None when it is a folder, a regular
+    file, or a file that is not named like an image; with `images=False` a non-regular file is not reported)."""
+    try:
+        if entry.is_dir() or entry.is_file():
+            return None
+        if entry.is_symlink():  # is_dir and is_file are False for a link to nothing
+            return "a dangling link"
+    except OSError as e:  # a link loop, no permission, a file that vanished
+        return f"unreadable: {e.strerror or e}"
+    return "not a regular file" if images and is_image_file(entry.name) else None
+
+
+def _entry_key(path: str) -> str:
+    """The directory entry `path` names, whatever links lead to its folder (the entry itself is not resolved)."""
+    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+
+
+def is_dir_entry(entry: os.DirEntry) -> bool:
+    """``entry.is_dir()``, but False for an entry that cannot be read (a link loop) instead of raising OSError."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def is_image_entry(entry: os.DirEntry) -> bool:
+    """A regular (or linked) file named like an image; False for an entry that cannot be read."""
+    try:
+        return entry.is_file() and is_image_file(entry.name)
+    except OSError:
+        return False
+
+
+_warned_scans: set[tuple[str, tuple[str, ...]]] = set()
+"""(root, passed-over paths) already warned about in this process: a folder scanned again (the train and val split
+of one tree, a k-NN monitor every few epochs) is not warned about twice."""
+
+
+def _passed_over_text(root: str | os.PathLike, passed_over: list[tuple[str, str]], shown: int = 5) -> str:
+    names = ", ".join(f"'{os.path.relpath(path, root)}' ({why})" for path, why in passed_over[:shown])
+    more = f" and {len(passed_over) - shown} more" if len(passed_over) > shown else ""
+    return names + more
+
+
+def warn_passed_over(root: str | os.PathLike, passed_over: list[tuple[str, str]]) -> None:
+    """One warning counting the entries a scan of `root` passed over and naming the first few of them (once per
+    process for the same folder and entries)."""
+    key = (str(root), tuple(path for path, _ in passed_over))
+    if not passed_over or key in _warned_scans:
+        return
+    _warned_scans.add(key)
+    what = "entry" if len(passed_over) == 1 else "entries"
+    _log.warning("'%s': %d %s passed over while scanning for images (counted as skipped_files in the run's "
+                 "summary): %s", root, len(passed_over), what, _passed_over_text(root, passed_over))
 
 
 def check_pixels(width: int, height: int) -> None:
@@ -143,8 +208,9 @@ def _check_folder(root: Path) -> None:
         raise DataError(f"data path '{root}' is a file, not a folder; give the folder that holds the images")
 
 
-def _no_images(root: Path) -> DataError:
-    return DataError(f"folder '{root}' holds no image files; accepted extensions: {' '.join(IMG_EXTENSIONS)}")
+def _no_images(root: Path, passed_over: list[tuple[str, str]] | None = None) -> DataError:
+    passed = f"; {len(passed_over)} passed over: {_passed_over_text(root, passed_over)}" if passed_over else ""
+    return DataError(f"folder '{root}' holds no image files; accepted extensions: {' '.join(IMG_EXTENSIONS)}{passed}")
 
 
 class ImageDataset(Dataset):
@@ -168,7 +234,8 @@ class _ImageFiles(ImageDataset):
     """A list of (image path, label) pairs read as PIL images, with the skip / strict policy for unreadable files."""
 
     def __init__(self, root: Path, samples: list[tuple[str, int]], classes: list[str], transform: Callable | None,
-                 mode: str, strict: bool, verify: bool, decode: str = "pil"):
+                 mode: str, strict: bool, verify: bool, decode: str = "pil",
+                 passed_over: list[tuple[str, str]] | None = None):
         if mode not in MODES:
             raise DataError(f"image mode '{mode}' is not supported; use one of {', '.join(MODES)}")
         if decode not in DECODERS:
@@ -187,6 +254,11 @@ class _ImageFiles(ImageDataset):
         self.strict = strict
         self.bad_files: list[str] = []
         """Unreadable files met so far by this process (all of them after `verify=True`)."""
+        # one entry reached through two paths (a link to a folder already walked) is one entry
+        passed_over = list({_entry_key(path): (path, why) for path, why in passed_over or []}.values())
+        self.passed_over = [path for path, _ in passed_over]
+        """Entries the folder scan passed over (dangling links, unreadable entries; see `walk_images`)."""
+        warn_passed_over(root, passed_over)
         # set once a colour / grey mismatch has been reported, by whichever process saw it first
         self._mode_warned = torch.zeros(1, dtype=torch.uint8).share_memory_()
         self._mode_checks = 0
@@ -281,10 +353,14 @@ class _ImageFiles(ImageDataset):
                 f"mode={self.mode!r}, skipped={self.num_skipped})")
 
 
-def find_classes(root: str | os.PathLike) -> list[str]:
-    """Sorted names of the visible sub-folders of `root` (hidden ones like `.ipynb_checkpoints` are not classes)."""
+def find_classes(root: str | os.PathLike, passed_over: list[tuple[str, str]] | None = None) -> list[str]:
+    """Sorted names of the visible sub-folders of `root` (hidden ones like `.ipynb_checkpoints` are not classes);
+    dangling links and unreadable entries there are appended to `passed_over` (see `walk_images`)."""
     with os.scandir(root) as it:
-        return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+        entries = [e for e in it if not e.name.startswith(".")]
+    if passed_over is not None:  # what may have been meant as a class folder; loose files here are not data
+        passed_over.extend((e.path, why) for e in entries if (why := _passed_over(e, images=False)) is not None)
+    return sorted(e.name for e in entries if is_dir_entry(e))
 
 
 class ClassFolderDataset(_ImageFiles):
@@ -303,19 +379,20 @@ class ClassFolderDataset(_ImageFiles):
                  strict: bool = False, verify: bool = False, decode: str = "pil"):
         root = Path(root)
         _check_folder(root)
-        classes = find_classes(root)
+        passed_over: list[tuple[str, str]] = []
+        classes = find_classes(root, passed_over)
         if not classes:
             if any(is_image_file(p) for p in root.iterdir()):
                 raise DataError(f"folder '{root}' has images but no class sub-folders; labels need the layout "
                                 f"'{root}/<class name>/<image>' (one sub-folder per class)")
-            raise _no_images(root)
+            raise _no_images(root, passed_over)
         # Empty classes are kept so that label indices agree between a train and a val tree. The order is
         # torchvision's make_dataset's: classes sorted, then (folder, file name) sorted within each class.
         samples = [(os.path.join(folder, name), i) for i, c in enumerate(classes)
-                   for folder, names in sorted(walk_images(root / c)) for name in names]
+                   for folder, names in sorted(walk_images(root / c, passed_over)) for name in names]
         if not samples:
-            raise _no_images(root)
-        super().__init__(root, samples, classes, transform, mode, strict, verify, decode)
+            raise _no_images(root, passed_over)
+        super().__init__(root, samples, classes, transform, mode, strict, verify, decode, passed_over)
 
 
 class PlainFolderDataset(_ImageFiles):
@@ -328,8 +405,9 @@ class PlainFolderDataset(_ImageFiles):
                  strict: bool = False, verify: bool = False, decode: str = "pil"):
         root = Path(root)
         _check_folder(root)
-        paths = [os.path.join(folder, name) for folder, names in walk_images(root) for name in names]
+        passed_over: list[tuple[str, str]] = []
+        paths = [os.path.join(folder, name) for folder, names in walk_images(root, passed_over) for name in names]
         if not paths:
-            raise _no_images(root)
+            raise _no_images(root, passed_over)
         super().__init__(root, [(p, UNLABELED) for p in sorted(paths)], [], transform, mode, strict, verify,
-                         decode)
+                         decode, passed_over)

@@ -10,6 +10,11 @@ Crash safety: every shard is written to a temporary file and renamed (`mae.files
 finished shards, and ``index.json`` is written last: a killed run never leaves an index that lists a missing or
 half-written shard, and running it again with the same source and settings continues after the last finished
 shard (other settings, or a changed source, rewrite the shards from the start).
+
+Nothing of the user's is deleted: a destination that holds files this writer did not put there (another shard set,
+anything else) is refused unless ``overwrite``, and even then only files of the same names are replaced. The progress
+file, written before the first shard, lists every shard this writer made in the folder; only those, once no longer in
+the index, and its own stale temporaries are ever removed.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from tqdm import tqdm
 from mae.data.folders import ClassFolderDataset, to_mode
 from mae.data.shards import INDEX_NAME
 from mae.errors import ConfigError, DataError, OutputError
-from mae.files import atomic_write_path, fsync_dir, is_stale_temporary, write_json
+from mae.files import atomic_write_path, check_output_folder, fsync_dir, is_stale_temporary, write_json
 
 __all__ = ["PROGRESS_NAME", "SourceSplit", "encode_image", "list_source", "write_shards"]
 
@@ -46,6 +51,7 @@ PROGRESS_NAME = ".prepare-progress.json"
 INDEX_VERSION = 1
 GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
 _SHARD_NAME = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<number>\d{6})\.tar$")
+_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.\d+\.[0-9a-f]{8}\.tmp$")  # `mae.files.atomic_write_path`'s names
 
 
 @dataclass
@@ -165,6 +171,32 @@ def _unlink(path: Path) -> None:
     fsync_dir(path.parent)
 
 
+def _made_by_prepare(index: dict | None) -> bool:
+    made_by = (index or {}).get("made_by")
+    return isinstance(made_by, dict) and made_by.get("tool") == "mae prepare"
+
+
+def _written_here(dst: Path) -> bool:
+    """Whether `dst` is a folder this writer made: its progress file, or an index it wrote."""
+    return (dst / PROGRESS_NAME).is_file() or _made_by_prepare(_read_json(dst / INDEX_NAME))
+
+
+def _shard_names(record: dict | None) -> set[str]:
+    """The shard names an index or a progress file lists."""
+    splits = (record or {}).get("splits")
+    if not isinstance(splits, dict):
+        return set()
+    return {str(s.get("name")) for entry in splits.values() if isinstance(entry, dict)
+            for s in entry.get("shards", []) if isinstance(s, dict)}
+
+
+def _own_temporary(path: Path) -> bool:
+    """A temporary file of this writer (of a shard, the index or the progress file) whose process is gone."""
+    match = _TEMPORARY.match(path.name)
+    return bool(match) and (_SHARD_NAME.match(match["target"]) is not None
+                            or match["target"] in (INDEX_NAME, PROGRESS_NAME)) and is_stale_temporary(path)
+
+
 def _finished_shards(dst: Path, entry: dict) -> list[dict]:
     """The progress file's shards that are still on disk with their recorded size, up to the first that is not."""
     kept = []
@@ -178,13 +210,14 @@ def _finished_shards(dst: Path, entry: dict) -> list[dict]:
 
 def write_shards(src: str | Path, dst: str | Path, *, shard_size: int = 1000, shard_mb: float | None = None,
                  short_side: int | None = None, quality: int = 95, shuffle: bool = True, seed: int = 0,
-                 workers: int = 0, progress: bool = True,
+                 workers: int = 0, progress: bool = True, overwrite: bool = False,
                  on_split: Callable[[str, int], None] | None = None) -> dict:
     """Write the shards of every split of `src` into `dst`, then ``index.json``; returns the index.
 
     A shard closes at `shard_size` samples, or once it holds `shard_mb` MB of images (whichever comes first).
     `workers` processes decode and re-encode (0: this process). Corrupt source images are skipped and counted
-    (``skipped`` / ``skipped_files`` per split in the index). See the module docstring for reruns.
+    (``skipped`` / ``skipped_files`` per split in the index). See the module docstring for reruns, and for
+    `overwrite` (a `dst` holding files this writer did not make is refused without it).
     """
     if shard_size < 1:
         raise ConfigError(f"shard_size={shard_size} must be at least 1 sample")
@@ -204,6 +237,7 @@ def write_shards(src: str | Path, dst: str | Path, *, shard_size: int = 1000, sh
     splits = list_source(src)
     if dst.exists() and not dst.is_dir():
         raise OutputError(f"destination '{dst}' is a file; give a folder for the shards")
+    check_output_folder(dst, "prepare", overwrite, own=_written_here)
     try:
         dst.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -214,19 +248,26 @@ def write_shards(src: str | Path, dst: str | Path, *, shard_size: int = 1000, sh
     index_path, progress_path = dst / INDEX_NAME, dst / PROGRESS_NAME
 
     old_index = _read_json(index_path)
-    if old_index is not None and old_index.get("fingerprint") == fingerprint and all(
+    own_index = _made_by_prepare(old_index)  # an index.json of someone else's is replaced at the end, never deleted
+    if own_index and old_index.get("fingerprint") == fingerprint and all(
             _finished_shards(dst, entry) == entry.get("shards") for entry in old_index.get("splits", {}).values()):
         log.info("shards in '%s' are up to date (same source and settings); nothing to do", dst)
         return {**old_index, "up_to_date": True}
-    _unlink(index_path)  # from here on no index lists shards that are about to change
-    for stale in dst.glob(".*.tmp"):
-        if is_stale_temporary(stale):
-            _unlink(stale)
     state = _read_json(progress_path)
+    # the shards this writer made here, by its progress file and its index: the only tar files it may ever delete
+    owned = {str(n) for n in (state or {}).get("owned", [])} | _shard_names(state)
+    owned |= _shard_names(old_index) if own_index else set()
     if state is None or state.get("fingerprint") != fingerprint:
         state = {"fingerprint": fingerprint, "splits": {}}
     elif state["splits"]:
         log.info("continuing the shards in '%s' after the last finished shard", dst)
+    state["owned"] = sorted(owned)
+    write_json(progress_path, state)  # before any shard: the folder is recognisably this writer's, with its shards
+    if own_index:
+        _unlink(index_path)  # from here on no index lists shards that are about to change
+    for stale in dst.glob(".*.tmp"):
+        if _own_temporary(stale):
+            _unlink(stale)
 
     context = multiprocessing.get_context()
     pool = context.Pool(workers) if workers > 0 else None
@@ -244,9 +285,9 @@ def write_shards(src: str | Path, dst: str | Path, *, shard_size: int = 1000, sh
             pool.join()
 
     listed = {s["name"] for entry in index_splits.values() for s in entry["shards"]}
-    for path in dst.glob("*.tar"):  # shards of an earlier, larger or different set, under names this set does not use
-        if _SHARD_NAME.match(path.name) and path.name not in listed:
-            _unlink(path)
+    for name in sorted(set(state["owned"]) - listed):  # its own shards of an earlier set, under names now unused
+        if _SHARD_NAME.match(name):
+            _unlink(dst / name)
     index = {
         "format": "webdataset",
         "layout": "<key>.jpg (image) and, with classes, <key>.cls (class index as ASCII text)",
@@ -324,6 +365,9 @@ def _write_split(split: SourceSplit, dst: Path, state: dict, progress_path: Path
                         item = next(items, None)
                 written["samples"] = count
 
+            if name not in state["owned"]:  # recorded before it exists: a run killed in between still knows it
+                state["owned"].append(name)
+                write_json(progress_path, state)
             atomic_write_path(dst / name, fill)
             shards.append({"name": name, "samples": written["samples"], "bytes": (dst / name).stat().st_size,
                            "start": shards[-1]["end"] if shards else 0, "end": written["end"]})

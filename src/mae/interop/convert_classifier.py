@@ -110,7 +110,7 @@ def convert_classifier(src: str | Path, dst: str | Path, to: str, model_name: st
                           f"convert it to timm, hf or reference")
     if to not in ("timm", "hf", "reference"):
         raise ConfigError(f"unknown format '{to}' for a classifier (valid: timm, hf, reference)")
-    model, config, names = load_classifier(src, model_name=model_name)
+    model, config, names = load_classifier(src, model_name=model_name, strict_name=True)
     data = run_preprocessing(src)
     dst = Path(dst)
     if to == "timm":
@@ -128,13 +128,19 @@ def convert_classifier(src: str | Path, dst: str | Path, to: str, model_name: st
 
 
 def convert_checkpoint(src: str | Path, dst: str | Path, to: str, model_name: str | None = None,
-                       license: str = "unknown") -> Path:
+                       license: str = "unknown", overwrite: bool = False) -> Path:
     """What ``mae convert`` does: training checkpoints between DCP directories (fsdp runs) and single files (``to``
     'dcp' / 'checkpoint', `mae.train.dcp`), classifiers through `convert_classifier`, everything else through
-    `mae.interop.convert`; a transformers MAE directory gets a model card with the source run's facts."""
+    `mae.interop.convert`; a transformers MAE directory gets a model card with the source run's facts. What the user
+    already has at `dst` is refused unless `overwrite` (`_check_output`)."""
     if to in ("dcp", "checkpoint"):
-        return _convert_training_checkpoint(Path(src).expanduser(), Path(dst).expanduser(), to)
-    if is_classifier_checkpoint(src):
+        _check_output(Path(dst).expanduser(), to, classifier=False, overwrite=overwrite)
+        return _convert_training_checkpoint(Path(src).expanduser(), Path(dst).expanduser(), to, overwrite)
+    classifier = is_classifier_checkpoint(src) if to == "timm" else None  # what a timm export writes depends on it
+    _check_output(Path(dst), to, bool(classifier), overwrite)
+    if classifier is None:
+        classifier = is_classifier_checkpoint(src)
+    if classifier:
         return convert_classifier(src, dst, to, model_name, license)
     from mae.interop import convert
 
@@ -148,7 +154,28 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str, model_name: st
     return out
 
 
-def _convert_training_checkpoint(src: Path, dst: Path, to: str) -> Path:
+def _check_output(dst: Path, to: str, classifier: bool, overwrite: bool) -> None:
+    """Before any work: a file output (and a timm file's .json) over an existing file, or a folder output (hf, dcp,
+    mae / timm without a suffix) over a folder that holds anything, is refused unless `overwrite`; a file is never
+    replaced by a folder. A DCP checkpoint replaces its folder whole, so `overwrite` applies to an earlier one only."""
+    from mae.errors import OutputError
+    from mae.files import check_new_file, check_output_folder
+
+    if not (to in ("hf", "dcp") or (to in ("mae", "timm") and not dst.suffix and (classifier or to == "mae"))):
+        check_new_file(dst, overwrite)
+        if to == "timm" and classifier:
+            check_new_file(dst.with_suffix(".json"), overwrite)
+        return
+    if to == "dcp" and overwrite and dst.is_dir() and any(dst.iterdir()):
+        from mae.train.dcp import is_dcp_checkpoint
+
+        if not is_dcp_checkpoint(dst):
+            raise OutputError(f"'{dst}' holds files that are not a DCP checkpoint, and a DCP checkpoint replaces its "
+                              f"folder whole; choose another path")
+    check_output_folder(dst, "convert", overwrite)
+
+
+def _convert_training_checkpoint(src: Path, dst: Path, to: str, overwrite: bool = False) -> Path:
     """A training checkpoint (the whole run state, resumable) from one layout to the other."""
     from mae.train.dcp import dcp_to_file, file_to_dcp, is_dcp_checkpoint
     from mae.train.run_dir import is_run_dir, resolve_run
@@ -165,7 +192,7 @@ def _convert_training_checkpoint(src: Path, dst: Path, to: str) -> Path:
         return dcp_to_file(src, dst)
     if is_dcp_checkpoint(src):
         raise ConfigError(f"'{src}' is already a DCP checkpoint; --to checkpoint makes a single file of it")
-    return file_to_dcp(src, dst)
+    return file_to_dcp(src, dst, overwrite=overwrite)
 
 
 def _run_mean_std(path: str | Path) -> dict[str, Any]:

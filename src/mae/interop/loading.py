@@ -93,6 +93,11 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
             hints.setdefault("model_name", json_config["architecture"])
         fmt = "reference" if "model" in container or has_decoder(tensors) else "timm"
         return Checkpoint(tensors, fmt, hints=hints, path=path)
+    from mae.train.checkpoint_kinds import kind_of_state
+
+    kind = kind_of_state(container) if container else None
+    if kind is not None and kind.format is not None:  # e.g. a detection run's checkpoint: named, with what takes it
+        raise CheckpointError(f"{kind.named(path)}; this command reads MAE or ViT encoder weights")
     raise CheckpointError(f"'{path}' is not a checkpoint format this library reads (keys: "
                           f"{short_list(tensors)}); expected an MAE safetensors file, a reference .pth, a "
                           f"transformers ViTMAE directory or a timm ViT state_dict")
@@ -179,10 +184,12 @@ def read_encoder(path: str | Path, model_name: str | None = None, **overrides: A
         from mae.interop.classifier_export import load_hf_classifier
 
         sd, ccfg, _ = load_hf_classifier(path)
+        check_model_name(ccfg, model_name, f"'{path}'")
         config = MAEConfig(**{k: getattr(ccfg, k) for k in _ENCODER_FIELDS}).replace(**overrides)
         return EncoderSource(config, sd, f"transformers classifier '{path}'", "hf")
     ckpt = read_checkpoint(path)
     if ckpt.config is not None:
+        check_model_name(ckpt.config, model_name, ckpt.label)
         config = ckpt.config.replace(**overrides) if overrides else ckpt.config
     else:
         with warnings.catch_warnings():  # the decoder's head count is a guess, and an encoder does not use it
@@ -192,6 +199,32 @@ def read_encoder(path: str | Path, model_name: str | None = None, **overrides: A
 
 
 # ---------------------------------------------------------------------------------------------------- checking
+NAME_FIELDS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")
+"""What a registered model name fixes of an encoder (not img_size: a model runs at another resolution, resized)."""
+
+
+def check_model_name(stored: Any, model_name: str | None, source: str, strict: bool = False,
+                     fields: tuple[str, ...] = NAME_FIELDS) -> None:
+    """A model name that contradicts the architecture a file stores (`stored`: its MAEConfig or ClassifierConfig)
+    is a warning naming both, and the file's architecture is used (its weights fit no other); with `strict` (a
+    converter, whose output would describe the wrong model) a ConfigError. Agreeing names and no name pass."""
+    if model_name is None:
+        return
+    from mae.models.registry import model_config
+
+    named = model_config(model_name)
+    differ = [f"{k} {getattr(stored, k)} vs {getattr(named, k)}" for k in fields
+              if getattr(stored, k) != getattr(named, k)]
+    if not differ:
+        return
+    conflict = (f"the model name '{model_name}' contradicts the architecture stored in {source} ({', '.join(differ)}: "
+                f"file vs name)")
+    if strict:
+        raise ConfigError(f"{conflict}; the file stores its own architecture: drop the model name (--model)")
+    logging.getLogger("mae").warning("%s; using the file's architecture (drop the model name to silence this)",
+                                     conflict)
+
+
 def model_label(config: MAEConfig) -> str:
     """The registered name of an architecture, or its main numbers when it is not registered."""
     mine = {k: getattr(config, k) for k in _ARCH_FIELDS}
@@ -255,15 +288,13 @@ def load_weights_into(model: MaskedAutoencoderViT, path: str | Path, strict_enco
 
 def _resolve_config(ckpt: Checkpoint, model_name: str | None, overrides: dict[str, Any]) -> MAEConfig:
     overrides = pixel_target_overrides(overrides)
-    if model_name is None and ckpt.config is not None:
+    if ckpt.config is not None:  # a name that contradicts it would build a model the weights do not fit
+        check_model_name(ckpt.config, model_name, ckpt.label, strict=True,
+                         fields=(*NAME_FIELDS, "decoder_embed_dim", "decoder_depth", "decoder_num_heads"))
         try:
             return MAEConfig(**{**ckpt.config.to_dict(), **overrides})
         except TypeError as e:
             raise ConfigError(f"bad override: {e}") from None
-    if model_name is not None and ckpt.config is not None:
-        from mae.models.registry import model_config
-
-        return model_config(model_name, **overrides)
     return infer_config(ckpt.state_dict, model_name, ckpt.hints, **overrides)
 
 

@@ -16,6 +16,7 @@ import torch
 from mae.errors import CheckpointError
 from mae.files import atomic_write_path
 from mae.models.mae import MaskedAutoencoderViT
+from mae.train.checkpoint import refuse_nonfinite
 
 FORMAT_VALUE = "mae"
 CONFIG_KEY = "mae_config"
@@ -59,7 +60,8 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], config: dict, path: str
 
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a safetensors file; CheckpointError for a missing, truncated or corrupt one."""
+    """Tensors and metadata of a safetensors file; CheckpointError for a missing, truncated or corrupt one, or one
+    holding NaN or inf (`mae.train.checkpoint.refuse_nonfinite`)."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -73,4 +75,5 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"checkpoint '{path}' is truncated or corrupt ({str(e).strip()[:200]}); "
                               f"use an earlier file or download it again") from None
+    refuse_nonfinite(tensors, path)
     return tensors, metadata

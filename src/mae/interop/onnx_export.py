@@ -107,10 +107,12 @@ def export_checkpoint_onnx(src: str | Path, dst: str | Path, model_name: str | N
         module, config, _ = load_classifier(src, model_name=model_name)
         output = "logits"
     else:
+        from mae.interop.loading import check_model_name
         from mae.recipes.embed import load_pretrained_model
 
         mae_model = load_pretrained_model(src)
         config = mae_model.config
+        check_model_name(config, model_name, f"'{src}'")  # ONNX stores no name: a warning, the file's model is used
         module, output = FeatureExtractor(mae_model), "features"
     h, w = config.image_hw
     example = torch.randn(batch, config.in_chans, h, w, generator=torch.Generator().manual_seed(0))

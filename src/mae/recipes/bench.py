@@ -13,11 +13,14 @@ Results go to ``<output_dir>/bench.json`` (every number, the machine, the comman
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -37,7 +40,7 @@ from mae.bench.suites import (
 )
 from mae.config import to_dict
 from mae.errors import ConfigError
-from mae.files import write_json, write_text
+from mae.files import check_output_folder, write_json, write_text
 from mae.models import model_config
 from mae.recipes.common import ModelSection, prepare_output_dir, require_at_least, require_precision, resolve_device
 from mae.train.precision import resolve_precision
@@ -79,6 +82,8 @@ class ScalingSection:
                                                                      "checkpointing (memory saved)"})
     precisions: list[str] = field(default_factory=list, metadata={"help": "also run each model at these "
                                                                           "precisions (the data behind auto)"})
+
+    RANGES: ClassVar[dict[str, str]] = {"mask_ratios": "[0, 1)"}
 
 
 @dataclass
@@ -143,6 +148,10 @@ class BenchConfig:
                                                                          "peak (None: 2048 CPU, 8192 CUDA)"})
     seed: int = 0
     output_dir: str = field(default="runs/bench", metadata={"help": "bench.json, bench.md and plots go here"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "write into an output_dir that holds files mae bench did not write: files of the same names are "
+                "replaced, no other file is touched; without it such a folder is refused (a folder of an earlier "
+                "bench is reused without it)"})
     plots: bool = field(default=True, metadata={"help": "draw PNGs for the scaling and data suites"})
     table2: Table2Section = field(default_factory=Table2Section)
     peer: PeerSection = field(default_factory=PeerSection)
@@ -198,14 +207,24 @@ def command_of(cfg: BenchConfig) -> str:
     """The ``mae bench`` command line that reproduces `cfg` (every setting that differs from the defaults), with
     the OpenMP variables of this process in front."""
     defaults, current = _flatten(to_dict(BenchConfig())), _flatten(to_dict(cfg))
-    args = [f"{k}={_yaml_value(v)}" for k, v in current.items() if defaults.get(k) != v]
+    args = [f"{k}={_yaml_value(v)}" for k, v in current.items() if defaults.get(k) != v and k != "overwrite"]
     env = [f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY") if k in os.environ]
     return shlex.join([*env, "mae", "bench", *args])
+
+
+def _written_by_bench(folder: Path) -> bool:
+    """A folder of an earlier `mae bench` (its bench.json), whose report a new run replaces."""
+    try:
+        record = json.loads((folder / "bench.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and "mae bench" in str(record.get("command", "")) and "suites" in record
 
 
 def run(cfg: BenchConfig) -> dict:
     """Run the selected suites; write bench.json and bench.md; return the headline numbers. Under torchrun (several
     processes) only the memory suite runs, every rank measuring its own peak, rank 0 writing."""
+    check_output_folder(Path(cfg.output_dir).expanduser(), "bench", cfg.overwrite, own=_written_by_bench)
     device = resolve_device(cfg.device)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if cfg.suites() != ["memory"]:

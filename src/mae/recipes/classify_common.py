@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as tdist
@@ -18,11 +18,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from mae.data import UNLABELED, build_dataset, build_eval_transform, default_mean_std, ignore_stop_signals
+from mae.data import (
+    UNLABELED,
+    build_dataset,
+    build_eval_transform,
+    default_mean_std,
+    ignore_stop_signals,
+    passed_over_files,
+    skipped_files,
+)
 from mae.errors import CheckpointError, ConfigError, DataError
 from mae.files import write_json
 from mae.interop.keys import short_list
-from mae.interop.loading import EncoderSource, read_encoder
+from mae.interop.loading import EncoderSource, check_model_name, read_encoder
 from mae.models.classifier import GLOBAL_POOLS, ClassifierConfig, build_classifier, load_encoder_into
 from mae.models.pos_embed import resize_pos_embed
 from mae.threads import default_workers
@@ -54,11 +62,11 @@ class ClassifierSection:
     drop_path: float = field(default=0.1, metadata={"help": "stochastic depth rate (paper: 0.1 B/L, 0.2 H)"})
     num_classes: int | None = field(default=None, metadata={"help": "classes of the head (default: the dataset's)"})
 
+    RANGES: ClassVar[dict[str, str]] = {"drop_path": "[0, 1)"}
+
     def validate(self) -> None:
         if self.global_pool not in GLOBAL_POOLS:
             raise ConfigError(f"model.global_pool '{self.global_pool}' is not one of {', '.join(GLOBAL_POOLS)}")
-        if not 0.0 <= self.drop_path < 1.0:
-            raise ConfigError(f"model.drop_path must be in [0, 1), got {self.drop_path}")
         if self.img_size is not None and self.img_size < 1:
             raise ConfigError(f"model.img_size must be positive, got {self.img_size}")
         if self.num_classes is not None and self.num_classes < 1:
@@ -89,17 +97,15 @@ class ClassifyData:
         "help": "a folder without train/ and val/: hold out this fraction of each class (seeded) for validation; "
                 "0 uses every image for both"})
 
+    RANGES: ClassVar[dict[str, str]] = {"mean": "any", "std": "> 0", "crop_pct": "(0, 1]", "val_fraction": "[0, 1)"}
+
     def validate(self) -> None:
-        if not 0 <= self.val_fraction < 1:
-            raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
         for name in ("train_limit", "val_limit"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"data.{name} must be >= 1 (or null for all), got {value}")
-        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
-            raise ConfigError(f"data.crop_pct must be in (0, 1], got {self.crop_pct}")
 
 
 def check_init(init: str, checkpoint: str | None, model_name: str | None) -> None:
@@ -175,6 +181,12 @@ def labelled_dataset(data: ClassifyData, split: str, transform: Callable | None,
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit]
         dataset = Subset(dataset, sorted(order.tolist()))
     return dataset, classes
+
+
+def skipped_count(*datasets: Dataset) -> int:
+    """Distinct files of `datasets` skipped so far by this process: passed over by the folder scan (dangling links,
+    unreadable entries) or unreadable when loaded."""
+    return len(set().union(*(set(skipped_files(d)) | set(passed_over_files(d)) for d in datasets)))
 
 
 def eval_transform(data: ClassifyData, img_size: int, in_chans: int) -> Callable:
@@ -372,13 +384,16 @@ def classifier_state(model: nn.Module, classifier_config: ClassifierConfig, clas
 
 
 def load_classifier(path: str | Path, img_size: int | tuple[int, int] | None = None, use_ema: bool | None = None,
-                    model_name: str | None = None) -> tuple[nn.Module, ClassifierConfig, list[str] | None]:
+                    model_name: str | None = None, strict_name: bool = False
+                    ) -> tuple[nn.Module, ClassifierConfig, list[str] | None]:
     """A classifier from a finetune / linprobe run directory (`resolve_run`: its best checkpoint once finished, else
     its newest), one of their checkpoints, an
     exported timm file (with its ``.json``), a `ViTForImageClassification` directory, or a timm / reference
     fine-tuned state_dict (``fc_norm`` + ``head``). ``img_size`` rebuilds it at another resolution (the position
     table is interpolated, bicubic). ``use_ema`` None takes the EMA weights of a run checkpoint when they were the
-    best. Returns (model in eval mode, its config, class names or None)."""
+    best. ``model_name`` picks the architecture of files that store none; one that contradicts a stored architecture
+    is a warning (`mae.interop.loading.check_model_name`), or an error with ``strict_name``. Returns (model in eval
+    mode, its config, class names or None)."""
     path = resolve_run(path)
     names: list[str] | None = None
     if path.is_dir() and (path / "config.json").is_file():
@@ -416,6 +431,8 @@ def load_classifier(path: str | Path, img_size: int | tuple[int, int] | None = N
                 sd = {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
         if config is None:
             config = _infer_classifier_config(sd, path, model_name)
+            model_name = None  # it chose the architecture: nothing to contradict
+    check_model_name(config, model_name, f"'{path}'", strict=strict_name)
     stored_grid = config.grid_size
     if img_size is not None:
         config = ClassifierConfig.from_dict({**config.to_dict(), "img_size": img_size})
@@ -431,8 +448,10 @@ def load_classifier(path: str | Path, img_size: int | tuple[int, int] | None = N
 
 def _infer_classifier_config(sd: dict[str, torch.Tensor], path: Path, model_name: str | None) -> ClassifierConfig:
     if "head.weight" not in sd and "head.1.weight" not in sd:
-        raise CheckpointError(f"'{path}' has no classifier head (head.weight): it is not a fine-tuned classifier; "
-                              f"fine-tune it first (mae finetune) or probe it (mae linprobe / mae knn)")
+        from mae.train.checkpoint_kinds import describe
+
+        raise CheckpointError(f"{describe(path)}: it has no classifier head (head.weight); fine-tune it first "
+                              f"(mae finetune) or probe it (mae linprobe / mae knn)")
     from mae.interop import infer_config
 
     encoder = {k: v for k, v in sd.items() if not k.startswith(("head.", "fc_norm."))}
@@ -498,7 +517,7 @@ def train_classifier(run: Run, *, model: nn.Module, classifier_config: Classifie
                                "best_epoch": result.best["epoch"], "last_top1": last.get("top1"),
                                **({"last_top5": last.get("top5")} if many else {}),
                                "train_seconds": result.train_seconds, "updates": result.updates,
-                               "best_checkpoint": str(trainer.best_path)}
+                               "best_checkpoint": str(trainer.best_path), "skipped_files": skipped_count(train_set)}
     if run.dist.is_main:
         summary.update(draw_curves(run.out, ("loss", "lr", "top1")))
     return trainer, summary

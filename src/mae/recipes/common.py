@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 
@@ -44,6 +44,8 @@ class ModelSection:
     mask_in_encoder: bool | None = field(default=None, metadata={"help": "ablation: mask tokens in the encoder"})
     pca_components: int | None = None
     hog_bins: int | None = None
+
+    RANGES: ClassVar[dict[str, str]] = {"mlp_ratio": "> 0", "mask_ratio": "[0, 1)"}
 
     def overrides(self) -> dict:
         return {k: v for k, v in vars(self).items() if k != "name" and v is not None}

@@ -10,8 +10,10 @@ of ``data``, the way ImageNet-C was made (resize 256, centre crop 224, corrupt, 
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from mae.data.corruptions import CORRUPTIONS, MIN_SIDE, SEVERITIES, check_corruptions, write_corrupted_folder
 from mae.errors import ConfigError
@@ -37,6 +39,9 @@ class CorruptConfig:
         "help": "side of the saved images (ImageNet-C: 224, cropped from a 256 resize; other sizes scale both)"})
     limit_per_class: int | None = field(default=None, metadata={"help": "only the first N images of each class"})
     seed: int = field(default=0, metadata={"help": "seeds every image's corruption (a rerun writes the same files)"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "write into an output_dir that holds files mae corrupt did not write: images of the same names are "
+                "replaced, no other file is touched; without it such a folder is refused"})
 
     def validate(self) -> None:
         check_corruptions(self.corruptions)
@@ -49,10 +54,20 @@ class CorruptConfig:
             raise ConfigError(f"limit_per_class must be >= 1 (or null for all), got {self.limit_per_class}")
 
 
+def _written_by_corrupt(folder: Path) -> bool:
+    """A folder of an earlier `mae corrupt` (its corruptions.json): a rerun writes the same files into it."""
+    try:
+        record = json.loads((folder / "corruptions.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and {"corruptions", "severities", "written"} <= record.keys()
+
+
 def run(cfg: CorruptConfig) -> dict:
     """Write the corrupted folder tree; returns counts and what was written."""
-    from mae.files import write_json
+    from mae.files import check_output_folder, write_json
 
+    check_output_folder(cfg.output_dir, "corrupt", cfg.overwrite, own=_written_by_corrupt)
     summary = write_corrupted_folder(cfg.data, cfg.output_dir, cfg.corruptions or None, cfg.severities,
                                      cfg.image_size, cfg.seed, cfg.limit_per_class)
     if not summary["complete"]:

@@ -13,6 +13,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -55,9 +56,11 @@ class DemoConfig:
         "help": "delete the stages of a previous demo in output_dir and run them again (default: a rerun continues "
                 "or reuses the finished stages; settings that change what a stage computes are refused)"})
 
+    RANGES: ClassVar[dict[str, str]] = {"mask_ratios": "[0, 1)"}
+
     def validate(self) -> None:
-        if not self.mask_ratios or not all(0 <= r < 1 for r in self.mask_ratios):
-            raise ConfigError(f"mask_ratios must be in [0, 1), got {self.mask_ratios}")
+        if not self.mask_ratios:
+            raise ConfigError("mask_ratios needs at least one ratio in [0, 1), e.g. mask_ratios=[0.75]")
 
 
 def _stage(module: str, cls: str, preset: str | None, overrides: list[str]) -> tuple[dict, float]:

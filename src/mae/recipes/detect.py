@@ -69,9 +69,9 @@ class DetectData:
     val_limit: int | None = field(default=None, metadata={"help": "score only the first N val images"})
     synthetic: SyntheticSection = field(default_factory=SyntheticSection)
 
+    RANGES: ClassVar[dict[str, str]] = {"hflip": "[0, 1]"}
+
     def validate(self) -> None:
-        if not 0.0 <= self.hflip <= 1.0:
-            raise ConfigError(f"data.hflip must be in [0, 1], got {self.hflip}")
         for name in ("train_limit", "val_limit"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"data.{name} must be at least 1, got {getattr(self, name)}")
@@ -95,6 +95,8 @@ class DetectHead:
     rpn_post_nms_top_n_test: int = 1000
     box_batch_size_per_image: int = field(default=512, metadata={"help": "sampled RoIs per image in training"})
     box_detections_per_img: int = 100
+
+    RANGES: ClassVar[dict[str, str]] = {"aspect_ratios": "> 0"}
 
     def validate(self) -> None:
         if self.min_size < 32 or self.max_size < self.min_size:

@@ -17,7 +17,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch.utils.data import DataLoader
@@ -47,6 +47,8 @@ class EmbedData:
     crop_pct: float | None = field(default=None, metadata={
         "help": "resize to img_size / crop_pct, centre crop (default 0.875; 1.0 for images <= 32 px)"})
 
+    RANGES: ClassVar[dict[str, str]] = {"mean": "any", "std": "> 0", "crop_pct": "(0, 1]"}
+
     def validate(self) -> None:
         if self.split not in ("all", "train", "val"):
             raise ConfigError(f"data.split must be all, train or val, got '{self.split}'")
@@ -67,6 +69,9 @@ class EmbedConfig:
     precision: str = field(default="fp32", metadata={"help": "fp32 (deterministic) | auto | bf16 | fp16"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace an existing output file (and, for .npy, its .paths.txt); without it an existing one is "
+                "refused"})
 
     def validate(self) -> None:
         from mae.recipes.common import require_precision
@@ -95,8 +100,11 @@ def load_pretrained_model(path: str | Path):
     if not path.exists():
         raise ConfigError(f"checkpoint '{path}' does not exist; pass a pre-training run directory or a checkpoint file")
     if is_classifier_checkpoint(path):
-        raise ConfigError(f"'{path}' is a classifier (it has a head); this command reads a pre-trained MAE encoder: "
-                          f"pass the pre-training run or checkpoint the classifier started from")
+        from mae.train.checkpoint_kinds import describe
+
+        what = describe(path, fallback=f"'{path}' is a classifier (it has a head)")
+        raise ConfigError(f"{what}; this command reads a pre-trained MAE encoder: pass the pre-training run or "
+                          f"checkpoint the classifier started from")
     from mae.interop import load_model  # run directories go through the one resolver (mae.train.run_dir)
 
     return load_model(path).eval()
@@ -176,7 +184,12 @@ def load_embeddings(path: str | Path) -> tuple[torch.Tensor, list[str]]:
 @torch.no_grad()
 def run(cfg: EmbedConfig) -> dict[str, Any]:
     """Embed every image; returns a summary (output file, image count, feature width)."""
+    from mae.files import check_new_file
     from mae.recipes.common import resolve_device
+
+    check_new_file(cfg.out, cfg.overwrite)
+    if Path(cfg.out).suffix == ".npy":
+        check_new_file(paths_file(cfg.out), cfg.overwrite)
     from mae.train.logging import progress
     from mae.train.precision import autocast_context, resolve_precision
 

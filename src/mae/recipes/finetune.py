@@ -72,13 +72,11 @@ class FinetuneAugment:
     mixup_switch_prob: float = field(default=0.5, metadata={"help": "probability of cutmix instead of mixup"})
     smoothing: float = field(default=0.1, metadata={"help": "label smoothing"})
 
+    RANGES: ClassVar[dict[str, str]] = {"scale": "(0, 1]", "hflip": "[0, 1]", "reprob": "[0, 1]", "mixup": ">= 0",
+                                        "cutmix": ">= 0", "mixup_prob": "[0, 1]", "mixup_switch_prob": "[0, 1]",
+                                        "smoothing": "[0, 1)"}
+
     def validate(self) -> None:
-        for name in ("hflip", "reprob", "mixup_prob", "mixup_switch_prob"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"aug.{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.mixup < 0 or self.cutmix < 0 or not 0.0 <= self.smoothing < 1.0:
-            raise ConfigError(f"aug.mixup and aug.cutmix must be >= 0 and aug.smoothing in [0, 1), got "
-                              f"{self.mixup}, {self.cutmix}, {self.smoothing}")
         if not 0 < self.scale[0] <= self.scale[1] <= 1:
             raise ConfigError(f"aug.scale must be (min, max) with 0 < min <= max <= 1, got {list(self.scale)}")
 
@@ -99,13 +97,9 @@ class FinetuneOptim:
     warmup_epochs: float = field(default=5.0, metadata={"help": "linear warm-up (per iteration) from 0"})
     clip_grad: float | None = field(default=None, metadata={"help": "max gradient norm (paper: none)"})
 
-    def validate(self) -> None:
-        if self.base_lr <= 0 or (self.lr is not None and self.lr <= 0):
-            raise ConfigError(f"learning rate must be positive, got base_lr={self.base_lr}, lr={self.lr}")
-        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
-            raise ConfigError(f"optim.layer_decay must be in (0, 1] (or null), got {self.layer_decay}")
-        if self.warmup_epochs < 0 or self.weight_decay < 0 or self.min_lr < 0:
-            raise ConfigError("optim.warmup_epochs, optim.weight_decay and optim.min_lr must be >= 0")
+    RANGES: ClassVar[dict[str, str]] = {"base_lr": "> 0", "lr": "> 0", "min_lr": ">= 0", "weight_decay": ">= 0",
+                                        "layer_decay": "(0, 1]", "betas": "[0, 1)", "warmup_epochs": ">= 0",
+                                        "clip_grad": "> 0"}
 
 
 @dataclass
@@ -133,6 +127,7 @@ class FinetuneConfig(TrainFields):
         "help": "export the best model at the end: timm (model_timm.safetensors) and/or hf (class-token pooling)"})
 
     RESUME_FREE: ClassVar[tuple[str, ...]] = (*TrainFields.RESUME_FREE, "eval_batch_size", "export")
+    RANGES: ClassVar[dict[str, str]] = {"ema_decay": "[0, 1)"}
 
     def validate(self) -> None:
         super().validate()
@@ -147,8 +142,6 @@ class FinetuneConfig(TrainFields):
         if self.aug.mixes and self.batch_size % 2:
             raise ConfigError(f"mixup / cutmix mix each batch with its flipped self and need an even batch_size, "
                               f"got {self.batch_size}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.ema and self.distributed.strategy == "fsdp":
             raise ConfigError("ema=true keeps a whole copy of the model on every process, which distributed.strategy="
                               "fsdp exists to avoid; set ema=false or use distributed.strategy=ddp")

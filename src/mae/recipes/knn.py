@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as tdist
@@ -33,6 +33,7 @@ from mae.recipes.classify_common import (
     extract_features,
     labelled_dataset,
     load_encoder_source,
+    skipped_count,
     square_side,
     topk_counts,
 )
@@ -79,13 +80,13 @@ class KnnConfig(RunFields):
     temperature: float = field(default=0.07, metadata={"help": "vote weight exp(cosine similarity / temperature)"})
     batch_size: int = field(default=256, metadata={"help": "images per forward pass"})
 
+    RANGES: ClassVar[dict[str, str]] = {"temperature": "> 0"}
+
     def validate(self) -> None:
         super().validate()
         check_init(self.init, self.checkpoint, self.model.name)
         if self.k < 1 or self.batch_size < 1:
             raise ConfigError(f"k and batch_size must be at least 1, got k={self.k}, batch_size={self.batch_size}")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature must be positive, got {self.temperature}")
 
 
 # ---------------------------------------------------------------------------------------------------- the classifier
@@ -230,14 +231,19 @@ def _run(cfg: KnnConfig, dist: DistInfo) -> dict[str, Any]:
     model, _ = build_from_source(source, head_init_std=0.0, img_size=cfg.model.img_size, num_classes=0,
                                  global_pool=cfg.model.global_pool, fc_norm=False, drop_path_rate=0.0)
     model.to(device).eval()
+    k_used = min(cfg.k, len(train_set))  # what `knn_scores` clamps k to: every training image votes
+    if k_used < cfg.k and dist.is_main:
+        log.warning("k=%d is larger than the training set (%d images): all %d vote, so k=%d is used", cfg.k,
+                    len(train_set), len(train_set), k_used)
     result = knn_evaluate(encoder_features(model), eval_loader(train_set, cfg.batch_size, cfg.data.num_workers, dist),
                           eval_loader(val_set, cfg.batch_size, cfg.data.num_workers, dist), len(classes), device,
                           cfg.k, cfg.temperature, precision)
     seconds = time.perf_counter() - t0
     many = len(classes) > 5  # top-5 of 5 classes or fewer is always 100%: not shown
     summary = {"output_dir": str(out), "top1": result["knn_top1"], **({"top5": result["knn_top5"]} if many else {}),
-               "best_top1": result["knn_top1"], "k": cfg.k, "temperature": cfg.temperature,
-               "train_images": len(train_set), "val_images": result["knn_images"], "seconds": seconds}
+               "best_top1": result["knn_top1"], "k": cfg.k, "k_used": k_used, "temperature": cfg.temperature,
+               "train_images": len(train_set), "val_images": result["knn_images"],
+               "skipped_files": skipped_count(train_set, val_set), "seconds": seconds}
     if dist.is_main:
         save_config(cfg, out / "config.yaml")
         with MetricsLogger(out, tensorboard=False) as logger:

@@ -59,11 +59,11 @@ class LinprobeAugment:
     scale: tuple[float, float] = field(default=(0.08, 1.0), metadata={"help": "RandomResizedCrop area range"})
     hflip: float = field(default=0.5, metadata={"help": "horizontal flip probability (0 for digits and text)"})
 
+    RANGES: ClassVar[dict[str, str]] = {"scale": "(0, 1]", "hflip": "[0, 1]"}
+
     def validate(self) -> None:
         if self.augment not in PROBE_AUGMENTATIONS:
             raise ConfigError(f"aug.augment '{self.augment}' is not one of {', '.join(PROBE_AUGMENTATIONS)}")
-        if not 0.0 <= self.hflip <= 1.0:
-            raise ConfigError(f"aug.hflip must be in [0, 1], got {self.hflip}")
         if not 0 < self.scale[0] <= self.scale[1] <= 1:
             raise ConfigError(f"aug.scale must be (min, max) with 0 < min <= max <= 1, got {list(self.scale)}")
 
@@ -78,13 +78,12 @@ class LinprobeOptim:
     momentum: float = 0.9
     warmup_epochs: float = field(default=10.0, metadata={"help": "linear warm-up (per iteration) from 0"})
 
+    RANGES: ClassVar[dict[str, str]] = {"base_lr": "> 0", "lr": "> 0", "min_lr": ">= 0", "weight_decay": ">= 0",
+                                        "momentum": "[0, 1)", "warmup_epochs": ">= 0"}
+
     def validate(self) -> None:
         if self.name not in ("lars", "sgd"):
             raise ConfigError(f"optim.name '{self.name}' is not one of lars, sgd")
-        if self.base_lr <= 0 or (self.lr is not None and self.lr <= 0):
-            raise ConfigError(f"learning rate must be positive, got base_lr={self.base_lr}, lr={self.lr}")
-        if self.warmup_epochs < 0 or self.weight_decay < 0 or self.min_lr < 0:
-            raise ConfigError("optim.warmup_epochs, optim.weight_decay and optim.min_lr must be >= 0")
 
 
 def _probe_model() -> ClassifierSection:

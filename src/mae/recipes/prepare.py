@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from mae.data.shard_writer import write_shards
 from mae.data.shards import INDEX_NAME
@@ -38,14 +39,17 @@ class PrepareConfig:
     seed: int = field(default=0, metadata={"help": "seed of that shuffle"})
     workers: int = field(default=0, metadata={"help": "processes that decode and re-encode (0: this process)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "write into a dst that holds files mae prepare did not write (e.g. another shard set): files of the "
+                "same names are replaced, no other file is touched; without it such a dst is refused"})
+
+    RANGES: ClassVar[dict[str, str]] = {"shard_mb": "> 0"}
 
     def validate(self) -> None:
         from mae.errors import ConfigError
 
         if self.shard_size < 1:
             raise ConfigError(f"shard_size must be at least 1, got {self.shard_size}")
-        if self.shard_mb is not None and self.shard_mb <= 0:
-            raise ConfigError(f"shard_mb must be positive or null, got {self.shard_mb}")
         if self.short_side is not None and self.short_side < 1:
             raise ConfigError(f"short_side must be at least 1 px or null, got {self.short_side}")
         if not 1 <= self.quality <= 100:
@@ -58,7 +62,7 @@ def run(cfg: PrepareConfig) -> dict:
     """Write the shards and index of `cfg.src` into `cfg.dst`; returns a summary (counts, skipped files, index)."""
     index = write_shards(cfg.src, cfg.dst, shard_size=cfg.shard_size, shard_mb=cfg.shard_mb,
                          short_side=cfg.short_side, quality=cfg.quality, shuffle=cfg.shuffle, seed=cfg.seed,
-                         workers=cfg.workers, progress=cfg.progress)
+                         workers=cfg.workers, progress=cfg.progress, overwrite=cfg.overwrite)
     summary: dict = {"index": str(Path(cfg.dst).expanduser() / INDEX_NAME)}
     for name, entry in index["splits"].items():
         summary[f"{name}_samples"] = entry["samples"]

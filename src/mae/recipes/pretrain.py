@@ -22,6 +22,7 @@ from mae.data import (
     build_transform,
     default_mean_std,
     memoize_if_fixed,
+    passed_over_files,
     set_epoch,
     skipped_files,
 )
@@ -58,6 +59,8 @@ class PretrainData:
     train_limit: int | None = field(default=None, metadata={
         "help": "use a fixed random subset of N images (quick trials)"})
 
+    RANGES: ClassVar[dict[str, str]] = {"mean": "any", "std": "> 0"}
+
     def validate(self) -> None:
         if self.train_limit is not None and self.train_limit < 1:
             raise ConfigError(f"data.train_limit must be at least 1, got {self.train_limit}")
@@ -84,11 +87,8 @@ class PretrainOptim:
     warmup_epochs: float = 40.0
     clip_grad: float | None = field(default=None, metadata={"help": "max gradient norm (paper: none)"})
 
-    def validate(self) -> None:
-        if self.base_lr <= 0 or (self.lr is not None and self.lr <= 0):
-            raise ConfigError(f"learning rate must be positive, got base_lr={self.base_lr}, lr={self.lr}")
-        if self.warmup_epochs < 0 or self.weight_decay < 0:
-            raise ConfigError("optim.warmup_epochs and optim.weight_decay must be >= 0")
+    RANGES: ClassVar[dict[str, str]] = {"base_lr": "> 0", "lr": "> 0", "min_lr": ">= 0", "weight_decay": ">= 0",
+                                        "betas": "[0, 1)", "warmup_epochs": ">= 0", "clip_grad": "> 0"}
 
 
 @dataclass
@@ -266,7 +266,7 @@ def _train(cfg: PretrainConfig, run: Run) -> dict:
                "first_epoch_loss": history[0]["epoch_loss"] if history else None,
                "last_epoch_loss": history[-1]["epoch_loss"] if history else None,
                "train_seconds": result.train_seconds, "skipped_steps": result.skipped_updates,
-               "skipped_files": len(skipped)}
+               "skipped_files": len(set(skipped) | set(passed_over_files(dataset)))}  # unreadable + passed over
     weights = full_state_dict(model) if is_sharded(run) else None  # fsdp: gathered on rank 0 (every rank calls)
     if dist.is_main:
         from mae.interop.native import save_state_dict

@@ -88,6 +88,8 @@ class SegmentData:
     val_limit: int | None = field(default=None, metadata={"help": "score only the first N val images"})
     synthetic: SyntheticSection = field(default_factory=SyntheticSection)
 
+    RANGES: ClassVar[dict[str, str]] = {"ratio_range": "> 0", "hflip": "[0, 1]"}
+
     def validate(self) -> None:
         if self.num_classes < 2:
             raise ConfigError(f"data.num_classes must be at least 2, got {self.num_classes}")
@@ -99,8 +101,6 @@ class SegmentData:
             raise ConfigError("data.crop_size, data.scale and data.eval_scale must be at least 32")
         if not 0 < self.ratio_range[0] <= self.ratio_range[1]:
             raise ConfigError(f"data.ratio_range must be increasing and positive, got {list(self.ratio_range)}")
-        if not 0.0 <= self.hflip <= 1.0:
-            raise ConfigError(f"data.hflip must be in [0, 1], got {self.hflip}")
 
 
 @dataclass
@@ -115,11 +115,14 @@ class SegmentHead:
     dropout: float = 0.1
     norm: str = field(default="bn", metadata={"help": "bn | gn (GroupNorm for batches of 1 image)"})
 
+    RANGES: ClassVar[dict[str, str]] = {"aux_weight": ">= 0", "dropout": "[0, 1)"}
+
     def validate(self) -> None:
         if self.norm not in NORMS:
             raise ConfigError(f"head.norm '{self.norm}' is not one of {', '.join(NORMS)}")
-        if (self.channels is not None and self.channels < 1) or self.aux_channels < 0 or self.aux_weight < 0 or not 0 <= self.dropout < 1:
-            raise ConfigError("head: channels >= 1, aux_channels >= 0, aux_weight >= 0 and dropout in [0, 1)")
+        if (self.channels is not None and self.channels < 1) or self.aux_channels < 0:
+            raise ConfigError(f"head.channels must be >= 1 (or null) and head.aux_channels >= 0, got "
+                              f"{self.channels}, {self.aux_channels}")
 
 
 @dataclass
@@ -168,13 +171,13 @@ class SegmentOptim(TransferOptim):
     warmup_iters: int = field(default=1500, metadata={"help": "poly: warm-up length in optimizer steps (BEiT: 1500)"})
     power: float = field(default=1.0, metadata={"help": "poly: exponent of the decay (BEiT: 1.0)"})
 
+    RANGES: ClassVar[dict[str, str]] = {"power": "> 0"}
+
     def validate(self) -> None:
-        super().validate()
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"optim.schedule '{self.schedule}' is not one of {', '.join(SCHEDULES)}")
-        if self.warmup_iters < 0 or self.power <= 0:
-            raise ConfigError(f"optim.warmup_iters must be >= 0 and optim.power > 0, got {self.warmup_iters}, "
-                              f"{self.power}")
+        if self.warmup_iters < 0:
+            raise ConfigError(f"optim.warmup_iters must be >= 0, got {self.warmup_iters}")
 
 
 def _default_optim() -> SegmentOptim:

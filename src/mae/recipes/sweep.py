@@ -5,7 +5,8 @@ The grids reproduce, at CPU scale, the directions of paper Table 1 and Figures 5
 run writes ``summary.json`` in its own directory; a stage whose summary exists is not run again, so an interrupted
 sweep resumes where it stopped. Identical pre-training configs (the default appears in most grids) run once.
 The results table of an output directory accumulates: a call that runs some rows (or another seed) replaces those
-rows and keeps the rest, so a study can be run in pieces.
+rows and keeps the rest, so a study can be run in pieces. An output directory holding files that no sweep wrote is
+refused unless ``overwrite`` (then it is written into; nothing of the user's is deleted).
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import hashlib
 import io
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mae.config import load_config
 from mae.errors import ConfigError, MAEError
-from mae.files import atomic_write_path, write_json, write_text
+from mae.files import atomic_write_path, check_output_folder, write_json, write_text
 
 log = logging.getLogger("mae")
 
@@ -84,6 +86,9 @@ class SweepConfig:
     partial_config: str = "finetune/partial_mnist"
     device: str = "auto"
     output_dir: str = "runs/sweep"
+    overwrite: bool = field(default=False, metadata={
+        "help": "write into an output_dir that holds files mae sweep did not write: files of the same names (e.g. "
+                "results.csv) are replaced, no other file is touched; without it such a folder is refused"})
 
     def grid_names(self) -> list[str]:
         grids = [self.grids] if isinstance(self.grids, str) else list(self.grids)
@@ -144,9 +149,24 @@ def _top1(summary: dict) -> float | None:
     return None
 
 
+def _written_by_sweep(out: Path) -> bool:
+    """A folder of an earlier sweep (which this one continues): its results table, or, for a sweep stopped in its
+    first row, only pre-training folders named by `_key`."""
+    try:
+        with open(out / "results.csv", newline="") as f:
+            if next(csv.reader(f), [])[:4] == ["grid", "axis", "row", "seed"]:
+                return True
+    except (OSError, UnicodeDecodeError, csv.Error):
+        pass
+    runs = sorted(p.name for p in (out / "pretrain").glob("*")) if (out / "pretrain").is_dir() else []
+    entries = sorted(p.name for p in out.iterdir())
+    return bool(runs) and entries == ["pretrain"] and all(re.fullmatch(r"[0-9a-f]{10}", name) for name in runs)
+
+
 def run(cfg: SweepConfig) -> dict:
     """Run the grids; returns the paths of the results table and plots."""
     out = Path(cfg.output_dir)
+    check_output_folder(out, "sweep", cfg.overwrite, own=_written_by_sweep)
     out.mkdir(parents=True, exist_ok=True)
     earlier = _read_table(out)
     rows: list[dict] = []

@@ -23,6 +23,7 @@ import re
 import shutil
 import warnings
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -31,8 +32,9 @@ import torch
 from mae.errors import CheckpointError, TrainingError
 from mae.files import atomic_write, fsync_dir, is_stale_temporary
 
-__all__ = ["SCHEMA_VERSION", "CheckpointManager", "atomic_save", "load_model_state", "load_training_state", "position_of",
-           "safe_load", "state_digest", "upgrade_state", "verify_state"]
+__all__ = ["SCHEMA_VERSION", "CheckpointManager", "atomic_save", "load_model_state", "load_training_state",
+           "nonfinite_keys", "position_of", "refuse_nonfinite", "safe_load", "state_digest", "upgrade_state",
+           "verify_state"]
 
 _log = logging.getLogger(__name__)
 
@@ -84,8 +86,16 @@ _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
 def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a ``.pth``/``.pt`` (weights only) or ``.safetensors`` file without executing anything from it."""
+    """Load a ``.pth``/``.pt`` (weights only) or ``.safetensors`` file without executing anything from it; a file
+    holding NaN or inf is refused (`refuse_nonfinite`)."""
     path = Path(path)
+    obj = _load_any(path, map_location)
+    refuse_nonfinite(obj, path)
+    return obj
+
+
+def _load_any(path: Path, map_location: str | torch.device, mmap: bool = False) -> dict[str, Any]:
+    """What `safe_load` reads, before its finiteness check; ``mmap`` maps a ``.pth`` instead of reading it (`peek`)."""
     if path.is_dir() and _is_dcp(path):  # a sharded run's checkpoint: its schema keys and the whole model
         from mae.train.dcp import read_state
 
@@ -97,7 +107,7 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> dic
         return _load_safetensors(path, map_location)
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
-            obj = torch.load(path, map_location=map_location, weights_only=True)
+            obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         match = _GLOBAL.search(str(e))
         if match:
@@ -124,6 +134,12 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> dic
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint '{path}' holds a {type(obj).__name__}, expected a dict (a state dict)")
     return obj
+
+
+def peek(path: str | Path) -> dict[str, Any]:
+    """A ``.pth`` checkpoint memory-mapped, without the finiteness check: what the file says about itself (format,
+    kind, configs) at the cost of reading its header. Nothing from the file is executed, as in `safe_load`."""
+    return _load_any(Path(path), "cpu", mmap=True)
 
 
 def _load_safetensors(path: Path, map_location: str | torch.device) -> dict[str, Any]:
@@ -397,18 +413,35 @@ def load_training_state(path: str | Path, map_location: str | torch.device = "cp
     return upgrade_state(state)
 
 
-def _first_nonfinite(obj: Any, prefix: str = "") -> str | None:
-    """The dotted key of the first floating-point tensor in `obj` (nested dicts / lists) with a NaN or inf."""
+def nonfinite_keys(obj: Any, prefix: str = "") -> Iterator[str]:
+    """The dotted keys of the floating-point tensors in `obj` (nested dicts / lists, in their order) with a NaN or
+    inf."""
     if isinstance(obj, torch.Tensor):
         if obj.is_floating_point() and not bool(torch.isfinite(obj).all()):
-            return prefix or "<tensor>"
-        return None
+            yield prefix or "<tensor>"
+        return
     items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
     for key, value in items:
-        found = _first_nonfinite(value, f"{prefix}.{key}" if prefix else str(key))
-        if found is not None:
-            return found
-    return None
+        yield from nonfinite_keys(value, f"{prefix}.{key}" if prefix else str(key))
+
+
+def _first_nonfinite(obj: Any, prefix: str = "") -> str | None:
+    """The dotted key of the first floating-point tensor in `obj` (nested dicts / lists) with a NaN or inf."""
+    return next(nonfinite_keys(obj, prefix), None)
+
+
+def refuse_nonfinite(obj: dict[str, Any], path: str | Path) -> None:
+    """Raise CheckpointError when a checkpoint read from `path` holds NaN or inf, naming the first such tensor: the
+    weights' (``model`` / ``state_dict`` / the top level) by key in state-dict order, then the rest of the state's (an
+    EMA copy, optimizer moments) by dotted path. Every reader of weights goes through here (`safe_load`,
+    `mae.interop.native.read_safetensors`), so no command runs on weights of a diverged run."""
+    weights = next((obj[k] for k in ("model", "state_dict") if isinstance(obj.get(k), dict)), obj)
+    rest = {k: v for k, v in obj.items() if v is not weights} if weights is not obj else {}
+    bad = [*nonfinite_keys(weights), *nonfinite_keys(rest)]
+    if bad:
+        count = "its only non-finite tensor" if len(bad) == 1 else f"the first of {len(bad)} non-finite tensors"
+        raise CheckpointError(f"checkpoint '{path}' holds NaN/inf in '{bad[0]}' ({count}): the run that wrote it "
+                              f"diverged; use an earlier checkpoint")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -367,7 +367,10 @@ def dcp_to_file(src: str | Path, dst: str | Path) -> Path:
         plain = Path(tmp) / "state.pt"
         with _one_process():
             dcp_to_torch_save(str(src), str(plain))
-        tensors = safe_load(plain)
+        try:
+            tensors = safe_load(plain)
+        except CheckpointError as e:  # e.g. NaN weights: name the checkpoint, not the temporary file
+            raise CheckpointError(str(e).replace(str(plain), str(src))) from None
     engine = {**meta["engine"], "optimizer": _optimizer_by_index(tensors["optimizer"], src)}
     state = {**{k: v for k, v in meta.items() if k not in ("dcp", "integrity")}, "model": tensors["model"],
              "engine": engine, **{k: tensors[k] for k in meta["dcp"]["states"] if k not in _STATES}}
@@ -376,9 +379,10 @@ def dcp_to_file(src: str | Path, dst: str | Path) -> Path:
     return atomic_save(state, dst)
 
 
-def file_to_dcp(src: str | Path, dst: str | Path) -> Path:
+def file_to_dcp(src: str | Path, dst: str | Path, overwrite: bool = False) -> Path:
     """A single-file training checkpoint as a DCP directory that a sharded run resumes from (any number of
-    processes); written into a temporary directory and renamed into place. Runs in one process."""
+    processes); written into a temporary directory and renamed into place. With `overwrite`, an earlier DCP
+    checkpoint (or an empty folder) at `dst` is replaced whole; nothing else is. Runs in one process."""
     import torch.distributed.checkpoint as dcp
 
     from mae.train.checkpoint import atomic_save, load_training_state, state_digest
@@ -386,10 +390,15 @@ def file_to_dcp(src: str | Path, dst: str | Path) -> Path:
     src, dst = Path(src), Path(dst)
     state = load_training_state(src)
     if "engine" not in state or "model" not in state or "train_state" not in state:
-        raise CheckpointError(f"'{src}' is not a training checkpoint (no model, engine or train_state); a DCP "
-                              f"checkpoint resumes a run, so convert the run's checkpoint-last.pth")
-    if dst.exists():
-        raise CheckpointError(f"'{dst}' exists; choose a new directory for the DCP checkpoint")
+        from mae.train.checkpoint_kinds import kind_of_state
+
+        kind = kind_of_state(state)
+        what = kind.what(src) if kind is not None and kind.format is None else (
+            f"'{src}' is not a training checkpoint (no model, engine or train_state)")
+        raise CheckpointError(f"{what}; a DCP checkpoint resumes a run, so convert the run's checkpoint-last.pth")
+    if dst.exists() and not (overwrite and (is_dcp_checkpoint(dst) or (dst.is_dir() and not any(dst.iterdir())))):
+        raise CheckpointError(f"'{dst}' exists; choose a new directory for the DCP checkpoint (overwrite replaces "
+                              f"only an earlier DCP checkpoint)")
     engine = dict(state["engine"])
     tensors = {"model": state["model"], "optimizer": _optimizer_by_name(engine.pop("optimizer"), src)}
     extra = {k: state[k] for k in ("model_ema",) if isinstance(state.get(k), dict)}
@@ -408,8 +417,20 @@ def file_to_dcp(src: str | Path, dst: str | Path) -> Path:
     meta["integrity"] = {"sha256": state_digest(meta)}
     atomic_save(meta, tmp / META_NAME)
     fsync_dir(tmp)
-    os.replace(tmp, dst)
+    old = None
+    if dst.exists():  # overwrite: the earlier checkpoint moves aside, the new one takes its name, then the old goes
+        old = dst.with_name(f".{dst.name}.old.tmp")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+    try:
+        os.replace(tmp, dst)
+    except OSError:
+        if old is not None:
+            os.replace(old, dst)
+        raise
     fsync_dir(dst.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return dst
 
 

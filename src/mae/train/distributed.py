@@ -51,11 +51,45 @@ def init_distributed(device: str | torch.device | None = None) -> DistInfo:
             device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
+        check_launch_environment(rank, world_size, local_rank)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        try:
+            dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        except (RuntimeError, ValueError, OSError) as e:  # DistStoreError, DistNetworkError, a refused port ...
+            first = " ".join(str(e).split())[:300]
+            raise ConfigError(
+                f"could not join the process group of {world_size} processes at "
+                f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} ({first}); start every process with "
+                f"the same torchrun command, or unset {' '.join(_LAUNCH_VARS)} to run as one process"
+            ) from e
     if dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device, is_main=rank == 0)
+
+
+# what torchrun (or srun + a launcher) sets for each process; a few of them left in a shell make a stray environment
+_LAUNCH_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def check_launch_environment(rank: int, world_size: int, local_rank: int) -> None:
+    """A one-line `ConfigError` for a partial or stray launch environment (e.g. ``WORLD_SIZE=2`` left in a shell
+    without ``MASTER_ADDR``), before torch.distributed meets it with a traceback or waits for processes that never
+    come."""
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if "RANK" not in os.environ:
+        missing.insert(0, "RANK")
+    if missing:
+        raise ConfigError(
+            f"WORLD_SIZE={world_size} asks for {world_size} processes but {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not set: this is a partial launch environment (a variable left "
+            f"in the shell?); launch with torchrun, or unset {' '.join(_LAUNCH_VARS)} to run as one process"
+        )
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"RANK={rank} is outside 0..{world_size - 1} (WORLD_SIZE={world_size}); launch with "
+                          f"torchrun, or unset {' '.join(_LAUNCH_VARS)} to run as one process")
+    if local_rank < 0 or local_rank > rank:
+        raise ConfigError(f"LOCAL_RANK={local_rank} does not fit RANK={rank}: a process's rank on its node is at "
+                          f"least 0 and at most its global rank; launch with torchrun")
 
 
 def _env_int(name: str, default: int) -> int:

@@ -5,9 +5,12 @@ Library code never prints: progress goes through tqdm (on stderr), messages thro
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import math
+import os
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -51,7 +54,8 @@ class MetricsLogger:
             return
         try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+            # unbuffered: a line that could not be written is not kept in a buffer to fail again at close()
+            self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 (closed in close())
         except OSError as e:
             raise OutputError(f"could not write '{self.path}': {reason_of(e)}; {fix_for(e)}") from e
         if tensorboard:
@@ -61,7 +65,12 @@ class MetricsLogger:
                 _log.debug("tensorboard is not installed; logging to %s only", self.path)
             else:
                 # purge_step: a resumed run drops the events logged after its checkpoint (they are redone)
-                self._writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"), purge_step=purge_step)
+                board = self.output_dir / "tensorboard"
+                try:
+                    self._writer = SummaryWriter(log_dir=str(board), purge_step=purge_step)
+                except OSError as e:
+                    self.close()
+                    raise OutputError(f"could not write '{board}': {reason_of(e)}; {fix_for(e)}") from e
 
     def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         """Write one record; `step` (or ``metrics['step']``, else a running count) is the TensorBoard x-axis."""
@@ -70,10 +79,15 @@ class MetricsLogger:
         record = {k: _plain(v) for k, v in metrics.items()}
         if step is None:
             step = record.get("step") if isinstance(record.get("step"), int) else self._count
+        line = (json.dumps(record) + "\n").encode("utf-8")
+        start = self._file.tell()
         try:
-            self._file.write(json.dumps(record) + "\n")
-            self._file.flush()
+            written = self._file.write(line)
+            if written != len(line):  # a short write: the disk filled up within the line
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
         except OSError as e:
+            with contextlib.suppress(OSError):  # no half line left for the next reader
+                os.ftruncate(self._file.fileno(), start)
             raise OutputError(f"could not write '{self.path}': {reason_of(e)}; {fix_for(e)}") from e
         if self._writer is not None:
             for key, value in record.items():
@@ -83,12 +97,17 @@ class MetricsLogger:
 
     def close(self) -> None:
         """Flush and close the files (safe to call twice)."""
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            try:  # TensorBoard's events are a convenience copy of metrics.jsonl: a failed flush only warns
+                writer.close()
+            except Exception as e:  # noqa: BLE001 (its writer thread raises whatever the file system raised)
+                _log.warning("TensorBoard events in '%s' may be incomplete: %s", self.output_dir / "tensorboard",
+                             " ".join(str(e).split())[:200])
+        file, self._file = self._file, None
+        if file is not None:
+            with contextlib.suppress(OSError):
+                file.close()
 
     def __enter__(self) -> Self:
         return self

@@ -4,7 +4,9 @@
 While a run trains, `SignalStop` replaces the handlers of those signals with one that only records the signal; the
 training loop finishes the update in progress, writes a checkpoint and raises `mae.errors.Interrupted`, which the
 CLI turns into exit code 128 + the signal number (143 for SIGTERM, 138 for SIGUSR1, 130 for SIGINT). A second
-SIGINT interrupts at once, as Ctrl-C usually does. The previous handlers come back when the run ends.
+SIGINT interrupts at once, as Ctrl-C usually does: a KeyboardInterrupt (exit 130), also when it lands inside a
+library that reports it as an error of its own (torch's zip writer turns it into a RuntimeError, and the atomic
+writer that into a failed write). The previous handlers come back when the run ends.
 """
 
 from __future__ import annotations
@@ -32,10 +34,12 @@ class SignalStop:
 
     def __init__(self) -> None:
         self.requested: int | None = None
+        self.forced = False  # a second Ctrl-C came: the run stops at once
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGINT and self.requested is not None:
+            self.forced = True
             raise KeyboardInterrupt  # the second Ctrl-C: stop now
         if self.requested is None:
             _log.warning("received %s: finishing the current update, then saving a checkpoint and stopping",
@@ -48,7 +52,10 @@ class SignalStop:
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+        if self.forced and exc is not None and not isinstance(exc, KeyboardInterrupt):
+            # the second Ctrl-C, raised inside a write that reported it as its own failure: it is still Ctrl-C
+            raise KeyboardInterrupt from exc

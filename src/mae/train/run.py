@@ -91,6 +91,8 @@ class TrainFields(RunFields):
     distributed: DistributedSection = field(default_factory=DistributedSection, metadata={
         "help": "ddp or fsdp (sharded parameters, gradients and optimizer state; DCP checkpoints): docs/scale.md"})
 
+    RANGES: ClassVar[dict[str, str]] = {"save_every_minutes": ">= 0"}
+    """Valid values of the number fields (`mae.config.Range`), checked when the config is loaded."""
     RESUME_FREE: ClassVar[tuple[str, ...]] = (
         "output_dir", "precision", "device", "progress", "save_every", "save_every_steps", "save_every_minutes",
         "keep_last", "log_every", "resume", "overwrite", "allow_config_change", "max_nonfinite", "compile",
@@ -150,6 +152,7 @@ def start_run(cfg: TrainFields, dist: DistInfo, kind: str) -> Iterator[Run]:
     """Resolve device and precision, claim the output directory (refuse a previous run unless resuming or
     ``overwrite``; take the lock) and load the checkpoint to resume from; release the lock on exit."""
     from mae.train.checkpoint import CheckpointManager, load_training_state
+    from mae.train.checkpoint_kinds import check_resume, recipe_command
     from mae.train.dcp import is_dcp_checkpoint
     from mae.train.precision import resolve_precision
     from mae.train.rng import seed_everything
@@ -193,6 +196,8 @@ def start_run(cfg: TrainFields, dist: DistInfo, kind: str) -> Iterator[Run]:
                 path, state = found
             else:
                 state = load_training_state(path)
+        if state is not None:  # another kind of checkpoint: named, with the command that takes it
+            check_resume(path, recipe_command(cfg) if kind == "classify" else kind, state)
         if state is not None and state.get("format") != FORMATS[kind]:
             raise ConfigError(f"'{path}' is not a training checkpoint of a {kind} run (its format is "
                               f"{state.get('format')!r}); resume from the run's own checkpoint-last.pth (or "

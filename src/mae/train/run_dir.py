@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mae.errors import CheckpointError, ConfigError
-from mae.files import pid_alive, write_json
+from mae.errors import CheckpointError, ConfigError, OutputError
+from mae.files import fix_for, pid_alive, reason_of, write_json
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -116,8 +116,12 @@ class RunLock:
                       previous["pid"])
         info = {"pid": os.getpid(), "host": socket.gethostname(), "command": command or " ".join(sys.argv[:2]),
                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        except OSError as e:  # a full disk or quota: the lock is held, but the run could not write its first byte
+            os.close(fd)
+            raise OutputError(f"could not write '{path}': {reason_of(e)}; {fix_for(e)}") from e
         return cls(directory, fd)
 
     def release(self) -> None:

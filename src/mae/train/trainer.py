@@ -341,7 +341,7 @@ class Trainer:
                 while epoch < cfg.epochs:
                     self._run_epoch(epoch, batch, partial, epoch_times)
                     epoch, batch, partial = epoch + 1, 0, None
-        except Interrupted:
+        except (Interrupted, KeyboardInterrupt):  # a checkpoint then a signal, or a second Ctrl-C (no checkpoint)
             if run.dist.is_main:
                 write_status(run.out, status="interrupted")
             raise
@@ -454,14 +454,21 @@ class Trainer:
 
     def finish(self, summary: dict[str, Any], result_file: str | None) -> dict[str, Any]:
         """Write ``summary.json`` and mark the run finished with `result_file` as its result (rank 0); under fsdp
-        ``checkpoint-best.pth`` means the ``checkpoint-best`` DCP directory."""
+        ``checkpoint-best.pth`` means the ``checkpoint-best`` DCP directory. Updates skipped for a non-finite loss
+        (fewer in a row than ``max_nonfinite``, so the run went on) end the run with one warning naming their epochs."""
         if self.sharded is not None and result_file == self.manager.best_path.name:
             result_file = self.sharded.best_path.name
         if self.run.dist.is_main:
             from mae.files import write_json
 
-            summary = {**summary, "skipped_epochs": self.skipped_epochs, "best": dict(self.best_state)}
+            summary = {"skipped_steps": self.engine.skipped_total, **summary, "skipped_epochs": self.skipped_epochs,
+                       "best": dict(self.best_state)}
             write_json(self.run.out / "summary.json", summary)
             write_status(self.run.out, status="finished", result=result_file, step=self.engine.step)
+            if self.engine.skipped_total:
+                epochs = ", ".join(str(e + 1) for e in self.skipped_epochs)  # counted from 1, as the epoch lines
+                where = f" (epoch{'s' if len(self.skipped_epochs) > 1 else ''} {epochs})" if epochs else ""
+                _log.warning("%d update(s) were skipped for a non-finite loss%s; see summary.json",
+                             self.engine.skipped_total, where)
         return summary
 

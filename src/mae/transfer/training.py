@@ -58,13 +58,13 @@ class BackboneSection:
     rel_pos_bias: bool = field(default=False, metadata={"help": "relative position bias, zero at start (paper A.4)"})
     drop_path: float = field(default=0.1, metadata={"help": "stochastic depth rate of the last block"})
 
+    RANGES: ClassVar[dict[str, str]] = {"drop_path": "[0, 1)"}
+
     def validate(self) -> None:
         if self.init not in INITS:
             raise ConfigError(f"backbone.init '{self.init}' is not one of {', '.join(INITS)}")
         if self.pyramid not in PYRAMIDS:
             raise ConfigError(f"backbone.pyramid '{self.pyramid}' is not one of {', '.join(PYRAMIDS)}")
-        if not 0.0 <= self.drop_path < 1.0:
-            raise ConfigError(f"backbone.drop_path must be in [0, 1), got {self.drop_path}")
 
     def pyramid_kwargs(self) -> dict[str, Any]:
         """`ViTPyramid` arguments beyond the architecture and the fields above (the segmentation section adds its
@@ -107,13 +107,8 @@ class TransferOptim:
     warmup_epochs: float = field(default=1.0, metadata={"help": "linear warm-up length in epochs (fractions ok)"})
     clip_grad: float | None = field(default=None, metadata={"help": "max gradient norm (null: no clipping)"})
 
-    def validate(self) -> None:
-        if self.lr <= 0 or self.min_lr < 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
-            raise ConfigError(f"optim: lr must be > 0 and min_lr, weight_decay, warmup_epochs >= 0, got lr={self.lr}, "
-                              f"min_lr={self.min_lr}, weight_decay={self.weight_decay}, "
-                              f"warmup_epochs={self.warmup_epochs}")
-        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
-            raise ConfigError(f"optim.layer_decay must be in (0, 1] or null, got {self.layer_decay}")
+    RANGES: ClassVar[dict[str, str]] = {"lr": "> 0", "min_lr": ">= 0", "weight_decay": ">= 0", "layer_decay": "(0, 1]",
+                                        "betas": "[0, 1)", "warmup_epochs": ">= 0", "clip_grad": "> 0"}
 
 
 @dataclass
@@ -268,7 +263,11 @@ def load_task_checkpoint(weights: str | Path, fmt: str) -> tuple[dict[str, Any],
     path = resolve_run(weights)
     state = safe_load(path)
     if state.get("format") != fmt or "task" not in state:
-        raise CheckpointError(f"'{path}' is not a checkpoint of a {fmt} run (format {state.get('format')!r})")
+        from mae.train.checkpoint_kinds import describe, kind_of_state
+
+        command = fmt.removeprefix("mae-")
+        raise CheckpointError(f"{describe(path, kind_of_state(state))}; mode=evaluate scores a checkpoint of a "
+                              f"`mae {command}` run (its run directory or checkpoint-best.pth)")
     return state["task"], state["model"], path
 
 

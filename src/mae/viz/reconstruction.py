@@ -11,7 +11,7 @@ import torch
 from matplotlib.figure import Figure  # a bare Figure renders with Agg and leaves pyplot's global state alone
 
 from mae.data import build_dataset, build_eval_transform, build_transform, default_mean_std
-from mae.errors import DataError
+from mae.errors import ConfigError, DataError
 from mae.models import MaskedAutoencoderViT
 
 
@@ -109,6 +109,8 @@ def _save_grid(columns: Sequence[tuple[str, torch.Tensor]], title: str, out: str
 def load_images(data: str, model: MaskedAutoencoderViT, num_images: int = 8, split: str = "val",
                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> torch.Tensor:
     """The first ``num_images`` of a dataset's split, resized and centre-cropped to the model's input."""
+    if num_images < 1:
+        raise ConfigError(f"num_images must be at least 1, got {num_images}")
     h, w = model.config.image_hw
     transform = (build_eval_transform(h, model.in_chans, crop_pct=1.0, mean=mean, std=std) if h == w
                  else build_transform("none", (h, w), model.in_chans, mean, std))  # resize, centre crop to H x W
