@@ -73,7 +73,7 @@ def _differences(written, loaded, where: str = "") -> list[str]:
             written = float(written)
         except ValueError:
             pass
-    same = written == loaded and type(written) is not bool is not type(loaded) or written is loaded
+    same = written is loaded if isinstance(written, bool) or isinstance(loaded, bool) else written == loaded
     return [] if same else [f"{where.rstrip('.')}: {written!r} in the file, {loaded!r} loaded"]
 
 

@@ -504,4 +504,7 @@ def test_tensor_decoding_of_jpegs_matches_pil_and_keeps_the_skip_rules(tmp_path)
         [strict[i] for i in range(len(strict))]
     with pytest.raises(DataError, match="decoder 'nvjpeg' is not supported"):
         PlainFolderDataset(tmp_path, decode="nvjpeg")
-    assert isinstance(build_dataset(str(tmp_path / "kinds"), decode="tensor")[0][0], (Image.Image, torch.Tensor))
+    via_spec = _by_name(build_dataset(str(tmp_path / "kinds"), decode="tensor"))  # the folder spec passes it on
+    photo = via_spec["photo.jpg"][0]
+    assert set(via_spec) == set(items) and isinstance(photo, torch.Tensor) and photo.dtype == torch.uint8
+    assert all(isinstance(image, Image.Image) for name, (image, _) in via_spec.items() if name != "photo.jpg")

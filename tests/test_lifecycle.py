@@ -466,41 +466,33 @@ def test_the_engine_reads_the_device_only_at_log_steps(monkeypatch):
 
 
 def test_a_full_disk_at_the_first_log_line_or_the_final_export_is_one_line_and_keeps_the_checkpoints(
-        tmp_path, monkeypatch, capsys):
-    """ENOSPC when metrics.jsonl is first written, or when the final model.safetensors is written: exit code 2, one
-    line naming the file, the reason and the fix; the checkpoints written before are intact and resumable."""
-    import builtins
+        tmp_path, capsys):
+    """A real full disk (a tmpfs) when the run writes its first files, or when it writes the final exports after its
+    last checkpoint: exit code 2, one line naming the file, the reason and the fix; the checkpoint written before is
+    intact and the run resumes once space is freed."""
+    from faults import PAGE, disk_usage, small_disk
 
-    real_open = builtins.open
-
-    def full_disk_for(name):
-        def opener(file, *args, **kwargs):
-            if str(file).endswith(name):
-                raise OSError(28, "No space left on device")
-            return real_open(file, *args, **kwargs)
-        return opener
-
-    monkeypatch.setattr(builtins, "open", full_disk_for("metrics.jsonl"))
-    assert main(["pretrain", *ARGS, "epochs=1", "--output-dir", str(tmp_path / "a")]) == 2
-    line = _error_line(capsys)
-    assert "metrics.jsonl" in line and "No space left on device" in line and "free some space" in line
-    monkeypatch.undo()
-
-    import safetensors.torch
-
-    def no_space(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(safetensors.torch, "save_file", no_space)
-    out = tmp_path / "b"
-    assert main(["pretrain", *ARGS, "epochs=1", "--output-dir", str(out)]) == 2
-    line = _error_line(capsys)
-    assert "model.safetensors" in line and "No space left on device" in line
-    monkeypatch.undo()
-    assert safe_load(out / "checkpoint-last.pth")["train_state"]["epoch"] == 1
-    assert json.loads((out / "run.json").read_text())["status"] != "finished"
-    assert main(["pretrain", "--output-dir", str(out), "--resume", "auto"]) == 0  # the export is redone
-    assert (out / "model.safetensors").is_file()
+    probe = tmp_path / "probe"
+    assert main(["pretrain", *ARGS, "epochs=1", "--output-dir", str(probe)]) == 0
+    capsys.readouterr()
+    exports = sum(-(-(probe / name).stat().st_size // PAGE) * PAGE for name in ("model.safetensors",))
+    with small_disk() as disk:
+        disk.fill(0)
+        assert main(["pretrain", *ARGS, "epochs=1", "--output-dir", str(disk.path / "a")]) == 2
+        line = _error_line(capsys)
+        assert "No space left on device" in line and "free some space" in line and str(disk.path / "a") in line
+    with small_disk() as disk:
+        # everything up to the checkpoint fits, the final model.safetensors does not
+        disk.fill(disk_usage(probe) - exports - 2 * PAGE)
+        out = disk.path / "b"
+        assert main(["pretrain", *ARGS, "epochs=1", "--output-dir", str(out)]) == 2
+        line = _error_line(capsys)
+        assert "No space left on device" in line and "could not write" in line, line
+        assert safe_load(out / "checkpoint-last.pth")["train_state"]["epoch"] == 1
+        disk.grow()
+        assert main(["pretrain", *ARGS, "epochs=1", "--output-dir", str(out), "resume=auto"]) == 0
+        assert json.loads((out / "run.json").read_text())["status"] == "finished"
+        assert (out / "model.safetensors").is_file()
 
 
 def test_an_output_folder_that_cannot_be_created_is_one_line(tmp_path, capsys):

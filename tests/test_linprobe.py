@@ -178,8 +178,8 @@ def test_linprobe_trains_with_the_single_draw_crop(tiny_checkpoint, tmp_path, mo
     """aug.augment=rrc gives the probe the single-draw crop (bicubic, to the model's side) and the flip, and a run
     trains through it: every training image of every epoch goes through that crop (with the configured scale), the
     head's Linear moves away from its initialisation and the training loss falls."""
-    import mae.recipes.linprobe as linprobe
     from mae.data.transforms import SingleDrawResizedCrop
+    from mae.recipes import linprobe
     from mae.recipes.linprobe import build_probe_train_transform
 
     cfg = load_config(LinprobeConfig, None, [f"checkpoint={tiny_checkpoint}", "aug.scale=[0.2,1.0]"])

@@ -282,29 +282,29 @@ def test_pretrain_cli_stops_on_divergence_with_one_line_and_keeps_the_last_good_
     assert not (tmp_path / "checkpoint-0001.pth").exists()
 
 
-def test_disk_full_during_a_run_is_a_one_line_error_and_the_previous_checkpoint_survives(tmp_path, monkeypatch,
-                                                                                         capsys):
-    """The second checkpoint of a run hits ENOSPC after writing part of the file: exit code 2, one line naming the
-    file, the reason and the fix; checkpoint-last.pth still loads as epoch 0 and no temporary file is left."""
-    real_save = torch.save
-    saves = {"n": 0}
+def test_disk_full_during_a_run_is_a_one_line_error_and_the_previous_checkpoint_survives(tmp_path, capsys):
+    """The second checkpoint of a run meets a real full disk (a tmpfs with room for one checkpoint and a half):
+    exit code 2, one line naming the file, the reason and the fix; checkpoint-last.pth still loads as the end of the
+    first epoch, no temporary file is left, and once space is freed the run resumes."""
+    from faults import PAGE, small_disk
 
-    def disk_fills_up(obj, f, *args, **kwargs):
-        saves["n"] += 1
-        if saves["n"] == 2:
-            f.write(b"PK\x03\x04" + bytes(1000))
-            raise OSError(28, "No space left on device")
-        return real_save(obj, f, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "save", disk_fills_up)
-    rc = main(["pretrain", *TINY, f"output_dir={tmp_path}"])
-    line = _one_error_line(capsys.readouterr().err)
-    assert rc == 2 and saves["n"] == 2
-    assert "could not write" in line and "checkpoint-0001.pth" in line and "No space left" in line
-    assert "No space left on device" in line and "free some space or choose another --output-dir" in line
-    monkeypatch.undo()
-    assert safe_load(tmp_path / "checkpoint-last.pth")["train_state"]["epoch"] == 1  # the end of epoch 0
-    assert not (tmp_path / "checkpoint-0001.pth").exists() and not list(tmp_path.glob(".*.tmp"))
+    probe = tmp_path / "probe"
+    assert main(["pretrain", *TINY, "epochs=1", f"output_dir={probe}"]) == 0
+    size = (probe / "checkpoint-last.pth").stat().st_size
+    capsys.readouterr()
+    with small_disk() as disk:
+        disk.fill(size + size // 2 + 16 * PAGE)  # the first checkpoint fits, the second's temporary file does not
+        out = disk.path / "run"
+        rc = main(["pretrain", *TINY, f"output_dir={out}"])
+        line = _one_error_line(capsys.readouterr().err)
+        assert rc == 2
+        assert "could not write" in line and "checkpoint-0001.pth" in line, line
+        assert "No space left on device" in line and "free some space or choose another --output-dir" in line
+        assert safe_load(out / "checkpoint-last.pth")["train_state"]["epoch"] == 1  # the end of the first epoch
+        assert not (out / "checkpoint-0001.pth").exists() and not list(out.glob(".*.tmp"))
+        disk.grow()
+        assert main(["pretrain", *TINY, f"output_dir={out}", "resume=auto"]) == 0
+        assert safe_load(out / "checkpoint-last.pth")["train_state"]["epoch"] == 2
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,10 +1,8 @@
 """Training utilities: lr schedule, parameter groups, optimizers, checkpoints, rng state, precision, logging."""
 
 import argparse
-import errno
 import json
 import math
-import os
 import random
 import warnings
 
@@ -15,7 +13,6 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from mae.errors import CheckpointError, ConfigError, OutputError
-from mae.train import checkpoint as ckpt_module
 from mae.train.checkpoint import CheckpointManager, atomic_save, safe_load
 from mae.train.distributed import all_reduce_mean, barrier, cleanup, init_distributed, is_main
 from mae.train.logging import MetricsLogger, plot_curves, progress
@@ -157,30 +154,47 @@ def test_lars_adapts_matrices_only_like_the_reference():
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("failing", ["torch.save", "os.replace"])
-def test_atomic_save_keeps_old_file_when_disk_is_full(tmp_path, monkeypatch, failing):
-    """A write that fails with ENOSPC raises OutputError, keeps the previous file and leaves no temp file."""
-    path = tmp_path / "checkpoint-last.pth"
-    atomic_save({"epoch": 1, "w": torch.ones(3)}, path)
-    before = path.read_bytes()
+@pytest.mark.parametrize("fault", ["full", "read-only"])
+def test_atomic_save_keeps_old_file_when_disk_is_full(fault):
+    """On a real full disk (torch's zip writer then raises its own RuntimeError, "unexpected pos") or a read-only
+    one, `atomic_save` raises one OutputError naming the file, the reason and the fix, keeps the previous file and
+    leaves no temporary file."""
+    from faults import small_disk
 
-    def disk_full(*args, **kwargs):
-        if failing == "torch.save":
-            args[1].write(b"partial bytes")  # something reached the temp file before the disk filled up
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    with small_disk(4 << 20) as disk:
+        path = disk.path / "checkpoint-last.pth"
+        atomic_save({"epoch": 1, "w": torch.ones(3)}, path)
+        before = path.read_bytes()
+        if fault == "full":
+            disk.fill(16 * 4096)  # the zip writer gets part of the way: its own RuntimeError, not an OSError
+        else:
+            disk.read_only()
+        with pytest.raises(OutputError) as info:
+            atomic_save({"epoch": 2, "w": torch.zeros(1 << 20)}, path)
+        message = str(info.value)
+        reason = "No space left on device" if fault == "full" else "Read-only file system"
+        assert str(path) in message and reason in message and "--output-dir" in message, message
+        assert path.read_bytes() == before
+        assert sorted(p.name for p in disk.path.iterdir() if p.name != ".filler") == ["checkpoint-last.pth"]
+        assert safe_load(path)["epoch"] == 1
 
-    if failing == "torch.save":
-        monkeypatch.setattr(torch, "save", disk_full)
-    else:
-        monkeypatch.setattr(ckpt_module.os, "replace", disk_full)
-    with pytest.raises(OutputError) as info:
-        atomic_save({"epoch": 2, "w": torch.zeros(3)}, path)
-    message = str(info.value)
-    assert str(path) in message and "No space left on device" in message and "--output-dir" in message
-    assert path.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-last.pth"]
-    monkeypatch.undo()
-    assert safe_load(path)["epoch"] == 1
+
+def test_metrics_logger_on_a_full_disk_fails_once_and_closes_cleanly():
+    """A metrics line that meets a real full disk: one OutputError, no half line left in metrics.jsonl, and close()
+    does not try (and fail) to write it again."""
+    from faults import small_disk
+
+    from mae.train.logging import MetricsLogger
+
+    with small_disk(1 << 20) as disk:
+        logger = MetricsLogger(disk.path / "run", tensorboard=False)
+        logger.log({"step": 0, "loss": 1.0})
+        disk.fill(0)
+        with pytest.raises(OutputError, match="No space left on device"):
+            logger.log({"step": 1, "loss": 0.5, "padding": "x" * 20000})
+        logger.close()
+        lines = (disk.path / "run" / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["step"] for line in lines] == [0]
 
 
 class _Payload:

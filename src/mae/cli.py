@@ -548,7 +548,7 @@ def _os_error_line(e: OSError) -> str:
     return f"{reason}:{where}; {fix_for(e)}"
 
 
-class _Terminated(BaseException):  # noqa: N818 (a signal, like KeyboardInterrupt: not an error of the command)
+class _Terminated(BaseException):  # a signal, like KeyboardInterrupt: not an error of the command
     """SIGTERM / SIGHUP outside a training loop, raised in the main thread so `finally` blocks (temporary files of
     the atomic writer, locks) run before the process exits with 128 + the signal number."""
 

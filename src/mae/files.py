@@ -57,7 +57,7 @@ def atomic_write_path(path: str | Path, write: Callable[[Path], None]) -> Path:
             write(tmp)
         except OSError:
             raise
-        except Exception as e:  # noqa: BLE001 (torch's zip writer and safetensors turn an OSError into their own)
+        except Exception as e:  # torch's zip writer and safetensors turn an OSError into their own
             cause = as_os_error(e, path)
             if cause is e:
                 raise

@@ -10,8 +10,8 @@ import errno
 import json
 import logging
 import math
-import os
 import numbers
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
