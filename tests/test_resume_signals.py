@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -64,7 +65,8 @@ def _same(a: Any, b: Any, where: str) -> None:
     elif where.endswith(("epoch_loss", "loss_sum")) and isinstance(a, float):
         assert b == pytest.approx(a, rel=1e-12), f"{where}: {a!r} != {b!r}"
     else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
+        both_nan = isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)
+        assert a == b or both_nan, f"{where}: {a!r} != {b!r}"
 
 
 def _assert_resumed_like_left_alone(full: dict, resumed: dict, parts: tuple[str, ...]) -> None:
@@ -122,21 +124,34 @@ def micro_checkpoint(tmp_path_factory) -> Path:
 
 FINETUNE = ["batch_size=16", "accum_iter=2", "data.train_limit=64", "data.val_limit=32", "data.num_workers=0",
             "progress=false", "log_every=1", "epochs=2", "optim.warmup_epochs=1", "ema=true", "ema_decay=0.9"]
-"""4 micro-batches of 16 per epoch, 2 per update: 2 updates per epoch; mixup 0.8 / cutmix 1.0 (the defaults), an
-EMA, drop path, RandAugment and random erasing all draw random numbers."""
-
-_finetune_runs: dict[str, Path] = {}
+"""4 micro-batches of 16 per epoch, 2 per update: 2 updates per epoch. Mixup 0.8 / cutmix 1.0 (drawn from numpy's
+generator), RandAugment, random erasing and drop path are on, as by default, and an EMA of the weights is kept."""
 
 
-def _finetune_left_alone(checkpoint: Path, precision: str, root: Path) -> Path:
+class _LeftAlone(dict):
+    """Runs left alone, made on first use: ``runs[key]`` is the output folder of ``make(key, folder)``."""
+
+    def __init__(self, root: Path, make) -> None:
+        super().__init__()
+        self.root, self.make = root, make
+
+    def __missing__(self, key: str) -> Path:
+        out = self.root / key
+        self.make(key, out)
+        self[key] = out
+        return out
+
+
+@pytest.fixture(scope="module")
+def finetune_left_alone(tmp_path_factory, micro_checkpoint) -> dict[str, Path]:
+    """The fine-tuning run of `FINETUNE` left alone, by precision."""
     from mae.recipes.finetune import FinetuneConfig, run
 
-    if precision not in _finetune_runs:
-        out = root / f"finetune-{precision}"
-        run(load_config(FinetuneConfig, None, [f"checkpoint={checkpoint}", *FINETUNE, f"precision={precision}",
+    def make(precision: str, out: Path) -> None:
+        run(load_config(FinetuneConfig, None, [f"checkpoint={micro_checkpoint}", *FINETUNE, f"precision={precision}",
                                                f"output_dir={out}"]))
-        _finetune_runs[precision] = out
-    return _finetune_runs[precision]
+
+    return _LeftAlone(tmp_path_factory.mktemp("finetune"), make)
 
 
 @pytest.mark.parametrize("precision, micro_batch, position", [
@@ -144,14 +159,14 @@ def _finetune_left_alone(checkpoint: Path, precision: str, root: Path) -> Path:
     ("fp32", 5, (1, 2)),  # in the first update of epoch 1: stops in the middle of an accumulating epoch
     ("bf16", 5, (1, 2)),
 ], ids=["epoch-end", "mid-epoch-accum", "mid-epoch-accum-bf16"])
-def test_finetune_stopped_and_resumed_equals_the_run_left_alone(micro_checkpoint, tmp_path_factory, tmp_path,
+def test_finetune_stopped_and_resumed_equals_the_run_left_alone(micro_checkpoint, finetune_left_alone, tmp_path,
                                                                  monkeypatch, precision, micro_batch, position):
     """A SIGTERM, the checkpoint it writes (143), ``resume=auto``: weights, AdamW state, the EMA weights, the numpy
     generator that draws mixup / cutmix, torch's and python's generators, and the history and best top-1 equal those
     of the uninterrupted run."""
     from mae.recipes.finetune import FinetuneConfig, run
 
-    full = _finetune_left_alone(micro_checkpoint, precision, tmp_path_factory.getbasetemp())
+    full = finetune_left_alone[precision]
     args = [f"checkpoint={micro_checkpoint}", *FINETUNE, f"precision={precision}"]
     _stop_then_resume(monkeypatch, run, FinetuneConfig, None, args, tmp_path / "b", micro_batch, position)
     a, b = safe_load(full / "checkpoint-last.pth"), safe_load(tmp_path / "b" / "checkpoint-last.pth")
@@ -248,8 +263,8 @@ def _wait_stopped(pid: int) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads a process's state from /proc (Linux)")
 def test_a_sigkilled_prepare_leaves_a_stale_temporary_that_the_rerun_removes_finishing_the_same_shards(tmp_path):
-    """`mae prepare` (a process of its own) is frozen (SIGSTOP) once the temporary file of its third shard exists,
-    then SIGKILLed: the temporary stays (nothing in the process can clean up), no index.json is written. The rerun
+    """`mae prepare` (a process of its own) is frozen (SIGSTOP) once the temporary file of its third (or a later)
+    shard exists, then SIGKILLed: the temporary stays (nothing in the process can clean up), no index.json is written. The rerun
     removes the dead temporary, keeps the two finished shards (not rewritten), and ends with the index and shard
     bytes of an uninterrupted run."""
     from PIL import Image
@@ -260,7 +275,7 @@ def test_a_sigkilled_prepare_leaves_a_stale_temporary_that_the_rerun_removes_fin
     src = tmp_path / "src"
     for label in ("a", "b"):
         (src / "train" / label).mkdir(parents=True)
-        for i in range(48):  # noise re-encoded to 64 px: ~10 ms a shard of 12 images in its temporary file
+        for i in range(48):  # noise, re-encoded to 64 px: 8 shards of 12 images, each a while in its temporary
             Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(src / "train" / label / f"{i}.jpg")
     settings = ["shard_size=12", "short_side=64", "progress=false"]
     clean = write_shards(src, tmp_path / "clean", shard_size=12, short_side=64, progress=False)
@@ -309,19 +324,13 @@ FSDP = "distributed.strategy=fsdp"  # DCP checkpoints, here on one process (a 1-
 
 @pytest.fixture(scope="module")
 def pretrain_left_alone(tmp_path_factory) -> dict[str, Path]:
-    """The tiny pre-training run left alone, with single-file checkpoints and with DCP ones (lazily)."""
+    """The tiny pre-training run of `PRETRAIN` left alone, with single-file checkpoints ("file") or DCP ("dcp")."""
     from mae.recipes.pretrain import PretrainConfig, run
 
-    root, runs = tmp_path_factory.mktemp("pretrain"), {}
+    def make(fmt: str, out: Path) -> None:
+        run(load_config(PretrainConfig, None, [*PRETRAIN, *([FSDP] if fmt == "dcp" else []), f"output_dir={out}"]))
 
-    class Runs(dict):
-        def __missing__(self, fmt: str) -> Path:
-            out = root / fmt
-            run(load_config(PretrainConfig, None, [*PRETRAIN, *([FSDP] if fmt == "dcp" else []), f"output_dir={out}"]))
-            self[fmt] = out
-            return out
-
-    return Runs(runs)
+    return _LeftAlone(tmp_path_factory.mktemp("pretrain"), make)
 
 
 def _tree_sha(path: Path) -> dict[str, str]:
