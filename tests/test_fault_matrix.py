@@ -241,3 +241,27 @@ def test_unmountable_is_a_skip_not_a_failure():
     """The matrix's own guard: where mounting is refused the cells skip with the reason (here it mounts)."""
     with small_disk(1 << 20) as disk:
         assert subprocess.run(["mountpoint", "-q", str(disk.path)], check=False).returncode == 0
+
+
+@pytest.mark.parametrize("command", ["finetune", "linprobe", "knn"])
+def test_weights_command_existing_output_is_kept(reference, tmp_path, command):
+    """An output folder holding the user's files (and a run of its own): refused without --overwrite, untouched."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text('{"mine": true}\n')
+    (out / "config.yaml").write_text("# the user's notes\n")
+    before = snapshot(out)
+    result = run_cli(*_weights_command(command, reference / "model.safetensors", out))
+    check_failure(result, command, mentions=("--overwrite",))
+    assert_unchanged(before)
+
+
+@pytest.mark.parametrize(("command", "setting"), [("finetune", "optim.layer_decay=.nan"),
+                                                  ("linprobe", "optim.weight_decay=-inf"),
+                                                  ("knn", "temperature=0")])
+def test_weights_command_bad_number(reference, tmp_path, command, setting):
+    """A non-finite or out-of-range setting: one line naming it, before the output folder is made."""
+    out = tmp_path / "run"
+    result = run_cli(*_weights_command(command, reference / "model.safetensors", out), setting)
+    check_failure(result, command, mentions=(setting.split("=")[0],))
+    assert not out.exists()

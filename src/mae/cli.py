@@ -565,15 +565,31 @@ def _signals_end_the_command():
     def stop(signum, frame):
         raise _Terminated(signum)
 
+    def swallowed(unraisable) -> None:
+        """`_Terminated` raised while Python code ran inside a C callback (numba's compiler, under `mae corrupt`'s
+        imagecorruptions) is printed and dropped there: deliver the signal again, so that it lands in plain code."""
+        if isinstance(unraisable.exc_value, _Terminated):
+            import threading
+
+            again = threading.Timer(0.05, os.kill, (os.getpid(), unraisable.exc_value.signum))
+            again.daemon = True
+            again.start()
+            return
+        hook(unraisable)
+
     previous = {}
     for name in ("SIGTERM", "SIGHUP"):
         signum = getattr(signal, name, None)
         if signum is not None and signal.getsignal(signum) is signal.SIG_DFL:
             with contextlib.suppress(ValueError):  # not the main thread (an embedding program): leave them alone
                 previous[signum] = signal.signal(signum, stop)
+    hook = sys.unraisablehook
+    if previous:
+        sys.unraisablehook = swallowed
     try:
         yield
     finally:
+        sys.unraisablehook = hook
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 

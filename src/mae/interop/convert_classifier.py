@@ -138,6 +138,23 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str, model_name: st
         return _convert_training_checkpoint(Path(src).expanduser(), Path(dst).expanduser(), to, overwrite)
     classifier = is_classifier_checkpoint(src) if to == "timm" else None  # what a timm export writes depends on it
     _check_output(Path(dst), to, bool(classifier), overwrite)
+    outputs = [Path(dst).expanduser()] + ([Path(dst).expanduser().with_suffix(".json")] if to == "timm" else [])
+    new = [p for p in outputs if not p.exists()]  # what this command creates, and only that, goes on a failure
+    try:
+        return _convert_weights(src, dst, to, classifier, model_name, license)
+    except BaseException:  # a full disk, a signal: no half-written folder (hf, timm) or sidecar of this command left
+        import shutil
+
+        for path in new:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.exists():
+                path.unlink(missing_ok=True)
+        raise
+
+
+def _convert_weights(src: str | Path, dst: str | Path, to: str, classifier: bool | None, model_name: str | None,
+                     license: str) -> Path:
     if classifier is None:
         classifier = is_classifier_checkpoint(src)
     if classifier:

@@ -104,6 +104,9 @@ class EvaluateConfig(RunFields):
     use_ema: bool | None = field(default=None, metadata={
         "help": "use the run's EMA weights (default: when they scored best)"})
     batch_size: int = field(default=128, metadata={"help": "images per forward pass"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "write into an output_dir that holds files mae evaluate did not write: files of the same names are "
+                "replaced, nothing else is touched; without it such a folder is refused"})
 
     RENAMED: ClassVar[dict[str, str]] = {"img_size": "model.img_size", "model_name": "model.name"}
     """Keys of earlier versions, read under their new names."""
@@ -250,8 +253,22 @@ def write_per_class_csv(confusion: torch.Tensor, class_names: Sequence[str], mod
     return write_text(path, buffer.getvalue())
 
 
+def _written_by_evaluate(folder: Path) -> bool:
+    """A folder of an earlier `mae evaluate` (its config.yaml): a rerun writes the same files into it."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return isinstance(saved, dict) and {"checkpoint", "protocol", "class_map"} <= saved.keys()
+
+
 def run(cfg: EvaluateConfig) -> dict:
     """Evaluate a classifier; returns top-1 / top-5 and the paths of what it wrote."""
+    from mae.files import check_output_folder
+
+    check_output_folder(cfg.output_dir, "evaluate", cfg.overwrite, own=_written_by_evaluate)
     return run_distributed(cfg.device, lambda dist: _run(cfg, dist))
 
 

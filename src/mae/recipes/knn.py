@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -79,6 +80,9 @@ class KnnConfig(RunFields):
     k: int = field(default=20, metadata={"help": "neighbours that vote"})
     temperature: float = field(default=0.07, metadata={"help": "vote weight exp(cosine similarity / temperature)"})
     batch_size: int = field(default=256, metadata={"help": "images per forward pass"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "write into an output_dir that holds files mae knn did not write: files of the same names are "
+                "replaced, nothing else is touched; without it such a folder is refused"})
 
     RANGES: ClassVar[dict[str, str]] = {"temperature": "> 0"}
 
@@ -210,7 +214,21 @@ def _dist_info(device: torch.device) -> DistInfo:
 # ---------------------------------------------------------------------------------------------------- the command
 def run(cfg: KnnConfig) -> dict:
     """k-NN evaluation of a checkpoint's (or a random) encoder; returns top-1 / top-5."""
+    from mae.files import check_output_folder
+
+    check_output_folder(cfg.output_dir, "knn", cfg.overwrite, own=_written_by_knn)
     return run_distributed(cfg.device, lambda dist: _run(cfg, dist))
+
+
+def _written_by_knn(folder: Path) -> bool:
+    """A folder of an earlier `mae knn` (its config.yaml): a rerun writes the same files into it."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return isinstance(saved, dict) and {"k", "temperature", "init"} <= saved.keys()
 
 
 def _run(cfg: KnnConfig, dist: DistInfo) -> dict[str, Any]:

@@ -347,7 +347,19 @@ def _dcp_errors() -> tuple[type[BaseException], ...]:
     return (CheckpointException, OSError, RuntimeError, ValueError, KeyError)
 
 
+def _failure(e: BaseException) -> BaseException:
+    """The first rank's own exception inside DCP's CheckpointException (whose text is every rank's traceback)."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        return first[0] if isinstance(first, tuple) else first
+    return e
+
+
 def _first_line(e: BaseException) -> str:
+    e = _failure(e)
+    if isinstance(e, OSError) and e.strerror:  # errno's own words: "No space left on device"
+        return e.strerror
     text = " ".join(str(e).split())
     return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
 
@@ -365,8 +377,17 @@ def dcp_to_file(src: str | Path, dst: str | Path) -> Path:
     meta = read_meta(src)
     with tempfile.TemporaryDirectory(prefix=".mae-convert-", dir=dst.parent if dst.parent.is_dir() else None) as tmp:
         plain = Path(tmp) / "state.pt"
-        with _one_process():
-            dcp_to_torch_save(str(src), str(plain))
+        try:
+            with _one_process():
+                dcp_to_torch_save(str(src), str(plain))
+        except _dcp_errors() as e:  # torch.save's zip writer on a full disk: RuntimeError "unexpected pos"
+            from mae.files import as_os_error, fix_for
+
+            cause = _failure(e)
+            cause = as_os_error(cause, plain) if isinstance(cause, Exception) else cause
+            if not isinstance(cause, OSError):
+                raise
+            raise OutputError(f"could not write '{dst}': {_first_line(cause)}; {fix_for(cause)}") from None
         try:
             tensors = safe_load(plain)
         except CheckpointError as e:  # e.g. NaN weights: name the checkpoint, not the temporary file
@@ -406,17 +427,25 @@ def file_to_dcp(src: str | Path, dst: str | Path, overwrite: bool = False) -> Pa
     tmp = dst.with_name(f".{dst.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        with _one_process():
-            dcp.save(tensors, checkpoint_id=str(tmp), no_dist=True)
-    except _dcp_errors() as e:
+        try:
+            with _one_process():
+                dcp.save(tensors, checkpoint_id=str(tmp), no_dist=True)
+        except _dcp_errors() as e:
+            from mae.files import fix_for
+
+            cause = _failure(e)
+            fix = fix_for(cause) if isinstance(cause, OSError) else "free space or choose another place"
+            raise OutputError(f"could not write '{dst}': {_first_line(e)}; {fix}") from None
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+        meta = {**{k: v for k, v in state.items() if k not in ("model", "engine", "integrity", *extra)},
+                "engine": engine, "dcp": {"files": files, "world_size": 1, "states": sorted(tensors)},
+                "integrity": None}
+        meta["integrity"] = {"sha256": state_digest(meta)}
+        atomic_save(meta, tmp / META_NAME)
+        fsync_dir(tmp)
+    except BaseException:  # a full disk at meta.pt, a signal: no half-written checkpoint folder is left
         shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(f"could not write '{dst}': {_first_line(e)}; free space or choose another place") from None
-    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-    meta = {**{k: v for k, v in state.items() if k not in ("model", "engine", "integrity", *extra)},
-            "engine": engine, "dcp": {"files": files, "world_size": 1, "states": sorted(tensors)}, "integrity": None}
-    meta["integrity"] = {"sha256": state_digest(meta)}
-    atomic_save(meta, tmp / META_NAME)
-    fsync_dir(tmp)
+        raise
     old = None
     if dst.exists():  # overwrite: the earlier checkpoint moves aside, the new one takes its name, then the old goes
         old = dst.with_name(f".{dst.name}.old.tmp")

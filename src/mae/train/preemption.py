@@ -59,3 +59,12 @@ class SignalStop:
         if self.forced and exc is not None and not isinstance(exc, KeyboardInterrupt):
             # the second Ctrl-C, raised inside a write that reported it as its own failure: it is still Ctrl-C
             raise KeyboardInterrupt from exc
+        if exc is None and self.requested is not None:
+            # the signal came after the loop's last check (during the last epoch's checkpoint or evaluation): the
+            # process was still told to stop, so it stops instead of going on (to the final exports, to the next
+            # stage of a demo or sweep) as if nothing had been asked
+            from mae.errors import Interrupted
+
+            name = signal.Signals(self.requested).name
+            raise Interrupted(f"stopped by {name} as the run ended, after saving its last checkpoint; continue with "
+                              f"--resume auto", self.requested)
