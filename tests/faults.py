@@ -29,6 +29,30 @@ import pytest
 
 TIMEOUT = 300
 PAGE = 4096
+NAN_TENSOR = "blocks.1.mlp.fc1.weight"
+
+
+def pretrain_settings() -> list[str]:
+    """The matrix's tiny pre-training run (128 digits, 2 epochs, a checkpoint each, reconstructions drawn)."""
+    from tiny import MODEL, RUN
+
+    return [*MODEL, *RUN, "data.train_limit=128", "epochs=2", "save_every=1", "visualize=true"]
+
+
+def nan_copy(src: Path, dst: Path, key: str = NAN_TENSOR) -> Path:
+    """`src` (a safetensors file) with one weight of `key` NaN, its metadata kept: a run that diverged."""
+    import math
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(src), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(src)
+    tensors[key].view(-1)[0] = math.nan
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(dst), metadata=metadata)
+    return dst
 
 
 @dataclass

@@ -10,29 +10,31 @@ that never failed. docs/robustness.md shows the matrix.
 from __future__ import annotations
 
 import json
-import math
 import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 from faults import (
+    NAN_TENSOR,
     assert_no_partial,
     assert_unchanged,
     check_failure,
     disk_usage,
+    nan_copy,
+    pretrain_settings,
     run_cli,
     small_disk,
     snapshot,
     start_cli,
     wait_for,
 )
-from safetensors.torch import load_file, save_file
-from tiny import MODEL, RUN
+from safetensors.torch import load_file
+from tiny import RUN
 
 pytestmark = pytest.mark.slow
 
-PRETRAIN = [*MODEL, *RUN, "data.train_limit=128", "epochs=2", "save_every=1", "visualize=true"]
+PRETRAIN = pretrain_settings()
 TRAIN_CLASSIFIER = [*RUN, "data.train_limit=128", "data.val_limit=64", "epochs=2", "save_every=1",
                     "model.name=mae_vit_micro_patch4_28"]
 KNN = ["data.path=builtin:mnist5k", "data.train_limit=128", "data.val_limit=64", "data.num_workers=0", "device=cpu",
@@ -59,15 +61,8 @@ def reference(tmp_path_factory):
 @pytest.fixture(scope="module")
 def nan_checkpoint(reference, tmp_path_factory):
     """The reference's weights with one tensor NaN, its metadata kept: a run that diverged."""
-    from safetensors import safe_open
-
     folder = tmp_path_factory.mktemp("nan") / "run"
-    folder.mkdir()
-    with safe_open(str(reference / "model.safetensors"), "pt") as f:
-        metadata = f.metadata()
-    tensors = load_file(reference / "model.safetensors")
-    tensors["blocks.1.mlp.fc1.weight"][0, 0] = math.nan
-    save_file(tensors, str(folder / "model.safetensors"), metadata=metadata)
+    nan_copy(reference / "model.safetensors", folder / "model.safetensors")
     (folder / "config.yaml").write_bytes((reference / "config.yaml").read_bytes())
     return folder / "model.safetensors"
 
@@ -178,7 +173,7 @@ def test_nan_initial_weights(nan_checkpoint, tmp_path, command):
     """Initial weights holding NaN: one line naming the tensor, before any work; no output folder."""
     out = tmp_path / "run"
     result = run_cli(*_weights_command(command, nan_checkpoint, out))
-    check_failure(result, command, mentions=("blocks.1.mlp.fc1.weight",))
+    check_failure(result, command, mentions=(NAN_TENSOR,))
     assert not (out / "checkpoint-last.pth").exists()
 
 
@@ -265,3 +260,35 @@ def test_weights_command_bad_number(reference, tmp_path, command, setting):
     result = run_cli(*_weights_command(command, reference / "model.safetensors", out), setting)
     check_failure(result, command, mentions=(setting.split("=")[0],))
     assert not out.exists()
+
+
+@pytest.mark.parametrize("content", [b"root:x:0:0:root:/root:/bin/bash\n", b"", bytes(range(256)) * 8,
+                                     b"PK\x03\x04" + bytes(100)])
+def test_a_file_that_is_no_checkpoint_is_one_line(tmp_path, content):
+    """A text file, an empty file, random bytes, a torn zip given as weights: one line naming the file, exit 2."""
+    bad = tmp_path / "weights.pth"
+    bad.write_bytes(content)
+    result = run_cli("knn", f"--checkpoint={bad}", *KNN, f"output_dir={tmp_path / 'run'}")
+    check_failure(result, "knn", mentions=(str(bad),))
+
+
+def test_the_error_boundary_words_each_kind_of_exception():
+    """`describe_error`: an OSError with and without a file name, a YAML error, a bug (exit 1, says --debug)."""
+    import errno
+    import os
+
+    import yaml
+
+    from mae.cli import describe_error
+
+    line, code = describe_error(OSError(errno.EMFILE, os.strerror(errno.EMFILE)))
+    assert code == 2 and line.startswith("Too many open files; raise the limit"), line
+    line, code = describe_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/runs/a/x.pth"))
+    assert code == 2 and line == ("No space left on device: '/runs/a/x.pth'; free some space or choose another "
+                                  "--output-dir"), line
+    with pytest.raises(yaml.YAMLError) as info:
+        yaml.safe_load("a: [1\n")
+    line, code = describe_error(info.value)
+    assert code == 2 and line.startswith("could not read a YAML file") and "fix its syntax" in line, line
+    line, code = describe_error(TypeError("unsupported operand"))
+    assert code == 1 and "this is a bug in mae" in line and "--debug" in line, line

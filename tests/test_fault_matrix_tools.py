@@ -12,49 +12,36 @@ docs/robustness.md shows the matrix.
 from __future__ import annotations
 
 import json
-import math
 import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 from faults import (
+    NAN_TENSOR,
     PAGE,
     Result,
     assert_no_partial,
     assert_unchanged,
     check_failure,
+    nan_copy,
+    pretrain_settings,
     run_cli,
     small_disk,
     snapshot,
     start_cli,
     wait_for,
 )
-from safetensors.torch import load_file, save_file
-from tiny import MODEL, RUN
+from tiny import RUN
 
 pytestmark = pytest.mark.slow
 
-PRETRAIN = [*MODEL, *RUN, "data.train_limit=128", "epochs=2", "save_every=1", "visualize=true"]
+PRETRAIN = pretrain_settings()
 FINETUNE = [*RUN, "data.train_limit=128", "data.val_limit=64", "epochs=1", "save_every=1",
             "model.name=mae_vit_micro_patch4_28"]
 EVALUATE = ["data.path=builtin:mnist5k", "data.val_limit=64", "data.num_workers=0", "device=cpu", "precision=fp32",
             "batch_size=64", "progress=false"]
 SIGTERM = 128 + signal.SIGTERM
-NAN_TENSOR = "blocks.1.mlp.fc1.weight"
-
-
-def _nan_copy(src: Path, dst: Path, key: str = NAN_TENSOR) -> Path:
-    """`src` (a safetensors file) with one weight of `key` NaN, its metadata kept: a run that diverged."""
-    from safetensors import safe_open
-
-    with safe_open(str(src), "pt") as f:
-        metadata = f.metadata()
-    tensors = load_file(src)
-    tensors[key].view(-1)[0] = math.nan
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(dst), metadata=metadata)
-    return dst
 
 
 def _user_file(folder: Path, name: str = "notes.txt") -> Path:
@@ -98,7 +85,7 @@ def reference(tmp_path_factory):
 def nan_run(reference, tmp_path_factory):
     """The reference run with one NaN weight (its config.yaml kept, so the commands find its data)."""
     folder = tmp_path_factory.mktemp("tools-nan") / "run"
-    _nan_copy(reference / "model.safetensors", folder / "model.safetensors")
+    nan_copy(reference / "model.safetensors", folder / "model.safetensors")
     (folder / "config.yaml").write_bytes((reference / "config.yaml").read_bytes())
     return folder
 
@@ -120,7 +107,7 @@ def nan_classifier(classifier, tmp_path_factory):
     result = run_cli("convert", str(classifier), str(good), "--to", "timm")
     assert result.rc == 0, str(result)
     (folder / "nan.json").write_bytes((folder / "good.json").read_bytes())
-    return _nan_copy(good, folder / "nan.safetensors")
+    return nan_copy(good, folder / "nan.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -568,7 +555,7 @@ def transfer_sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("tools-transfer")
     torch.manual_seed(0)
     good = save_model(mae.create_model("mae_vit_tiny_patch16", **TRANSFER_ARCH), root / "tiny.safetensors")
-    bad = _nan_copy(good, root / "nan.safetensors")
+    bad = nan_copy(good, root / "nan.safetensors")
     generate_synthetic(root / "shapes", num_train=4, num_val=2, image_size=64, max_objects=3)
     return good, bad, root / "shapes"
 

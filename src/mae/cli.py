@@ -80,10 +80,10 @@ def _config_command(sub, name: str, help_text: str, config_cls_path: str, full: 
     from mae.train.run import TrainFields
 
     if isinstance(cls, type) and issubclass(cls, TrainFields):
-        for flag, key, text in (("--overwrite", "overwrite", "start again in an output dir that holds a previous run, "
-                                 "deleting that run's files"),
-                                ("--allow-config-change", "allow_config_change", "resume even when the settings "
-                                 "change what the run computes; the change is recorded in config_changes.jsonl")):
+        for flag, key, text in (("--overwrite", "overwrite", ("start again in an output dir that holds a previous "
+                                                              "run, deleting that run's files")),
+                                ("--allow-config-change", "allow_config_change", ("resume even when the settings "
+                                 "change what the run computes; the change is recorded in config_changes.jsonl"))):
             p.add_argument(flag, dest=key, action="store_const", const="true", help=text)
         flags = {**flags, "--overwrite": "overwrite", "--allow-config-change": "allow_config_change"}
     elif "overwrite" in getattr(cls, "__dataclass_fields__", {}):  # the writers (embed, corrupt, prepare, ...)
@@ -537,15 +537,15 @@ def _os_error_line(e: OSError) -> str:
     """An OSError by errno: what failed, on which file, and the fix."""
     from mae.files import fix_for
 
-    where = f" '{e.filename}'" if e.filename else ""
     reason = e.strerror or _one_line(e)
+    what = f"{reason}: '{e.filename}'" if e.filename else reason
     if e.errno in (errno.ENOENT, errno.ENOTDIR):
-        return f"{reason}:{where}; check the path"
+        return f"{what}; check the path"
     if e.errno == errno.EISDIR:
-        return f"{reason}:{where}; give a file, not a folder"
+        return f"{what}; give a file, not a folder"
     if e.errno == errno.EEXIST:
-        return f"{reason}:{where}; pass --overwrite to replace it, or choose another path"
-    return f"{reason}:{where}; {fix_for(e)}"
+        return f"{what}; pass --overwrite to replace it, or choose another path"
+    return f"{what}; {fix_for(e)}"
 
 
 class _Terminated(BaseException):  # a signal, like KeyboardInterrupt: not an error of the command

@@ -220,3 +220,15 @@ def check_output_folder(path: str | Path, command: str, overwrite: bool,
     raise OutputError(f"'{path}' already holds files that mae {command} did not write ({shown}); pass --overwrite to "
                       f"write into it (files of the same names are replaced, nothing else is touched), or choose "
                       f"another path")
+
+
+def config_has_keys(folder: Path, keys: set[str]) -> bool:
+    """Whether ``folder/config.yaml`` is a mapping holding `keys`: how a command recognises a folder it wrote itself
+    (the ``own`` of `check_output_folder`). Reads the YAML safely; anything unreadable is not the command's."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((Path(folder) / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return isinstance(saved, dict) and keys <= saved.keys()

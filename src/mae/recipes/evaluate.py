@@ -38,7 +38,7 @@ import torch
 
 from mae.config import save_config
 from mae.errors import ConfigError, DataError
-from mae.files import atomic_write_path, write_json, write_text
+from mae.files import atomic_write_path, check_output_folder, config_has_keys, write_json, write_text
 from mae.recipes.classify_common import (
     ClassifyData,
     eval_loader,
@@ -255,19 +255,11 @@ def write_per_class_csv(confusion: torch.Tensor, class_names: Sequence[str], mod
 
 def _written_by_evaluate(folder: Path) -> bool:
     """A folder of an earlier `mae evaluate` (its config.yaml): a rerun writes the same files into it."""
-    import yaml
-
-    try:
-        saved = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, ValueError, yaml.YAMLError):
-        return False
-    return isinstance(saved, dict) and {"checkpoint", "protocol", "class_map"} <= saved.keys()
+    return config_has_keys(folder, {"checkpoint", "protocol", "class_map"})
 
 
 def run(cfg: EvaluateConfig) -> dict:
     """Evaluate a classifier; returns top-1 / top-5 and the paths of what it wrote."""
-    from mae.files import check_output_folder
-
     check_output_folder(cfg.output_dir, "evaluate", cfg.overwrite, own=_written_by_evaluate)
     return run_distributed(cfg.device, lambda dist: _run(cfg, dist))
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from mae.config import save_config
 from mae.errors import ConfigError, DataError
-from mae.files import write_json
+from mae.files import check_output_folder, config_has_keys, write_json
 from mae.models.classifier import ClassifierConfig
 from mae.recipes.classify_common import (
     ClassifierSection,
@@ -214,21 +214,13 @@ def _dist_info(device: torch.device) -> DistInfo:
 # ---------------------------------------------------------------------------------------------------- the command
 def run(cfg: KnnConfig) -> dict:
     """k-NN evaluation of a checkpoint's (or a random) encoder; returns top-1 / top-5."""
-    from mae.files import check_output_folder
-
     check_output_folder(cfg.output_dir, "knn", cfg.overwrite, own=_written_by_knn)
     return run_distributed(cfg.device, lambda dist: _run(cfg, dist))
 
 
 def _written_by_knn(folder: Path) -> bool:
     """A folder of an earlier `mae knn` (its config.yaml): a rerun writes the same files into it."""
-    import yaml
-
-    try:
-        saved = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, ValueError, yaml.YAMLError):
-        return False
-    return isinstance(saved, dict) and {"k", "temperature", "init"} <= saved.keys()
+    return config_has_keys(folder, {"k", "temperature", "init"})
 
 
 def _run(cfg: KnnConfig, dist: DistInfo) -> dict[str, Any]:

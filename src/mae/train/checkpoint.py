@@ -22,7 +22,6 @@ import pickle
 import re
 import shutil
 import warnings
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -126,9 +125,9 @@ def _load_any(path: Path, map_location: str | torch.device, mmap: bool = False) 
             f"checkpoint '{path}' is truncated or corrupt ({_first_line(e)}); use an earlier checkpoint or "
             "download it again"
         ) from None
-    except (RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as e:
+    except Exception as e:  # noqa: BLE001 (the unpickler meets a file that is not a checkpoint with any error)
         raise CheckpointError(
-            f"checkpoint '{path}' is truncated or corrupt ({_first_line(e)}); "
+            f"checkpoint '{path}' is not a PyTorch checkpoint, or is truncated or corrupt ({_first_line(e)}); "
             "use an earlier checkpoint or download it again"
         ) from None
     if not isinstance(obj, dict):
