@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint clean setup
+.PHONY: demo test test-fast lint clean setup
 
 setup: $(STAMP)
 
@@ -22,9 +22,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/mae demo --output-dir runs/demo
 
-# the suite runs in parallel, one process per core (pytest-xdist), one thread each (tests/conftest.py)
+# ruff first (the rule set is in pyproject.toml): a finding fails the target before any test runs. The suite runs
+# in parallel, one process per core (pytest-xdist), one thread each (tests/conftest.py).
 test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q -n auto $(PYTEST_ARGS)
+
+# the edit loop: ruff and every test not marked slow
+test-fast: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m pytest -q -n auto -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -70,7 +70,8 @@ def main() -> None:
     ap.add_argument("--operation", action="store_true", help="time the operation alone instead of whole steps")
     a = ap.parse_args()
     if a.operation:
-        return operation_alone(max(a.rounds, 30))
+        operation_alone(max(a.rounds, 30))
+        return
     trainee = build_ours(model_config("mae_vit_micro_patch4_28"), a.batch_size, a.precision, torch.device("cpu"))
     variants = {"flash kernel": FLASH_FORWARD, "written out (<= 64 tokens)": written_out_forward}
     times: dict[str, list[float]] = {name: [] for name in variants}

@@ -28,7 +28,8 @@ from _subprocess import run_quiet
 PY = sys.executable
 CODE_LIBRARY = ("import sys; from mae.config import load_config; from mae.recipes.pretrain import PretrainConfig, run; "
                 "run(load_config(PretrainConfig, 'pretrain/demo_mnist', sys.argv[1:]))")
-CODE_CLI = "import sys; from mae.cli import main; sys.exit(main(['pretrain', '--config', 'pretrain/demo_mnist', *sys.argv[1:]]))"
+CODE_CLI = ("import sys; from mae.cli import main; "
+            "sys.exit(main(['pretrain', '--config', 'pretrain/demo_mnist', *sys.argv[1:]]))")
 
 
 def epoch_seconds(code: str, env: dict[str, str], epochs: int) -> float:

@@ -71,7 +71,7 @@ def main() -> None:
                                               num_patches=num_patches, decode="tensor")
             loaders = {"folder": folder_loader, "shards": shard_loader}
             rates: dict[str, list[float]] = {name: [] for name in loaders}
-            for name, loader in loaders.items():  # warm-up: worker start-up, first reads
+            for loader in loaders.values():  # warm-up: worker start-up, first reads
                 _epoch_rate(loader, 0)
             for round_ in range(args.rounds):
                 names = list(loaders) if round_ % 2 == 0 else list(reversed(loaders))
@@ -82,7 +82,7 @@ def main() -> None:
             del loaders, folder_loader, shard_loader
 
     print(f"{_cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{datetime.date.today().isoformat()}, load average {os.getloadavg()[0]:.2f}")
+          f"{datetime.datetime.now().astimezone().date().isoformat()}, load average {os.getloadavg()[0]:.2f}")
     print(f"{args.images} JPEGs (~500 px), batch {args.batch_size}, {args.rounds} alternated rounds, median\n")
     print("| workers | folder img/s | shards img/s | shards / folder |")
     print("|---|---|---|---|")

@@ -93,7 +93,8 @@ def wait_for(predicate, timeout: float = TIMEOUT, proc: subprocess.Popen | None 
     while not predicate():
         if proc is not None and proc.poll() is not None:
             _, err = proc.communicate()
-            pytest.fail(f"the command ended (exit {proc.returncode}) before the fault could be injected:\n{err[-3000:]}")
+            pytest.fail(f"the command ended (exit {proc.returncode}) before the fault could be injected:\n"
+                        f"{err[-3000:]}")
         if time.monotonic() > deadline:
             pytest.fail("timed out waiting for the command to reach the point of the fault")
         time.sleep(0.05)

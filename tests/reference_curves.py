@@ -61,7 +61,7 @@ def check(name: str, losses: list[list]) -> None:
     """Assert `losses` equal the stored curve (steps exactly, losses to 1e-4 relative: CPU kinds round differently)."""
     reference = json.loads(path_of(name).read_text())["losses"]
     assert [s for s, _ in losses] == [s for s, _ in reference]
-    for (_, got), (_, want) in zip(losses, reference):
+    for (_, got), (_, want) in zip(losses, reference, strict=True):
         assert got == pytest.approx(want, rel=1e-4, abs=1e-6)
 
 

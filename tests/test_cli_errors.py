@@ -181,6 +181,7 @@ def test_truncated_and_other_architecture_checkpoints_are_named_as_such(capsys, 
     data = (tmp_path / "other.pth").read_bytes()
     (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
     for argv in (["pretrain", *TINY, "--resume", str(tmp_path / "cut.pth"), f"output_dir={tmp_path / 'run'}"],
-                 ["visualize", str(tmp_path / "cut.pth"), "--data", "builtin:mnist5k", "--out", str(tmp_path / "r.png")]):
+                 ["visualize", str(tmp_path / "cut.pth"), "--data", "builtin:mnist5k",
+                  "--out", str(tmp_path / "r.png")]):
         line = _error_line(capsys, argv)
         assert f"checkpoint '{tmp_path / 'cut.pth'}' is truncated or corrupt" in line

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import pytest
 
@@ -22,7 +22,7 @@ class ModelCfg:
 class OptimCfg:
     name: Literal["adamw", "sgd", "lars"] = "adamw"
     betas: tuple[float, float] = (0.9, 0.95)
-    lr: Optional[float] = None
+    lr: float | None = None
     layer_decay: float | None = None
 
 
@@ -188,9 +188,9 @@ class Outer:
 
 def test_validate_is_called_on_nested_dataclasses():
     """validate() of nested (and optional nested) dataclasses runs too."""
-    with pytest.raises(ConfigError, match="inner.size must be <= 10"):
+    with pytest.raises(ConfigError, match=r"inner.size must be <= 10"):
         load_config(Outer, overrides=["inner.size=11"])
-    with pytest.raises(ConfigError, match="inner.size must be <= 10"):
+    with pytest.raises(ConfigError, match=r"inner.size must be <= 10"):
         load_config(Outer, overrides=["maybe.size=11"])
     assert load_config(Outer, overrides=["maybe.size=3"]).maybe == Inner(size=3)
 

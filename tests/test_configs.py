@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from pathlib import Path
 
@@ -25,8 +26,9 @@ CLASSES = {
 }
 PRESETS = sorted(p for p in CONFIGS.rglob("*.yaml"))
 # what a user adds on the command line to a preset that leaves the weights to start from open (--checkpoint)
-COMMAND_LINE = {"finetune": ["checkpoint=weights.pth"], "evaluate": ["checkpoint=weights.pth"], "linprobe": ["checkpoint=weights.pth"],
-                "detect": ["backbone.checkpoint=weights.pth"], "segment": ["backbone.checkpoint=weights.pth"]}
+COMMAND_LINE = {"finetune": ["checkpoint=weights.pth"], "evaluate": ["checkpoint=weights.pth"],
+                "linprobe": ["checkpoint=weights.pth"], "detect": ["backbone.checkpoint=weights.pth"],
+                "segment": ["backbone.checkpoint=weights.pth"]}
 
 
 def _class_for(path: Path):
@@ -67,12 +69,11 @@ def _differences(written, loaded, where: str = "") -> list[str]:
         return [d for k, v in written.items() for d in (
             _differences(v, loaded[k], f"{where}{k}.") if k in loaded else [f"{where}{k}: not in the config"])]
     if isinstance(written, list) and isinstance(loaded, list) and len(written) == len(loaded):
-        return [d for i, (a, b) in enumerate(zip(written, loaded)) for d in _differences(a, b, f"{where}{i}.")]
+        return [d for i, (a, b) in enumerate(zip(written, loaded, strict=True))
+                for d in _differences(a, b, f"{where}{i}.")]
     if isinstance(written, str) and isinstance(loaded, (int, float)) and not isinstance(loaded, bool):
-        try:
+        with contextlib.suppress(ValueError):
             written = float(written)
-        except ValueError:
-            pass
     same = written is loaded if isinstance(written, bool) or isinstance(loaded, bool) else written == loaded
     return [] if same else [f"{where.rstrip('.')}: {written!r} in the file, {loaded!r} loaded"]
 

@@ -108,7 +108,7 @@ def test_build_dataset_builtin_and_unknown_name_suggestion():
     the valid names; a bad split is refused."""
     assert isinstance(build_dataset("builtin:digits", split="val"), Digits)
     assert list_builtin() == ["builtin:mnist5k", "builtin:digits", "builtin:photos"]
-    with pytest.raises(DataError, match="did you mean 'builtin:mnist5k'.*builtin:photos"):
+    with pytest.raises(DataError, match=r"did you mean 'builtin:mnist5k'.*builtin:photos"):
         build_dataset("builtin:mnist")
     with pytest.raises(DataError, match="split 'test'"):
         build_dataset("builtin:digits", split="test")
@@ -196,7 +196,7 @@ def test_eval_at_448_resizes_to_448_and_crops_all_of_it_as_the_release():
 def test_unknown_augmentation_and_bad_channels_raise_config_error():
     """An unknown augmentation name lists the valid ones; in_chans other than 1 or 3 and a mean of the wrong length
     are refused."""
-    with pytest.raises(ConfigError, match="unknown augmentation 'rrc_jiter'.*rrc_jitter"):
+    with pytest.raises(ConfigError, match=r"unknown augmentation 'rrc_jiter'.*rrc_jitter"):
         build_transform("rrc_jiter", 32, 3)
     with pytest.raises(ConfigError, match="in_chans=2"):
         build_transform("rrc", 32, 2)
@@ -298,9 +298,9 @@ def test_strict_mode_raises_naming_the_corrupt_file(tmp_path):
     _make_corrupt(tmp_path)
     dataset = PlainFolderDataset(tmp_path, strict=True)
     names = [Path(p).name for p, _ in dataset.samples]
-    with pytest.raises(DataError, match="truncated.jpg"):
+    with pytest.raises(DataError, match=r"truncated.jpg"):
         dataset[names.index("truncated.jpg")]
-    with pytest.raises(DataError, match="garbage.jpg"):
+    with pytest.raises(DataError, match=r"garbage.jpg"):
         build_dataset(str(tmp_path), strict=True, require_classes=False)[names.index("garbage.jpg")]
 
 
@@ -426,7 +426,7 @@ def test_a_batch_fetched_at_once_equals_its_samples_fetched_one_by_one_and_leave
     batch = data.__getitems__(keys)
     assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
     assert np.array_equal(np.random.get_state()[1], before[2])
-    for (image, noise), key in zip(batch, keys):
+    for (image, noise), key in zip(batch, keys, strict=True):
         one_image, one_noise = data[key]
         assert torch.equal(image, one_image) and torch.equal(noise, one_noise)
     assert not torch.equal(batch[0][0], batch[2][0])  # same index, other seed: another crop
@@ -499,7 +499,7 @@ def test_tensor_decoding_of_jpegs_matches_pil_and_keeps_the_skip_rules(tmp_path)
     assert items["rgba.png"][0].getpixel((5, 0)) == (255, 255, 255)
     grey = _by_name(PlainFolderDataset(tmp_path / "kinds", mode="L", decode="tensor"))
     assert grey["photo.jpg"][0].shape == (1, 30, 40)
-    with pytest.raises(DataError, match="garbage.jpg' is corrupt"):  # the first in sorted order
+    with pytest.raises(DataError, match=r"garbage.jpg' is corrupt"):  # the first in sorted order
         strict = PlainFolderDataset(tmp_path / "bad", strict=True, decode="tensor")
         [strict[i] for i in range(len(strict))]
     with pytest.raises(DataError, match="decoder 'nvjpeg' is not supported"):

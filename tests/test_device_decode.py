@@ -59,7 +59,7 @@ def test_device_decoding_refuses_what_it_cannot_read(tmp_path):
     like any unreadable image; a truncated JPEG fails the batch with a one-line DataError naming the fix."""
     folder = _photos(tmp_path / "mixed", n=2)
     Image.new("RGB", (8, 8)).save(folder / "x.png")
-    with pytest.raises(DataError, match="x.png' is not one"):
+    with pytest.raises(DataError, match=r"x.png' is not one"):
         PlainFolderDataset(folder, decode="encoded")
     folder = _photos(tmp_path / "bad", n=2)
     (folder / "garbage.jpg").write_bytes(b"not a jpeg" * 30)
@@ -70,7 +70,7 @@ def test_device_decoding_refuses_what_it_cannot_read(tmp_path):
     (folder / "p1.jpg").write_bytes(data[: data.index(b"\xff\xda") + 20])  # headers intact, scan data cut
     items = [PlainFolderDataset(folder, transform=CropPlan("none"), decode="encoded")[i][0] for i in (1, 2)]
     batch = collate_encoded([(item, torch.zeros(4)) for item in items])[0]
-    with pytest.raises(DataError, match="could not be decoded on cpu.*data.decode=tensor"), warnings.catch_warnings():
+    with pytest.raises(DataError, match=r"could not be decoded on cpu.*data.decode=tensor"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         DeviceDecoder("cpu", 32, IMAGENET_MEAN, IMAGENET_STD)(batch)
 

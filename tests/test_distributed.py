@@ -70,7 +70,7 @@ def test_two_process_gloo_run_equals_one_process_run_with_the_same_global_batch(
     assert out.count("updates: 8") == 1  # 2 epochs x 256 / (32 x 2); printed by rank 0 only
     a, b = _step_losses(one), _step_losses(two)
     assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 9))  # one line per update: rank 0 alone writes
-    loss_diff = max(abs(x - y) for (_, x), (_, y) in zip(a, b))
+    loss_diff = max(abs(x - y) for (_, x), (_, y) in zip(a, b, strict=True))
     assert loss_diff < 1e-5, loss_diff
     wa, wb = safe_load(one / "checkpoint-last.pth")["model"], safe_load(two / "checkpoint-last.pth")["model"]
     assert wa.keys() == wb.keys()
@@ -118,7 +118,7 @@ class _IndexAndDraw(torch.utils.data.Dataset):
 
 
 def _batches(loader) -> list[list[tuple[int, float]]]:
-    return [list(zip(idx.tolist(), draw.tolist())) for idx, draw in loader]
+    return [list(zip(idx.tolist(), draw.tolist(), strict=True)) for idx, draw in loader]
 
 
 def test_rank_batches_partition_the_single_process_batches_of_the_same_global_size(monkeypatch):

@@ -153,4 +153,5 @@ def test_onnx_export_of_a_finetuned_classifier_matches_its_logits(tiny, tmp_path
     x = torch.randn(3, 1, 28, 28)
     assert check_onnx(out, module, x) < 1e-4
     session = onnx_tools.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    assert session.get_outputs()[0].name == "logits" and session.run(None, {"pixel_values": x.numpy()})[0].shape == (3, 5)
+    assert session.get_outputs()[0].name == "logits"
+    assert session.run(None, {"pixel_values": x.numpy()})[0].shape == (3, 5)

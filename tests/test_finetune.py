@@ -153,7 +153,7 @@ def test_partial_finetuning_trains_exactly_the_last_k_blocks(k):
     wrapper = PartiallyFrozen(model, trainable_prefixes(3, trainable_blocks=k))
     changed = _one_step(wrapper, model)
     trainable_blocks = tuple(f"blocks.{i}." for i in range(3 - k, 3))
-    expected = {n for n, _ in model.named_parameters() if n.startswith(trainable_blocks + ("fc_norm.", "head."))}
+    expected = {n for n, _ in model.named_parameters() if n.startswith((*trainable_blocks, "fc_norm.", "head."))}
     assert changed == expected
     assert not model.blocks[0].training and model.blocks[2].training and model.head.training
 
@@ -213,7 +213,7 @@ def test_hf_export_gives_the_same_logits_and_avg_pool_is_refused(tmp_path):
 def test_k0_partial_finetuning_is_refused_with_a_pointer_to_linprobe():
     """trainable_blocks=0 (Figure 9's k = 0) is the linear-probe protocol, not a frozen fine-tune: the config is
     refused with one line that names `mae linprobe`; k >= 1 and null still load."""
-    with pytest.raises(ConfigError, match="trainable_blocks=0 is the linear probe.*mae linprobe"):
+    with pytest.raises(ConfigError, match=r"trainable_blocks=0 is the linear probe.*mae linprobe"):
         load_config(FinetuneConfig, None, ["checkpoint=x", "trainable_blocks=0"])
     with pytest.raises(ConfigError, match=">= 1"):
         load_config(FinetuneConfig, None, ["checkpoint=x", "trainable_blocks=-2"])
@@ -224,7 +224,7 @@ def test_config_errors_name_the_fix():
     """Impossible settings fail at start-up with one line naming the value and the fix."""
     with pytest.raises(ConfigError, match="checkpoint="):
         load_config(FinetuneConfig, None, [])
-    with pytest.raises(ConfigError, match="model.name"):
+    with pytest.raises(ConfigError, match=r"model.name"):
         load_config(FinetuneConfig, None, ["init=scratch"])
     with pytest.raises(ConfigError, match="even batch_size"):
         load_config(FinetuneConfig, None, ["checkpoint=x", "batch_size=7"])

@@ -102,9 +102,9 @@ def test_two_process_fsdp_run_equals_two_process_ddp_run(tmp_path):
 def test_finetuning_under_fsdp_equals_ddp_with_uneven_validation_shards(tmp_path):
     """Fine-tuning a classifier (timm blocks as FSDP units) on 2 processes gives the DDP run's per-update losses,
     top-1 and last weights (bit for bit: a reduce-scatter that sums instead of averaging shows there, not in the
-    losses, under AdamW); 65 validation images split 33 / 32 into 2 / 1 batches per rank, and the rank with fewer batches joins
-    the sharded forwards of the other (no deadlock). The best checkpoint is the checkpoint-best DCP link, which the
-    timm export and `mae evaluate` read."""
+    losses, under AdamW); 65 validation images split 33 / 32 into 2 / 1 batches per rank, and the rank with fewer
+    batches joins the sharded forwards of the other (no deadlock). The best checkpoint is the checkpoint-best DCP
+    link, which the timm export and `mae evaluate` read."""
     from mae.interop import save_model
     from mae.models import create_model
 
@@ -129,7 +129,8 @@ def test_finetuning_under_fsdp_equals_ddp_with_uneven_validation_shards(tmp_path
     sa = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     sb = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
     assert sb["best_top1"] == pytest.approx(sa["best_top1"], abs=1e-9)
-    assert sb["best_checkpoint"].endswith("checkpoint-best") and (tmp_path / "fsdp" / "model_timm.safetensors").is_file()
+    assert sb["best_checkpoint"].endswith("checkpoint-best")
+    assert (tmp_path / "fsdp" / "model_timm.safetensors").is_file()
     from mae.recipes.classify_common import load_classifier
 
     model, _, names = load_classifier(tmp_path / "fsdp")  # the finished run's result: the checkpoint-best link
@@ -289,7 +290,8 @@ def test_dcp_and_single_file_training_checkpoints_convert_both_ways_and_resume_a
     assert all(torch.equal(state["model"][k], original["model"][k]) for k in original["model"])
     ids = [i for g in state["engine"]["optimizer"]["param_groups"] for i in g["params"]]
     assert ids == list(range(len(ids))) and set(state["engine"]["optimizer"]["state"]) == set(ids)  # as torch numbers
-    assert torch.equal(safe_load(back)["model"]["blocks.0.mlp.fc1.weight"], original["model"]["blocks.0.mlp.fc1.weight"])
+    assert torch.equal(safe_load(back)["model"]["blocks.0.mlp.fc1.weight"],
+                       original["model"]["blocks.0.mlp.fc1.weight"])
     reference = _step_losses(one_process_fsdp_run)
     for name, resume, extra in (("pth", file, []), ("dcp", back, [FSDP])):
         out = tmp_path / name
@@ -436,7 +438,7 @@ def test_init_weights_after_meta_construction_is_the_reference_initialisation():
     a, b = normal.state_dict(), meta.state_dict()
     assert a.keys() == b.keys()
     for key in a:
-        if "pos_embed" in key or key.endswith(".bias") and "patch_embed" not in key or "norm" in key:
+        if "pos_embed" in key or (key.endswith(".bias") and "patch_embed" not in key) or "norm" in key:
             assert torch.equal(a[key], b[key]), key
         elif a[key].numel() > 100:
             assert b[key].std().item() == pytest.approx(a[key].std().item(), rel=0.15), key
@@ -446,7 +448,7 @@ def test_init_weights_after_meta_construction_is_the_reference_initialisation():
     with torch.device("meta"):
         pca = create_model("mae_vit_micro_patch4_28", **{**kw, "target": "pca", "pca_components": 8})
     pca.to_empty(device="cpu")
-    with pytest.raises(ConfigError, match="distributed.init=full"):
+    with pytest.raises(ConfigError, match=r"distributed.init=full"):
         pca.init_weights()
 
 

@@ -263,11 +263,11 @@ def test_hf_config_json_has_every_vitmae_field_with_mae_eps():
 def test_hf_export_refuses_what_vitmae_cannot_express():
     """A HOG-target model, one with mask tokens in the encoder, or a non-square one has no ViTMAEForPreTraining
     equivalent: a clear CheckpointError rather than a lossy or unloadable directory."""
-    with pytest.raises(CheckpointError, match="pixels only.*hog"):
+    with pytest.raises(CheckpointError, match=r"pixels only.*hog"):
         hf_config_dict(MAEConfig(**TINY, target="hog"))
     with pytest.raises(CheckpointError, match="mask_in_encoder"):
         hf_config_dict(MAEConfig(**TINY, mask_in_encoder=True))
-    with pytest.raises(CheckpointError, match="square images only.*32x48"):
+    with pytest.raises(CheckpointError, match=r"square images only.*32x48"):
         hf_config_dict(MAEConfig(**{**TINY, "img_size": (32, 48)}))
 
 
@@ -550,7 +550,7 @@ def test_format_detection_and_architecture_inference(tmp_path):
         assert load_model(tmp_path / d).config == micro.config
         assert_state_dicts_equal(load_state_dict_any(tmp_path / d)[0], micro.state_dict())
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="truncated or corrupt|not a weights-only"):
+    with pytest.raises(CheckpointError, match=r"truncated or corrupt|not a weights-only"):
         load_state_dict_any(tmp_path / "junk.pth")
     with pytest.raises(CheckpointError, match="does not exist"):
         load_state_dict_any(tmp_path / "missing.pth")

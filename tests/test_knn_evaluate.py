@@ -269,7 +269,8 @@ def test_pretraining_logs_the_knn_monitor_every_n_epochs(tmp_path):
     from mae.recipes.pretrain import run as pretrain_run
 
     pretrain_run(load_config(PretrainConfig, None, [
-        "data.path=builtin:digits", "data.train_limit=256", f"output_dir={tmp_path}", "model.name=mae_vit_micro_patch4_28",
+        "data.path=builtin:digits", "data.train_limit=256", f"output_dir={tmp_path}",
+        "model.name=mae_vit_micro_patch4_28",
         "model.img_size=8", "model.depth=1", "model.embed_dim=32", "model.num_heads=2", "model.decoder_depth=1",
         "epochs=3", "knn_every=2", "batch_size=256", "precision=fp32", "visualize=false", "progress=false",
         "data.num_workers=0"]))

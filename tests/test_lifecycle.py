@@ -326,10 +326,12 @@ def test_a_mid_epoch_step_checkpoint_resumes_bit_identically(tmp_path, monkeypat
     run(load_config(PretrainConfig, None, [*common, f"output_dir={crashed}", "resume=auto"]))
     _assert_same_weights(full / "checkpoint-last.pth", crashed / "checkpoint-last.pth")
     a, b = safe_load(full / "checkpoint-last.pth"), safe_load(crashed / "checkpoint-last.pth")
-    for sa, sb in zip(a["engine"]["optimizer"]["state"].values(), b["engine"]["optimizer"]["state"].values()):
+    for sa, sb in zip(a["engine"]["optimizer"]["state"].values(), b["engine"]["optimizer"]["state"].values(),
+                      strict=True):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert a["train_state"]["history"] == b["train_state"]["history"] or all(
-        x["epoch_loss"] == y["epoch_loss"] for x, y in zip(a["train_state"]["history"], b["train_state"]["history"]))
+        x["epoch_loss"] == y["epoch_loss"]
+        for x, y in zip(a["train_state"]["history"], b["train_state"]["history"], strict=False))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -433,7 +435,7 @@ def test_the_engine_computes_exactly_what_a_plain_pytorch_loop_computes(fused, a
     engine.train_epoch(batches, 0, loss_of)
     assert engine.device_skip == fused
     assert [r["loss"] for r in records.rows] == pytest.approx(expected, rel=1e-7)
-    for (name, a), b in zip(plain.state_dict().items(), model.state_dict().values()):
+    for (name, a), b in zip(plain.state_dict().items(), model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
 
@@ -526,13 +528,14 @@ def test_pipes_link_loops_and_crafted_headers_in_a_data_folder_neither_hang_nor_
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0)  # 10 G pixels of 8-bit grey
-    (folder / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) +
-                                      chunk(b"IEND", b""))
+    (folder / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                                      + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
     from mae.data import build_dataset
 
     dataset = build_dataset(str(folder), mode="L")
     assert len(dataset) == 41  # 40 images and the crafted one; no pipe, nothing twice through the loop
-    with caplog.at_level("WARNING", logger="mae"), pytest.warns(UserWarning, match="bomb.png.*(exceeds limit|100000 x 100000)"):
+    with caplog.at_level("WARNING", logger="mae"), \
+            pytest.warns(UserWarning, match="bomb.png.*(exceeds limit|100000 x 100000)"):
         assert main(["pretrain", *ARGS, "epochs=1", f"--data={folder}", "data.train_limit=null", "batch_size=8",
                      "--output-dir", str(tmp_path / "run")]) == 0
     assert "skipped_files: 2" in capsys.readouterr().out  # the crafted image (read) and the pipe (passed over)

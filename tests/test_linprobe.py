@@ -57,8 +57,9 @@ def test_probe_step_changes_only_the_head(tiny_checkpoint, pool):
 
 
 def test_probe_head_init_and_features(tiny_checkpoint):
-    """Head weights start normal (trunc_normal_ at +-2, as the reference) with std ~0.01 and bias 0; token features are the class token after the
-    pre-trained norm, avg features the mean of the normed patch tokens (the pre-trained norm is loaded in both)."""
+    """Head weights start normal (trunc_normal_ at +-2, as the reference) with std ~0.01 and bias 0; token features
+    are the class token after the pre-trained norm, avg features the mean of the normed patch tokens (the pre-trained
+    norm is loaded in both)."""
     torch.manual_seed(0)
     model, _, _ = _probe(tiny_checkpoint, "token")
     w = model.head[1].weight

@@ -217,7 +217,7 @@ def test_block_masks_have_no_block_under_the_minimum(grid, num_masked, min_block
         assert rects and all(bh * bw >= min_block for _, _, bh, bw in rects)
         union = torch.zeros(grid, dtype=torch.bool)
         for top, left, bh, bw in rects:
-            assert 0 <= top and top + bh <= grid[0] and 0 <= left and left + bw <= grid[1]
+            assert top >= 0 and top + bh <= grid[0] and left >= 0 and left + bw <= grid[1]
             union[top:top + bh, left:left + bw] = True
         assert int(union.sum()) == num_masked
 
@@ -227,7 +227,7 @@ def test_block_mask_default_minimum_is_beits_16_and_refuses_fewer_patches():
     InputError that names the minimum and the setting to lower."""
     assert M.BEIT_MIN_BLOCK == 16
     assert M.block_mask((14, 14), 16, torch.Generator().manual_seed(0)).sum() == 16
-    with pytest.raises(InputError, match="at least 16.*mask_min_block"):
+    with pytest.raises(InputError, match=r"at least 16.*mask_min_block"):
         M.block_mask((4, 4), 12)
 
 

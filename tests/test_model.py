@@ -81,8 +81,7 @@ def np_patchify(imgs: np.ndarray, p: int) -> np.ndarray:
                 vec = []
                 for i in range(p):
                     for j in range(p):
-                        for ch in range(c):
-                            vec.append(imgs[b, ch, gy * p + i, gx * p + j])
+                        vec.extend(imgs[b, ch, gy * p + i, gx * p + j] for ch in range(c))
                 out[b, gy * w + gx] = vec
     return out
 
@@ -101,7 +100,8 @@ def np_mae_loss(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, p: i
 
 def block_params(dim: int) -> int:
     """One pre-norm Transformer block: two LayerNorms, qkv, proj, MLP (ratio 4), all with biases."""
-    return 2 * 2 * dim + (3 * dim * dim + 3 * dim) + (dim * dim + dim) + (4 * dim * dim + 4 * dim) + (4 * dim * dim + dim)
+    return (2 * 2 * dim + (3 * dim * dim + 3 * dim) + (dim * dim + dim) + (4 * dim * dim + 4 * dim)
+            + (4 * dim * dim + dim))
 
 
 def vit_encoder_params(dim: int, depth: int, patch: int, chans: int, num_patches: int) -> int:
@@ -417,7 +417,7 @@ def test_same_noise_gives_same_output_and_mask():
     model = tiny().eval()
     imgs, noise = images(model), noise_for(model)
     a, b = model(imgs, 0.75, noise), model(imgs, 0.75, noise.clone())
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
     small_first = torch.linspace(0, 0.9, 16).expand(2, -1).contiguous()
     _, _, mask = model(imgs, 0.75, small_first)
@@ -639,20 +639,20 @@ def test_token_target_rejects_non_integer_tokens():
 
 def test_unknown_target_suggests_a_close_name():
     """target='norm_pixl' raises ConfigError naming the bad value and suggesting 'norm_pixel'."""
-    with pytest.raises(ConfigError, match="norm_pixl.*norm_pixel"):
+    with pytest.raises(ConfigError, match=r"norm_pixl.*norm_pixel"):
         tiny(target="norm_pixl")
 
 
 # ------------------------------------------------------------------ 9. errors
 def test_unknown_model_name_suggests_a_close_one():
     """A misspelt model name raises ConfigError naming it and suggesting the real one."""
-    with pytest.raises(ConfigError, match="mae_vit_bse_patch16.*mae_vit_base_patch16"):
+    with pytest.raises(ConfigError, match=r"mae_vit_bse_patch16.*mae_vit_base_patch16"):
         mae.create_model("mae_vit_bse_patch16")
 
 
 def test_unknown_override_field_is_named():
     """An override that is no config field raises ConfigError naming it and the close valid field."""
-    with pytest.raises(ConfigError, match="embed_dims.*'embed_dim'"):
+    with pytest.raises(ConfigError, match=r"embed_dims.*'embed_dim'"):
         mae.model_config("mae_vit_tiny_patch16", embed_dims=64)
 
 
@@ -675,7 +675,7 @@ def test_bad_config_values_raise_config_error(overrides, pattern):
 def test_forward_mask_ratio_out_of_range_is_refused():
     """forward(mask_ratio=1.0) would keep no patch: InputError naming the ratio."""
     model = tiny()
-    with pytest.raises(InputError, match="1.0"):
+    with pytest.raises(InputError, match=r"1.0"):
         model(images(model), 1.0)
 
 

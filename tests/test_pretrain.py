@@ -135,7 +135,8 @@ def test_effective_batch_and_lr_scaling(tmp_path):
     run(tiny_config(out, "epochs=1", "accum_iter=2", "batch_size=16", "optim.base_lr=2.56e-3"))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "epoch_loss" not in r]
-    # one epoch = 256 / (16 x 2) = 8 updates, warm-up 1 epoch: the lr at update k is peak * k / 8, peak = 2.56e-3 * 32 / 256
+    # one epoch = 256 / (16 x 2) = 8 updates, warm-up 1 epoch: the lr at update k is peak * k / 8,
+    # peak = 2.56e-3 * 32 / 256
     peak = 2.56e-3 * 32 / 256
     assert steps[-1]["step"] == 8
     assert steps[3]["lr"] == pytest.approx(peak * 3 / 8)

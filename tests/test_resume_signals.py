@@ -60,7 +60,7 @@ def _same(a: Any, b: Any, where: str) -> None:
                 _same(a[key], b[key], f"{where}.{key}")
     elif isinstance(a, (list, tuple)):
         assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: lengths differ"
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             _same(x, y, f"{where}[{i}]")
     elif where.endswith(("epoch_loss", "loss_sum")) and isinstance(a, float):
         assert b == pytest.approx(a, rel=1e-12), f"{where}: {a!r} != {b!r}"
@@ -264,9 +264,9 @@ def _wait_stopped(pid: int) -> None:
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads a process's state from /proc (Linux)")
 def test_a_sigkilled_prepare_leaves_a_stale_temporary_that_the_rerun_removes_finishing_the_same_shards(tmp_path):
     """`mae prepare` (a process of its own) is frozen (SIGSTOP) once the temporary file of its third (or a later)
-    shard exists, then SIGKILLed: the temporary stays (nothing in the process can clean up), no index.json is written. The rerun
-    removes the dead temporary, keeps the two finished shards (not rewritten), and ends with the index and shard
-    bytes of an uninterrupted run."""
+    shard exists, then SIGKILLed: the temporary stays (nothing in the process can clean up), no index.json is
+    written. The rerun removes the dead temporary, keeps the two finished shards (not rewritten), and ends with the
+    index and shard bytes of an uninterrupted run."""
     from PIL import Image
 
     from mae.data.shard_writer import PROGRESS_NAME, write_shards
@@ -276,7 +276,8 @@ def test_a_sigkilled_prepare_leaves_a_stale_temporary_that_the_rerun_removes_fin
     for label in ("a", "b"):
         (src / "train" / label).mkdir(parents=True)
         for i in range(48):  # noise, re-encoded to 64 px: 8 shards of 12 images, each a while in its temporary
-            Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(src / "train" / label / f"{i}.jpg")
+            noise = rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)
+            Image.fromarray(noise).save(src / "train" / label / f"{i}.jpg")
     settings = ["shard_size=12", "short_side=64", "progress=false"]
     clean = write_shards(src, tmp_path / "clean", shard_size=12, short_side=64, progress=False)
     assert len(clean["splits"]["train"]["shards"]) == 8

@@ -105,7 +105,8 @@ def test_sigkill_mid_run_then_resume_auto_ends_bit_identical_to_an_uninterrupted
     assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    for sa, sb in zip(a["engine"]["optimizer"]["state"].values(), b["engine"]["optimizer"]["state"].values()):
+    for sa, sb in zip(a["engine"]["optimizer"]["state"].values(), b["engine"]["optimizer"]["state"].values(),
+                      strict=True):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
     names = sorted(p.name for p in full.glob("checkpoint-*.pth"))
@@ -219,7 +220,7 @@ def test_non_finite_losses_skip_their_update_are_counted_and_logged(caplog, fuse
     after = [p.detach().clone() for p in model.parameters()]
     snapshots = [*before, after]
     for i in range(8):
-        same = all(torch.equal(a, b) for a, b in zip(snapshots[i], snapshots[i + 1]))
+        same = all(torch.equal(a, b) for a, b in zip(snapshots[i], snapshots[i + 1], strict=True))
         assert same == (i in (2, 5, 6)), i
     assert [r["skipped_steps"] for r in records.rows] == [0, 0, 1, 1, 1, 2, 3, 3]
     assert all(np.isnan(r["loss"]) == (i in (2, 5, 6)) for i, r in enumerate(records.rows))
@@ -233,7 +234,7 @@ def test_k_non_finite_losses_in_a_row_stop_with_a_clear_error_and_untouched_weig
     engine, model, batches, loss_fn, before, _ = _nan_engine({1, 2, 3}, max_nonfinite=3)
     with pytest.raises(TrainingError, match=r"non-finite for 3 consecutive updates .*lower the learning rate"):
         engine.train_epoch(batches, 0, loss_fn)
-    assert all(torch.equal(a, b) for a, b in zip(before[1], model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before[1], model.parameters(), strict=True))
     assert engine.step == 4 and engine.skipped_total == 3
 
 

@@ -64,7 +64,7 @@ def test_alexnet_table_matches_the_published_means():
     published_means = [0.886428, 0.894468, 0.922640, 0.819880, 0.826268, 0.785948, 0.798360, 0.866816, 0.826572,
                        0.819324, 0.564592, 0.853204, 0.646056, 0.717840, 0.606500]
     assert tuple(ALEXNET_ERRORS) == C.CORRUPTIONS
-    for name, mean in zip(C.CORRUPTIONS, published_means):
+    for name, mean in zip(C.CORRUPTIONS, published_means, strict=True):
         assert len(ALEXNET_ERRORS[name]) == 5
         assert sum(ALEXNET_ERRORS[name]) / 5 == pytest.approx(mean, abs=1e-6), name
 
@@ -214,7 +214,7 @@ def test_shipped_class_lists_have_200_imagenet_classes_and_agree_with_timm(name)
     rows = _read_list(name)
     assert len(rows) == 200 and len({w for w, _ in rows}) == 200
     indices = [i for _, i in rows]
-    assert indices == sorted(indices) and 0 <= indices[0] and indices[-1] < 1000
+    assert indices == sorted(indices) and indices[0] >= 0 and indices[-1] < 1000
     info = Path(pytest.importorskip("timm").__file__).parent / "data" / "_info"
     stem = name.replace("-", "_")
     if not (info / f"{stem}_synsets.txt").is_file():

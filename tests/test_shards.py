@@ -103,7 +103,8 @@ def _labels(loader) -> list[list[int]]:
 
 
 def _equal_batches(a: list, b: list) -> bool:
-    return len(a) == len(b) and all(all(torch.equal(x, y) for x, y in zip(p, q)) for p, q in zip(a, b))
+    return len(a) == len(b) and all(all(torch.equal(x, y) for x, y in zip(p, q, strict=True))
+                                    for p, q in zip(a, b, strict=True))
 
 
 # ---------------------------------------------------------------- mae prepare
@@ -130,7 +131,7 @@ def test_prepare_a_class_tree_writes_class_mixed_shards_per_split_with_index_lab
     for shard in train["shards"]:
         members = _members(dst / shard["name"])
         assert [n.split(".")[1] for n, _ in members] == ["jpg", "cls"] * shard["samples"]
-        for (jpg, data), (cls, label) in zip(members[::2], members[1::2]):
+        for (jpg, data), (cls, label) in zip(members[::2], members[1::2], strict=True):
             assert jpg.split(".")[0] == cls.split(".")[0]
             labels.append(int(label.decode("ascii")))
             with Image.open(io.BytesIO(data)) as image:
@@ -259,10 +260,10 @@ def test_order_is_a_pure_function_of_seed_and_epoch_and_a_samples_pixels_of_seed
     assert _equal_batches(a, b)
     assert [x[1].tolist() for x in epoch_of(0, 2)] != [x[1].tolist() for x in a]
     assert [x[1].tolist() for x in epoch_of(1, 1)] != [x[1].tolist() for x in a]
-    pixels = {int(i): img for images, labels in a for img, i in zip(images, labels)}
+    pixels = {int(i): img for images, labels in a for img, i in zip(images, labels, strict=True)}
     for rank in range(2):
         for images, labels in epoch_of(0, 1, rank=rank, world_size=2, num_workers=2):
-            for img, i in zip(images, labels):
+            for img, i in zip(images, labels, strict=True):
                 assert torch.equal(img, pixels[int(i)])
 
 
@@ -428,7 +429,7 @@ def test_bad_specs_give_one_line_errors(tmp_path, spec, split, fragment):
 
 def test_too_large_a_batch_and_bad_arguments_are_config_errors(tmp_path):
     root = _id_shards(tmp_path / "s", [3, 2])
-    with pytest.raises(ConfigError, match="5 samples .* fewer than one batch of 3 for each of 2 rank"):
+    with pytest.raises(ConfigError, match=r"5 samples .* fewer than one batch of 3 for each of 2 rank"):
         build_shard_loader(f"shards:{root}", transform=None, batch_size=3, world_size=2)
     with pytest.raises(ConfigError, match="rank=2"):
         build_shard_loader(f"shards:{root}", transform=None, batch_size=1, rank=2, world_size=2)

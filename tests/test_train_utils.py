@@ -250,7 +250,7 @@ def test_safe_load_reports_truncated_and_missing_files(tmp_path):
         path.write_bytes(data[:size])
         with pytest.raises(CheckpointError, match="truncated"):
             safe_load(path)
-    with pytest.raises(CheckpointError, match="nope.pth' does not exist"):
+    with pytest.raises(CheckpointError, match=r"nope.pth' does not exist"):
         safe_load(tmp_path / "nope.pth")
 
 
@@ -395,7 +395,8 @@ def test_disabled_logger_and_progress_write_nothing(tmp_path):
 
 def test_auto_precision_is_fp32_where_aten_runs_avx2_kernels(monkeypatch):
     """bf16 only where it is native: AMX, or AVX-512 kernels on a CPU with avx512_bf16; ATen limited to AVX2 (an
-    older CPU, or ATEN_CPU_CAPABILITY=avx2 on a new one) emulates bf16, so 'auto' is fp32 whatever /proc/cpuinfo says."""
+    older CPU, or ATEN_CPU_CAPABILITY=avx2 on a new one) emulates bf16, so 'auto' is fp32 whatever /proc/cpuinfo
+    says."""
     from mae.train import precision
 
     for capability, want in (("AVX2", "fp32"), ("DEFAULT", "fp32"), ("AMX", "bf16")):

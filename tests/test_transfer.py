@@ -72,7 +72,7 @@ def test_pyramid_outputs_strides_4_to_32_at_any_input_size(pyramid, patch, size)
     backbone = ViTPyramid(img_size=64, patch_size=patch, embed_dim=32, depth=4, num_heads=2, pyramid=pyramid)
     out = backbone(torch.randn(2, 3, *size))
     assert list(out) == ["0", "1", "2", "3"] == backbone.feature_names
-    for (name, fmap), stride in zip(out.items(), (4, 8, 16, 32)):
+    for (name, fmap), stride in zip(out.items(), (4, 8, 16, 32), strict=True):
         assert tuple(fmap.shape) == (2, backbone.out_channels, size[0] // stride, size[1] // stride), name
     assert backbone.strides == (4, 8, 16, 32)
 
@@ -148,7 +148,7 @@ def test_checkpoint_of_another_architecture_is_refused(tiny_mae, tmp_path):
     with pytest.raises(CheckpointError, match=r"cls_token is \[1, 1, 32\] in the file but \[1, 1, 64\]"):
         load_encoder(wide, model.state_dict())
     deep = ViTPyramid(img_size=32, patch_size=8, embed_dim=32, depth=8, num_heads=2)
-    with pytest.raises(CheckpointError, match="missing from the file: blocks.4"):
+    with pytest.raises(CheckpointError, match=r"missing from the file: blocks.4"):
         load_encoder(deep, model.state_dict())
 
 
@@ -217,7 +217,7 @@ def test_coco_dataset_targets_and_flip(shapes):
 
     ds = CocoInstances(shapes / "images/training", shapes / "coco/instances_training.json")
     image, target = ds[0]
-    assert image.shape == (3, 64, 64) and 0 <= image.min() and image.max() <= 1
+    assert image.shape == (3, 64, 64) and image.min() >= 0 and image.max() <= 1
     k = len(target["labels"])
     assert target["boxes"].shape == (k, 4) and target["masks"].shape == (k, 64, 64)
     assert ds.classes == list(SHAPES) and set(target["labels"].tolist()) <= set(range(1, 6))
@@ -288,7 +288,7 @@ def test_training_without_an_encoder_source_is_refused():
     """mode=train needs a checkpoint (or a model name for random init); the error says which key to set."""
     from mae.recipes.detect import DetectConfig
 
-    with pytest.raises(ConfigError, match="backbone.checkpoint"):
+    with pytest.raises(ConfigError, match=r"backbone.checkpoint"):
         load_config(DetectConfig, None, [])
     with pytest.raises(ConfigError, match="weights="):
         load_config(DetectConfig, None, ["mode=evaluate"])
@@ -434,7 +434,8 @@ def test_segment_defaults_and_ade20k_presets_are_beit_style():
     from mae.recipes.segment import SegmentConfig
 
     default = load_config(SegmentConfig, None, ["backbone.checkpoint=x"])
-    for cfg in (default, load_config(SegmentConfig, CONFIGS / "segment/ade20k_vit_base.yaml", ["backbone.checkpoint=x"]),
+    for cfg in (default,
+                load_config(SegmentConfig, CONFIGS / "segment/ade20k_vit_base.yaml", ["backbone.checkpoint=x"]),
                 load_config(SegmentConfig, CONFIGS / "segment/ade20k_vit_large.yaml", ["backbone.checkpoint=x"])):
         b = cfg.backbone
         assert (b.feature_blocks, b.feature_norm, b.deconv_norm, b.learnable_pos_embed, b.rel_pos_bias) == (

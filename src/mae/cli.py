@@ -69,7 +69,8 @@ def _config_command(sub, name: str, help_text: str, config_cls_path: str, full: 
         return
     module = __import__(config_cls_path.rsplit(".", 1)[0], fromlist=["run"])
     flags = getattr(module, "CLI_FLAGS", COMMON_FLAGS)
-    p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(name, help=help_text, description=help_text,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file, or the name of a shipped preset (e.g. vit_l_800ep, "
                    "pretrain/vit_l_800ep; `mae presets` lists them); with --resume and no --config, the run's own "
                    "config.yaml")
@@ -160,9 +161,8 @@ def _resume_base(cls: type, overrides: Sequence[str]):
 
 def _print_summary(summary: dict) -> None:
     for key, value in summary.items():
-        if isinstance(value, float):
-            value = f"{value:.4g}"
-        print(f"{key}: {value}")
+        text = f"{value:.4g}" if isinstance(value, float) else value
+        print(f"{key}: {text}")
 
 
 def _cmd_visualize(args: argparse.Namespace) -> int:

@@ -75,10 +75,11 @@ def load_config(cls: type[T], path: str | Path | Mapping[str, Any] | None = None
         overrides = [overrides]
     for item in overrides:
         key, sep, value = item.partition("=")
+        override = item
         if sep and key.strip() in renamed:
             _log.warning("%s is now called %s; read as such", key.strip(), renamed[key.strip()])
-            item = f"{renamed[key.strip()]}={value}"
-        raw = _merge(raw, _parse_override(cls, item), cls, prefix="", root=cls)
+            override = f"{renamed[key.strip()]}={value}"
+        raw = _merge(raw, _parse_override(cls, override), cls, prefix="", root=cls)
     cfg = _build(cls, raw, prefix="")
     _validate_tree(cfg)
     return cfg
@@ -273,8 +274,8 @@ def _merge(raw: dict[str, Any], update: Mapping[str, Any], cls: type, prefix: st
     """`update` merged onto the raw values of dataclass `cls` (at `prefix` inside `root`); unknown keys raise."""
     out = dict(raw)
     hints = _hints(cls)
-    for key, value in update.items():
-        key = str(key)
+    for raw_key, value in update.items():
+        key = str(raw_key)
         if key not in hints:
             _unknown_key(root, prefix + key, cls, prefix[:-1])
         tp = hints[key]
@@ -408,7 +409,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if container is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
             if len(value) != len(args):
                 raise ConfigError(f"{path}: expected {len(args)} values ({_type_name(tp)}), got {list(value)!r}")
-            return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+            return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
         item = args[0] if args else Any
         return container(_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value))
     if origin is dict or tp is dict:
@@ -520,7 +521,8 @@ def _check_numbers(obj: Any, prefix: str) -> None:
             want = f"{'finite numbers' if many else 'a finite number'}" if valid.text == "finite" else \
                 f"{'numbers' if many else 'a number'} {valid.text}"
             nullable = " or null" if _NONE_TYPE in typing.get_args(hints[f.name]) else ""
-            raise ConfigError(f"{key}={_show(value)} {what}; give {want}{nullable}" + (f", {example}" if example else ""))
+            raise ConfigError(f"{key}={_show(value)} {what}; give {want}{nullable}"
+                              + (f", {example}" if example else ""))
         each = "each value of " if many else ""
         raise ConfigError(f"{each}{key} must be {valid.text}, got {_show(value)}" + (f"; {example}" if example else ""))
 

@@ -10,6 +10,7 @@ had to give the run. Elsewhere CPU memory is not measured (reported as null).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import os
@@ -36,10 +37,8 @@ def _status_kib(field: str) -> int | None:
 
 def _trim_heap() -> None:
     gc.collect()
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 class PeakMemory:

@@ -22,6 +22,7 @@ plus a workspace of the largest saved tensor (the backward's gradient of it, in 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -208,10 +209,9 @@ def _return_freed_memory_at_once(device: torch.device) -> None:
 
     if device.type != "cpu":
         return
-    try:
+    # not glibc (OSError, AttributeError): the measurement includes the allocator's slack
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD; setting it fixes the threshold
-    except (OSError, AttributeError):  # not glibc: the measurement includes the allocator's slack
-        pass
 
 
 def measure_memory(config: MAEConfig, *, strategy: str, batch_size: int, precision: str, device: torch.device,

@@ -208,7 +208,7 @@ def to_hf_layout(state_dict: dict[str, torch.Tensor], hf_keys: set[str]) -> dict
         index, sub = key[len(prefix):].split(".", 1)
         module, kind = sub.rsplit(".", 1)
         if module == "attn.qkv":
-            for name, part in zip(block["qkv"], value.chunk(3, dim=0)):
+            for name, part in zip(block["qkv"], value.chunk(3, dim=0), strict=False):
                 out[f"{rest}{index}.{name}.{kind}"] = part
         else:
             out[f"{rest}{index}.{block[module]}.{kind}"] = value

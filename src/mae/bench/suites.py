@@ -151,7 +151,7 @@ def speed_ratio(slow: dict, fast: dict) -> float:
     """
     a, b = slow["step_seconds_all"], fast["step_seconds_all"]
     if slow.get("schedule") == fast.get("schedule") == "alternating" and len(a) == len(b):
-        return statistics.median(x / y for x, y in zip(a, b))
+        return statistics.median(x / y for x, y in zip(a, b, strict=True))
     return slow["step_seconds"] / fast["step_seconds"]
 
 
@@ -170,10 +170,7 @@ def fits_together(configs: list[MAEConfig], device: torch.device, share: float =
     for cfg in configs:
         with torch.device("meta"):
             need += 2 * 16 * sum(p.numel() for p in MaskedAutoencoderViT(cfg).parameters())
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        free = measure.available_memory() or 0
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else measure.available_memory() or 0
     return need <= share * free
 
 
@@ -239,11 +236,11 @@ def suite_table2(ctx: BenchContext, encoders: list[str], img_size: int | None, b
         cfgs = [model_config(name, decoder_embed_dim=512, decoder_num_heads=16, mask_ratio=0.75, **overrides, **v)
                 for _, v in variants]
         builds = [(name, _ours_builder(ctx, cfg, batch, precision, label, optimizer))
-                  for (label, _), cfg in zip(variants, cfgs)]
+                  for (label, _), cfg in zip(variants, cfgs, strict=True)]
         measured = measure_together(ctx, builds, alternate=fits_together(cfgs, ctx.device))
         base_flops = mae_flops(cfgs[0]).train
         paper = PAPER_TABLE2.get(size)
-        for (label, v), cfg, row in zip(variants, cfgs, measured):
+        for (label, v), cfg, row in zip(variants, cfgs, measured, strict=True):
             paper_speedup = None if paper is None else 1.0 if v.get("mask_in_encoder") else paper[v["decoder_depth"]]
             row.update(encoder=size, variant=label, speedup=speed_ratio(measured[0], row),
                        flops_ratio=base_flops / mae_flops(cfg).train, paper_speedup=paper_speedup)
@@ -335,10 +332,9 @@ def suite_scaling(ctx: BenchContext, name: str, cfg: MAEConfig, precision: str, 
     """Images/s and peak memory against batch size and mask ratio (for `cfg`) and against model size (each of
     `models` at the img_size of `cfg`; with `checkpointing`, also with activation checkpointing; with
     `model_precisions`, each model at each of those precisions too: the data behind ``precision=auto``)."""
-    rows = []
-    for b in batch_sizes:
-        rows.append(measure_single(ctx, name, _ours_builder(ctx, cfg, b, precision, f"batch {b}", optimizer),
-                                   axis="batch_size"))
+    rows = [measure_single(ctx, name, _ours_builder(ctx, cfg, b, precision, f"batch {b}", optimizer),
+                           axis="batch_size")
+            for b in batch_sizes]
     for r in mask_ratios:
         c = cfg.replace(mask_ratio=r)
         rows.append(measure_single(ctx, name, _ours_builder(ctx, c, batch, precision, f"mask {r:g}", optimizer),
@@ -349,10 +345,8 @@ def suite_scaling(ctx: BenchContext, name: str, cfg: MAEConfig, precision: str, 
             label = f"{m}{' ckpt' if ckpt else ''}"
             rows.append(measure_single(ctx, m, _ours_builder(ctx, c, batch, precision, label, optimizer,
                                                              grad_checkpointing=ckpt), axis="model"))
-        for p in model_precisions or []:
-            if p != precision:
-                rows.append(measure_single(ctx, m, _ours_builder(ctx, c, batch, p, f"{m} {p}", optimizer),
-                                           axis="model"))
+        rows.extend(measure_single(ctx, m, _ours_builder(ctx, c, batch, p, f"{m} {p}", optimizer), axis="model")
+                    for p in model_precisions or [] if p != precision)
     return {"rows": rows}
 
 

@@ -169,7 +169,8 @@ def build_dataset(spec: str, split: str = "train", transform: Callable | None = 
                              decode)
     root = Path(spec).expanduser()
     if not root.exists():
-        raise DataError(f"data path '{spec}' does not exist; give an image folder or one of {', '.join(list_builtin())}")
+        raise DataError(f"data path '{spec}' does not exist; give an image folder or one of "
+                        f"{', '.join(list_builtin())}")
     if not root.is_dir():
         raise DataError(f"data path '{spec}' is a file, not a folder; give the folder that holds the images")
     root = _split_folder(root, split)
@@ -357,7 +358,7 @@ def fingerprint(dataset: Dataset) -> dict:
     if isinstance(inner, BuiltinDataset):
         h.update(f"builtin:{inner.name}:{inner.split}:{len(inner)}".encode())
     elif isinstance(inner, ShardDataset):
-        for path, count in zip(inner.shards.paths, inner.shards.counts):
+        for path, count in zip(inner.shards.paths, inner.shards.counts, strict=True):
             h.update(f"{os.path.basename(path)}\t{count}\n".encode())
     elif hasattr(inner, "samples") and hasattr(inner, "root"):
         root = str(inner.root)

@@ -85,7 +85,7 @@ class DeviceDecoder:
                             "and remove it with data.decode=tensor (which skips corrupt files) or data.strict=true"
                             ) from e
         out = []
-        for image, (top, left, h, w, flip) in zip(images, boxes.tolist()):
+        for image, (top, left, h, w, flip) in zip(images, boxes.tolist(), strict=True):
             crop = image[:, top:top + h, left:left + w].unsqueeze(0).float()
             crop = F.interpolate(crop, size=(self.size, self.size), mode="bicubic", antialias=True,
                                  align_corners=False).clamp_(0, 255)

@@ -189,7 +189,8 @@ def check_pixels(width: int, height: int) -> None:
 
 
 def to_mode(image: Image.Image, mode: str) -> Image.Image:
-    """`image` as an 8-bit 'RGB' or 'L' image: alpha is composited on white, 16/32-bit values are scaled, not clipped."""
+    """`image` as an 8-bit 'RGB' or 'L' image: alpha is composited on white, 16/32-bit values are scaled, not
+    clipped."""
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         # 16-bit greys (PNG, TIFF) map 0..65535 -> 0..255; 32-bit 'I' (how older Pillow opens 16-bit PNGs) is read
         # as the same 16-bit range.

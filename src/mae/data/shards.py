@@ -123,7 +123,7 @@ def _split_top_level(body: str) -> list[str]:
             current = ""
         else:
             current += ch
-    return parts + [current]
+    return [*parts, current]
 
 
 @dataclass(frozen=True)
@@ -215,7 +215,8 @@ def resolve_shards(spec: str, split: str = "train") -> ShardSet:
         log.info("shards: no %s beside %s lists them; counting samples from their tar headers", INDEX_NAME, rest)
         tables = [read_member_table(p) for p in paths]
         counts = tuple(len(t) for t in tables)
-        labels = [_read_label(p, sample) for p, t in zip(paths, tables) for sample in t if LABEL_EXTENSION in sample]
+        labels = [_read_label(p, sample) for p, t in zip(paths, tables, strict=True) for sample in t
+                  if LABEL_EXTENSION in sample]
         labelled = bool(labels) and all(label is not None for label in labels)
         classes = tuple(str(i) for i in range(max(labels) + 1)) if labelled else ()
     return _checked(ShardSet(spec, split, paths, counts, classes, labelled))
@@ -420,7 +421,7 @@ class ShardDataset(ImageDataset):
     def _read(self, shard: int, offset: int, size: int) -> bytes:
         f = self._files.get(shard)
         if f is None:
-            f = open(self.shards.paths[shard], "rb")
+            f = open(self.shards.paths[shard], "rb")  # noqa: SIM115 (kept open in the LRU cache, closed on eviction)
             self._files[shard] = f
             if len(self._files) > _OPEN_FILES:
                 self._files.popitem(last=False)[1].close()
@@ -508,7 +509,8 @@ def batches_per_rank(total: int, batch_size: int, world_size: int, drop_last: bo
 
 def plan_epoch(counts: Sequence[int], *, seed: int, epoch: int, rank: int, world_size: int, batch_size: int,
                shuffle: bool = True, drop_last: bool = True, buffer_size: int = DEFAULT_BUFFER) -> np.ndarray:
-    """Global sample indices that `rank` reads in `epoch`, in order; batch j is ``[j * batch_size, (j+1) * batch_size)``.
+    """Global sample indices that `rank` reads in `epoch`, in order; batch j is
+    ``[j * batch_size, (j+1) * batch_size)``.
 
     With shuffle, from a generator seeded by (seed, epoch): the shards in a random order, the concatenated stream
     shifted cyclically by a random offset, rank r's contiguous run of ``M = K x batch_size`` positions (K =
@@ -551,7 +553,7 @@ def _buffer_shuffle(stream: np.ndarray, size: int, rng: np.random.Generator) -> 
     buffer = stream[:size].tolist()
     slots = rng.integers(0, size, size=len(stream) - size).tolist()
     out = []
-    for item, j in zip(stream[size:].tolist(), slots):
+    for item, j in zip(stream[size:].tolist(), slots, strict=True):
         out.append(buffer[j])
         buffer[j] = item
     out.extend(buffer[i] for i in rng.permutation(size).tolist())

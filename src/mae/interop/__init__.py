@@ -37,7 +37,8 @@ from mae.interop.timm_vit import encoder_for_timm, timm_vit_kwargs
 from mae.models.loading import LoadReport
 
 __all__ = [
-    "FORMATS", "Checkpoint", "EncoderSource", "LoadReport", "config_from_hf", "convert", "encoder_for_timm", "from_hf_state_dict",
-    "hf_config_dict", "infer_config", "load_model", "load_state_dict_any", "load_weights_into", "read_checkpoint", "read_encoder",
-    "save_hf_pretrained", "save_model", "timm_vit_kwargs", "to_hf_state_dict", "to_reference_checkpoint",
+    "FORMATS", "Checkpoint", "EncoderSource", "LoadReport", "config_from_hf", "convert", "encoder_for_timm",
+    "from_hf_state_dict", "hf_config_dict", "infer_config", "load_model", "load_state_dict_any", "load_weights_into",
+    "read_checkpoint", "read_encoder", "save_hf_pretrained", "save_model", "timm_vit_kwargs", "to_hf_state_dict",
+    "to_reference_checkpoint",
 ]

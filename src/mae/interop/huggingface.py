@@ -85,8 +85,8 @@ def to_hf_state_dict(state_dict: Mapping[str, torch.Tensor] | torch.nn.Module) -
     sd = state_dict.state_dict() if isinstance(state_dict, torch.nn.Module) else state_dict
     sd = select(sd, ("encoder", "decoder"), "a transformers ViTMAEForPreTraining checkpoint")
     out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        value = value.detach()
+    for key, tensor in sd.items():
+        value = tensor.detach()
         if key in _TOP_TO_HF:
             out[_TOP_TO_HF[key]] = value
             continue
@@ -95,7 +95,7 @@ def to_hf_state_dict(state_dict: Mapping[str, torch.Tensor] | torch.nn.Module) -
             kind, i, sub, leaf = m.groups()
             prefix = f"vit.encoder.layer.{i}." if kind == "blocks" else f"decoder.decoder_layers.{i}."
             if sub == "attn.qkv":
-                for name, chunk in zip(_QKV_HF, value.chunk(3, dim=0)):
+                for name, chunk in zip(_QKV_HF, value.chunk(3, dim=0), strict=False):
                     out[f"{prefix}{name}.{leaf}"] = chunk.clone()
                 continue
             if sub in _BLOCK_TO_HF:
@@ -136,7 +136,8 @@ def from_hf_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torc
             out[key[len("decoder."):]] = value
             continue
         if key.startswith("vit.pooler."):  # ViTModel's pooler: a classifier part, skipped by the loader
-            key = key[len("vit."):]
+            out[key[len("vit."):]] = value
+            continue
         out[key] = value  # unknown: reported by the loader
     for (prefix, leaf), parts in qkv.items():
         if set(parts) != {"q", "k", "v"}:

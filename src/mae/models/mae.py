@@ -12,10 +12,10 @@ from dataclasses import asdict, dataclass, fields
 from functools import partial
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mae.errors import ConfigError, InputError
@@ -274,7 +274,7 @@ class MaskedAutoencoderViT(nn.Module):
         """Encode the visible patches: latent [N, 1+K, D] (or [N, 1+L, D] with mask tokens in the encoder)."""
         self._check_input(imgs)
         x = self.patch_embed(imgs)  # [N, L, D]
-        n, length, dim = x.shape
+        n, _, dim = x.shape
         m = self.make_masking(n, mask_ratio, noise, mask, x.device)
         if self.config.mask_in_encoder:
             removed = m.mask.unsqueeze(-1).bool()  # [N, L, 1]

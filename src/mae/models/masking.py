@@ -66,7 +66,8 @@ def masking_from_mask(mask: torch.Tensor, noise: torch.Tensor | None = None) -> 
 
 
 def random_masking(
-    n: int, grid: tuple[int, int], mask_ratio: float, device: torch.device | str = "cpu", noise: torch.Tensor | None = None
+    n: int, grid: tuple[int, int], mask_ratio: float, device: torch.device | str = "cpu",
+    noise: torch.Tensor | None = None,
 ) -> Masking:
     """Per-sample uniform random masking (the MAE default)."""
     length = grid[0] * grid[1]
@@ -172,7 +173,7 @@ def _any_fitting_rectangle(mask: torch.Tensor, remaining: int, min_block: int,
         for bw in range(max(1, -(-min_block // bh)), w + 1):
             new = free[bh:, bw:] - free[:-bh, bw:] - free[bh:, :-bw] + free[:-bh, :-bw]  # [h-bh+1, w-bw+1]
             tops, lefts = ((new > 0) & (new <= remaining)).nonzero(as_tuple=True)
-            candidates += [(int(t), int(left), bh, bw) for t, left in zip(tops, lefts)]
+            candidates += [(int(t), int(left), bh, bw) for t, left in zip(tops, lefts, strict=True)]
     if not candidates:
         return None
     return candidates[int(torch.randint(len(candidates), (), generator=generator).item())]

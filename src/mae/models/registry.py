@@ -11,25 +11,25 @@ from mae.models.mae import MAEConfig, MaskedAutoencoderViT, config_fields
 
 # Encoder widths of the ViT family (ViT-Tiny/Small as in DeiT; Base/Large/Huge as in the paper; 2B and 6.5B for FSDP).
 _ENCODERS = {
-    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
-    "small": dict(embed_dim=384, depth=12, num_heads=6),
-    "base": dict(embed_dim=768, depth=12, num_heads=12),
-    "large": dict(embed_dim=1024, depth=24, num_heads=16),
-    "huge": dict(embed_dim=1280, depth=32, num_heads=16),
+    "tiny": {"embed_dim": 192, "depth": 12, "num_heads": 3},
+    "small": {"embed_dim": 384, "depth": 12, "num_heads": 6},
+    "base": {"embed_dim": 768, "depth": 12, "num_heads": 12},
+    "large": {"embed_dim": 1024, "depth": 24, "num_heads": 16},
+    "huge": {"embed_dim": 1280, "depth": 32, "num_heads": 16},
     # Beyond the paper, for model-scale runs (distributed.strategy=fsdp): ViT-2B (1.9 B encoder parameters) and
     # ViT-6.5B (6.4 B), MLP 4x wide (10240 / 16384), meant for patch 14.
     "2b": {"embed_dim": 2560, "depth": 24, "num_heads": 32},
     "6.5b": {"embed_dim": 4096, "depth": 32, "num_heads": 32},
 }
-_PAPER_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+_PAPER_DECODER = {"decoder_embed_dim": 512, "decoder_depth": 8, "decoder_num_heads": 16}
 # Named decoder variants of paper Table 1a/1b: suffix -> decoder fields.
 _DECODERS = {
     "": _PAPER_DECODER,
     "_dec512d8b": _PAPER_DECODER,
-    "_dec512d1b": dict(decoder_embed_dim=512, decoder_depth=1, decoder_num_heads=16),
-    "_dec512d2b": dict(decoder_embed_dim=512, decoder_depth=2, decoder_num_heads=16),
-    "_dec512d4b": dict(decoder_embed_dim=512, decoder_depth=4, decoder_num_heads=16),
-    "_dec256d8b": dict(decoder_embed_dim=256, decoder_depth=8, decoder_num_heads=8),
+    "_dec512d1b": {"decoder_embed_dim": 512, "decoder_depth": 1, "decoder_num_heads": 16},
+    "_dec512d2b": {"decoder_embed_dim": 512, "decoder_depth": 2, "decoder_num_heads": 16},
+    "_dec512d4b": {"decoder_embed_dim": 512, "decoder_depth": 4, "decoder_num_heads": 16},
+    "_dec256d8b": {"decoder_embed_dim": 256, "decoder_depth": 8, "decoder_num_heads": 8},
 }
 
 ARCHITECTURES: dict[str, dict] = {
@@ -39,17 +39,17 @@ ARCHITECTURES: dict[str, dict] = {
     for suffix, dec in _DECODERS.items()
 }
 # A model small enough to pre-train on a laptop CPU in minutes (28 x 28 grayscale digits, 7 x 7 patches of 4).
-ARCHITECTURES["mae_vit_micro_patch4_28"] = dict(
-    img_size=28, patch_size=4, in_chans=1, embed_dim=128, depth=6, num_heads=4,
-    decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
-)
+ARCHITECTURES["mae_vit_micro_patch4_28"] = {
+    "img_size": 28, "patch_size": 4, "in_chans": 1, "embed_dim": 128, "depth": 6, "num_heads": 4,
+    "decoder_embed_dim": 64, "decoder_depth": 2, "decoder_num_heads": 4,
+}
 # The CPU demo's model (`make demo`): the micro model with 4 encoder blocks instead of 6 and MLPs 2x wide instead of
 # 4x: 1.9x fewer FLOPs, a 1.8x faster step (AVX2, fp32), and after the same 40 epochs as good a linear probe (92.7
 # and 92.2 with seeds 0 and 1, docs/benchmarks.md "The demo's recipe").
-ARCHITECTURES["mae_vit_nano_patch4_28"] = dict(
-    img_size=28, patch_size=4, in_chans=1, embed_dim=128, depth=4, num_heads=4, mlp_ratio=2.0,
-    decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
-)
+ARCHITECTURES["mae_vit_nano_patch4_28"] = {
+    "img_size": 28, "patch_size": 4, "in_chans": 1, "embed_dim": 128, "depth": 4, "num_heads": 4, "mlp_ratio": 2.0,
+    "decoder_embed_dim": 64, "decoder_depth": 2, "decoder_num_heads": 4,
+}
 
 
 def list_models(pattern: str = "*") -> list[str]:

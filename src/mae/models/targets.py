@@ -16,8 +16,8 @@ import math
 from collections.abc import Callable, Iterable
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from mae.errors import ConfigError, InputError
 from mae.models.patches import patchify

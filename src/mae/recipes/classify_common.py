@@ -285,8 +285,8 @@ def score_logits(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], device: t
     also the confusion matrix."""
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # top1 hits, top5 hits, loss sum, count
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device) if num_classes else None
-    for logits, target in batches:
-        logits, target = logits.float(), target.to(logits.device)
+    for batch_logits, batch_target in batches:
+        logits, target = batch_logits.float(), batch_target.to(batch_logits.device)
         c1, c5 = topk_counts(logits, target)
         sums += torch.stack([c1.double(), c5.double(), F.cross_entropy(logits, target, reduction="sum").double(),
                              torch.tensor(float(len(target)), dtype=torch.float64, device=device)])

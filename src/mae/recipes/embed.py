@@ -128,7 +128,7 @@ def image_dataset(data: EmbedData, img_size: int, in_chans: int) -> tuple[Any, l
     if data.path.startswith(BUILTIN_PREFIX):
         splits = ["train", "val"] if data.split == "all" else [data.split]
         parts = [build_dataset(data.path, s, transform=transform, mode=mode) for s in splits]
-        ids = [f"{data.path}/{s}/{i}" for s, part in zip(splits, parts) for i in range(len(part))]
+        ids = [f"{data.path}/{s}/{i}" for s, part in zip(splits, parts, strict=True) for i in range(len(part))]
         return (parts[0] if len(parts) == 1 else ConcatDataset(parts)), ids
     if data.split != "all":
         raise ConfigError(f"data.split={data.split} applies to builtin datasets; for a folder, pass the sub-folder "

@@ -165,7 +165,7 @@ def read_class_map(path: str | Path, dataset_classes: Sequence[str], model_class
                         f"listed, e.g. {extra[:2]}); give the {named} folder with its {len(listed)} WordNet-id "
                         f"folders, or a class_map file for a subset")
     if rows and all(len(r) == 2 for r in rows):
-        by_folder = {folder: target for folder, target in rows}
+        by_folder = dict(rows)
         missing = [c for c in dataset_classes if c not in by_folder]
         if missing:
             raise DataError(f"class map '{path}' has no line for the dataset class(es) {missing[:4]}; add "

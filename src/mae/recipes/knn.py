@@ -124,7 +124,7 @@ def _all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     padded[: len(t)] = t
     parts = [torch.zeros_like(padded) for _ in range(world)]
     tdist.all_gather(parts, padded)
-    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
 
 
 def encoder_features(model: nn.Module, pool: str = "token"):
@@ -185,7 +185,8 @@ def knn_monitor(model: nn.Module, cfg: KnnConfig | None = None, device: torch.de
     was_training = model.training
     model.eval()
     try:
-        return knn_evaluate(encoder_features(model, cfg.model.global_pool), eval_loader(train_set, cfg.batch_size, 0, dist),
+        return knn_evaluate(encoder_features(model, cfg.model.global_pool),
+                            eval_loader(train_set, cfg.batch_size, 0, dist),
                             eval_loader(val_set, cfg.batch_size, 0, dist), len(classes), device, cfg.k, cfg.temperature)
     finally:
         model.train(was_training)

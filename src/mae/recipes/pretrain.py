@@ -46,7 +46,8 @@ PRETRAIN_DECODERS = ("tensor", "pil", "nvjpeg")
 
 @dataclass
 class PretrainData:
-    path: str = field(default="builtin:mnist5k", metadata={"help": "builtin:<name>, a class-folder tree or a folder of images"})
+    path: str = field(default="builtin:mnist5k",
+                      metadata={"help": "builtin:<name>, a class-folder tree or a folder of images"})
     augment: str = field(default="rrc", metadata={"help": "rrc | fixed_crop | none | rrc_jitter (paper Table 1e)"})
     num_workers: int = field(default_factory=default_workers, metadata={
         "help": "DataLoader worker processes (default: this process's share of the CPUs less one, at most 8)"})
@@ -186,7 +187,7 @@ def device_batch_fn(cfg: PretrainConfig, model_cfg: MAEConfig, device: torch.dev
 @torch.no_grad()
 def fit_pca_target(model: MaskedAutoencoderViT, loader, num_batches: int) -> float:
     """Fit a PCA target's basis on training patches (once, before training)."""
-    batches = (imgs for i, (imgs, _) in zip(range(num_batches), loader))
+    batches = (imgs for i, (imgs, _) in zip(range(num_batches), loader, strict=False))
     ratio = model.target.fit(batches)
     log.info("PCA target fitted on %d batches: top-%d components explain %.1f%% of patch variance",
              num_batches, model.target.dim, 100 * float(ratio))

@@ -270,7 +270,8 @@ def _write_tables(out: Path, rows: list[dict]) -> None:
     for grid in dict.fromkeys(r["grid"] for r in rows):
         part = [r for r in rows if r["grid"] == grid]
         shown = [c for c in columns if c.endswith("_top1") and any(c in r for r in part)]
-        lines += [f"### {part[0]['axis']}", "", "| " + " | ".join(["setting", "seed", "loss", "s/epoch", *shown]) + " |",
+        lines += [f"### {part[0]['axis']}", "",
+                  "| " + " | ".join(["setting", "seed", "loss", "s/epoch", *shown]) + " |",
                   "|" + "---|" * (4 + len(shown))]
         for r in part:
             cells = [r["row"], str(r["seed"]), _fmt(r.get("pretrain_loss"), 4), _fmt(r.get("seconds_per_epoch"), 1),

@@ -127,7 +127,7 @@ def _load_any(path: Path, map_location: str | torch.device, mmap: bool = False) 
         ) from None
     except Exception as e:  # noqa: BLE001 (the unpickler meets a file that is not a checkpoint with any error)
         raise CheckpointError(
-            f"checkpoint '{path}' is not a PyTorch checkpoint, or is truncated or corrupt ({_first_line(e)}); "
+            f"checkpoint '{path}' is truncated or corrupt, or not a PyTorch checkpoint at all ({_first_line(e)}); "
             "use an earlier checkpoint or download it again"
         ) from None
     if not isinstance(obj, dict):
@@ -176,7 +176,8 @@ def _first_line(e: BaseException) -> str:
 SCHEMA_VERSION = 2
 """Version of the training-checkpoint layout written by `CheckpointManager` (1: before the shared run layer)."""
 TRAINING_FORMATS = ("mae-train", "mae-classifier", "mae-detect", "mae-segment")
-"""The ``format`` tag of a training checkpoint, by recipe family: pre-training, classification, detection, segmentation."""
+"""The ``format`` tag of a training checkpoint, by recipe family: pre-training, classification, detection,
+segmentation."""
 SCHEMA_KEYS = ("format", "version", "kind", "model", "engine", "train_state", "rng", "config", "data", "versions",
                "integrity")
 """Keys every version-2 training checkpoint has; recipe-specific metadata (``model_config``, ``classifier_config``,

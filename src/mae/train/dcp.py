@@ -488,7 +488,7 @@ def _optimizer_by_name(state: dict[str, Any], path: Path) -> dict[str, Any]:
             raise CheckpointError(f"'{path}': its optimizer groups do not name their parameters (param_names), so "
                                   f"its state cannot be matched to a sharded model; resume it with "
                                   f"distributed.strategy=ddp")
-        names.update(zip(group["params"], group["param_names"]))
+        names.update(zip(group["params"], group["param_names"], strict=True))
         groups.append({**group, "params": list(group["param_names"])})
     return {"state": {names[i]: value for i, value in state["state"].items()}, "param_groups": groups}
 

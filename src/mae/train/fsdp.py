@@ -196,7 +196,7 @@ def apply_fsdp(run: Run, model: nn.Module, groups: list[dict[str, Any]]) -> list
                   "this rank", len(blocks), dist.get_world_size(), "sharded" if on_meta else "full",
                   ", bf16 compute" if section.mixed_precision else "", local / 1e6,
                   sum(p.numel() for p in params.values()) / 1e6)
-    return [{**g, "params": [params[n] for n in ns]} for g, ns in zip(groups, group_names)]
+    return [{**g, "params": [params[n] for n in ns]} for g, ns in zip(groups, group_names, strict=True)]
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:

@@ -183,7 +183,7 @@ def plot_curves(metrics_jsonl_path: str | Path, out_png: str | Path, keys: Seque
 
     fig = Figure(figsize=(7, 2.6 * len(series)), layout="constrained")
     axes = fig.subplots(len(series), 1, sharex=True, squeeze=False)[:, 0]
-    for ax, (key, (xs, ys)) in zip(axes, series.items()):
+    for ax, (key, (xs, ys)) in zip(axes, series.items(), strict=True):
         ax.plot(xs, ys, linewidth=1.0, marker="o" if len(xs) <= few_points else None, markersize=4)
         ax.set_ylabel(key)
         ax.grid(True, alpha=0.3)

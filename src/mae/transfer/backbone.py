@@ -252,7 +252,7 @@ class ViTPyramid(nn.Module):
         maps, _ = self.forward_tokens(images)
         if self.pyramid == "simple":
             maps = maps * len(self.strides)
-        return OrderedDict((name, op(m)) for name, op, m in zip(self.feature_names, self.resample, maps))
+        return OrderedDict((name, op(m)) for name, op, m in zip(self.feature_names, self.resample, maps, strict=False))
 
 
 def default_out_indices(depth: int, pyramid: str, feature_blocks: str = "quarters") -> tuple[int, ...]:

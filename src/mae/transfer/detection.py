@@ -177,7 +177,7 @@ def hflip(image: torch.Tensor, target: dict[str, torch.Tensor]) -> tuple[torch.T
 
 def collate_detection(batch: list) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
     """Detection batches stay lists: images may differ in size, targets in length."""
-    images, targets = zip(*batch)
+    images, targets = zip(*batch, strict=True)
     return list(images), list(targets)
 
 
@@ -198,7 +198,7 @@ def detections_to_coco(output: dict[str, torch.Tensor], image_id: int, category_
         binary = (output["masks"][:, 0] > mask_threshold).cpu().numpy().astype(np.uint8)  # [K, H, W]
         rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0)))  # one RLE per mask
     results = []
-    for box, score, label, rle in zip(xywh, scores, labels, rles):
+    for box, score, label, rle in zip(xywh, scores, labels, rles, strict=True):
         item = {"image_id": int(image_id), "category_id": int(category_ids[label - 1]), "bbox": box,
                 "score": float(score)}
         if rle is not None:
@@ -228,7 +228,7 @@ def coco_eval(coco_gt, results: list[dict[str, Any]], iou_type: str, image_ids: 
         evaluator.summarize()
     _log.debug("COCOeval %s:\n%s", iou_type, text.getvalue())
     # -1 marks "no ground truth in this area range": report it as 0 rather than a negative AP
-    return {name: max(float(v), 0.0) * 100 for name, v in zip(names, evaluator.stats)}
+    return {name: max(float(v), 0.0) * 100 for name, v in zip(names, evaluator.stats, strict=False)}
 
 
 @torch.no_grad()
@@ -242,7 +242,7 @@ def predict_coco(model: nn.Module, dataset: CocoInstances, device: torch.device,
         images = [dataset.load_image(i).to(device) for i in ids]
         with autocast_context(precision, device):
             outputs = model(images)
-        for image_id, output in zip(ids, outputs):
+        for image_id, output in zip(ids, outputs, strict=True):
             results.extend(detections_to_coco(output, image_id, dataset.category_ids))
     return results
 

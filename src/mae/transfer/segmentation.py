@@ -77,10 +77,11 @@ class UperNetHead(nn.Module):
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         *fine, coarse = features
         pooled = [_resize(branch(coarse), coarse.shape[-2:]) for branch in self.ppm]
-        levels = [lat(f) for lat, f in zip(self.lateral, fine)] + [self.bottleneck(torch.cat([coarse, *pooled], 1))]
+        levels = [lat(f) for lat, f in zip(self.lateral, fine, strict=False)]
+        levels += [self.bottleneck(torch.cat([coarse, *pooled], 1))]
         for i in range(len(levels) - 1, 0, -1):  # top-down: add each coarser level to the next finer one
             levels[i - 1] = levels[i - 1] + _resize(levels[i], levels[i - 1].shape[-2:])
-        outs = [smooth(x) for smooth, x in zip(self.smooth, levels[:-1])] + [levels[-1]]
+        outs = [smooth(x) for smooth, x in zip(self.smooth, levels[:-1], strict=False)] + [levels[-1]]
         size = outs[0].shape[-2:]
         fused = self.fuse(torch.cat([outs[0]] + [_resize(x, size) for x in outs[1:]], dim=1))
         return self.classifier(self.dropout(fused))  # [N, classes, H/4, W/4]
@@ -117,7 +118,7 @@ class Segmenter(nn.Module):
         self.decode_head = UperNetHead(in_channels, num_classes, channels, pool_scales, dropout, norm)
         self.aux_head = FCNHead(backbone.out_channels, num_classes, aux_channels, dropout, norm) \
             if aux_channels > 0 else None
-        self.size_divisor = max(max(backbone.strides), backbone.patch_size)
+        self.size_divisor = max(*backbone.strides, backbone.patch_size)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         height, width = images.shape[-2:]
@@ -343,7 +344,7 @@ def segmentation_metrics(confusion: torch.Tensor, class_names: Sequence[str] | N
         "mIoU": float(np.nanmean(iou.numpy())) * 100 if torch.any(union > 0) else 0.0,
         "aAcc": float(tp.sum() / gt.sum().clamp(min=1)) * 100,
         "mAcc": float(np.nanmean(acc.numpy())) * 100 if torch.any(gt > 0) else 0.0,
-        "per_class_IoU": {n: (None if math.isnan(v) else v * 100) for n, v in zip(names, iou.tolist())},
+        "per_class_IoU": {n: (None if math.isnan(v) else v * 100) for n, v in zip(names, iou.tolist(), strict=False)},
     }
 
 
@@ -372,9 +373,10 @@ def evaluate_segmentation(model: Segmenter, dataset: SegmentationFolder, device:
             with autocast_context(precision, device):
                 logits = model(images)["out"] if inference == "whole" else \
                     slide_logits(model, images, dataset.num_classes, crop, stride)
-            for logit, (_, label) in zip(logits, group):
+            for image_logit, (_, label) in zip(logits, group, strict=True):
+                logit = image_logit
                 if logit.shape[-2:] != label.shape:
-                    logit = _resize(logit[None].float(), label.shape)[0]
+                    logit = _resize(image_logit[None].float(), label.shape)[0]
                 confusion += confusion_matrix(logit.argmax(0).cpu(), label, dataset.num_classes,
                                               dataset.ignore_index)
     return segmentation_metrics(confusion, class_names)

@@ -267,7 +267,7 @@ def generate_synthetic(root: str | Path, spec: SyntheticSpec | None = None, over
         for sub in ("images", "annotations", "coco"):
             shutil.rmtree(root / sub, ignore_errors=True)
         photos = _photos()
-        for split, count in zip(SPLITS, (spec.num_train, spec.num_val)):
+        for split, count in zip(SPLITS, (spec.num_train, spec.num_val), strict=True):
             _write_split(root, split, count, spec, photos)
         write_json(meta_path, meta, indent=1)
     except OSError as e:

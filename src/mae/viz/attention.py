@@ -87,7 +87,7 @@ def draw_attention(model: nn.Module, images: torch.Tensor, display: torch.Tensor
         picture = display[row].permute(1, 2, 0).numpy()
         grey = picture[..., 0] if picture.shape[-1] == 1 else picture.mean(-1)
         maps = [None, *per_head[row].cpu(), mean[row].cpu()]
-        for col, (label, heat) in enumerate(zip(columns, maps)):
+        for col, (label, heat) in enumerate(zip(columns, maps, strict=True)):
             ax = axes[row][col]
             if heat is None:
                 ax.imshow(picture[..., 0] if picture.shape[-1] == 1 else picture, cmap="gray", vmin=0, vmax=1)
@@ -132,9 +132,9 @@ def load_image_files(paths: Sequence[str | Path], img_size: int, in_chans: int, 
     inputs, shown = [], []
     for f in files:
         try:
-            with Image.open(f) as im:
-                im.load()
-                im = to_mode(im, mode)
+            with Image.open(f) as opened:
+                opened.load()
+                im = to_mode(opened, mode)
         except (OSError, ValueError, SyntaxError) as e:
             raise DataError(f"image '{f}' could not be read ({e}); pass readable image files") from e
         inputs.append(model_tf(im))

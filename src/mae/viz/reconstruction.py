@@ -68,7 +68,8 @@ def draw_reconstructions(model: MaskedAutoencoderViT, imgs: torch.Tensor, out: s
     if title is None:
         title = "MAE reconstructions"
         if model.config.target == "norm_pixel":
-            title += " of a normalised-pixel model: each predicted patch is un-normalised with that patch's own mean and variance"
+            title += (" of a normalised-pixel model: each predicted patch is un-normalised with that patch's own mean "
+                      "and variance")
     return _save_grid(columns, title, out)
 
 
@@ -125,9 +126,10 @@ def load_images(data: str, model: MaskedAutoencoderViT, num_images: int = 8, spl
     return torch.stack([dataset[i * step][0] for i in range(count)])
 
 
-def save_reconstructions(model: MaskedAutoencoderViT, data: str, out: str | Path, mask_ratios: Sequence[float] = (0.75,),
-                         num_images: int = 8, mean: Sequence[float] | None = None,
-                         std: Sequence[float] | None = None, seed: int = 0) -> Path:
+def save_reconstructions(model: MaskedAutoencoderViT, data: str, out: str | Path,
+                         mask_ratios: Sequence[float] = (0.75,), num_images: int = 8,
+                         mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                         seed: int = 0) -> Path:
     """Reconstruction grid for the first images of ``data``'s validation split."""
     imgs = load_images(data, model, num_images, mean=mean, std=std)
     return draw_reconstructions(model, imgs, out, mask_ratios, mean, std, seed)
@@ -146,7 +148,8 @@ def draw_mask_sampling(models: Sequence[tuple[str, MaskedAutoencoderViT]], imgs:
     for label, model in models:
         torch.manual_seed(seed)  # block masking draws from torch's RNG: the same masks every time
         panels = reconstruction_panels(model, imgs, model.config.mask_ratio, seed)
-        columns += [(label, _masked_input(panels, mean, std)), ("reconstruction", _denormalize(panels["pasted"], mean, std))]
+        columns += [(label, _masked_input(panels, mean, std)),
+                    ("reconstruction", _denormalize(panels["pasted"], mean, std))]
     columns.append(("original", _denormalize(imgs, mean, std)))
     return _save_grid(columns, "Mask sampling strategies (paper Figure 6): masked input and reconstruction (visible "
                       "patches pasted back) of the model pre-trained with each", out)
