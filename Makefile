@@ -22,15 +22,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/mae demo --output-dir runs/demo
 
-# ruff first (the rule set is in pyproject.toml): a finding fails the target before any test runs. The suite runs
-# in parallel, one process per core (pytest-xdist), one thread each (tests/conftest.py).
+# ruff, then mypy on src/mae (both configured in pyproject.toml): a finding fails the target before any test runs.
+# The suite runs in parallel, one process per core (pytest-xdist), one thread each (tests/conftest.py).
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q -n auto $(PYTEST_ARGS)
 
-# the edit loop: ruff and every test not marked slow
+# the edit loop: ruff, mypy and every test not marked slow
 test-fast: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q -n auto -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)

@@ -147,7 +147,7 @@ def _resume_base(cls: type, overrides: Sequence[str]):
     if not resume or resume in ("null", "None"):
         return None
     if resume == "auto":
-        path = Path(_override(overrides, "output_dir") or cls.__dataclass_fields__["output_dir"].default).expanduser()
+        path = Path(_override(overrides, "output_dir") or cls.__dataclass_fields__["output_dir"].default).expanduser()  # type: ignore[attr-defined]  # cls: a config dataclass
         candidate = path / "config.yaml"
     else:
         path = Path(resume).expanduser()
@@ -186,7 +186,7 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
         what = describe(ckpt.path, fallback=f"{ckpt.label} holds the encoder only") if ckpt.path else ckpt.label
         raise MAEError(f"{what}: it has no MAE decoder, so its reconstructions would come from a random decoder; "
                        f"pass a full pre-training checkpoint (a pre-training run directory or its model.safetensors)")
-    model = load_model(ckpt.path)
+    model = load_model(ckpt.path)  # type: ignore[arg-type]  # read_checkpoint sets path (a file read from disk)
     data, mean, std = args.data, None, None
     config_file = _run_config_file(args.checkpoint)
     if config_file is not None:

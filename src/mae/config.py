@@ -91,9 +91,9 @@ def _renamed(data: Mapping[str, Any], renamed: Mapping[str, str], where: str) ->
     out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
     for old, new in renamed.items():
         *old_path, old_leaf = old.split(".")
-        parent = out
+        parent: dict[str, Any] | None = out
         for part in old_path:
-            parent = parent.get(part) if isinstance(parent.get(part), dict) else None
+            parent = parent.get(part) if isinstance(parent.get(part), dict) else None  # type: ignore[union-attr]  # not None: the loop breaks on None
             if parent is None:
                 break
         if parent is None or old_leaf not in parent:
@@ -326,7 +326,7 @@ def _dotted_keys(cls: type) -> list[str]:
 
 
 def _build(cls: type[T], raw: Mapping[str, Any], prefix: str) -> T:
-    hints = _hints(cls)
+    hints = _hints(cls)  # type: ignore[arg-type]  # a class is hashable; mypy misreads functools.cache on type[T]
     unknown = [k for k in raw if k not in hints]
     if unknown:
         _unknown_key(None, prefix + str(unknown[0]), cls, prefix[:-1])
@@ -372,10 +372,10 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 return choice
         raise ConfigError(f"{path}: expected one of {', '.join(map(repr, args))}, got {value!r}")
     if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
+        if isinstance(value, tp):  # type: ignore[arg-type]  # tp is a dataclass type here (a type hint)
             return value
         if isinstance(value, Mapping):
-            return _build(tp, value, prefix=f"{path}.")
+            return _build(tp, value, prefix=f"{path}.")  # type: ignore[arg-type]  # as above
         _wrong(value, tp, path)
     if tp is bool:
         if isinstance(value, bool):
@@ -505,7 +505,7 @@ def _check_numbers(obj: Any, prefix: str) -> None:
     """Raise a ConfigError for the first number field of dataclass `obj` outside its range (a float field without
     one must still be finite), naming the key, the value and the valid values."""
     cls = type(obj)
-    ranges, hints = _ranges(cls), _hints(cls)
+    ranges, hints = _ranges(cls), _hints(cls)  # type: ignore[arg-type]  # a class is hashable; mypy misreads functools.cache on type[Any]
     for f in _init_fields(cls):
         valid = ranges.get(f.name) or (parse_range("any") if _holds_float(hints[f.name]) else None)
         value = getattr(obj, f.name)

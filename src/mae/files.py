@@ -33,7 +33,7 @@ __all__ = ["as_os_error", "atomic_write", "atomic_write_path", "check_new_file",
 TEMP_SUFFIX = ".tmp"
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path:
     """Call ``write(f)`` on a new binary file and put it at `path` atomically; returns `path`."""
 
     def through_handle(tmp: Path) -> None:
@@ -43,7 +43,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
     return atomic_write_path(path, through_handle)
 
 
-def atomic_write_path(path: str | Path, write: Callable[[Path], None]) -> Path:
+def atomic_write_path(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Like `atomic_write` for writers that take a file name (``safetensors.torch.save_file``, ``fig.savefig``):
     ``write(tmp)`` fills the temporary file, which is then made durable and renamed over `path`."""
     path = Path(path)

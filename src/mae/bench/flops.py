@@ -8,7 +8,9 @@ computes gradients of inputs and of weights, each as expensive as the forward pr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -103,7 +105,7 @@ def _sdpa_cpu_backward_flops(grad_out_shape, query_shape, key_shape, value_shape
 def _counter() -> FlopCounterMode:
     """A FlopCounterMode that also knows the CPU flash-attention kernels (missing from torch's own table)."""
     aten = torch.ops.aten
-    mapping = {}
+    mapping: dict[Any, Callable[..., int]] = {}
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
         mapping[aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_cpu_flops
         mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _sdpa_cpu_backward_flops

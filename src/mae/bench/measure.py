@@ -20,6 +20,7 @@ import statistics
 import time
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -120,7 +121,8 @@ def load_average() -> list[float] | None:
 
 def machine_info(device: torch.device) -> dict:
     """The machine a result was measured on: CPU, cores, threads, device, library versions."""
-    info = {"cpu": cpu_model_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    info: dict[str, Any] = {
+            "cpu": cpu_model_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "device": str(device), "load_average": load_average(), "python": platform.python_version(),
             "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS")

@@ -36,7 +36,7 @@ DECODERS = ("pil", "tensor", "nvjpeg")
 
 def _photo_path(package: str, relative: str) -> Path:
     module = importlib.import_module("sklearn" if package == "sklearn" else package)
-    return Path(module.__file__).parent / relative
+    return Path(module.__file__).parent / relative  # type: ignore[arg-type]  # a regular package: __file__ is set
 
 
 def make_jpeg_folder(dest: str | Path, num_images: int = 64, long_side: int = 500, seed: int = 0) -> Path:

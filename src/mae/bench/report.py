@@ -150,7 +150,7 @@ def plot_scaling(rows: Sequence[dict], out_dir: Path, caption: str) -> list[Path
                      fontsize=10)
         fig.text(0.5, -0.02, caption, ha="center", va="top", fontsize=7, wrap=True)
         path = out_dir / f"scaling_{axis}.png"
-        atomic_write_path(path, lambda tmp, fig=fig: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
+        atomic_write_path(path, lambda tmp, fig=fig: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))  # type: ignore[misc]  # a default-argument lambda binds this figure
         written.append(path)
     return written
 

@@ -288,10 +288,10 @@ def suite_peer(ctx: BenchContext, name: str, cfg: MAEConfig, batch: int, precisi
     builds: list[tuple[str, Callable[[], Trainee]]] = []
     for p in precisions:
         builds.append((name, _ours_builder(ctx, cfg, batch, p, f"mae {p}", optimizer)))
-        builds.append((name, lambda p=p: build_hf(cfg, batch, p, ctx.device, optimizer=hf_optimizer,
+        builds.append((name, lambda p=p: build_hf(cfg, batch, p, ctx.device, optimizer=hf_optimizer,  # type: ignore[misc]  # a default-argument lambda binds p
                                                    seed=ctx.seed, label=f"hf {p}")))
         if reference:
-            builds.append((name, lambda p=p: build_reference(cfg, batch, p, ctx.device, seed=ctx.seed,
+            builds.append((name, lambda p=p: build_reference(cfg, batch, p, ctx.device, seed=ctx.seed,  # type: ignore[misc]  # a default-argument lambda binds p
                                                              label=f"reference {p}")))
     ours_default = f"mae {default_precision}"
     if compile or default_precision not in precisions:

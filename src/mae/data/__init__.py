@@ -402,12 +402,12 @@ def build_loader(dataset: Dataset, batch_size: int, shuffle: bool = True, num_wo
         raise ConfigError(f"batch_size={batch_size} must be at least 1")
     if num_workers < 0:
         raise ConfigError(f"num_workers={num_workers} must be 0 (load in the main process) or more")
-    if len(dataset) == 0:
+    if len(dataset) == 0:  # type: ignore[arg-type]  # torch types no Dataset.__len__
         raise DataError(f"dataset {dataset!r} is empty; nothing to load")
     shards = dataset.dataset if isinstance(dataset, WithMaskNoise) else dataset
     if isinstance(shards, ShardDataset):  # tar shards: their own epoch plan (exact mid-epoch resume, equal ranks)
         rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-        return ShardLoader(shards, batch_size=batch_size, seed=seed, rank=rank, world_size=world,
+        return ShardLoader(shards, batch_size=batch_size, seed=seed, rank=rank, world_size=world,  # type: ignore[return-value]  # a ShardLoader does what callers use of a DataLoader
                            num_workers=num_workers, shuffle=shuffle, drop_last=drop_last, collate_fn=collate_fn,
                            num_patches=dataset.num_patches if isinstance(dataset, WithMaskNoise) else None)
     if distributed:
@@ -415,7 +415,7 @@ def build_loader(dataset: Dataset, batch_size: int, shuffle: bool = True, num_wo
             raise ConfigError("distributed=True needs torch.distributed initialised first (init_process_group)")
         sampler: Sampler[int] = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
     else:
-        sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed)
+        sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed)  # type: ignore[arg-type]  # torch types no Dataset.__len__
     return DataLoader(
         SeededDataset(dataset),
         batch_size=batch_size,
@@ -462,4 +462,4 @@ def set_epoch(loader, epoch: int, skip: int = 0) -> None:
     if isinstance(sampler, SeededSampler):
         sampler.set_epoch(epoch, skip * (loader.batch_size or 1))
     else:
-        sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch)  # type: ignore[union-attr]  # hasattr(sampler, "set_epoch") above

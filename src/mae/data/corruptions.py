@@ -181,12 +181,12 @@ def write_corrupted_folder(source: str | Path, target: str | Path, corruptions: 
     if image_size < MIN_SIDE:
         raise ConfigError(f"image_size must be at least {MIN_SIDE} px (the corruptions' minimum), got {image_size}")
     dataset = build_dataset(str(source), "val", mode="RGB", require_classes=True)
-    classes = [str(c) for c in dataset.classes]
+    classes = [str(c) for c in dataset.classes]  # type: ignore[attr-defined]  # ours, not torch's Dataset type
     root = Path(getattr(dataset, "root", source))
     samples = getattr(dataset, "samples", None)  # (path, label) for files; built-in sets have none
     names = [str(Path(path).relative_to(root).with_suffix("")) for path, _ in samples] if samples is not None else \
-        [f"{i:06d}" for i in range(len(dataset))]
-    labels = [label for _, label in samples] if samples is not None else list(dataset.targets)
+        [f"{i:06d}" for i in range(len(dataset))]  # type: ignore[arg-type]  # torch types no Dataset.__len__
+    labels = [label for _, label in samples] if samples is not None else list(dataset.targets)  # type: ignore[attr-defined]  # ours, not torch's Dataset type
     order = _limited(labels, limit_per_class)
     target = Path(target)
     written = 0

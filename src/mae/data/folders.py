@@ -64,7 +64,7 @@ def is_grey(image: Image.Image) -> bool:
     return False
 
 
-def channel_mismatch(image: Image.Image, mode: str, where: str) -> str | None:
+def channel_mismatch(image: Image.Image, mode: str | None, where: str) -> str | None:
     """The warning for an image whose colour does not fit the model's channels (None when it fits): colour read by
     a 1-channel model is turned grey, grey read by a 3-channel model is copied into three equal channels."""
     grey = is_grey(image)
@@ -188,7 +188,7 @@ def check_pixels(width: int, height: int) -> None:
                          f"have (PIL.Image.MAX_IMAGE_PIXELS); a damaged or crafted file")
 
 
-def to_mode(image: Image.Image, mode: str) -> Image.Image:
+def to_mode(image: Image.Image, mode: str | None) -> Image.Image:
     """`image` as an 8-bit 'RGB' or 'L' image: alpha is composited on white, 16/32-bit values are scaled, not
     clipped."""
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
@@ -299,7 +299,8 @@ class _ImageFiles(ImageDataset):
                 check_pixels(width, height)
                 return EncodedJpeg(read_file(path), height, width)
             except _BAD_IMAGE as e:
-                return self._unreadable_file(path, e)
+                self._unreadable_file(path, e)
+                return None
         if self.decode == "tensor" and path.lower().endswith(JPEG_EXTENSIONS):
             try:
                 read_mode = ImageReadMode.GRAY if self.mode == "L" else ImageReadMode.RGB
@@ -318,7 +319,8 @@ class _ImageFiles(ImageDataset):
                 self._check_channels(f, path)
                 return to_mode(f, self.mode)
         except _BAD_IMAGE as e:  # what Pillow raises for bad data
-            return self._unreadable_file(path, e)
+            self._unreadable_file(path, e)
+            return None
 
     def _check_channels(self, image: Image.Image, path: str) -> None:
         """Log, once per dataset over all processes, that images are converted between colour and grey."""
@@ -354,7 +356,7 @@ class _ImageFiles(ImageDataset):
                 f"mode={self.mode!r}, skipped={self.num_skipped})")
 
 
-def find_classes(root: str | os.PathLike, passed_over: list[tuple[str, str]] | None = None) -> list[str]:
+def find_classes(root: str | os.PathLike[str], passed_over: list[tuple[str, str]] | None = None) -> list[str]:
     """Sorted names of the visible sub-folders of `root` (hidden ones like `.ipynb_checkpoints` are not classes);
     dangling links and unreadable entries there are appended to `passed_over` (see `walk_images`)."""
     with os.scandir(root) as it:

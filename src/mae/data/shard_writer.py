@@ -91,8 +91,8 @@ def list_source(src: str | Path) -> list[SourceSplit]:
     for split in present or ["train"]:
         dataset = build_dataset(str(root), split)
         labelled = isinstance(dataset, ClassFolderDataset)
-        splits.append(SourceSplit(split, Path(dataset.root), list(dataset.samples),
-                                  list(dataset.classes) if labelled else []))
+        splits.append(SourceSplit(split, Path(dataset.root), list(dataset.samples),  # type: ignore[attr-defined]  # ours, not torch's Dataset type
+                                  list(dataset.classes) if labelled else []))  # type: ignore[attr-defined]  # ours, not torch's Dataset type
     return splits
 
 
@@ -118,7 +118,7 @@ def encode_image(path: str, short_side: int | None, quality: int) -> tuple[bytes
                 size = (short_side, max(1, round(height * short_side / width)))
             else:
                 size = (max(1, round(width * short_side / height)), short_side)
-            out = out.resize(size, Image.Resampling.BICUBIC)
+            out = out.resize(size, Image.Resampling.BICUBIC)  # type: ignore[arg-type]  # too_big: short_side is set
         buffer = io.BytesIO()
         out.save(buffer, format="JPEG", quality=quality)
         return buffer.getvalue(), "", True
@@ -193,8 +193,8 @@ def _shard_names(record: dict | None) -> set[str]:
 def _own_temporary(path: Path) -> bool:
     """A temporary file of this writer (of a shard, the index or the progress file) whose process is gone."""
     match = _TEMPORARY.match(path.name)
-    return bool(match) and (_SHARD_NAME.match(match["target"]) is not None
-                            or match["target"] in (INDEX_NAME, PROGRESS_NAME)) and is_stale_temporary(path)
+    return match is not None and (_SHARD_NAME.match(match["target"]) is not None
+                                 or match["target"] in (INDEX_NAME, PROGRESS_NAME)) and is_stale_temporary(path)
 
 
 def _finished_shards(dst: Path, entry: dict) -> list[dict]:
@@ -249,10 +249,10 @@ def write_shards(src: str | Path, dst: str | Path, *, shard_size: int = 1000, sh
 
     old_index = _read_json(index_path)
     own_index = _made_by_prepare(old_index)  # an index.json of someone else's is replaced at the end, never deleted
-    if own_index and old_index.get("fingerprint") == fingerprint and all(
-            _finished_shards(dst, entry) == entry.get("shards") for entry in old_index.get("splits", {}).values()):
+    if own_index and old_index.get("fingerprint") == fingerprint and all(  # type: ignore[union-attr]  # own_index: a dict
+            _finished_shards(dst, entry) == entry.get("shards") for entry in old_index.get("splits", {}).values()):  # type: ignore[union-attr]  # as above
         log.info("shards in '%s' are up to date (same source and settings); nothing to do", dst)
-        return {**old_index, "up_to_date": True}
+        return {**old_index, "up_to_date": True}  # type: ignore[dict-item]  # as above
     state = _read_json(progress_path)
     # the shards this writer made here, by its progress file and its index: the only tar files it may ever delete
     owned = {str(n) for n in (state or {}).get("owned", [])} | _shard_names(state)

@@ -218,7 +218,7 @@ def resolve_shards(spec: str, split: str = "train") -> ShardSet:
         labels = [_read_label(p, sample) for p, t in zip(paths, tables, strict=True) for sample in t
                   if LABEL_EXTENSION in sample]
         labelled = bool(labels) and all(label is not None for label in labels)
-        classes = tuple(str(i) for i in range(max(labels) + 1)) if labelled else ()
+        classes = tuple(str(i) for i in range(max(labels) + 1)) if labelled else ()  # type: ignore[type-var, operator]  # labelled: no label is None
     return _checked(ShardSet(spec, split, paths, counts, classes, labelled))
 
 
@@ -236,7 +236,7 @@ def _counts_from_nearby_index(paths: Sequence[str]) -> tuple[tuple[int, ...], tu
         table = {s.get("name"): s.get("samples") for s in entry.get("shards", []) if isinstance(s, dict)}
         if all(Path(p).name in table for p in paths):
             classes = tuple(entry.get("classes") or ())
-            return (tuple(int(table[Path(p).name]) for p in paths), classes,
+            return (tuple(int(table[Path(p).name]) for p in paths), classes,  # type: ignore[arg-type]  # every listed shard has its sample count
                     bool(entry.get("labelled", bool(classes))))
     return None
 
@@ -264,7 +264,8 @@ def read_member_table(path: str) -> list[Sample]:
     is not a tar raises DataError."""
     samples: list[Sample] = []
     size = os.path.getsize(path)
-    key, current = None, {}
+    key: str | None = None
+    current: Sample = {}
     truncated = False
     try:
         with tarfile.open(path, mode="r:") as tar:
@@ -437,10 +438,11 @@ class ShardDataset(ImageDataset):
         shard, position = self.locate(index)
         table = self._table(shard)
         if position >= len(table):
-            return self._unreadable_sample(index, ValueError("missing from its shard"))
+            self._unreadable_sample(index, ValueError("missing from its shard"))
+            return None
         sample = table[position]
         ext = _image_ext(sample)
-        wanted = [sample[ext]] + ([sample[LABEL_EXTENSION]] if LABEL_EXTENSION in sample else [])
+        wanted = [sample[ext]] + ([sample[LABEL_EXTENSION]] if LABEL_EXTENSION in sample else [])  # type: ignore[index]  # a table holds only samples with an image member
         first, end = min(o for o, _ in wanted), max(o + n for o, n in wanted)
         try:
             span = self._read(shard, first, end - first)  # one read for the image and its label
@@ -451,10 +453,11 @@ class ShardDataset(ImageDataset):
                 if parsed is None:
                     raise ValueError("its .cls member is not a class index")
                 label = parsed
-            offset, size = sample[ext]
-            return self._decode(span[offset - first:offset - first + size], ext), label
+            offset, size = sample[ext]  # type: ignore[index]  # as above
+            return self._decode(span[offset - first:offset - first + size], ext), label  # type: ignore[arg-type]  # as above
         except (OSError, ValueError, SyntaxError, EOFError, RuntimeError) as e:  # what the decoders raise for bad data
-            return self._unreadable_sample(index, e)
+            self._unreadable_sample(index, e)
+            return None
 
     def _decode(self, data: bytes, ext: str) -> object:
         if self.decode == "encoded":
@@ -523,8 +526,8 @@ def plan_epoch(counts: Sequence[int], *, seed: int, epoch: int, rank: int, world
     """
     if not 0 <= rank < world_size:
         raise ConfigError(f"rank {rank} is not in [0, world_size={world_size})")
-    counts = np.asarray(counts, dtype=np.int64)
-    total = int(counts.sum())
+    counts = np.asarray(counts, dtype=np.int64)  # type: ignore[assignment]  # the Sequence argument as an int64 array
+    total = int(counts.sum())  # type: ignore[attr-defined]  # an array (above)
     rng = np.random.default_rng([seed & 0xFFFF_FFFF, epoch, 0x5A4D])  # entropy (seed, epoch, purpose)
     order = rng.permutation(len(counts)) if shuffle else np.arange(len(counts))
     shift = int(rng.integers(total)) if shuffle else 0
@@ -534,7 +537,7 @@ def plan_epoch(counts: Sequence[int], *, seed: int, epoch: int, rank: int, world
     else:
         first, last = rank * total // world_size, (rank + 1) * total // world_size
     positions = (np.arange(first, last, dtype=np.int64) + shift) % total  # positions in the shard-ordered stream
-    ordered_counts = counts[order]
+    ordered_counts = counts[order]  # type: ignore[call-overload]  # an array (above)
     ordered_ends = np.cumsum(ordered_counts)
     slot = np.searchsorted(ordered_ends, positions, side="right")  # which shard of the shuffled order
     within = positions - (ordered_ends[slot] - ordered_counts[slot])

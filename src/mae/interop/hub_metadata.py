@@ -76,14 +76,14 @@ def run_facts(path: str | Path, _depth: int = 0) -> dict[str, Any]:
     model = saved.get("model") if isinstance(saved.get("model"), dict) else {}
     data = saved.get("data") if isinstance(saved.get("data"), dict) else {}
     if "init" in saved:  # a classification run (finetune, linprobe): its own facts, then its source's
-        facts = {"fine-tuning data": data.get("path"), "fine-tuning epochs": saved.get("epochs"),
+        facts = {"fine-tuning data": data.get("path"), "fine-tuning epochs": saved.get("epochs"),  # type: ignore[union-attr]  # a dict (isinstance above)
                  "encoder initialisation": saved.get("init")}
         source = saved.get("checkpoint")
         if isinstance(source, str) and _depth < 2:
             facts.update(run_facts(source, _depth + 1))
     else:
-        facts = {"pre-training data": data.get("path"), "pre-training epochs": saved.get("epochs"),
-                 "mask ratio": model.get("mask_ratio"), "target": model.get("target")}
+        facts = {"pre-training data": data.get("path"), "pre-training epochs": saved.get("epochs"),  # type: ignore[union-attr]  # a dict (isinstance above)
+                 "mask ratio": model.get("mask_ratio"), "target": model.get("target")}  # type: ignore[union-attr]  # a dict (isinstance above)
     return {k: v for k, v in facts.items() if v is not None}
 
 

@@ -24,7 +24,7 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 
 
-def replace_atomically(path: Path, write: Callable[[str], None]) -> None:
+def replace_atomically(path: Path, write: Callable[[str], object]) -> None:
     """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it over ``path``: a reader sees
     the old file or the new one, never half of one (`mae.files.atomic_write_path`)."""
     atomic_write_path(path, lambda tmp: write(str(tmp)))

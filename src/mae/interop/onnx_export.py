@@ -31,7 +31,7 @@ class FeatureExtractor(nn.Module):
         self.model = model
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_features(pixel_values)
+        return self.model.forward_features(pixel_values)  # type: ignore[operator]  # Module.__getattr__ gives Tensor | Module
 
 
 def _need(module: str, extra: str) -> None:
@@ -58,7 +58,7 @@ def export_onnx(module: nn.Module, path: str | Path, example: torch.Tensor, outp
             program = torch.onnx.export(module, (example.float().cpu(),), dynamo=True, verbose=False,
                                         input_names=[INPUT_NAME], output_names=[output_name],
                                         dynamic_shapes=({0: batch},), opset_version=OPSET)
-        program.save(str(tmp))
+        program.save(str(tmp))  # type: ignore[union-attr]  # dynamo=True returns a program
 
     try:
         return atomic_write_path(path, write)

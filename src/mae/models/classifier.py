@@ -57,11 +57,11 @@ class ClassifierConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.img_size, (list, tuple)):
-            self.img_size = tuple(int(s) for s in self.img_size)
-            if len(self.img_size) != 2:
+            self.img_size = tuple(int(s) for s in self.img_size)  # type: ignore[assignment]  # a tuple of two ints after the check below
+            if len(self.img_size) != 2:  # type: ignore[arg-type]  # a tuple here
                 raise ConfigError(f"img_size must be an int or (height, width), got {self.img_size}")
-            if self.img_size[0] == self.img_size[1]:
-                self.img_size = self.img_size[0]
+            if self.img_size[0] == self.img_size[1]:  # type: ignore[index]  # a tuple here
+                self.img_size = self.img_size[0]  # type: ignore[index]  # a tuple here
         self.validate()
 
     @classmethod
@@ -82,7 +82,7 @@ class ClassifierConfig:
 
     @property
     def image_hw(self) -> tuple[int, int]:
-        return (self.img_size, self.img_size) if isinstance(self.img_size, int) else tuple(self.img_size)
+        return (self.img_size, self.img_size) if isinstance(self.img_size, int) else tuple(self.img_size)  # type: ignore[return-value]  # two items (__post_init__)
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -144,10 +144,10 @@ def build_classifier(config: ClassifierConfig, head_init_std: float = 2e-5) -> V
     model = VisionTransformer(**config.timm_kwargs(), attn_layer=Attention)  # timm's names; fp32 attention on CPU
     if config.head == "bn_linear" and config.num_classes > 0:
         # the linear probe (paper Table 10): a BatchNorm without affine parameters normalises the frozen features
-        model.head = nn.Sequential(nn.BatchNorm1d(config.embed_dim, affine=False, eps=1e-6),
+        model.head = nn.Sequential(nn.BatchNorm1d(config.embed_dim, affine=False, eps=1e-6),  # type: ignore[assignment]  # timm types head as Linear | Identity; any module works
                                    nn.Linear(config.embed_dim, config.num_classes))
     init_head(model, head_init_std)
-    model.classifier_config = config
+    model.classifier_config = config  # type: ignore[assignment]  # Module.__getattr__ gives Tensor | Module
     return model
 
 

@@ -51,8 +51,8 @@ class MAEConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.img_size, (list, tuple)):
-            self.img_size = tuple(int(s) for s in self.img_size)
-            if len(self.img_size) != 2:
+            self.img_size = tuple(int(s) for s in self.img_size)  # type: ignore[assignment]  # a tuple of two ints after the check below
+            if len(self.img_size) != 2:  # type: ignore[arg-type]  # a tuple here
                 raise ConfigError(f"img_size must be an int or (height, width), got {self.img_size}")
         # norm_pix_loss is the reference's name for target="norm_pixel"; after this the two always agree
         if self.norm_pix_loss and self.target not in ("pixel", "norm_pixel"):
@@ -73,7 +73,7 @@ class MAEConfig:
 
     @property
     def image_hw(self) -> tuple[int, int]:
-        return (self.img_size, self.img_size) if isinstance(self.img_size, int) else tuple(self.img_size)
+        return (self.img_size, self.img_size) if isinstance(self.img_size, int) else tuple(self.img_size)  # type: ignore[return-value]  # two items (__post_init__)
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -159,7 +159,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.grid_size = cfg.grid_size
         num_patches = self.grid_size[0] * self.grid_size[1]
         norm_layer = partial(nn.LayerNorm, eps=cfg.norm_eps)
-        block = partial(Block, mlp_ratio=cfg.mlp_ratio, qkv_bias=True, norm_layer=norm_layer, attn_layer=Attention)
+        block = partial(Block, mlp_ratio=cfg.mlp_ratio, qkv_bias=True, norm_layer=norm_layer, attn_layer=Attention)  # type: ignore[arg-type]  # timm calls norm_layer(dim): a partial works
         self.grad_checkpointing = False
 
         # encoder
@@ -353,7 +353,7 @@ def _copy_full(param: torch.Tensor, full: torch.Tensor) -> None:
     if hasattr(param, "device_mesh"):
         from torch.distributed.tensor import distribute_tensor
 
-        full = distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+        full = distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)  # type: ignore[attr-defined]  # a DTensor (hasattr above)
     param.data.copy_(full)
 
 

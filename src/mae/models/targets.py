@@ -68,6 +68,9 @@ class PCATarget(Target):
             raise ConfigError(f"pca_components must be in [1, {patch_dim}] for {patch_size}x{patch_size}x{in_chans}"
                               f" patches, got {num_components}")
         self.patch_size, self.dim = patch_size, num_components
+        self.mean: torch.Tensor  # buffers, declared for the type checker
+        self.components: torch.Tensor
+        self.fitted: torch.Tensor
         self.register_buffer("mean", torch.zeros(patch_dim))
         self.register_buffer("components", torch.zeros(num_components, patch_dim))  # rows: principal axes
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
@@ -83,8 +86,8 @@ class PCATarget(Target):
             total += patches.shape[0]
         if total < 2:
             raise InputError("PCA target needs at least two patches to fit")
-        mean = s1 / total
-        cov = (s2 - total * torch.outer(mean, mean)) / (total - 1)
+        mean: torch.Tensor = s1 / total  # type: ignore[operator, assignment]  # s1, s2 are set: total >= 2 here
+        cov = (s2 - total * torch.outer(mean, mean)) / (total - 1)  # type: ignore[operator]  # as above
         eigvals, eigvecs = torch.linalg.eigh(cov)  # ascending
         order = torch.argsort(eigvals, descending=True)[: self.dim]
         self.mean.copy_(mean.float())
@@ -112,6 +115,8 @@ class HOGTarget(Target):
         self.cells_per_patch = patch_size // cell
         self.dim = in_chans * bins * self.cells_per_patch**2
         kernel = torch.tensor([-1.0, 0.0, 1.0])
+        self.kx: torch.Tensor  # buffers, declared for the type checker
+        self.ky: torch.Tensor
         self.register_buffer("kx", kernel.reshape(1, 1, 1, 3).repeat(in_chans, 1, 1, 1), persistent=False)
         self.register_buffer("ky", kernel.reshape(1, 1, 3, 1).repeat(in_chans, 1, 1, 1), persistent=False)
 

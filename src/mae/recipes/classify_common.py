@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -128,9 +128,9 @@ def load_encoder_source(init: str, checkpoint: str | None, model_name: str | Non
     if init != "pretrained":
         from mae.models import MaskedAutoencoderViT, model_config
 
-        model = MaskedAutoencoderViT(model_config(model_name, decoder_depth=0))  # no decoder: it would be dropped
-        return EncoderSource(model_config(model_name), model.encoder_state_dict(), f"a random {model_name} encoder")
-    return read_encoder(checkpoint, model_name)
+        model = MaskedAutoencoderViT(model_config(model_name, decoder_depth=0))  # type: ignore[arg-type]  # check_init above requires model_name without a checkpoint; no decoder: it would be dropped
+        return EncoderSource(model_config(model_name), model.encoder_state_dict(), f"a random {model_name} encoder")  # type: ignore[arg-type]  # as above
+    return read_encoder(checkpoint, model_name)  # type: ignore[arg-type]  # check_init above requires a checkpoint for init=pretrained
 
 
 def build_from_source(source: EncoderSource, head_init_std: float, **classifier_fields: Any
@@ -177,8 +177,8 @@ def labelled_dataset(data: ClassifyData, split: str, transform: Callable | None,
                      "%d for training; add '%s/val' or set data.val_fraction=0 to change this", data.path,
                      len(val_idx), 100 * data.val_fraction, HOLDOUT_SEED, len(train_idx), data.path)
         dataset = Subset(dataset, train_idx if split == "train" else val_idx)
-    if limit is not None and limit < len(dataset):
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit]
+    if limit is not None and limit < len(dataset):  # type: ignore[arg-type]  # torch types no Dataset.__len__
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit]  # type: ignore[arg-type]  # torch types no Dataset.__len__
         dataset = Subset(dataset, sorted(order.tolist()))
     return dataset, classes
 
@@ -248,7 +248,7 @@ class ShardSampler(Sampler[int]):
 def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, dist: DistInfo | None = None) -> DataLoader:
     """In-order loader over this rank's share of `dataset` (every image counted once over all ranks)."""
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
-    return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rank, world),
+    return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rank, world),  # type: ignore[arg-type]  # torch types no Dataset.__len__
                       num_workers=num_workers, pin_memory=torch.cuda.is_available(),
                       persistent_workers=num_workers > 0, worker_init_fn=ignore_stop_signals)
 
@@ -396,6 +396,7 @@ def load_classifier(path: str | Path, img_size: int | tuple[int, int] | None = N
     mode, its config, class names or None)."""
     path = resolve_run(path)
     names: list[str] | None = None
+    config: ClassifierConfig | None
     if path.is_dir() and (path / "config.json").is_file():
         from mae.interop.classifier_export import load_hf_classifier
 
@@ -491,7 +492,7 @@ def train_classifier(run: Run, *, model: nn.Module, classifier_config: Classifie
             record.update(ema_top1=ema_result.top1, **({"ema_top5": ema_result.top5} if many else {}))
         return record
 
-    def best_of(record: dict[str, Any]) -> tuple[float | None, dict]:
+    def best_of(record: Mapping[str, Any]) -> tuple[float | None, dict]:
         top1, ema_top1 = record.get("top1"), record.get("ema_top1")
         if top1 is None:
             return None, {}
@@ -510,7 +511,7 @@ def train_classifier(run: Run, *, model: nn.Module, classifier_config: Classifie
         log.info("%s: %d classes, %s pooling, %.2f M parameters (%.2f M trainable); %d training images; effective "
                  "batch %d; peak lr %.3g (%s); precision %s on %s", protocol or "classifier", len(class_names),
                  classifier_config.global_pool, sum(p.numel() for p in model.parameters()) / 1e6, trainable / 1e6,
-                 len(train_set), engine.effective_batch, engine.peak_lr, optimizer, run.precision, run.device)
+                 len(train_set), engine.effective_batch, engine.peak_lr, optimizer, run.precision, run.device)  # type: ignore[arg-type]  # torch types no Dataset.__len__
     result = trainer.fit()
     last = result.history[-1] if result.history else {}
     summary: dict[str, Any] = {"output_dir": str(run.out), "protocol": protocol, "best_top1": result.best["value"],

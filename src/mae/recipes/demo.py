@@ -194,7 +194,7 @@ def _raw_pixel_probe(cfg, dist) -> dict:
     val = build_dataset(cfg.data.path, "val")
     if not hasattr(train, "as_tensors"):
         raise ConfigError(f"the raw-pixel baseline needs an embedded dataset, not '{cfg.data.path}'")
-    mean, std = default_mean_std(train.in_chans)
+    mean, std = default_mean_std(train.in_chans)  # type: ignore[attr-defined]  # ours, not torch's Dataset type
     m = torch.tensor(mean).view(1, -1, 1, 1)
     s = torch.tensor(std).view(1, -1, 1, 1)
 
@@ -208,7 +208,7 @@ def _raw_pixel_probe(cfg, dist) -> dict:
         xt, yt = xt[keep], yt[keep]
     steps = max(1, len(xt) // cfg.batch_size)
     with start_run(cfg, dist, kind="classify") as run:
-        probe = _PixelProbe(xt.shape[1], train.num_classes)
+        probe = _PixelProbe(xt.shape[1], train.num_classes)  # type: ignore[attr-defined]  # ours, not torch's Dataset type
         batches = FeatureBatches(xt, yt, cfg.batch_size, steps, cfg.seed)
         o = cfg.optim
         engine = build_engine(run, probe, param_groups(probe, 0.0), optimizer=o.name, updates_per_epoch=steps,

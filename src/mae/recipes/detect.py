@@ -176,7 +176,7 @@ def _scorer(cfg: DetectConfig, val_set: CocoInstances, device: torch.device, pre
 def _evaluate(cfg: DetectConfig) -> dict[str, Any]:
     device, precision, out = evaluation_setup(cfg)
     val_set, _ = _val_set(cfg, out)
-    task, state, path = load_task_checkpoint(cfg.weights, FORMAT)
+    task, state, path = load_task_checkpoint(cfg.weights, FORMAT)  # type: ignore[arg-type]  # validate(): mode=evaluate needs weights
     if task["classes"] != val_set.classes:
         raise ConfigError(f"'{path}' was trained on classes {task['classes']} but the val data has {val_set.classes}")
     model = detector_from_task(task).to(device)

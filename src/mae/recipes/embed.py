@@ -125,16 +125,16 @@ def image_dataset(data: EmbedData, img_size: int, in_chans: int) -> tuple[Any, l
 
     transform = build_eval_transform(img_size, in_chans, data.crop_pct, data.mean, data.std)
     mode = "L" if in_chans == 1 else "RGB"
-    if data.path.startswith(BUILTIN_PREFIX):
+    if data.path.startswith(BUILTIN_PREFIX):  # type: ignore[union-attr]  # validate() requires data.path
         splits = ["train", "val"] if data.split == "all" else [data.split]
-        parts = [build_dataset(data.path, s, transform=transform, mode=mode) for s in splits]
-        ids = [f"{data.path}/{s}/{i}" for s, part in zip(splits, parts, strict=True) for i in range(len(part))]
+        parts = [build_dataset(data.path, s, transform=transform, mode=mode) for s in splits]  # type: ignore[arg-type]  # as above
+        ids = [f"{data.path}/{s}/{i}" for s, part in zip(splits, parts, strict=True) for i in range(len(part))]  # type: ignore[arg-type]  # torch types no Dataset.__len__
         return (parts[0] if len(parts) == 1 else ConcatDataset(parts)), ids
     if data.split != "all":
         raise ConfigError(f"data.split={data.split} applies to builtin datasets; for a folder, pass the sub-folder "
-                          f"itself (--data {Path(data.path) / data.split})")
+                          f"itself (--data {Path(data.path) / data.split})")  # type: ignore[arg-type]  # as above
     # strict: a skipped file would shift every later feature onto the wrong path
-    dataset = PlainFolderDataset(data.path, transform=transform, mode=mode, strict=True)
+    dataset = PlainFolderDataset(data.path, transform=transform, mode=mode, strict=True)  # type: ignore[arg-type]  # as above
     return dataset, [path for path, _ in dataset.samples]
 
 
@@ -195,7 +195,7 @@ def run(cfg: EmbedConfig) -> dict[str, Any]:
 
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    model = load_pretrained_model(cfg.checkpoint).to(device)
+    model = load_pretrained_model(cfg.checkpoint).to(device)  # type: ignore[arg-type]  # validate() requires a checkpoint
     h, w = model.config.image_hw
     if h != w:
         raise ConfigError(f"the evaluation transform makes square images; this model's img_size is {h}x{w}")

@@ -138,7 +138,7 @@ def class_list_path(name: str) -> Path:
     key = _named_list(name)
     if key is None:
         raise ConfigError(f"no shipped class list '{name}'; valid: {', '.join(CLASS_LISTS)}")
-    return Path(str(resources.files("mae.data").joinpath("class_lists", CLASS_LISTS[key])))
+    return Path(str(resources.files("mae.data").joinpath("class_lists", CLASS_LISTS[key])))  # type: ignore[call-arg]  # an installed package: a pathlib.Path, whose joinpath takes several parts
 
 
 def read_class_map(path: str | Path, dataset_classes: Sequence[str], model_classes: Sequence[str] | None,
@@ -232,7 +232,7 @@ def save_confusion_png(confusion: torch.Tensor, class_names: Sequence[str], path
             for i in range(n):
                 for j in range(n):
                     if cm[i, j] > 0:
-                        ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                        ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,  # type: ignore[arg-type]  # matplotlib formats any value as text
                                 color="white" if rates[i, j] > 0.5 else "black")
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
@@ -271,7 +271,7 @@ def _run(cfg: EvaluateConfig, dist: DistInfo) -> dict[str, Any]:
     precision = resolve_precision(cfg.precision, device)
     out = prepare_output_dir(cfg.output_dir)
     t0 = time.perf_counter()
-    model, ccfg, names = load_classifier(cfg.checkpoint, img_size=cfg.model.img_size, use_ema=cfg.use_ema,
+    model, ccfg, names = load_classifier(cfg.checkpoint, img_size=cfg.model.img_size, use_ema=cfg.use_ema,  # type: ignore[arg-type]  # validate() requires it
                                          model_name=cfg.model.name)
     model.to(device)
     tf = eval_transform(cfg.data, square_side(ccfg), ccfg.in_chans)
@@ -320,7 +320,7 @@ def _run_imagenet_c(cfg: EvaluateConfig, dist: DistInfo) -> dict[str, Any]:
     out = prepare_output_dir(cfg.output_dir)
     t0 = time.perf_counter()
     folders = corruption_folders(cfg.data.path)
-    model, ccfg, names = load_classifier(cfg.checkpoint, img_size=cfg.model.img_size, use_ema=cfg.use_ema,
+    model, ccfg, names = load_classifier(cfg.checkpoint, img_size=cfg.model.img_size, use_ema=cfg.use_ema,  # type: ignore[arg-type]  # validate() requires it
                                          model_name=cfg.model.name)
     model.to(device)
     tf = eval_transform(cfg.data, square_side(ccfg), ccfg.in_chans)

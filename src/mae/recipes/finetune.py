@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -155,7 +155,7 @@ class FinetuneConfig(TrainFields):
 
 def build_train_transform(cfg: FinetuneConfig, img_size: int, mean, std):
     """The fine-tuning augmentation of `cfg` (see `classify_common.train_transform`)."""
-    return train_transform(img_size, mean, std, scale=tuple(cfg.aug.scale), hflip=cfg.aug.hflip,
+    return train_transform(img_size, mean, std, scale=tuple(cfg.aug.scale), hflip=cfg.aug.hflip,  # type: ignore[arg-type]  # two floats (validated config)
                            rand_augment=cfg.aug.rand_augment, reprob=cfg.aug.reprob)
 
 
@@ -265,7 +265,7 @@ def _export(cfg: FinetuneConfig, out, classes: list[str], best) -> dict:
 
     model, ccfg, names = load_classifier(best)
     paths = {}
-    prep = {"mean": cfg.data.mean, "std": cfg.data.std, "crop_pct": cfg.data.crop_pct}
+    prep: dict[str, Any] = {"mean": cfg.data.mean, "std": cfg.data.std, "crop_pct": cfg.data.crop_pct}
     if "timm" in cfg.export:
         paths["timm_export"] = str(save_timm_classifier(model, out / "model_timm.safetensors", ccfg,
                                                         class_names=names or classes, **prep))

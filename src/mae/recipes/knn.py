@@ -138,7 +138,7 @@ def encoder_features(model: nn.Module, pool: str = "token"):
         return mae_features
 
     def vit_features(images: torch.Tensor) -> torch.Tensor:
-        return model.forward_head(model.forward_features(images), pre_logits=True)
+        return model.forward_head(model.forward_features(images), pre_logits=True)  # type: ignore[operator]  # Module.__getattr__ gives Tensor | Module
     return vit_features
 
 
@@ -174,13 +174,13 @@ def knn_monitor(model: nn.Module, cfg: KnnConfig | None = None, device: torch.de
     config = model.config if hasattr(model, "config") else getattr(model, "classifier_config", None)
     if config is None:
         raise ConfigError("knn_monitor needs an MAE or a classifier built by mae (its config gives the image size)")
-    h, w = config.image_hw
+    h, w = config.image_hw  # type: ignore[misc, union-attr]  # Module.__getattr__ gives Tensor | Module
     if h != w:
         raise ConfigError(f"the k-NN transforms make square images; img_size {h}x{w} is not square")
     device = device or next(model.parameters()).device
-    tf = build_eval_transform(h, config.in_chans, cfg.data.crop_pct, cfg.data.mean, cfg.data.std)
-    train_set, classes = labelled_dataset(cfg.data, "train", tf, config.in_chans, cfg.data.train_limit, cfg.seed)
-    val_set, _ = labelled_dataset(cfg.data, "val", tf, config.in_chans, cfg.data.val_limit, cfg.seed)
+    tf = build_eval_transform(h, config.in_chans, cfg.data.crop_pct, cfg.data.mean, cfg.data.std)  # type: ignore[arg-type, union-attr]  # Module.__getattr__ gives Tensor | Module
+    train_set, classes = labelled_dataset(cfg.data, "train", tf, config.in_chans, cfg.data.train_limit, cfg.seed)  # type: ignore[arg-type, union-attr]  # Module.__getattr__ gives Tensor | Module
+    val_set, _ = labelled_dataset(cfg.data, "val", tf, config.in_chans, cfg.data.val_limit, cfg.seed)  # type: ignore[arg-type, union-attr]  # Module.__getattr__ gives Tensor | Module
     dist = _dist_info(device)
     was_training = model.training
     model.eval()
@@ -242,10 +242,10 @@ def _run(cfg: KnnConfig, dist: DistInfo) -> dict[str, Any]:
     model, _ = build_from_source(source, head_init_std=0.0, img_size=cfg.model.img_size, num_classes=0,
                                  global_pool=cfg.model.global_pool, fc_norm=False, drop_path_rate=0.0)
     model.to(device).eval()
-    k_used = min(cfg.k, len(train_set))  # what `knn_scores` clamps k to: every training image votes
+    k_used = min(cfg.k, len(train_set))  # type: ignore[arg-type]  # torch types no Dataset.__len__; what `knn_scores` clamps k to: every training image votes
     if k_used < cfg.k and dist.is_main:
         log.warning("k=%d is larger than the training set (%d images): all %d vote, so k=%d is used", cfg.k,
-                    len(train_set), len(train_set), k_used)
+                    len(train_set), len(train_set), k_used)  # type: ignore[arg-type]  # torch types no Dataset.__len__
     result = knn_evaluate(encoder_features(model), eval_loader(train_set, cfg.batch_size, cfg.data.num_workers, dist),
                           eval_loader(val_set, cfg.batch_size, cfg.data.num_workers, dist), len(classes), device,
                           cfg.k, cfg.temperature, precision)
@@ -253,7 +253,7 @@ def _run(cfg: KnnConfig, dist: DistInfo) -> dict[str, Any]:
     many = len(classes) > 5  # top-5 of 5 classes or fewer is always 100%: not shown
     summary = {"output_dir": str(out), "top1": result["knn_top1"], **({"top5": result["knn_top5"]} if many else {}),
                "best_top1": result["knn_top1"], "k": cfg.k, "k_used": k_used, "temperature": cfg.temperature,
-               "train_images": len(train_set), "val_images": result["knn_images"],
+               "train_images": len(train_set), "val_images": result["knn_images"],  # type: ignore[arg-type]  # torch types no Dataset.__len__
                "skipped_files": skipped_count(train_set, val_set), "seconds": seconds}
     if dist.is_main:
         save_config(cfg, out / "config.yaml")
@@ -263,5 +263,5 @@ def _run(cfg: KnnConfig, dist: DistInfo) -> dict[str, Any]:
         write_json(out / "summary.json", summary)
     log.info("k-NN (k=%d, T=%g): top-1 %.2f%%%s on %d val images (%d train) in %.1f s", cfg.k, cfg.temperature,
              summary["top1"], f", top-5 {summary['top5']:.2f}%" if many else "", summary["val_images"],
-             len(train_set), seconds)
+             len(train_set), seconds)  # type: ignore[arg-type]  # torch types no Dataset.__len__
     return summary

@@ -7,8 +7,9 @@ epochs, cosine, RandomResizedCrop + flip); the shipped YAML presets set the rest
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch.utils.data import Subset
@@ -148,6 +149,7 @@ def build_pretrain_loader(cfg: PretrainConfig, model_cfg: MAEConfig, dist: DistI
     """The training loader, whose batches are ``(images [N, C, H, W], noise [N, L])``, or with data.decode=nvjpeg
     ``((JPEG bytes, crop boxes), noise)`` for `device_batch_fn` to finish on the device."""
     on_device = cfg.data.decode == "nvjpeg"
+    transform: Callable[..., Any]  # a CropPlan or a torchvision pipeline
     if on_device:
         transform = CropPlan(cfg.data.augment)
     else:
@@ -159,8 +161,8 @@ def build_pretrain_loader(cfg: PretrainConfig, model_cfg: MAEConfig, dist: DistI
     if not on_device:  # the embedded digits without augmentation: each is transformed once, not every epoch
         h, w = model_cfg.img_size if isinstance(model_cfg.img_size, tuple) else (model_cfg.img_size,) * 2
         dataset = memoize_if_fixed(dataset, cfg.data.augment, 4 * model_cfg.in_chans * h * w)
-    if cfg.data.train_limit is not None and cfg.data.train_limit < len(dataset):  # a fixed random subset
-        keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.data.train_limit]
+    if cfg.data.train_limit is not None and cfg.data.train_limit < len(dataset):  # type: ignore[arg-type]  # torch types no Dataset.__len__; a fixed random subset
+        keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.data.train_limit]  # type: ignore[arg-type]  # torch types no Dataset.__len__
         dataset = Subset(dataset, sorted(keep.tolist()))
     # per-sample masking noise: masks are a function of (seed, epoch, index), like the crops, whatever the world size
     noisy = WithMaskNoise(dataset, model_cfg.grid_size[0] * model_cfg.grid_size[1])
@@ -168,7 +170,7 @@ def build_pretrain_loader(cfg: PretrainConfig, model_cfg: MAEConfig, dist: DistI
                           drop_last=True, distributed=dist.world_size > 1,
                           collate_fn=collate_encoded if on_device else None)
     if len(loader) == 0:
-        raise ConfigError(f"{len(dataset)} training images are fewer than one batch of {cfg.batch_size} per "
+        raise ConfigError(f"{len(dataset)} training images are fewer than one batch of {cfg.batch_size} per "  # type: ignore[arg-type]  # torch types no Dataset.__len__
                           f"process; lower batch_size")
     return dataset, loader
 
@@ -188,7 +190,7 @@ def device_batch_fn(cfg: PretrainConfig, model_cfg: MAEConfig, device: torch.dev
 def fit_pca_target(model: MaskedAutoencoderViT, loader, num_batches: int) -> float:
     """Fit a PCA target's basis on training patches (once, before training)."""
     batches = (imgs for i, (imgs, _) in zip(range(num_batches), loader, strict=False))
-    ratio = model.target.fit(batches)
+    ratio = model.target.fit(batches)  # type: ignore[operator]  # Module.__getattr__ gives Tensor | Module
     log.info("PCA target fitted on %d batches: top-%d components explain %.1f%% of patch variance",
              num_batches, model.target.dim, 100 * float(ratio))
     return float(ratio)
@@ -225,7 +227,7 @@ def _train(cfg: PretrainConfig, run: Run) -> dict:
     engine = build_engine(run, model, param_groups(model, cfg.optim.weight_decay), optimizer="adamw",
                           updates_per_epoch=len(loader) // cfg.accum_iter, base_lr=cfg.optim.base_lr,
                           lr=cfg.optim.lr, warmup_epochs=cfg.optim.warmup_epochs, min_lr=cfg.optim.min_lr,
-                          betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
+                          betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,  # type: ignore[arg-type]  # betas: two floats (tuple() keeps a list from YAML working)
                           clip_grad=cfg.optim.clip_grad)
     if run.resume_state is None and model_cfg.target == "pca" and not bool(model.target.fitted):
         set_epoch(loader, 0)

@@ -277,7 +277,7 @@ def _scorer(cfg: SegmentConfig, val_set: SegmentationFolder, names: list[str], d
 def _evaluate(cfg: SegmentConfig) -> dict[str, Any]:
     device, precision, out = evaluation_setup(cfg)
     val_set, _, names, num_classes = _val_set(cfg, out)
-    task, state, path = load_task_checkpoint(cfg.weights, FORMAT)
+    task, state, path = load_task_checkpoint(cfg.weights, FORMAT)  # type: ignore[arg-type]  # validate(): mode=evaluate needs weights
     if len(task["classes"]) != num_classes:
         raise ConfigError(f"'{path}' predicts {len(task['classes'])} classes but data.num_classes is {num_classes}")
     model = segmenter_from_task(task).to(device)
@@ -291,7 +291,7 @@ def _job(cfg: SegmentConfig, run: Run) -> TransferJob:
     device = run.device
     val_set, root, names, num_classes = _val_set(cfg, run.out)
     d = cfg.data
-    train_transform = SegmentationTransform(scale=d.scale, crop_size=d.crop_size, ratio_range=tuple(d.ratio_range),
+    train_transform = SegmentationTransform(scale=d.scale, crop_size=d.crop_size, ratio_range=tuple(d.ratio_range),  # type: ignore[arg-type]  # two floats (validated config)
                                             hflip=d.hflip, ignore_index=d.ignore_index)
     train_set = SegmentationFolder(root, d.train_split, num_classes, d.reduce_zero_label, d.ignore_index,
                                    train_transform, limit=d.train_limit)

@@ -339,7 +339,7 @@ def _plot(out: Path, rows: list[dict]) -> list[str]:
         ax.legend(fontsize=8)
         fig.tight_layout()
         path = out / f"{grid}.png"
-        atomic_write_path(path, lambda tmp, fig=fig: fig.savefig(tmp, dpi=110, format="png"))
+        atomic_write_path(path, lambda tmp, fig=fig: fig.savefig(tmp, dpi=110, format="png"))  # type: ignore[misc]  # a default-argument lambda binds this figure
         plt.close(fig)
         paths.append(str(path))
     return paths

@@ -62,7 +62,7 @@ def kind_of_state(state: Mapping[str, Any]) -> Kind | None:
         return _training(command, fmt, dcp, head=True)
     command = next((c for c, f in RUN_FORMATS.items() if f == fmt and f != "mae-classifier"), None)
     if command is not None:
-        return _training(command, fmt, dcp)
+        return _training(command, fmt, dcp)  # type: ignore[arg-type]  # fmt equals a RUN_FORMATS value: a str
     weights = next((state[k] for k in ("model", "state_dict") if isinstance(state.get(k), Mapping)), state)
     return kind_of_weights(str(k) for k in weights)
 

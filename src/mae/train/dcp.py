@@ -155,7 +155,7 @@ def restore(path: str | Path, model: nn.Module, engine: Any, extra_state: dict[s
     meta = read_meta(path)
     model_state, optim_state = get_state_dict(model, engine.optimizer)
     extra = {k: m.state_dict() for k, m in (extra_state or {}).items() if k in meta["dcp"]["states"]}
-    state = {"model": model_state, "optimizer": optim_state, **extra}
+    state: dict[str, Any] = {"model": model_state, "optimizer": optim_state, **extra}
     try:
         with _one_process():  # a plain single-process run may resume a sharded run's checkpoint
             dcp.load(state, checkpoint_id=str(path))
@@ -291,7 +291,8 @@ class DCPCheckpointManager:
     def _prune(self) -> None:
         """Drop mid-epoch directories that last and best no longer name, and numbered ones beyond `keep_last`."""
         keep = self._targets()
-        numbered, steps = [], []
+        numbered: list[Path] = []
+        steps: list[Path] = []
         for path in self.output_dir.iterdir():
             match = _FINAL.match(path.name)
             if match and not path.is_symlink() and path.is_dir():
@@ -317,7 +318,7 @@ class DCPCheckpointManager:
 def _local(obj: Any) -> Any:
     """`obj` with every DTensor replaced by this rank's shard (for the NaN check, which must not communicate)."""
     if hasattr(obj, "to_local") and isinstance(obj, torch.Tensor):
-        return obj.to_local()
+        return obj.to_local()  # type: ignore[attr-defined]  # a DTensor (hasattr above); torch types it as a Tensor
     if isinstance(obj, dict):
         return {k: _local(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

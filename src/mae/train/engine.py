@@ -28,10 +28,14 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
 
 from mae.errors import TrainingError
 from mae.train.logging import MetricsLogger, progress
@@ -88,7 +92,7 @@ class EpochStats:
     progress: EpochProgress = field(default_factory=EpochProgress)
 
 
-def _fsdp_root(model: nn.Module) -> nn.Module | None:
+def _fsdp_root(model: nn.Module) -> FSDPModule | None:
     """The outermost FSDP-sharded module inside `model` (the model, or the module a wrapper calls), or None."""
     import sys
 
@@ -118,7 +122,10 @@ def supports_device_skip(optimizer: torch.optim.Optimizer) -> bool:
 class Engine:
     """Owns the optimizer step logic; holds the position in the schedule (``step`` = accumulation windows done)."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: LRSchedule, *,
+    effective_batch: int  # set by `mae.train.trainer.build_engine` (for the recipes' start-of-run log line)
+    peak_lr: float
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Callable[[int], float], *,
                  precision: str = "fp32", device: torch.device | str = "cpu", accum_iter: int = 1,
                  clip_grad: float | None = None, max_nonfinite: int = 5, logger: MetricsLogger | None = None,
                  log_every: int = 20, show_progress: bool = True, world_size: int = 1):
@@ -196,12 +203,12 @@ class Engine:
             if self.clip_grad is not None:
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
             # fused kernels leave every tensor untouched when 1
-            self.optimizer.found_inf = bad.to(self._step_device, torch.float32)
-            self.optimizer.grad_scale = None
+            self.optimizer.found_inf = bad.to(self._step_device, torch.float32)  # type: ignore[attr-defined]  # torch's fused optimizers read found_inf / grad_scale as GradScaler sets them
+            self.optimizer.grad_scale = None  # type: ignore[attr-defined]  # as above
             try:
                 self.optimizer.step()
             finally:
-                del self.optimizer.found_inf, self.optimizer.grad_scale
+                del self.optimizer.found_inf, self.optimizer.grad_scale  # type: ignore[attr-defined]  # as above
         elif not bool(bad):  # one host read per update for optimizers that cannot skip on the device
             if self.clip_grad is not None:
                 self.scaler.unscale_(self.optimizer)
@@ -245,7 +252,7 @@ class Engine:
         return skipped
 
     def train_epoch(self, loader: Iterable, epoch: int, loss_fn: LossFn, num_batches: int | None = None,
-                    batch_size_of: Callable[[object], int] = lambda b: len(b[0]), *, start_batch: int = 0,
+                    batch_size_of: Callable[[Any], int] = lambda b: len(b[0]), *, start_batch: int = 0,
                     progress_so_far: EpochProgress | None = None, after_update: AfterUpdate | None = None
                     ) -> EpochStats:
         """One pass over ``loader``; the lr is set before every update (per iteration, as the reference).
@@ -281,7 +288,7 @@ class Engine:
             """The epoch's sums so far, over every process."""
             total, count = 0.0, 0
             if sums[0] is not None:
-                both = torch.stack([sums[0], sums[1]])
+                both = torch.stack([sums[0], sums[1]])  # type: ignore[list-item]  # sums[1] is set together with sums[0]
                 if self.world_size > 1:
                     torch.distributed.all_reduce(both)
                 total, n = both.tolist()
@@ -307,7 +314,7 @@ class Engine:
                 if window_loss is None:
                     window_loss, window_bad = value, ~torch.isfinite(value)
                 else:
-                    window_loss, window_bad = window_loss + value, window_bad | ~torch.isfinite(value)
+                    window_loss, window_bad = window_loss + value, window_bad | ~torch.isfinite(value)  # type: ignore[operator]  # window_bad is set together with window_loss
                 # Backward even a non-finite loss: under DDP every process must join the gradient all-reduce; the
                 # window's update is skipped below when any loss in it was non-finite.
                 self.scaler.scale(loss / self.accum_iter).backward()
@@ -321,7 +328,7 @@ class Engine:
             batches_done = i + 1
             kept = torch.where(bad, torch.zeros_like(window_loss), window_loss)
             count = (~bad).to(acc_dtype) * self.accum_iter
-            sums = [kept, count] if sums[0] is None else [sums[0] + kept, sums[1] + count]
+            sums = [kept, count] if sums[0] is None else [sums[0] + kept, sums[1] + count]  # type: ignore[operator]  # sums[1] is set together with sums[0]
             last_loss = torch.where(bad, torch.full_like(window_loss, float("nan")), window_loss / self.accum_iter)
             window_loss = window_bad = None
             stopped = after_update is not None and bool(after_update(batches_done, snapshot))

@@ -32,7 +32,7 @@ import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
@@ -103,7 +103,10 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 # ---------------------------------------------------------------------------------------------------- building
-def build_for_strategy(run: Run, build: Callable[[], nn.Module]) -> nn.Module:
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+def build_for_strategy(run: Run, build: Callable[[], ModuleT]) -> ModuleT:
     """The recipe's model, ready for `build_engine`: ``build()`` on the run's device, or on the meta device when
     fsdp initialises it shard by shard (``distributed.init``; `apply_fsdp` then materialises it)."""
     if is_sharded(run) and _init_of(run, build) == "sharded":
@@ -188,10 +191,10 @@ def apply_fsdp(run: Run, model: nn.Module, groups: list[dict[str, Any]]) -> list
                               f"use distributed.init=full")
         model.to_empty(device="cpu" if section.cpu_offload else device)
         with torch.no_grad():
-            model.init_weights()
+            model.init_weights()  # type: ignore[operator]  # Module.__getattr__ gives Tensor | Module
     params = dict(model.named_parameters())
     if run.dist.is_main:
-        local = sum(p.to_local().numel() for p in params.values())
+        local = sum(p.to_local().numel() for p in params.values())  # type: ignore[attr-defined]  # fully_shard made every parameter a DTensor
         _log.info("fsdp: %d blocks + root sharded over %d process(es) (%s init%s); %.3g M of %.3g M parameters on "
                   "this rank", len(blocks), dist.get_world_size(), "sharded" if on_meta else "full",
                   ", bf16 compute" if section.mixed_precision else "", local / 1e6,
@@ -210,4 +213,4 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
     if not isinstance(model, FSDPModule):
         return model.state_dict() if main else None
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return state if main else None
+    return state if main else None  # type: ignore[return-value]  # a full state dict holds tensors only

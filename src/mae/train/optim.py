@@ -53,7 +53,7 @@ def param_groups(
     """
     skip = set(no_weight_decay_list)
     if hasattr(model, "no_weight_decay"):
-        skip |= set(model.no_weight_decay())
+        skip |= set(model.no_weight_decay())  # type: ignore[operator]  # Module.__getattr__ gives Tensor | Module
     if layer_decay is not None:
         if num_layers is None:
             raise ConfigError("layer_decay needs num_layers (the encoder depth); pass num_layers=len(model.blocks)")
@@ -140,7 +140,7 @@ def _has_cpu_fused_adamw() -> bool:
 def _as_groups(groups: Sequence[dict[str, Any]] | Iterable[nn.Parameter]) -> list[dict[str, Any]]:
     items = list(groups)
     if items and all(isinstance(g, dict) for g in items):
-        return items
+        return items  # type: ignore[return-value]  # all(isinstance(g, dict)) above
     return [{"params": items}]
 
 

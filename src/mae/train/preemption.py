@@ -15,7 +15,7 @@ import logging
 import signal
 import threading
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -35,7 +35,7 @@ class SignalStop:
     def __init__(self) -> None:
         self.requested: int | None = None
         self.forced = False  # a second Ctrl-C came: the run stops at once
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Any] = {}  # what signal.signal returned: a handler, an int or None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGINT and self.requested is not None:

@@ -40,7 +40,7 @@ def capture_rng_state() -> dict[str, Any]:
         },
         "numpy": {
             "key": key,
-            "state": torch.from_numpy(keys.astype(np.int64)),
+            "state": torch.from_numpy(keys.astype(np.int64)),  # type: ignore[union-attr]  # legacy=True gives the (str, uint32 array, ...) tuple
             "pos": int(pos),
             "has_gauss": int(has_gauss),
             "cached_gaussian": float(cached_gaussian),

@@ -197,7 +197,7 @@ def start_run(cfg: TrainFields, dist: DistInfo, kind: str) -> Iterator[Run]:
             else:
                 state = load_training_state(path)
         if state is not None:  # another kind of checkpoint: named, with the command that takes it
-            check_resume(path, recipe_command(cfg) if kind == "classify" else kind, state)
+            check_resume(path, recipe_command(cfg) if kind == "classify" else kind, state)  # type: ignore[arg-type]  # a state was loaded, so path is set
         if state is not None and state.get("format") != FORMATS[kind]:
             raise ConfigError(f"'{path}' is not a training checkpoint of a {kind} run (its format is "
                               f"{state.get('format')!r}); resume from the run's own checkpoint-last.pth (or "

@@ -83,7 +83,8 @@ class RunLock:
     """
 
     def __init__(self, directory: Path, fd: int) -> None:
-        self.directory, self._fd = directory, fd
+        self.directory = directory
+        self._fd: int | None = fd
 
     @classmethod
     def acquire(cls, directory: str | Path, command: str = "") -> RunLock:

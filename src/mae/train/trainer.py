@@ -84,7 +84,7 @@ def peak_lr(base_lr: float | None, lr: float | None, effective_batch: int) -> fl
     """The absolute peak lr: ``lr`` when set, else the paper's linear rule ``base_lr x effective batch / 256``."""
     from mae.train.schedule import scaled_lr
 
-    return lr if lr is not None else scaled_lr(base_lr, effective_batch)
+    return lr if lr is not None else scaled_lr(base_lr, effective_batch)  # type: ignore[arg-type]  # the recipes pass base_lr whenever lr is None
 
 
 def build_engine(run: Run, model: nn.Module, groups: list[dict[str, Any]], *, optimizer: str, updates_per_epoch: int,
@@ -120,17 +120,17 @@ def build_engine(run: Run, model: nn.Module, groups: list[dict[str, Any]], *, op
         target = checkpointing if checkpointing is not None else model
         if not hasattr(target, "set_grad_checkpointing"):
             raise ConfigError(f"grad_checkpointing=true: {type(target).__name__} has no activation checkpointing")
-        target.set_grad_checkpointing(True)
+        target.set_grad_checkpointing(True)  # type: ignore[operator]  # Module.__getattr__ gives Tensor | Module
     sharded = is_sharded(run)
     if sharded:  # shards `model` in place (and materialises it); the optimizer then holds the shards
         groups = apply_fsdp(run, model, groups)
-    opt = build_optimizer(groups, optimizer, lr=peak, betas=tuple(betas), weight_decay=weight_decay,
+    opt = build_optimizer(groups, optimizer, lr=peak, betas=tuple(betas), weight_decay=weight_decay,  # type: ignore[arg-type]  # betas: two floats (tuple() keeps a list from YAML working)
                           momentum=momentum)
     module = train_module if train_module is not None else model
     if dist.world_size > 1 and not sharded:
         module = DistributedDataParallel(module, device_ids=[run.device.index] if run.device.type == "cuda" else None)
     if cfg.compile:
-        module = torch.compile(module)
+        module = torch.compile(module)  # type: ignore[assignment]  # torch.compile of a module returns a module (OptimizedModule)
     engine = Engine(module, opt, lr_of, precision=run.precision, device=run.device, accum_iter=cfg.accum_iter,
                     clip_grad=clip_grad, max_nonfinite=cfg.max_nonfinite, log_every=cfg.log_every,
                     show_progress=cfg.progress and dist.is_main, world_size=dist.world_size)
@@ -178,6 +178,8 @@ class Trainer:
         resume_free: fields a resume may change besides `TrainFields.RESUME_FREE`.
     """
 
+    _due_at_epoch_end: bool  # a save by time or steps that came due in the last window of an epoch
+
     def __init__(self, run: Run, *, model: nn.Module, engine: Engine, loader: Any,
                  loss_fn: Callable[[nn.Module, Any], torch.Tensor], best: Best, resolved: dict[str, Any],
                  data: dict[str, Any], meta: dict[str, Any] | None = None, num_batches: int | None = None,
@@ -208,9 +210,9 @@ class Trainer:
     def _restore(self, state: dict[str, Any]) -> tuple[int, int, EpochProgress | None]:
         run = self.run
         if "dcp" in state:  # a DCP directory: tensors loaded in place and resharded to this run's processes
-            restore_dcp(run.resume_path, self.model, self.engine, self.extra_state)
+            restore_dcp(run.resume_path, self.model, self.engine, self.extra_state)  # type: ignore[arg-type]  # a restored state implies resume_path is set
         else:
-            load_model_state(self.model, state["model"], run.resume_path)
+            load_model_state(self.model, state["model"], run.resume_path)  # type: ignore[arg-type]  # a restored state implies resume_path is set
             self.engine.load_state_dict(state["engine"])
             for key, module in self.extra_state.items():
                 if state.get(key) is not None:
@@ -269,12 +271,12 @@ class Trainer:
                      **{k: m.state_dict() for k, m in self.extra_state.items()}}
             path = self.manager.save(state, epoch_end, is_best=is_best)
         if self.run.dist.is_main:
-            write_status(self.run.out, status="running", checkpoint=path.name, step=self.engine.step,
+            write_status(self.run.out, status="running", checkpoint=path.name, step=self.engine.step,  # type: ignore[union-attr]  # saved above on the main rank
                          position=list(position))
             total = self.run.cfg.epochs  # messages count epochs from 1, as the per-epoch line does
             where = f"end of epoch {epoch_end + 1}/{total}" if epoch_end is not None else \
                 f"epoch {position[0] + 1}/{total}, batch {position[1]}"
-            _log.info("saved %s (%s, update %d)", path.name, where, self.engine.step)
+            _log.info("saved %s (%s, update %d)", path.name, where, self.engine.step)  # type: ignore[union-attr]  # saved above on the main rank
         self._last_save = time.monotonic()
 
     def _agreed(self, *flags: bool) -> list[bool]:

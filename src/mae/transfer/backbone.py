@@ -83,7 +83,7 @@ class RelativePositionBias(nn.Module):
     def forward(self, grid: tuple[int, int]) -> torch.Tensor:
         """The additive attention bias ``[1, heads, 1+L, 1+L]`` for an h x w grid (class token first)."""
         h, w = grid
-        table = self._table_for(tuple(grid))
+        table = self._table_for(tuple(grid))  # type: ignore[arg-type]  # grid: two ints
         n_offsets = table.shape[0] - 3
         index = _relative_index(h, w, table.device)  # [1+L, 1+L]
         index[0, 1:], index[1:, 0], index[0, 0] = n_offsets, n_offsets + 1, n_offsets + 2
@@ -166,7 +166,7 @@ class ViTPyramid(nn.Module):
                                       requires_grad=learnable_pos_embed)  # fixed sin-cos unless learnable
         rates = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList([
-            Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=norm_layer, drop_path=rate)
+            Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=norm_layer, drop_path=rate)  # type: ignore[arg-type]  # timm calls norm_layer(dim): a partial works
             for rate in rates])
         self.norm = norm_layer(embed_dim)  # the pre-trained final norm, on the last block's output
         self.rel_pos_bias = (nn.ModuleList([RelativePositionBias(num_heads, self.grid_size) for _ in range(depth)])
@@ -192,7 +192,7 @@ class ViTPyramid(nn.Module):
         self.apply(init_linear_and_norm)
         if self.rel_pos_bias is not None:
             for rpb in self.rel_pos_bias:
-                nn.init.zeros_(rpb.relative_position_bias_table)
+                nn.init.zeros_(rpb.relative_position_bias_table)  # type: ignore[arg-type]  # Module.__getattr__ gives Tensor | Module
 
     def new_parameter_prefixes(self) -> tuple[str, ...]:
         """Key prefixes of the modules an MAE checkpoint does not have (they keep their initialisation)."""
@@ -349,7 +349,7 @@ def build_backbone(checkpoint: str | Path | None = None, *, model_name: str | No
         source = read_encoder(checkpoint, model_name, **overrides)
         config = source.config
     else:
-        config = model_config(model_name, **overrides)
+        config = model_config(model_name, **overrides)  # type: ignore[arg-type]  # checked above: a model_name without a checkpoint
     backbone = ViTPyramid(img_size=img_size if img_size is not None else config.image_hw, **encoder_arch(config),
                           **pyramid_kwargs)
     if not pretrained or source is None:

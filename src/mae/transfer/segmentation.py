@@ -184,7 +184,7 @@ class SegmentationTransform:
                     label = F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].long()
         image = image.float()
         if train:
-            image, label = self._crop(image, label, self.crop_size)
+            image, label = self._crop(image, label, self.crop_size)  # type: ignore[arg-type]  # train: crop_size is set
             if self.hflip and torch.rand(()) < self.hflip:
                 image, label = image.flip(-1), label.flip(-1)
         mean = torch.tensor(self.mean).view(3, 1, 1) * 255

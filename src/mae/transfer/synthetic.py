@@ -25,6 +25,7 @@ import math
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -216,7 +217,8 @@ def _write_split(root: Path, split: str, count: int, spec: SyntheticSpec, photos
     data.images(split).mkdir(parents=True, exist_ok=True)
     data.labels(split).mkdir(parents=True, exist_ok=True)
     data.coco(split).parent.mkdir(parents=True, exist_ok=True)
-    images, annotations = [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     for i in range(count):
         rng = np.random.default_rng((spec.seed, SPLITS.index(split), i))  # one stream per image
         image, labels, instances = render_scene(photos, split, spec, rng)

@@ -155,8 +155,8 @@ def backbone_spec(backbone: ViTPyramid) -> dict[str, Any]:
     block = backbone.blocks[0]
     return {"img_size": list(backbone.img_size), "patch_size": backbone.patch_size,
             "in_chans": backbone.patch_embed.proj.in_channels, "embed_dim": backbone.embed_dim,
-            "depth": backbone.depth, "num_heads": block.attn.num_heads,
-            "mlp_ratio": block.mlp.fc1.out_features / backbone.embed_dim, "norm_eps": backbone.norm.eps,
+            "depth": backbone.depth, "num_heads": block.attn.num_heads,  # type: ignore[union-attr]  # Module.__getattr__ gives Tensor | Module
+            "mlp_ratio": block.mlp.fc1.out_features / backbone.embed_dim, "norm_eps": backbone.norm.eps,  # type: ignore[operator, union-attr]  # Module.__getattr__ gives Tensor | Module
             "pyramid": backbone.pyramid, "strides": list(backbone.strides),
             "rel_pos_bias": backbone.rel_pos_bias is not None, **backbone.pyramid_options()}
 
@@ -201,7 +201,7 @@ def train_and_evaluate(job: TransferJob, run: Run) -> dict[str, Any]:
     """Train ``job.model`` end to end (layer-wise lr decay on the backbone) through the shared `Trainer`, evaluate
     every ``eval_every`` epochs and after the last; returns the summary (also in summary.json)."""
     cfg, out = run.cfg, run.out
-    optim = cfg.optim
+    optim = cfg.optim  # type: ignore[attr-defined]  # the transfer recipes' configs (TrainFields subclasses) have it
     groups = backbone_param_groups(job.model, job.backbone, job.backbone_prefix, optim.weight_decay,
                                    optim.layer_decay)
     write_json(out / "param_groups.json", [{"lr_scale": g["lr_scale"], "weight_decay": g["weight_decay"],
@@ -227,7 +227,7 @@ def train_and_evaluate(job: TransferJob, run: Run) -> dict[str, Any]:
 
     resolved = {**to_dict(cfg), "precision": run.precision, "device": run.device.type}
     trainer = Trainer(run, model=job.model, engine=engine, loader=job.train_loader, loss_fn=job.loss_fn,
-                      best=Best(job.best_key, "max"), evaluate=evaluate, eval_every=cfg.eval_every,
+                      best=Best(job.best_key, "max"), evaluate=evaluate, eval_every=cfg.eval_every,  # type: ignore[attr-defined]  # as above
                       resolved=resolved, data=data_facts(job.train_set, run, len(job.train_loader)),
                       meta={"task": job.task}, batch_size_of=lambda b: len(b[0]))
     n_params = sum(p.numel() for p in job.model.parameters()) / 1e6

@@ -39,7 +39,7 @@ def cls_attention(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
     handle = attn.register_forward_pre_hook(keep_input)
     try:
-        model.forward_features(images)
+        model.forward_features(images)  # type: ignore[operator]  # Module.__getattr__ gives Tensor | Module
     finally:
         handle.remove()
     x = captured["x"]  # [N, T, D]
@@ -70,7 +70,7 @@ def draw_attention(model: nn.Module, images: torch.Tensor, display: torch.Tensor
     weights = cls_attention(model, images)  # [N, H, 1+L]
     n, heads, tokens = weights.shape
     h, w = images.shape[-2:]
-    patch = getattr(model, "patch_size", None) or model.patch_embed.patch_size[0]
+    patch: int = getattr(model, "patch_size", None) or model.patch_embed.patch_size[0]  # type: ignore[index, union-attr, assignment]  # Module.__getattr__ gives Tensor | Module
     grid = (h // patch, w // patch)
     if grid[0] * grid[1] != tokens - 1:
         raise ConfigError(f"{tokens - 1} patch tokens do not make a {grid[0]}x{grid[1]} grid")
@@ -148,10 +148,10 @@ def save_attention_maps(model: nn.Module, image_paths: Sequence[str | Path], out
     from mae.files import atomic_write_path
 
     config = getattr(model, "config", None) or getattr(model, "classifier_config", None)
-    h, w = config.image_hw
+    h, w = config.image_hw  # type: ignore[union-attr]  # models drawn here have a config (AttributeError as before otherwise)
     if h != w:
         raise ConfigError(f"the image transform makes square images; this model's img_size is {h}x{w}")
-    inputs, shown, names = load_image_files(image_paths, h, config.in_chans, limit)
+    inputs, shown, names = load_image_files(image_paths, h, config.in_chans, limit)  # type: ignore[union-attr]  # as above
     fig = draw_attention(model, inputs, shown, names)
     out = Path(out)
     if out.suffix.lower() != ".png":

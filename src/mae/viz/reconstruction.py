@@ -121,8 +121,8 @@ def load_images(data: str, model: MaskedAutoencoderViT, num_images: int = 8, spl
         if split == "train":
             raise
         dataset = build_dataset(data, "train", transform=transform, mode="L" if model.in_chans == 1 else "RGB")
-    count = min(num_images, len(dataset))
-    step = max(1, len(dataset) // count)
+    count = min(num_images, len(dataset))  # type: ignore[arg-type]  # torch types no Dataset.__len__
+    step = max(1, len(dataset) // count)  # type: ignore[arg-type]  # torch types no Dataset.__len__
     return torch.stack([dataset[i * step][0] for i in range(count)])
 
 
