@@ -117,6 +117,9 @@ def run_distributed(device: str, body: Callable[[DistInfo], T]) -> T:
 
     dist = init_distributed(resolve_device(device))
     try:
-        return body(dist)
-    finally:
+        result = body(dist)
+    except BaseException:
         cleanup()
+        raise
+    cleanup(wait_for_others=True)
+    return result

@@ -8,6 +8,7 @@ rank 0 writes logs and checkpoints. See docs/robustness.md for launch commands.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -137,7 +138,13 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def cleanup() -> None:
-    """Leave the process group, if one was joined."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def cleanup(wait_for_others: bool = False) -> None:
+    """Leave the process group, if one was joined. With `wait_for_others` (a run that ended well on this rank) every
+    rank first meets the others, so none tears its connections down while a peer still has collective work in flight
+    (gloo then aborts the peer: "terminate called without an active exception"); a rank that failed leaves at once."""
+    if not dist.is_initialized():
+        return
+    if wait_for_others:
+        with contextlib.suppress(RuntimeError, ValueError, OSError):  # a peer that failed has already left
+            dist.barrier()
+    dist.destroy_process_group()
