@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from faults import Result, check_failure
 from PIL import Image
 from tiny import MODEL, RUN
 
@@ -124,14 +125,7 @@ def _as_read(text: str) -> str:
 
 def _error_line(capsys, argv: list[str]) -> str:
     """Run `mae argv` in-process: exit 2, no traceback, and the last stderr line is the only error line."""
-    rc = main(argv)
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert rc == 2, err
-    assert "Traceback" not in err, err
-    assert lines and lines[-1].startswith(f"mae {argv[0]}: error: "), err
-    assert sum(" error: " in line for line in lines) == 1, err
-    return lines[-1]
+    return check_failure(Result(main(argv), "", capsys.readouterr().err), argv[0])
 
 
 @pytest.mark.parametrize(("command", "key", "value", "valid"), BAD_NUMBERS,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from faults import Result, check_failure
 from PIL import Image
 from tiny import MODEL, RUN
 
@@ -61,16 +62,9 @@ def _refused(capsys, argv: list[str], path: Path, *kept: Path) -> str:
     """`mae argv`: exit 2, one error line, the last on stderr, naming `path`, no traceback; `path` and `kept`
     are as they were. Returns the line."""
     before = {p: _state(p) for p in (path, *kept)}
-    rc = main(argv)
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert rc == 2, err
-    assert "Traceback" not in err, err
-    assert lines and lines[-1].startswith(f"mae {argv[0]}: error: "), err
-    assert sum(": error: " in line for line in lines) == 1, err
-    assert str(path) in lines[-1], lines[-1]
+    line = check_failure(Result(main(argv), "", capsys.readouterr().err), argv[0], mentions=(str(path),))
     assert {p: _state(p) for p in (path, *kept)} == before
-    return lines[-1]
+    return line
 
 
 def _users_file(path: Path) -> Path:
