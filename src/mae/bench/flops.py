@@ -61,14 +61,15 @@ def mae_flops(cfg: MAEConfig, mask_ratio: float | None = None) -> FlopBreakdown:
     on every patch, and the decoder then embeds all of them. The decoder always runs on 1 + L tokens.
     """
     ratio = cfg.mask_ratio if mask_ratio is None else mask_ratio
-    length = cfg.grid_size[0] * cfg.grid_size[1]
-    enc_tokens = 1 + (length if cfg.mask_in_encoder else num_kept(length, ratio))
-    dec_tokens = 1 + length
+    grid, prefix = cfg.token_grid, int(cfg.cls_token)
+    length = grid.num_tokens
+    enc_tokens = prefix + (length if cfg.mask_in_encoder else num_kept(length, ratio))
+    dec_tokens = prefix + length
     p, c = cfg.patch_size, cfg.in_chans
-    patch_embed = 2.0 * length * (c * p * p) * cfg.embed_dim
+    patch_embed = 2.0 * grid.num_patches * grid.patch_dim() * cfg.embed_dim  # every channel once per place
     block, attn = _block_flops(enc_tokens, cfg.embed_dim, cfg.mlp_ratio)
     dblock, dattn = _block_flops(dec_tokens, cfg.decoder_embed_dim, cfg.mlp_ratio)
-    target_dim = build_target(cfg.target, p, c, pca_components=cfg.pca_components, hog_bins=cfg.hog_bins).dim
+    target_dim = build_target(cfg.target, p, c, **cfg.target_options()).dim
     decoder = (2.0 * enc_tokens * cfg.embed_dim * cfg.decoder_embed_dim  # decoder_embed
                + cfg.decoder_depth * dblock
                + 2.0 * dec_tokens * cfg.decoder_embed_dim * target_dim)  # decoder_pred

@@ -247,7 +247,7 @@ def measure_memory(config: MAEConfig, *, strategy: str, batch_size: int, precisi
         run = Run(cfg=cfg, kind="pretrain", format="mae-train", dist=info, device=device, precision=precision,
                   out=Path(tmp))
         g = torch.Generator().manual_seed(seed + rank)
-        grid = config.grid_size[0] * config.grid_size[1]
+        grid = config.num_patches
         batches = [(torch.randn(batch_size, config.in_chans, *config.image_hw, generator=g),
                     torch.rand(batch_size, grid, generator=g)) for _ in range(steps)]
         _return_freed_memory_at_once(device)

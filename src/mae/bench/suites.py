@@ -319,7 +319,7 @@ def same_loss_check(cfg: MAEConfig) -> dict:
     ours = MaskedAutoencoderViT(cfg).eval()
     hf = hf_from_ours(ours).eval()
     imgs = torch.randn(2, cfg.in_chans, *cfg.image_hw)
-    noise = torch.rand(2, cfg.grid_size[0] * cfg.grid_size[1])
+    noise = torch.rand(2, cfg.num_patches)
     with torch.no_grad():
         a = ours(imgs, noise=noise)[0].item()
         b = hf(pixel_values=imgs, noise=noise).loss.item()

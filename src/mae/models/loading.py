@@ -70,10 +70,11 @@ def _short(keys: Sequence[str], n: int = 4) -> str:
     return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
-def grid_of(num_patches: int, hint: tuple[int, int] | None = None, source: str = "the checkpoint") -> tuple[int, int]:
-    """The (h, w) patch grid of a position table with `num_patches` rows: `hint` when it fits, else a square."""
-    if hint is not None and hint[0] * hint[1] == num_patches:
-        return tuple(hint)  # type: ignore[return-value]
+def grid_of(num_patches: int, hint: tuple[int, ...] | None = None, source: str = "the checkpoint") -> tuple[int, int]:
+    """The (h, w) patch grid of a position table with `num_patches` rows: a 2-D `hint` when it fits, else a
+    square (tables of clips are not resized)."""
+    if hint is not None and len(hint) == 2 and hint[0] * hint[1] == num_patches:
+        return hint[0], hint[1]
     side = math.isqrt(num_patches)
     if side * side != num_patches:
         raise CheckpointError(f"{source}: the position table has {num_patches} patches, not a square grid, and no "
@@ -85,7 +86,7 @@ def _is_finetuned(sd: Mapping[str, torch.Tensor]) -> bool:
     return any(k.startswith("fc_norm.") for k in sd) and not any(k.startswith("norm.") for k in sd)
 
 
-def _grid_of_module(module: nn.Module, key: str) -> tuple[int, int] | None:
+def _grid_of_module(module: nn.Module, key: str) -> tuple[int, ...] | None:
     owner = getattr(module, "patch_embed", None)
     grid = getattr(owner, "grid_size", None) or getattr(module, "grid_size", None)
     return tuple(grid) if grid is not None else None
@@ -93,7 +94,7 @@ def _grid_of_module(module: nn.Module, key: str) -> tuple[int, int] | None:
 
 def load_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str = "the checkpoint",
                  new_prefixes: Sequence[str] = (), optional_prefixes: Sequence[str] = (),
-                 fixed_tables: Sequence[str] = (), source_grid: tuple[int, int] | None = None, strict: bool = True,
+                 fixed_tables: Sequence[str] = (), source_grid: tuple[int, ...] | None = None, strict: bool = True,
                  fmt: str = "", check_only: bool = False, target: str = "the model") -> LoadReport:
     """Load what fits of `state_dict` into `module` by the rules of the module docstring; returns the report.
 

@@ -1,23 +1,35 @@
-"""Mask generators: which patches each sample keeps.
+"""Mask strategies: which tokens each sample keeps, behind one registry like the targets.
 
-Every strategy removes the same number of patches in every sample, so a batch of visible tokens stays a
-dense [N, len_keep, D] tensor. A mask is 1 for removed patches and 0 for kept ones, in patch order.
+Every strategy removes the same number of tokens in every sample, so a batch of visible tokens stays a dense
+[N, len_keep, D] tensor. A mask is 1 for removed tokens and 0 for kept ones, in token order ((g, t, h, w), see
+`mae.models.grid`).
 
-`random` follows the reference exactly: ``ids_shuffle = argsort(noise)``, the first ``int(L * (1 - r))``
-are kept (small noise = keep). `block` and `grid` produce a binary mask first and turn it into the same
-``ids_shuffle`` / ``ids_restore`` form, so the encoder and decoder code paths are shared.
+`random` follows the reference exactly: ``ids_shuffle = argsort(noise)``, the first ``int(L * (1 - r))`` are kept
+(small noise = keep); over all tokens of a clip it is MAE-ST's space-time agnostic masking, over all tokens of a
+grouped signal SatMAE's independent masking. The others build a binary mask and turn it into the same
+``ids_shuffle`` / ``ids_restore`` form, so the encoder and decoder code paths are shared. On a grid with leading
+axes (time, channel groups) the spatial strategies draw one mask over (h, w) and share it along them:
+
+- ``block``: BEiT's rectangles (paper Table 1f); ``grid``: keep one patch of every 2 x 2 cell (Table 1f);
+- ``tube``: VideoMAE's tube masking, ``int(r * h * w)`` places removed, the same in every frame;
+- ``consistent``: SatMAE's ``--spatial_mask``, ``int(h * w * (1 - r))`` places kept, the same in every group and
+  frame (the count rule of ``random``);
+- ``frame``: MAE-ST's frame masking, whole time steps removed, ``int(t * (1 - r))`` kept.
+
+A new strategy is one function and a `register_mask_strategy` call.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from mae.errors import InputError
-
-MASK_STRATEGIES = ("random", "block", "grid")
+from mae.errors import ConfigError, InputError
+from mae.models.grid import TokenGrid
 
 
 @dataclass
@@ -66,11 +78,11 @@ def masking_from_mask(mask: torch.Tensor, noise: torch.Tensor | None = None) -> 
 
 
 def random_masking(
-    n: int, grid: tuple[int, int], mask_ratio: float, device: torch.device | str = "cpu",
+    n: int, grid: tuple[int, ...], mask_ratio: float, device: torch.device | str = "cpu",
     noise: torch.Tensor | None = None,
 ) -> Masking:
-    """Per-sample uniform random masking (the MAE default)."""
-    length = grid[0] * grid[1]
+    """Per-sample uniform random masking over every token of a grid of any shape (the MAE default)."""
+    length = math.prod(grid)
     if noise is None:
         noise = torch.rand(n, length, device=device)  # [N, L] in [0, 1)
     elif noise.shape != (n, length):
@@ -219,3 +231,104 @@ def grid_masking(n: int, grid: tuple[int, int], device: torch.device | str = "cp
     """Grid-wise masking: the same regular pattern for every sample (75% removed on even grids)."""
     mask = grid_mask(grid).flatten().float().to(device)
     return masking_from_mask(mask.unsqueeze(0).expand(n, -1))
+
+
+def _tiled(n: int, grid: TokenGrid, spatial_masks: torch.Tensor, device: torch.device | str) -> Masking:
+    """Masking from one spatial mask per sample [N, h*w] (1 = removed), shared along the leading axes."""
+    leading = grid.num_tokens // spatial_masks.shape[1]
+    return masking_from_mask(spatial_masks.float().repeat(1, leading).to(device))
+
+
+def _first_slice_noise(noise: torch.Tensor | None, n: int, grid: TokenGrid, count: int, stride: int,
+                       generator: torch.Generator | None, device: torch.device | str) -> torch.Tensor:
+    """Noise [N, count] that ranks places (or frames): every `stride`-th entry of the token noise when given (the
+    first frame's places, or each frame's first place), else fresh uniform noise."""
+    if noise is None:
+        return torch.rand(n, count, generator=generator).to(device)
+    if noise.shape != (n, grid.num_tokens):
+        raise InputError(f"noise must have shape [N, L] = [{n}, {grid.num_tokens}], got {list(noise.shape)}")
+    return noise[:, : count * stride : stride]
+
+
+def _mask_by_rank(noise: torch.Tensor, num_removed: int) -> torch.Tensor:
+    """[N, M] binary masks removing the `num_removed` entries of highest noise in each row."""
+    ranks = torch.argsort(torch.argsort(noise, dim=1), dim=1)
+    return (ranks >= noise.shape[1] - num_removed).float()
+
+
+def _random(grid: TokenGrid, n: int, ratio: float, device: torch.device | str, noise: torch.Tensor | None = None,
+            generator: torch.Generator | None = None, **options: object) -> Masking:
+    return random_masking(n, (grid.num_tokens,), ratio, device, noise)
+
+
+def _block(grid: TokenGrid, n: int, ratio: float, device: torch.device | str, noise: torch.Tensor | None = None,
+           generator: torch.Generator | None = None, min_block: int = BEIT_MIN_BLOCK, **options: object) -> Masking:
+    places = math.prod(grid.spatial)
+    num_masked = places - num_kept(places, ratio)
+    masks = torch.stack([block_mask(grid.spatial, num_masked, generator, min_block).flatten() for _ in range(n)])
+    return _tiled(n, grid, masks, device)
+
+
+def _grid(grid: TokenGrid, n: int, ratio: float, device: torch.device | str, noise: torch.Tensor | None = None,
+          generator: torch.Generator | None = None, **options: object) -> Masking:
+    return _tiled(n, grid, grid_mask(grid.spatial).flatten().unsqueeze(0).expand(n, -1), device)
+
+
+def _tube(grid: TokenGrid, n: int, ratio: float, device: torch.device | str, noise: torch.Tensor | None = None,
+          generator: torch.Generator | None = None, **options: object) -> Masking:
+    places = math.prod(grid.spatial)
+    ranked = _first_slice_noise(noise, n, grid, places, 1, generator, device)
+    return _tiled(n, grid, _mask_by_rank(ranked, int(ratio * places)), device)
+
+
+def _consistent(grid: TokenGrid, n: int, ratio: float, device: torch.device | str, noise: torch.Tensor | None = None,
+                generator: torch.Generator | None = None, **options: object) -> Masking:
+    places = math.prod(grid.spatial)
+    ranked = _first_slice_noise(noise, n, grid, places, 1, generator, device)
+    return _tiled(n, grid, _mask_by_rank(ranked, places - num_kept(places, ratio)), device)
+
+
+def _frame(grid: TokenGrid, n: int, ratio: float, device: torch.device | str, noise: torch.Tensor | None = None,
+           generator: torch.Generator | None = None, **options: object) -> Masking:
+    if not grid.has_time:
+        raise ConfigError("frame masking removes whole time steps: it needs a grid with a time axis")
+    frames, places = grid.grid[0], math.prod(grid.spatial)
+    ranked = _first_slice_noise(noise, n, grid, frames, places, generator, device)
+    removed = _mask_by_rank(ranked, frames - num_kept(frames, ratio))  # [N, t]
+    per_token = removed.repeat_interleave(places, dim=1).repeat(1, grid.num_groups)  # [N, g*t*h*w]
+    return masking_from_mask(per_token.to(device))
+
+
+MaskStrategy = Callable[..., Masking]
+"""``strategy(grid, n, mask_ratio, device, noise=None, generator=None, **options) -> Masking``."""
+
+_STRATEGIES: dict[str, MaskStrategy] = {
+    "random": _random, "block": _block, "grid": _grid, "tube": _tube, "consistent": _consistent, "frame": _frame,
+}
+MASK_STRATEGIES = tuple(_STRATEGIES)  # the built-in names, in the order of the docs
+
+
+def register_mask_strategy(name: str, strategy: MaskStrategy) -> None:
+    """Make ``mask_strategy=name`` available to every model."""
+    _STRATEGIES[name] = strategy
+
+
+def mask_strategy_names() -> list[str]:
+    return list(_STRATEGIES)
+
+
+def mask_strategy(name: str) -> MaskStrategy:
+    if name not in _STRATEGIES:
+        close = difflib.get_close_matches(name, _STRATEGIES, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown mask_strategy '{name}' (valid: {', '.join(_STRATEGIES)}){hint}")
+    return _STRATEGIES[name]
+
+
+def make_masking(name: str, grid: TokenGrid, n: int, mask_ratio: float, device: torch.device | str = "cpu",
+                 noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                 **options: object) -> Masking:
+    """The masking of a batch of `n` samples by a registered strategy."""
+    if not 0.0 <= mask_ratio < 1.0:
+        raise InputError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+    return mask_strategy(name)(grid, n, mask_ratio, device, noise=noise, generator=generator, **options)

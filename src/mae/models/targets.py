@@ -1,11 +1,11 @@
 """What the decoder predicts for each removed patch (paper Table 1d), behind one pluggable interface.
 
-A target maps images [N, C, H, W] to per-patch targets [N, L, dim] and scores predictions on removed patches
-only. Built in: ``pixel``, ``norm_pixel`` (per-patch mean / unbiased variance + 1e-6, the reference's
-``norm_pix_loss``), ``pca`` (coefficients on the top-k principal components of training patches, fitted from
-data and stored in the checkpoint) and ``hog`` (histograms of oriented gradients, as in MaskFeat). Tokenizer
-targets (BEiT's dVAE) plug in through `TokenTarget` with a tokenizer the user supplies, or any other target
-through `register_target`.
+A target maps images [N, C, H, W] (or clips [N, C, T, H, W]: the pixel and PCA targets cut any token grid,
+`mae.models.grid`) to per-patch targets [N, L, dim] and scores predictions on removed patches only. Built in:
+``pixel``, ``norm_pixel`` (per-patch mean / unbiased variance + 1e-6, the reference's ``norm_pix_loss``), ``pca``
+(coefficients on the top-k principal components of training patches, fitted from data and stored in the
+checkpoint) and ``hog`` (histograms of oriented gradients, as in MaskFeat). Tokenizer targets (BEiT's dVAE) plug
+in through `TokenTarget` with a tokenizer the user supplies, or any other target through `register_target`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from mae.errors import ConfigError, InputError
+from mae.models.grid import TokenGrid
 from mae.models.patches import patchify
+
+
+def _patches(imgs: torch.Tensor, patch_size: int, grid: TokenGrid | None) -> torch.Tensor:
+    """[N, L, patch_dim] patch vectors: the token grid's patches (groups outermost) when given, else 2-D ones."""
+    if grid is None:
+        return patchify(imgs, patch_size)
+    if grid.channel_groups:
+        return torch.cat([grid.patchify(imgs, g) for g in range(grid.num_groups)], dim=1)
+    return grid.patchify(imgs)
 
 
 class Target(nn.Module, abc.ABC):
@@ -41,13 +51,14 @@ class Target(nn.Module, abc.ABC):
 class PixelTarget(Target):
     """Raw pixels of each patch, optionally normalised by the patch's own mean and unbiased variance."""
 
-    def __init__(self, patch_size: int, in_chans: int, normalize: bool = False, eps: float = 1e-6):
+    def __init__(self, patch_size: int, in_chans: int, normalize: bool = False, eps: float = 1e-6,
+                 grid: TokenGrid | None = None):
         super().__init__()
-        self.patch_size, self.normalize, self.eps = patch_size, normalize, eps
-        self.dim = patch_size * patch_size * in_chans
+        self.patch_size, self.normalize, self.eps, self.grid = patch_size, normalize, eps, grid
+        self.dim = grid.patch_dim(0 if grid.channel_groups else None) if grid else patch_size * patch_size * in_chans
 
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
-        target = patchify(imgs, self.patch_size)  # [N, L, p*p*C]
+        target = _patches(imgs, self.patch_size, self.grid)  # [N, L, p*p*C]
         if self.normalize:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)  # unbiased, as the reference
@@ -61,13 +72,13 @@ class PCATarget(Target):
     The basis lives in buffers, so it travels with the checkpoint. Fit it once with `fit` before training.
     """
 
-    def __init__(self, patch_size: int, in_chans: int, num_components: int = 96):
+    def __init__(self, patch_size: int, in_chans: int, num_components: int = 96, grid: TokenGrid | None = None):
         super().__init__()
-        patch_dim = patch_size * patch_size * in_chans
+        patch_dim = grid.patch_dim(0 if grid.channel_groups else None) if grid else patch_size * patch_size * in_chans
         if not 0 < num_components <= patch_dim:
             raise ConfigError(f"pca_components must be in [1, {patch_dim}] for {patch_size}x{patch_size}x{in_chans}"
                               f" patches, got {num_components}")
-        self.patch_size, self.dim = patch_size, num_components
+        self.patch_size, self.dim, self.grid = patch_size, num_components, grid
         self.mean: torch.Tensor  # buffers, declared for the type checker
         self.components: torch.Tensor
         self.fitted: torch.Tensor
@@ -80,7 +91,7 @@ class PCATarget(Target):
         """Fit the basis from image batches [N, C, H, W]; returns the explained-variance ratio of the k axes."""
         total, s1, s2 = 0, None, None
         for imgs in batches:
-            patches = patchify(imgs.float(), self.patch_size).reshape(-1, self.mean.numel()).double()  # [M, P]
+            patches = _patches(imgs.float(), self.patch_size, self.grid).reshape(-1, self.mean.numel()).double()
             s1 = patches.sum(0) if s1 is None else s1 + patches.sum(0)
             s2 = patches.T @ patches if s2 is None else s2 + patches.T @ patches
             total += patches.shape[0]
@@ -98,7 +109,7 @@ class PCATarget(Target):
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         if not bool(self.fitted):
             raise InputError("the PCA target has no basis yet: call model.target.fit(batches) before training")
-        patches = patchify(imgs, self.patch_size).float()  # [N, L, P]
+        patches = _patches(imgs, self.patch_size, self.grid).float()  # [N, L, P]
         return (patches - self.mean) @ self.components.T  # [N, L, k]
 
 
@@ -106,8 +117,12 @@ class HOGTarget(Target):
     """Histograms of oriented gradients per patch (MaskFeat): per channel, unsigned orientation bins over
     cells, magnitude-weighted, L2-normalised per patch and channel."""
 
-    def __init__(self, patch_size: int, in_chans: int, bins: int = 9, cell_size: int | None = None):
+    def __init__(self, patch_size: int, in_chans: int, bins: int = 9, cell_size: int | None = None,
+                 grid: TokenGrid | None = None):
         super().__init__()
+        if grid is not None and (grid.has_time or grid.channel_groups):
+            raise ConfigError("the hog target is defined on 2-D images; use pixel, norm_pixel or pca for clips and "
+                              "grouped channels")
         cell = cell_size or max(1, patch_size // 2)
         if patch_size % cell:
             raise ConfigError(f"hog cell_size {cell} must divide the patch size {patch_size}")
@@ -164,15 +179,18 @@ class TokenTarget(Target):
 
 TargetFactory = Callable[..., Target]
 _TARGETS: dict[str, TargetFactory] = {
-    "pixel": lambda patch_size, in_chans, **kw: PixelTarget(patch_size, in_chans, normalize=False),
-    "norm_pixel": lambda patch_size, in_chans, **kw: PixelTarget(patch_size, in_chans, normalize=True),
-    "pca": lambda patch_size, in_chans, pca_components=96, **kw: PCATarget(patch_size, in_chans, pca_components),
-    "hog": lambda patch_size, in_chans, hog_bins=9, **kw: HOGTarget(patch_size, in_chans, hog_bins),
+    "pixel": lambda patch_size, in_chans, grid=None, **kw: PixelTarget(patch_size, in_chans, False, grid=grid),
+    "norm_pixel": lambda patch_size, in_chans, grid=None, **kw: PixelTarget(patch_size, in_chans, True, grid=grid),
+    "pca": lambda patch_size, in_chans, pca_components=96, grid=None, **kw: PCATarget(patch_size, in_chans,
+                                                                                     pca_components, grid),
+    "hog": lambda patch_size, in_chans, hog_bins=9, grid=None, **kw: HOGTarget(patch_size, in_chans, hog_bins,
+                                                                              grid=grid),
 }
 
 
 def register_target(name: str, factory: TargetFactory) -> None:
-    """Make ``target=name`` available to `create_model`; ``factory(patch_size=, in_chans=, **cfg)`` builds it."""
+    """Make ``target=name`` available to `create_model`; ``factory(patch_size=, in_chans=, grid=, **cfg)`` builds
+    it (``grid``: the model's `TokenGrid`, for targets that cut clips or grouped channels)."""
     _TARGETS[name] = factory
 
 

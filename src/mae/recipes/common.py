@@ -35,17 +35,27 @@ class ModelSection:
     decoder_embed_dim: int | None = None
     decoder_depth: int | None = None
     decoder_num_heads: int | None = None
+    norm_eps: float | None = field(default=None, metadata={"help": "LayerNorm epsilon (reference: 1e-6)"})
     target: str | None = field(default=None, metadata={"help": "pixel | norm_pixel | pca | hog"})
     norm_pix_loss: bool | None = field(default=None, metadata={"help": "reference switch for target=norm_pixel"})
-    mask_strategy: str | None = field(default=None, metadata={"help": "random | block | grid"})
+    mask_strategy: str | None = field(default=None, metadata={
+        "help": "random | block | grid | tube | consistent | frame"})
     mask_min_block: int | None = field(default=None, metadata={
         "help": "block masking: fewest patches per block (BEiT: 16)"})
     mask_ratio: float | None = field(default=None, metadata={"help": "fraction of patches removed (paper: 0.75)"})
     mask_in_encoder: bool | None = field(default=None, metadata={"help": "ablation: mask tokens in the encoder"})
     pca_components: int | None = None
     hog_bins: int | None = None
+    num_frames: int | None = field(default=None, metadata={
+        "help": "frames per clip or time series: input [N, C, T, H, W] (unset: images)"})
+    tubelet_size: int | None = field(default=None, metadata={"help": "frames per token (MAE-ST, VideoMAE: 2)"})
+    channel_groups: list[list[int]] | None = field(default=None, metadata={
+        "help": "channel indices per token group (SatMAE), e.g. [[0,1,2],[3,4,5]]"})
+    pos_embed_type: str | None = field(default=None, metadata={
+        "help": "sincos | sincos_1d | separable | learned"})
+    cls_token: bool | None = field(default=None, metadata={"help": "a class token in front of the tokens"})
 
-    RANGES: ClassVar[dict[str, str]] = {"mlp_ratio": "> 0", "mask_ratio": "[0, 1)"}
+    RANGES: ClassVar[dict[str, str]] = {"mlp_ratio": "> 0", "mask_ratio": "[0, 1)", "norm_eps": "> 0"}
 
     def overrides(self) -> dict:
         return {k: v for k, v in vars(self).items() if k != "name" and v is not None}

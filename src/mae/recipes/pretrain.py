@@ -165,7 +165,7 @@ def build_pretrain_loader(cfg: PretrainConfig, model_cfg: MAEConfig, dist: DistI
         keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.data.train_limit]  # type: ignore[arg-type]  # torch types no Dataset.__len__
         dataset = Subset(dataset, sorted(keep.tolist()))
     # per-sample masking noise: masks are a function of (seed, epoch, index), like the crops, whatever the world size
-    noisy = WithMaskNoise(dataset, model_cfg.grid_size[0] * model_cfg.grid_size[1])
+    noisy = WithMaskNoise(dataset, model_cfg.num_patches)
     loader = build_loader(noisy, cfg.batch_size, shuffle=True, num_workers=cfg.data.num_workers, seed=cfg.seed,
                           drop_last=True, distributed=dist.world_size > 1,
                           collate_fn=collate_encoded if on_device else None)

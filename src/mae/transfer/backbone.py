@@ -307,7 +307,7 @@ def encoder_arch(config: MAEConfig) -> dict[str, Any]:
 
 
 def load_encoder(backbone: ViTPyramid, state_dict: Mapping[str, torch.Tensor],
-                 source_grid: tuple[int, int] | None = None, source: str = "state_dict") -> LoadReport:
+                 source_grid: tuple[int, ...] | None = None, source: str = "state_dict") -> LoadReport:
     """Copy an MAE encoder (our / reference key names) into ``backbone`` by the rules of `mae.models.loading`: the
     pyramid's new modules (`ViTPyramid.new_parameter_prefixes`) start fresh, decoder and classifier keys are not
     used, a position table of another grid (``source_grid``, default: square) is resized bicubically; another

@@ -28,11 +28,10 @@ def reconstruction_panels(model: MaskedAutoencoderViT, imgs: torch.Tensor, mask_
     model.eval()
     device = next(model.parameters()).device
     imgs = imgs.to(device)
-    n, length = imgs.shape[0], model.grid_size[0] * model.grid_size[1]
+    n, length = imgs.shape[0], model.token_grid.num_tokens
     noise = torch.rand(n, length, generator=torch.Generator().manual_seed(seed)).to(device)
     recon, mask = model.reconstruct(imgs, mask_ratio, noise=noise)
-    p = model.patch_size
-    pixel_mask = mask.reshape(n, 1, *model.grid_size).repeat_interleave(p, 2).repeat_interleave(p, 3)  # 1 = removed
+    pixel_mask = model.token_grid.expand_mask(mask)  # [N, 1, H, W] (clips [N, 1, T, H, W]), 1 = removed
     return {"masked": imgs * (1 - pixel_mask), "recon": recon, "pasted": imgs * (1 - pixel_mask) + recon * pixel_mask,
             "pixel_mask": pixel_mask}
 
