@@ -4,6 +4,9 @@ The CLI turns any `MAEError` into one line on stderr and exit code 2; everything
 its traceback.
 """
 
+import difflib
+from collections.abc import Iterable
+
 
 class MAEError(Exception):
     """Base class of errors caused by the user's input (config, data, checkpoint), not by a bug."""
@@ -39,6 +42,15 @@ class TrainingError(MAEError):
 
 class InputError(MAEError, ValueError):
     """A tensor or argument of the wrong shape or range passed to the library's API."""
+
+
+def unknown_choice(what: str, name: str, valid: Iterable[str]) -> ConfigError:
+    """The error for a name no registry holds (a target, a mask strategy, a position table): the valid names, and
+    the closest one as a suggestion."""
+    names = sorted(valid)
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown {what} '{name}' (valid: {', '.join(names)}){hint}")
 
 
 class Interrupted(MAEError):

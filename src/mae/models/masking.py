@@ -21,14 +21,13 @@ A new strategy is one function and a `register_mask_strategy` call.
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from mae.errors import ConfigError, InputError
+from mae.errors import ConfigError, InputError, unknown_choice
 from mae.models.grid import TokenGrid
 
 
@@ -319,9 +318,7 @@ def mask_strategy_names() -> list[str]:
 
 def mask_strategy(name: str) -> MaskStrategy:
     if name not in _STRATEGIES:
-        close = difflib.get_close_matches(name, _STRATEGIES, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"unknown mask_strategy '{name}' (valid: {', '.join(_STRATEGIES)}){hint}")
+        raise unknown_choice("mask_strategy", name, _STRATEGIES)
     return _STRATEGIES[name]
 
 

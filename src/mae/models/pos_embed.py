@@ -10,14 +10,13 @@ temporal table repeated over space, ``learned`` one learned table.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from mae.errors import ConfigError
+from mae.errors import ConfigError, unknown_choice
 from mae.models.grid import TokenGrid
 
 
@@ -139,9 +138,7 @@ def register_position_table(name: str, kind: PositionTable) -> None:
 
 def position_table(name: str) -> PositionTable:
     if name not in POSITION_TABLES:
-        close = difflib.get_close_matches(name, POSITION_TABLES, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"unknown pos_embed_type '{name}' (valid: {', '.join(sorted(POSITION_TABLES))}){hint}")
+        raise unknown_choice("pos_embed_type", name, POSITION_TABLES)
     return POSITION_TABLES[name]
 
 

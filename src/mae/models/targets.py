@@ -11,7 +11,6 @@ in through `TokenTarget` with a tokenizer the user supplies, or any other target
 from __future__ import annotations
 
 import abc
-import difflib
 import math
 from collections.abc import Callable, Iterable
 
@@ -19,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mae.errors import ConfigError, InputError
+from mae.errors import ConfigError, InputError, unknown_choice
 from mae.models.grid import TokenGrid
 from mae.models.patches import patchify
 
@@ -201,7 +200,5 @@ def target_names() -> list[str]:
 def build_target(name: str, patch_size: int, in_chans: int, **options) -> Target:
     """Build a registered target by name; unknown names get the closest valid one suggested."""
     if name not in _TARGETS:
-        close = difflib.get_close_matches(name, _TARGETS, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"unknown target '{name}' (valid: {', '.join(target_names())}){hint}")
+        raise unknown_choice("target", name, _TARGETS)
     return _TARGETS[name](patch_size=patch_size, in_chans=in_chans, **options)
