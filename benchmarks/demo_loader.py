@@ -33,11 +33,11 @@ from mae.data import (
     SeededDataset,
     SeededSampler,
     WithMaskNoise,
-    _seed_generators,
     build_dataset,
     build_transform,
     default_mean_std,
 )
+from mae.data.sampling import _seed_generators  # the per-sample seeding SeededDataset does, timed on its own
 
 BATCH, NUM_PATCHES = 128, 49
 

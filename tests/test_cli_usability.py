@@ -43,7 +43,7 @@ def test_version_and_help_do_not_import_torch():
 def test_importing_mae_is_lazy_and_load_classifier_is_public():
     """`import mae` loads no torch; `mae.create_model` and `mae.load_classifier` are there on first use."""
     done = _run(code="import sys, mae\nassert 'torch' not in sys.modules\n"
-                     "from mae.recipes.classify_common import load_classifier\n"
+                     "from mae.interop.classifier_io import load_classifier\n"
                      "assert mae.load_classifier is load_classifier and callable(mae.create_model)\n"
                      "assert 'load_classifier' in dir(mae)\n")
     assert done.returncode == 0, done.stderr

@@ -138,9 +138,9 @@ def test_onnx_export_of_the_encoder_matches_pytorch_with_a_dynamic_batch(tiny, t
 
 def test_onnx_export_of_a_finetuned_classifier_matches_its_logits(tiny, tmp_path, onnx_tools):
     """A fine-tuned classifier checkpoint exports its logits; onnxruntime agrees with PyTorch within 1e-4."""
+    from mae.interop.classifier_io import classifier_state
     from mae.interop.onnx_export import check_onnx, export_checkpoint_onnx
     from mae.models.classifier import ClassifierConfig, build_classifier, load_encoder_into
-    from mae.recipes.classify_common import classifier_state
 
     _, mae_model = tiny
     torch.manual_seed(4)

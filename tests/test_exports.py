@@ -13,11 +13,11 @@ from tiny import ARCH
 
 from mae.interop import save_model
 from mae.interop.classifier_export import save_hf_classifier, save_timm_classifier
-from mae.interop.convert_classifier import convert_checkpoint, is_classifier_checkpoint
+from mae.interop.classifier_io import CLASSIFIER_FORMAT, classifier_state, is_classifier_checkpoint, load_classifier
+from mae.interop.convert_classifier import convert_checkpoint
 from mae.interop.huggingface import save_hf_pretrained
 from mae.models import create_model
 from mae.models.classifier import ClassifierConfig, build_classifier, load_encoder_into
-from mae.recipes.classify_common import CLASSIFIER_FORMAT, classifier_state, load_classifier
 
 timm = pytest.importorskip("timm")
 

@@ -23,6 +23,7 @@ from mae.interop.classifier_export import (
     to_hf_classifier_state_dict,
     to_timm_classifier_state_dict,
 )
+from mae.interop.classifier_io import load_classifier
 from mae.models import create_model
 from mae.models.classifier import (
     ClassifierConfig,
@@ -31,7 +32,6 @@ from mae.models.classifier import (
     load_encoder_into,
     trainable_prefixes,
 )
-from mae.recipes.classify_common import load_classifier
 from mae.recipes.finetune import FinetuneConfig, run
 from mae.train.optim import param_groups
 

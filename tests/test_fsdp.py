@@ -131,7 +131,7 @@ def test_finetuning_under_fsdp_equals_ddp_with_uneven_validation_shards(tmp_path
     assert sb["best_top1"] == pytest.approx(sa["best_top1"], abs=1e-9)
     assert sb["best_checkpoint"].endswith("checkpoint-best")
     assert (tmp_path / "fsdp" / "model_timm.safetensors").is_file()
-    from mae.recipes.classify_common import load_classifier
+    from mae.interop.classifier_io import load_classifier
 
     model, _, names = load_classifier(tmp_path / "fsdp")  # the finished run's result: the checkpoint-best link
     assert names == [str(i) for i in range(10)] and model.head.weight.shape == (10, 32)

@@ -15,10 +15,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from mae.config import load_config
 from mae.errors import DataError
+from mae.eval.classification import ShardSampler, evaluate, score_logits
 from mae.interop import save_model
+from mae.interop.classifier_io import classifier_state
 from mae.models import create_model
 from mae.models.classifier import ClassifierConfig, build_classifier
-from mae.recipes.classify_common import ShardSampler, classifier_state, evaluate, score_logits
 from mae.recipes.evaluate import EvaluateConfig, class_index_for, read_class_map
 from mae.recipes.evaluate import run as evaluate_run
 from mae.recipes.knn import KnnConfig, knn_monitor, knn_scores

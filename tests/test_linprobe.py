@@ -12,8 +12,9 @@ from tiny import ARCH
 from mae.config import load_config
 from mae.errors import DataError
 from mae.interop import save_model
+from mae.interop.classifier_io import load_classifier
 from mae.models import create_model
-from mae.recipes.classify_common import load_classifier, load_encoder_source
+from mae.recipes.classify_common import load_encoder_source
 from mae.recipes.linprobe import FeatureBatches, LinprobeConfig, build_probe, run
 from mae.train.optim import build_optimizer, param_groups
 

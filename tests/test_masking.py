@@ -9,7 +9,7 @@ from mae.errors import InputError
 from mae.models import masking as M
 
 GRIDS = [(14, 14), (3, 5), (6, 4)]
-IMAGE_STRATEGIES = ("random", "block", "grid")  # the paper's (Table 1f); every strategy on 2-D and 3-D grids: test_token_grid.py
+IMAGE_STRATEGIES = ("random", "block", "grid")  # the paper's (Table 1f); the others: test_token_grid.py
 
 
 def _make(strategy: str, n: int, grid: tuple[int, int], ratio: float, seed: int = 0) -> M.Masking:

@@ -118,7 +118,7 @@ def test_sigkill_mid_run_then_resume_auto_ends_bit_identical_to_an_uninterrupted
 _SAVE_KILLER = textwrap.dedent('''
     import json, os, signal, sys
     import torch
-    from mae.train import checkpoint
+    from mae.train import checkpoint, file_store
 
     def save_and_die(where, out):
         manager = checkpoint.CheckpointManager(out, keep_last=0 if where.endswith("only-last") else 2)
@@ -134,9 +134,9 @@ _SAVE_KILLER = textwrap.dedent('''
                 die()
             torch.save = half_written
         elif where == "before-rename":
-            checkpoint.os.replace = die  # the temporary file is complete and fsynced
+            file_store.os.replace = die  # the temporary file is complete and fsynced
         else:  # "before-last": the numbered file is in place, checkpoint-last.pth not yet updated
-            checkpoint.os.link = die
+            file_store.os.link = die
         manager.save({"w": torch.ones(100_000)}, 1)
 
     status = {}

@@ -16,9 +16,9 @@ from mae.data import build_eval_transform
 from mae.data import corruptions as C
 from mae.errors import ConfigError, DataError
 from mae.eval.imagenet_c import ALEXNET_ERRORS, corruption_report
+from mae.interop.classifier_io import classifier_state
 from mae.models import create_model
 from mae.models.classifier import ClassifierConfig, build_classifier
-from mae.recipes.classify_common import classifier_state
 from mae.recipes.corrupt import CorruptConfig
 from mae.recipes.corrupt import run as corrupt_run
 from mae.recipes.evaluate import CLASS_LISTS, EvaluateConfig, class_list_path

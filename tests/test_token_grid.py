@@ -112,7 +112,7 @@ def test_separable_positions_add_a_spatial_and_a_temporal_table():
     assert torch.equal(table[0, 1 + t * 4 + s], model.pos_embed_spatial[0, s] + model.pos_embed_temporal[0, t])
     assert torch.equal(table[0, 0], model.pos_embed_class[0, 0])
     with pytest.raises(ConfigError, match="separable positions"):
-        tiny(num_frames=None, tubelet_size=1, pos_embed_type="separable")
+        tiny(num_frames=0, tubelet_size=1, pos_embed_type="separable")
 
 
 def test_learned_positions_train():
@@ -242,13 +242,13 @@ def test_channel_groups_give_each_group_its_own_tokens_and_embedding():
 
 def test_an_audio_spectrogram_is_a_non_square_one_channel_image():
     """Audio-MAE's input (one log-mel channel, time x frequency, a non-square grid) needs no new model class."""
-    model = MaskedAutoencoderViT(tiny(img_size=(32, 8), in_chans=1, num_frames=None, tubelet_size=1))
+    model = MaskedAutoencoderViT(tiny(img_size=(32, 8), in_chans=1, num_frames=0, tubelet_size=1))
     assert model.grid_size == (8, 2)
     loss, pred, _ = model(torch.randn(3, 1, 32, 8))
     assert pred.shape == (3, 16, 16) and torch.isfinite(loss)
 
 
-@pytest.mark.parametrize("config", [{}, {"num_frames": None, "tubelet_size": 1}], ids=["clip", "image"])
+@pytest.mark.parametrize("config", [{}, {"num_frames": 0, "tubelet_size": 1}], ids=["clip", "image"])
 def test_mask_and_noise_give_the_same_result_for_the_same_removed_set(config):
     """``mask=`` (True = removed, Hugging Face's bool_masked_pos) and ``noise=`` that removes the same tokens give
     the same loss and prediction."""

@@ -15,8 +15,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from mae.errors import CheckpointError, ConfigError, DataError, InputError, MAEError
-
-__version__ = "0.1.0"
+from mae.version import __version__ as __version__  # a re-export: `mae.__version__`
 
 # public name -> module that defines it (imported lazily)
 _LAZY = {
@@ -25,7 +24,7 @@ _LAZY = {
     "create_model": "mae.api",
     "list_models": "mae.models",
     "model_config": "mae.models",
-    "load_classifier": "mae.recipes.classify_common",
+    "load_classifier": "mae.interop.classifier_io",
 }
 
 __all__ = [
@@ -35,8 +34,8 @@ __all__ = [
 
 if TYPE_CHECKING:
     from mae.api import create_model
+    from mae.interop.classifier_io import load_classifier
     from mae.models import MAEConfig, MaskedAutoencoderViT, list_models, model_config
-    from mae.recipes.classify_common import load_classifier
 
 
 def __getattr__(name: str) -> Any:

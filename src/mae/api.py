@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mae.interop import load_weights_into
 from mae.models import registry
 from mae.models.mae import MaskedAutoencoderViT
 
@@ -16,7 +17,5 @@ def create_model(name: str, checkpoint_path: str | Path | None = None, **overrid
     encoder state_dict (`mae.interop.load_weights_into` says what it skipped)."""
     model = registry.create_model(name, **overrides)
     if checkpoint_path is not None:
-        from mae.interop import load_weights_into
-
         load_weights_into(model, checkpoint_path)
     return model

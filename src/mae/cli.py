@@ -10,13 +10,15 @@ import argparse
 import contextlib
 import errno
 import logging
+import math
 import os
 import shlex
 import signal
 import sys
 from collections.abc import Callable, Sequence
 
-from mae.errors import Interrupted, MAEError
+from mae.errors import ConfigError, Interrupted, MAEError
+from mae.version import __version__
 
 EXIT_USER_ERROR = 2
 
@@ -78,6 +80,7 @@ def _config_command(sub, name: str, help_text: str, config_cls_path: str, full: 
         p.add_argument(flag, dest=key.replace(".", "__"), metavar=key.split(".")[-1].upper(),
                        help=f"shortcut for {key}=...")
     cls = _import(config_cls_path)
+    # imported here, not at the top: `mae --help` stays fast
     from mae.train.run import TrainFields
 
     if isinstance(cls, type) and issubclass(cls, TrainFields):
@@ -102,12 +105,14 @@ def _import(path: str):
 
 
 def _lazy_help(config_cls_path: str) -> str:
+    # imported here, not at the top: `mae --help` stays fast
     from mae.config import config_help
 
     return config_help(_import(config_cls_path))
 
 
 def _run_config_command(args: argparse.Namespace) -> int:
+    # imported here, not at the top: `mae --help` stays fast
     from mae.config import load_config
 
     overrides = list(args.overrides)
@@ -138,6 +143,7 @@ def _resume_base(cls: type, overrides: Sequence[str]):
     """With --resume and no --config, the run's own config.yaml is the base: the run continues with its own settings
     (what the command line overrides is then checked against the checkpoint). A checkpoint of another kind (another
     command's run, weights only) is refused first, named for what it is, before its run's config keys are read."""
+    # imported here, not at the top: `mae --help` stays fast
     from pathlib import Path
 
     from mae.train.checkpoint_kinds import check_resume, recipe_command
@@ -166,9 +172,7 @@ def _print_summary(summary: dict) -> None:
 
 
 def _cmd_visualize(args: argparse.Namespace) -> int:
-    import math
-
-    from mae.errors import ConfigError
+    # imported here, not at the top: `mae --help` stays fast
     from mae.files import check_new_file
     from mae.interop import load_model, read_checkpoint
     from mae.interop.keys import has_decoder
@@ -181,6 +185,7 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     check_new_file(args.out, args.overwrite)
     ckpt = read_checkpoint(args.checkpoint)
     if not has_decoder(ckpt.state_dict):
+        # imported here, not at the top: `mae --help` stays fast
         from mae.train.checkpoint_kinds import describe
 
         what = describe(ckpt.path, fallback=f"{ckpt.label} holds the encoder only") if ckpt.path else ckpt.label
@@ -202,8 +207,6 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
 
 
 def _check_num_images(n: int) -> None:
-    from mae.errors import ConfigError
-
     if n < 1:
         raise ConfigError(f"--num-images must be at least 1, got {n}")
 
@@ -211,8 +214,8 @@ def _check_num_images(n: int) -> None:
 def _run_data_settings(config_file):
     """The data section of a pre-training run's config.yaml, read by the config loader (safe YAML: a Python tag is an
     error, never run; every key checked against `PretrainConfig`). Errors name the file."""
+    # imported here, not at the top: `mae --help` stays fast
     from mae.config import load_config
-    from mae.errors import ConfigError
     from mae.recipes.pretrain import PretrainConfig
 
     try:
@@ -224,6 +227,7 @@ def _run_data_settings(config_file):
 
 
 def _run_config_file(path: str):
+    # imported here, not at the top: `mae --help` stays fast
     from pathlib import Path
 
     p = Path(path)
@@ -232,6 +236,7 @@ def _run_config_file(path: str):
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
+    # imported here, not at the top: `mae --help` stays fast
     from mae.interop.convert_classifier import convert_checkpoint
 
     out = convert_checkpoint(args.src, args.dst, to=args.to, model_name=args.model, license=args.license,
@@ -241,9 +246,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
+    # imported here, not at the top: `mae --help` stays fast
     import difflib
 
-    from mae.errors import ConfigError
     from mae.models import ARCHITECTURES, list_models
 
     names = list_models(args.pattern)
@@ -261,7 +266,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
-    from mae.errors import ConfigError
+    # imported here, not at the top: `mae --help` stays fast
     from mae.presets import PRESETS_DIR, list_presets
 
     names = list_presets(args.recipe)
@@ -275,8 +280,9 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
 
 def _cmd_attention(args: argparse.Namespace) -> int:
+    # imported here, not at the top: `mae --help` stays fast
     from mae.files import check_new_file
-    from mae.recipes.embed import load_pretrained_model
+    from mae.interop import load_pretrained_model
     from mae.viz.attention import save_attention_maps
 
     _check_num_images(args.num_images)
@@ -287,6 +293,7 @@ def _cmd_attention(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    # imported here, not at the top: `mae --help` stays fast
     import importlib.util
 
     from mae.files import check_new_file
@@ -316,9 +323,9 @@ def _one_line(e: BaseException) -> str:
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The CLI parser; with ``command`` given, only that config command is built in full (fast start-up)."""
-    from mae import __version__
-
+    """The CLI parser; with ``command`` given, only that config command is built in full (fast start-up). Long
+    because it is the one declaration of every command that is not a config dataclass: the whole CLI reads in one
+    place."""
     parser = argparse.ArgumentParser(prog="mae", description="Masked autoencoders (He et al., 2021): pre-train, "
                                      "fine-tune, probe, visualise and convert.")
     parser.add_argument("--version", action="version", version=f"mae {__version__}")
@@ -460,6 +467,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = _normalise_argv(list(sys.argv[1:] if argv is None else argv))
     command = next((a for a in argv if not a.startswith("-")), None)
     if command in CONFIG_COMMANDS and "torch" not in sys.modules and not {"-h", "--help"} & set(argv):
+        # imported here, not at the top: `mae --help` stays fast
         from mae.threads import configure
 
         configure()  # the OpenMP wait policy and thread count of this process, unless set: before torch starts
@@ -535,6 +543,7 @@ def describe_error(e: BaseException) -> tuple[str, int]:
 
 def _os_error_line(e: OSError) -> str:
     """An OSError by errno: what failed, on which file, and the fix."""
+    # imported here, not at the top: `mae --help` stays fast
     from mae.files import fix_for
 
     reason = e.strerror or _one_line(e)
@@ -569,6 +578,7 @@ def _signals_end_the_command():
         """`_Terminated` raised while Python code ran inside a C callback (numba's compiler, under `mae corrupt`'s
         imagecorruptions) is printed and dropped there: deliver the signal again, so that it lands in plain code."""
         if isinstance(unraisable.exc_value, _Terminated):
+            # imported here, not at the top: `mae --help` stays fast
             import threading
 
             again = threading.Timer(0.05, os.kill, (os.getpid(), unraisable.exc_value.signum))

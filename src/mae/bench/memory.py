@@ -23,16 +23,27 @@ plus a workspace of the largest saved tensor (the backward's gradient of it, in 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from mae.bench.measure import PeakMemory
 from mae.errors import ConfigError
+from mae.models import model_config
 from mae.models.mae import MAEConfig, MaskedAutoencoderViT
+from mae.train.distributed import DistInfo, all_gather_objects
+from mae.train.fsdp import DistributedSection, transformer_blocks
+from mae.train.optim import param_groups
+from mae.train.precision import autocast_context
+from mae.train.run import Run, TrainFields
+from mae.train.trainer import build_engine
 
 __all__ = ["MemoryPlan", "activation_bytes", "measure_memory", "plan_memory"]
 
@@ -69,7 +80,7 @@ class MemoryPlan:
 
 def _fake_model(config: MAEConfig, dtype: torch.dtype = torch.float32) -> tuple[MaskedAutoencoderViT, Any]:
     """The model on fake tensors (shapes, dtypes and devices, no storage), with weights of `dtype`."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.fake_tensor import FakeTensorMode  # torch internals: only the memory plan needs them
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     default = torch.get_default_dtype()
@@ -106,9 +117,6 @@ def activation_bytes(config: MAEConfig, batch_size: int, precision: str, grad_ch
 def _saved_tensors(model: nn.Module, forward: Callable[[], Any], precision: str) -> dict[str, Any]:
     """Run `forward` recording every tensor autograd saves (each storage once; the model's own weights left out),
     attributed to the Transformer block running when it was saved; also each block's input."""
-    from mae.train.fsdp import transformer_blocks
-    from mae.train.precision import autocast_context
-
     own = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
     running: list[int | None] = [None]
     saved: dict[int, tuple[int, int | None]] = {}  # storage -> (bytes, block index or None)
@@ -147,8 +155,6 @@ def _saved_tensors(model: nn.Module, forward: Callable[[], Any], precision: str)
 
 def _unit_sizes(model: nn.Module) -> tuple[list[int], int]:
     """Parameters of each Transformer block (an FSDP unit) and of the rest (the root unit)."""
-    from mae.train.fsdp import transformer_blocks
-
     blocks = [sum(p.numel() for p in b.parameters()) for b in transformer_blocks(model)]
     total = sum(p.numel() for p in model.parameters())
     return blocks, total - sum(blocks)
@@ -205,8 +211,6 @@ def _return_freed_memory_at_once(device: torch.device) -> None:
     freed: the process's peak resident memory then follows the peak of live tensors (what
     ``torch.cuda.max_memory_allocated`` counts on a GPU) instead of what the heap kept from earlier allocations.
     By default glibc raises this threshold up to 32 MiB as tensors are freed, and keeps freed chunks below it."""
-    import ctypes
-
     if device.type != "cpu":
         return
     # not glibc (OSError, AttributeError): the measurement includes the allocator's slack
@@ -221,16 +225,6 @@ def measure_memory(config: MAEConfig, *, strategy: str, batch_size: int, precisi
     or FSDP sharding as ``mae pretrain`` does it) on a synthetic batch, from before the model is built
     (`mae.bench.measure.PeakMemory`; on CPU with freed memory returned at once, see
     `_return_freed_memory_at_once`). Every rank of the process group calls it."""
-    import tempfile
-    from pathlib import Path
-
-    from mae.bench.measure import PeakMemory
-    from mae.train.distributed import DistInfo
-    from mae.train.fsdp import DistributedSection
-    from mae.train.optim import param_groups
-    from mae.train.run import Run, TrainFields
-    from mae.train.trainer import build_engine
-
     if warm_up:  # first runs page in the library's code and set up its kernels: not the model's memory
         measure_memory(config, strategy=strategy, batch_size=1, precision=precision, device=device,
                        grad_checkpointing=grad_checkpointing, mixed_precision=mixed_precision, steps=1, seed=seed,
@@ -275,8 +269,6 @@ def suite_memory(models: list[str], strategies: list[str], world_sizes: list[int
     """``mae bench --suite memory``: the plan of every (model, strategy, world size, checkpointing) and, for each
     strategy in `measure`, this machine's measured peak next to the plan of the same run (the process group's
     world size: start it with torchrun to measure several processes)."""
-    from mae.models import model_config
-
     rows = []
     for name in models:
         config = model_config(name)
@@ -309,6 +301,4 @@ def suite_memory(models: list[str], strategies: list[str], world_sizes: list[int
 
 
 def _gather(value: Any) -> list[Any]:
-    from mae.train.distributed import all_gather_objects
-
     return all_gather_objects(value)

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+from torchvision.io import ImageReadMode, decode_jpeg, read_file
+from torchvision.transforms import InterpolationMode, v2
 
 from mae.data.builtin import PHOTOS
 from mae.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RRC_SCALE, build_transform
@@ -73,8 +75,6 @@ class JpegFolder(Dataset):
     def __init__(self, files: list[Path], decoder: str, img_size: int = 224, repeats: int = 1):
         if decoder not in DECODERS:
             raise ConfigError(f"unknown decoder '{decoder}'; choose one of {', '.join(DECODERS)}")
-        from torchvision.transforms import InterpolationMode, v2
-
         self.files, self.decoder, self.repeats = files, decoder, repeats
         if decoder == "pil":
             self.transform = build_transform("rrc", img_size, 3)
@@ -88,8 +88,6 @@ class JpegFolder(Dataset):
         return len(self.files) * self.repeats
 
     def __getitem__(self, index: int):
-        from torchvision.io import ImageReadMode, decode_jpeg, read_file
-
         path = self.files[index % len(self.files)]
         if self.decoder == "pil":
             with Image.open(path) as f:
@@ -112,8 +110,6 @@ class BatchFinisher:
         self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
         if decoder == "nvjpeg":
-            from torchvision.transforms import InterpolationMode, v2
-
             self.transform = v2.Compose([
                 v2.RandomResizedCrop(img_size, scale=RRC_SCALE, interpolation=InterpolationMode.BICUBIC,
                                      antialias=True),
@@ -123,8 +119,6 @@ class BatchFinisher:
         if self.decoder == "pil":
             return batch.to(self.device, non_blocking=True)
         if self.decoder == "nvjpeg":
-            from torchvision.io import ImageReadMode, decode_jpeg
-
             images = decode_jpeg(batch, mode=ImageReadMode.RGB, device=self.device)
             batch = torch.stack([self.transform(img) for img in images])
         x = batch.to(self.device, non_blocking=True).float()

@@ -157,7 +157,7 @@ def plot_scaling(rows: Sequence[dict], out_dir: Path, caption: str) -> list[Path
 
 def plot_data(rows: Sequence[dict], out_path: Path, caption: str) -> Path:
     """Images/s of the input pipeline per worker count, one line per decoder."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # slow to import: only when a plot is drawn
 
     fig = Figure(figsize=(5.5, 3.6), layout="constrained")
     ax = fig.subplots()

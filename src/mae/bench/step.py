@@ -106,7 +106,7 @@ def build_reference(cfg: MAEConfig, batch_size: int, precision: str, device: tor
     0.05 on matrices, as the release sets them), the loss under autocast. The release autocasts only on CUDA
     (``torch.cuda.amp``, fp16 with a loss scaler): on a CPU it trains in fp32, and a bf16 row here is what it would
     do with autocast there."""
-    from timm.layers import Attention as TimmAttention
+    from timm.layers import Attention as TimmAttention  # slow to import: only the reference model
 
     torch.manual_seed(seed)
     model: torch.nn.Module = MaskedAutoencoderViT(cfg)
@@ -151,7 +151,7 @@ def _describe_optimizer(opt: torch.optim.Optimizer) -> str:
 def hf_config(cfg: MAEConfig):
     """A transformers ``ViTMAEConfig`` with exactly `cfg`'s architecture (LayerNorm eps 1e-6, exact GELU, no
     dropout)."""
-    from transformers import ViTMAEConfig
+    from transformers import ViTMAEConfig  # optional (a test dependency): only the peer suite
 
     h, w = cfg.image_hw
     if h != w:
@@ -217,7 +217,7 @@ def to_hf_layout(state_dict: dict[str, torch.Tensor], hf_keys: set[str]) -> dict
 
 def hf_from_ours(model: MaskedAutoencoderViT):
     """Hugging Face ViTMAEForPreTraining holding exactly `model`'s weights (its default attention: sdpa)."""
-    from transformers import ViTMAEForPreTraining
+    from transformers import ViTMAEForPreTraining  # optional (a test dependency): peer suite only
 
     hf = ViTMAEForPreTraining(hf_config(model.config))
     mapped = to_hf_layout(model.state_dict(), set(hf.state_dict()))
@@ -259,7 +259,7 @@ def build_hf(cfg: MAEConfig, batch_size: int, precision: str, device: torch.devi
         scaler.update()
         return loss.item()
 
-    import transformers
+    import transformers  # optional (a test dependency): only the peer suite
 
     info = {"implementation": "transformers", "batch_size": batch_size, "optimizer": _describe_optimizer(opt),
             "compile": compile, "transformers": transformers.__version__,

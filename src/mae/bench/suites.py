@@ -26,7 +26,17 @@ import torch
 
 from mae.bench import measure
 from mae.bench.flops import counted_flops, mae_flops, table1c_ratio
-from mae.bench.step import Trainee, build_hf, build_ours, build_reference, time_alternating, timed_step, warm_up
+from mae.bench.pipeline import make_jpeg_folder, pipeline_throughput
+from mae.bench.step import (
+    Trainee,
+    build_hf,
+    build_ours,
+    build_reference,
+    hf_from_ours,
+    time_alternating,
+    timed_step,
+    warm_up,
+)
 from mae.errors import ConfigError
 from mae.models import model_config
 from mae.models.mae import MAEConfig, MaskedAutoencoderViT
@@ -207,7 +217,7 @@ def flop_check_meta(cfg: MAEConfig, batch: int = 2) -> dict:
 
 def graph_breaks(cfg: MAEConfig) -> dict:
     """Graph breaks torch.compile (dynamo) meets in one training forward of `cfg` (traced, not compiled)."""
-    import torch._dynamo as dynamo
+    import torch._dynamo as dynamo  # slow to import: only the compile check
 
     small = cfg.replace(depth=1, decoder_depth=min(1, cfg.decoder_depth))  # same masking path, quick to trace
     model = MaskedAutoencoderViT(small)
@@ -313,8 +323,6 @@ def suite_peer(ctx: BenchContext, name: str, cfg: MAEConfig, batch: int, precisi
 
 def same_loss_check(cfg: MAEConfig) -> dict:
     """Both implementations, same weights and noise, on a small batch in fp32: the losses must agree."""
-    from mae.bench.step import hf_from_ours
-
     torch.manual_seed(0)
     ours = MaskedAutoencoderViT(cfg).eval()
     hf = hf_from_ours(ours).eval()
@@ -353,8 +361,6 @@ def suite_scaling(ctx: BenchContext, name: str, cfg: MAEConfig, precision: str, 
 def suite_data(ctx: BenchContext, folder: str | None, num_images: int, decoders: list[str], workers: list[int],
                batch: int, batches: int, img_size: int, out_dir: Path) -> dict:
     """The input pipeline alone: images/s per decoder and worker count from a folder of JPEGs."""
-    from mae.bench.pipeline import make_jpeg_folder, pipeline_throughput
-
     tmp = None
     if folder is None:
         tmp = tempfile.TemporaryDirectory(prefix="mae-bench-jpegs-")

@@ -23,8 +23,12 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
 
+from mae.data.datasets import build_dataset
 from mae.errors import ConfigError, DataError
+from mae.files import atomic_write
 
 log = logging.getLogger("mae")
 
@@ -58,13 +62,13 @@ def _noise_shot(x: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _noise_impulse(x: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
-    from skimage.util import random_noise
+    from skimage.util import random_noise  # slow to import: only these corruptions
 
     return random_noise(x, mode="s&p", rng=rng, amount=_IMPULSE_AMOUNT[s - 1])
 
 
 def _brightness(x: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
-    from skimage.color import hsv2rgb, rgb2hsv
+    from skimage.color import hsv2rgb, rgb2hsv  # slow to import: only this corruption
 
     hsv = rgb2hsv(x)
     hsv[..., 2] = np.clip(hsv[..., 2] + _BRIGHTNESS_SHIFT[s - 1], 0, 1)  # the value channel of HSV
@@ -144,7 +148,7 @@ def corrupt(image: Image.Image, name: str, severity: int, seed: int = 0) -> Imag
 
 def _corrupt_with_package(rgb: np.ndarray, name: str, severity: int, seed: int) -> np.ndarray:
     """The benchmark's own corruption; its legacy global NumPy RNG is seeded for this call and restored after."""
-    from imagecorruptions import corrupt as package_corrupt
+    from imagecorruptions import corrupt as package_corrupt  # optional: checked by the caller
 
     kwargs = {"seed": seed} if name in ("glass_blur", "impulse_noise") else {}  # these two draw from their own seed
     state = np.random.get_state()
@@ -157,9 +161,6 @@ def _corrupt_with_package(rgb: np.ndarray, name: str, severity: int, seed: int) 
 
 def _benchmark_crop(image: Image.Image, size: int) -> Image.Image:
     """Resize the shorter side to ``size * 256 / 224`` (bicubic) and centre crop ``size``, as ImageNet-C was made."""
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import functional as TF
-
     image = TF.resize(image.convert("RGB"), round(size * 256 / 224), interpolation=InterpolationMode.BICUBIC)
     return TF.center_crop(image, [size, size])
 
@@ -172,8 +173,6 @@ def write_corrupted_folder(source: str | Path, target: str | Path, corruptions: 
     layout); also ``<target>/clean/<class>/`` with the same crop, uncorrupted, for the clean-vs-corrupted gap. Each
     image's corruption is seeded from (seed, corruption, severity, its path), so a rerun writes the same files.
     ``limit_per_class`` keeps the first N images of each class. Returns counts and what was written."""
-    from mae.data import build_dataset
-
     corruptions = check_corruptions(corruptions or available_corruptions())
     bad = [s for s in severities if s not in SEVERITIES]
     if bad or not severities:
@@ -220,6 +219,4 @@ def _limited(labels: list[int], limit_per_class: int | None) -> list[int]:
 
 
 def _save(image: Image.Image, path: Path) -> None:
-    from mae.files import atomic_write
-
     atomic_write(path, lambda f: image.save(f, "JPEG", quality=JPEG_QUALITY, optimize=True))

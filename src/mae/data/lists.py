@@ -21,7 +21,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from mae.data.folders import _ImageFiles
+from mae.data.folders import _ImageFiles, is_image_file
 from mae.errors import DataError
 
 LIST_SUFFIXES = (".txt", ".csv")
@@ -48,8 +48,6 @@ def _looks_like_split(path: Path) -> bool:
     """A JSON file, or a list whose first line is '<image path> <integer label>' (so stray notes are not read)."""
     if path.suffix.lower() == ".json":
         return True
-    from mae.data.folders import is_image_file
-
     try:
         with open(path, encoding="utf-8") as f:
             first = next((line for line in f if line.strip()), "")

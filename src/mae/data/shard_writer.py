@@ -38,10 +38,12 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from mae.data.datasets import SPLIT_FOLDERS, build_dataset  # the folder rules of the loaders, not a second copy
 from mae.data.folders import ClassFolderDataset, to_mode
-from mae.data.shards import INDEX_NAME
+from mae.data.shards.index import INDEX_NAME
 from mae.errors import ConfigError, DataError, OutputError
 from mae.files import atomic_write_path, check_output_folder, fsync_dir, is_stale_temporary, write_json
+from mae.version import __version__
 
 __all__ = ["PROGRESS_NAME", "SourceSplit", "encode_image", "list_source", "write_shards"]
 
@@ -71,8 +73,6 @@ class SourceSplit:
 def list_source(src: str | Path) -> list[SourceSplit]:
     """The splits of `src`: its ``train`` / ``val`` sub-folders (any of the names `build_dataset` reads), or else
     the whole folder as ``train``. Reads directory listings only."""
-    from mae.data import SPLIT_FOLDERS, build_dataset  # the folder rules of the loaders, not a second copy of them
-
     root = Path(src).expanduser()
     if not root.exists():
         raise DataError(f"source folder '{src}' does not exist; give an image folder (class sub-folders, or any "
@@ -217,7 +217,9 @@ def write_shards(src: str | Path, dst: str | Path, *, shard_size: int = 1000, sh
     A shard closes at `shard_size` samples, or once it holds `shard_mb` MB of images (whichever comes first).
     `workers` processes decode and re-encode (0: this process). Corrupt source images are skipped and counted
     (``skipped`` / ``skipped_files`` per split in the index). See the module docstring for reruns, and for
-    `overwrite` (a `dst` holding files this writer did not make is refused without it).
+    `overwrite` (a `dst` holding files this writer did not make is refused without it). Long because it is one
+    resumable sequence (check the destination, pick up the progress file, write each split, write the index) whose
+    steps share the progress state.
     """
     if shard_size < 1:
         raise ConfigError(f"shard_size={shard_size} must be at least 1 sample")
@@ -293,7 +295,7 @@ def write_shards(src: str | Path, dst: str | Path, *, shard_size: int = 1000, sh
         "layout": "<key>.jpg (image) and, with classes, <key>.cls (class index as ASCII text)",
         "version": INDEX_VERSION,
         "splits": index_splits,
-        "made_by": {"tool": "mae prepare", "mae_version": _version(), "src": str(Path(src).expanduser().resolve()),
+        "made_by": {"tool": "mae prepare", "mae_version": __version__, "src": str(Path(src).expanduser().resolve()),
                     **settings, "workers": workers,
                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     "seconds": round(time.perf_counter() - started, 1)},
@@ -302,12 +304,6 @@ def write_shards(src: str | Path, dst: str | Path, *, shard_size: int = 1000, sh
     write_json(index_path, index)
     _unlink(progress_path)
     return index
-
-
-def _version() -> str:
-    from mae import __version__
-
-    return __version__
 
 
 def _write_split(split: SourceSplit, dst: Path, state: dict, progress_path: Path, pool, *, shard_size: int,

@@ -1,1 +1,2 @@
-"""Evaluation protocols beyond top-1: ImageNet-C's mean Corruption Error (`mae.eval.imagenet_c`)."""
+"""Evaluation protocols: exact distributed classification metrics and feature extraction
+(`mae.eval.classification`), ImageNet-C's mean Corruption Error (`mae.eval.imagenet_c`)."""

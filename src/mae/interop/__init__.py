@@ -9,9 +9,11 @@
 Our state_dict keys are the reference release's, which are timm's for the encoder; `mae.interop.huggingface`
 maps them to and from transformers' names. `load_weights_into` (behind ``mae.create_model(..., checkpoint_path=)``)
 reads every format and says what it skipped; `read_encoder` gives the encoder of any of them (run directories
-included) to the classifiers and the transfer backbone.
+included) to the classifiers and the transfer backbone. `load_classifier` reads any classifier (finetune / linprobe
+runs, timm and transformers exports) and `load_pretrained_model` any pre-trained MAE, refusing classifiers.
 """
 
+from mae.interop.classifier_io import is_classifier_checkpoint, load_classifier
 from mae.interop.huggingface import (
     config_from_hf,
     from_hf_state_dict,
@@ -26,6 +28,7 @@ from mae.interop.loading import (
     EncoderSource,
     convert,
     load_model,
+    load_pretrained_model,
     load_state_dict_any,
     load_weights_into,
     read_checkpoint,
@@ -38,7 +41,8 @@ from mae.models.loading import LoadReport
 
 __all__ = [
     "FORMATS", "Checkpoint", "EncoderSource", "LoadReport", "config_from_hf", "convert", "encoder_for_timm",
-    "from_hf_state_dict", "hf_config_dict", "infer_config", "load_model", "load_state_dict_any", "load_weights_into",
-    "read_checkpoint", "read_encoder", "save_hf_pretrained", "save_model", "timm_vit_kwargs", "to_hf_state_dict",
+    "from_hf_state_dict", "hf_config_dict", "infer_config", "is_classifier_checkpoint", "load_classifier",
+    "load_model", "load_pretrained_model", "load_state_dict_any", "load_weights_into", "read_checkpoint",
+    "read_encoder", "save_hf_pretrained", "save_model", "timm_vit_kwargs", "to_hf_state_dict",
     "to_reference_checkpoint",
 ]

@@ -23,12 +23,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
+from mae.data.transforms import eval_preprocessing
 from mae.errors import CheckpointError
-from mae.files import write_json
+from mae.files import atomic_write_path, write_json
+from mae.interop.hub_metadata import model_card, preprocessor_config, write_hub_metadata
 from mae.interop.huggingface import from_hf_state_dict, to_hf_state_dict
 from mae.interop.keys import part_of
+from mae.interop.native import read_safetensors, replace_atomically
 from mae.models.classifier import ClassifierConfig, fold_bn_head
+from mae.train.checkpoint import atomic_save
 
 __all__ = [
     "hf_classifier_config", "load_hf_classifier", "save_hf_classifier", "save_timm_classifier",
@@ -76,7 +81,7 @@ def to_timm_classifier_state_dict(model_or_sd: torch.nn.Module | Mapping[str, to
 def timm_architecture(config: ClassifierConfig) -> str:
     """The timm registry name of this ViT when timm has it (``vit_base_patch16_224`` ...), else a generic ViT name:
     the exported ``model_args`` set every architecture field, so the name only picks timm's defaults."""
-    import timm
+    import timm  # heavy (about a second): only the timm export needs it
 
     size = _VIT_SIZES.get((config.embed_dim, config.depth, config.num_heads))
     h, w = config.image_hw
@@ -109,10 +114,8 @@ def timm_export_config(model_or_config: torch.nn.Module | ClassifierConfig,
     ``pretrained_cfg`` with our evaluation preprocessing (mean / std default to ImageNet's for RGB, 0.5 for grey;
     crop_pct to 0.875, 1.0 for images of 32 px or less). With `state_dict`, its keys and shapes must equal the timm
     model's (strict)."""
-    import timm
+    import timm  # heavy (about a second): only the timm export needs it
     from timm.models._hub import save_config_for_hf
-
-    from mae.data import eval_preprocessing
 
     config = model_or_config if isinstance(model_or_config, ClassifierConfig) else _config_of(model_or_config, None)
     args = _timm_model_args(config)
@@ -180,13 +183,7 @@ def save_timm_classifier(model: torch.nn.Module, path: str | Path, config: Class
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> Path:
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        from mae.files import atomic_write_path
-
         return atomic_write_path(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    from mae.train.checkpoint import atomic_save
-
     return atomic_save(tensors, path)
 
 
@@ -252,11 +249,6 @@ def save_hf_classifier(model: torch.nn.Module, directory: str | Path, config: Cl
     ``preprocessor_config.json`` (``AutoImageProcessor.from_pretrained(directory)``: our evaluation transform, with
     `mean` / `std` / `crop_pct`) and a model card (`training`: what is known of the pre-training, see
     `mae.interop.hub_metadata.run_facts`)."""
-    from safetensors.torch import save_file
-
-    from mae.interop.hub_metadata import model_card, preprocessor_config, write_hub_metadata
-    from mae.interop.native import replace_atomically
-
     config = _config_of(model, config)
     hf_config = hf_classifier_config(config, class_names)  # validates before writing anything
     tensors = {k: v.cpu().contiguous() for k, v in to_hf_classifier_state_dict(model, config).items()}
@@ -282,8 +274,6 @@ def save_hf_classifier(model: torch.nn.Module, directory: str | Path, config: Cl
 
 def load_hf_classifier(directory: str | Path) -> tuple[dict[str, torch.Tensor], ClassifierConfig, list[str]]:
     """Read a `ViTForImageClassification` directory: (state_dict under timm names, its config, class names)."""
-    from mae.interop.native import read_safetensors
-
     directory = Path(directory)
     try:
         hf = json.loads((directory / HF_CONFIG_NAME).read_text())

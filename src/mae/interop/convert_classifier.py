@@ -11,87 +11,28 @@ directories then get the run's facts in their model card).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
+from mae.errors import ConfigError, OutputError
+from mae.files import check_new_file, check_output_folder
+from mae.interop.classifier_export import save_hf_classifier, save_timm_classifier, to_timm_classifier_state_dict
+from mae.interop.classifier_io import is_classifier_checkpoint, load_classifier
+from mae.interop.hub_metadata import read_run_config, run_facts
+from mae.interop.huggingface import HF_CONFIG_NAME, config_from_hf, write_hf_metadata
+from mae.interop.loading import convert
+from mae.train.checkpoint import atomic_save
+from mae.train.dcp import dcp_to_file, file_to_dcp, is_dcp_checkpoint
+from mae.train.run_dir import is_run_dir, resolve_run
 
-from mae.errors import CheckpointError, ConfigError
-
-__all__ = ["convert_checkpoint", "convert_classifier", "is_classifier_checkpoint", "run_preprocessing"]
-
-CLASSIFIER_FORMAT = "mae-classifier"  # the `format` entry of classification checkpoints (recipes.classify_common)
-
-
-def is_classifier_checkpoint(path: str | Path) -> bool:
-    """True for a classifier: a ``mae-classifier`` checkpoint or its run directory, a transformers
-    ``ViTForImageClassification`` directory, or weights with a ``head.*`` (timm / reference fine-tuned files)."""
-    from mae.train.run_dir import is_run_dir, resolve_run
-
-    path = Path(path).expanduser()
-    if is_run_dir(path):
-        try:
-            path = resolve_run(path)  # the one rule for what a run directory means
-        except CheckpointError:
-            return False  # no checkpoint yet: the MAE loader reports it
-    from mae.train.dcp import is_dcp_checkpoint
-
-    if is_dcp_checkpoint(path):  # a sharded run's checkpoint: its format says
-        from mae.train.dcp import read_meta
-
-        try:
-            return read_meta(path).get("format") == CLASSIFIER_FORMAT
-        except CheckpointError:
-            return False  # damaged: the MAE loader reports it
-    if path.is_dir():
-        config = path / "config.json"
-        if config.is_file():
-            try:
-                return json.loads(config.read_text()).get("model_type") == "vit"
-            except (OSError, ValueError):
-                return False
-        return False
-    if not path.is_file():
-        return False
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                return _has_head(f.keys())
-        except (SafetensorError, OSError, RuntimeError, ValueError):
-            return False  # unreadable: the MAE loader reports it
-    from mae.train.checkpoint import safe_load
-
-    try:
-        state = safe_load(path)
-    except CheckpointError:
-        return False  # unreadable: the MAE loader reports it
-    if not isinstance(state, dict):
-        return False
-    if state.get("format") == CLASSIFIER_FORMAT:
-        return True
-    for key in ("model", "state_dict"):
-        if isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    return _has_head(k for k, v in state.items() if isinstance(v, torch.Tensor))
-
-
-def _has_head(keys) -> bool:
-    return any(str(k).removeprefix("module.").startswith("head.") for k in keys)
-
-
-def _run_config(path: Path) -> dict[str, Any]:
-    from mae.interop.hub_metadata import read_run_config
-
-    return read_run_config(path)
+__all__ = ["convert_checkpoint", "convert_classifier", "run_preprocessing"]
 
 
 def run_preprocessing(path: str | Path) -> dict[str, Any]:
     """The normalisation and crop of the run that wrote `path` (its ``config.yaml``'s ``data`` section): ``mean``,
     ``std``, ``crop_pct`` where it set them; {} outside a run directory."""
-    data = _run_config(Path(path)).get("data")
+    data = read_run_config(Path(path)).get("data")
     if not isinstance(data, dict):
         return {}
     return {k: data[k] for k in ("mean", "std", "crop_pct") if data.get(k) is not None}
@@ -101,10 +42,6 @@ def convert_classifier(src: str | Path, dst: str | Path, to: str, model_name: st
                        license: str = "unknown") -> Path:
     """Write the classifier at `src` as `to`: 'timm' (a directory, or a .safetensors / .pth file with its .json),
     'hf' (`ViTForImageClassification` directory; class-token pooling only) or 'reference' (``{'model': sd}``)."""
-    from mae.interop.classifier_export import save_hf_classifier, save_timm_classifier, to_timm_classifier_state_dict
-    from mae.interop.hub_metadata import run_facts
-    from mae.recipes.classify_common import load_classifier
-
     if to == "mae":
         raise ConfigError(f"'{src}' is a classifier; the mae format holds a pre-trained MAE (encoder + decoder): "
                           f"convert it to timm, hf or reference")
@@ -122,8 +59,6 @@ def convert_classifier(src: str | Path, dst: str | Path, to: str, model_name: st
                                   **data)
     if dst.suffix == ".safetensors":
         raise ConfigError(f"the reference format is a .pth file, got '{dst}'")
-    from mae.train.checkpoint import atomic_save
-
     return atomic_save({"model": to_timm_classifier_state_dict(model)}, dst)
 
 
@@ -143,8 +78,6 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str, model_name: st
     try:
         return _convert_weights(src, dst, to, classifier, model_name, license)
     except BaseException:  # a full disk, a signal: no half-written folder (hf, timm) or sidecar of this command left
-        import shutil
-
         for path in new:
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)
@@ -159,13 +92,8 @@ def _convert_weights(src: str | Path, dst: str | Path, to: str, classifier: bool
         classifier = is_classifier_checkpoint(src)
     if classifier:
         return convert_classifier(src, dst, to, model_name, license)
-    from mae.interop import convert
-
     out = convert(src, dst, to=to, model_name=model_name)
     if to == "hf":
-        from mae.interop.hub_metadata import run_facts
-        from mae.interop.huggingface import HF_CONFIG_NAME, config_from_hf, write_hf_metadata
-
         config = config_from_hf(json.loads((Path(out) / HF_CONFIG_NAME).read_text()))
         write_hf_metadata(out, config, run_facts(src), license, **_run_mean_std(src))
     return out
@@ -175,28 +103,19 @@ def _check_output(dst: Path, to: str, classifier: bool, overwrite: bool) -> None
     """Before any work: a file output (and a timm file's .json) over an existing file, or a folder output (hf, dcp,
     mae / timm without a suffix) over a folder that holds anything, is refused unless `overwrite`; a file is never
     replaced by a folder. A DCP checkpoint replaces its folder whole, so `overwrite` applies to an earlier one only."""
-    from mae.errors import OutputError
-    from mae.files import check_new_file, check_output_folder
-
     if not (to in ("hf", "dcp") or (to in ("mae", "timm") and not dst.suffix and (classifier or to == "mae"))):
         check_new_file(dst, overwrite)
         if to == "timm" and classifier:
             check_new_file(dst.with_suffix(".json"), overwrite)
         return
-    if to == "dcp" and overwrite and dst.is_dir() and any(dst.iterdir()):
-        from mae.train.dcp import is_dcp_checkpoint
-
-        if not is_dcp_checkpoint(dst):
-            raise OutputError(f"'{dst}' holds files that are not a DCP checkpoint, and a DCP checkpoint replaces its "
-                              f"folder whole; choose another path")
+    if to == "dcp" and overwrite and dst.is_dir() and any(dst.iterdir()) and not is_dcp_checkpoint(dst):
+        raise OutputError(f"'{dst}' holds files that are not a DCP checkpoint, and a DCP checkpoint replaces its "
+                          f"folder whole; choose another path")
     check_output_folder(dst, "convert", overwrite)
 
 
 def _convert_training_checkpoint(src: Path, dst: Path, to: str, overwrite: bool = False) -> Path:
     """A training checkpoint (the whole run state, resumable) from one layout to the other."""
-    from mae.train.dcp import dcp_to_file, file_to_dcp, is_dcp_checkpoint
-    from mae.train.run_dir import is_run_dir, resolve_run
-
     if is_run_dir(src):
         raise ConfigError(f"'{src}' is a run directory; convert one of its checkpoints (e.g. {src}/checkpoint-last or "
                           f"{src}/checkpoint-last.pth)")

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from mae.data.transforms import eval_preprocessing
 from mae.files import write_text
 
 __all__ = ["PREPROCESSOR_NAME", "README_NAME", "model_card", "preprocessor_config", "read_run_config", "run_facts",
@@ -32,8 +33,6 @@ LICENSE_NOTE = ("The license of these weights depends on their pre-training data
 def preprocessor_config(img_size: int | Sequence[int], in_chans: int, crop_pct: float | None = None,
                         mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> dict[str, Any]:
     """``preprocessor_config.json`` for transformers' `CLIPImageProcessor` equal to our evaluation transform."""
-    from mae.data import eval_preprocessing
-
     h, w = (img_size, img_size) if isinstance(img_size, int) else (int(img_size[0]), int(img_size[1]))
     prep = eval_preprocessing(max(h, w), in_chans, crop_pct, mean, std)
     return {

@@ -16,9 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from mae.errors import CheckpointError
+from mae.interop.hub_metadata import model_card, preprocessor_config, write_hub_metadata
 from mae.interop.keys import select
+from mae.interop.native import replace_atomically
 from mae.models.mae import MAEConfig
 
 HF_WEIGHTS_NAME = "model.safetensors"
@@ -235,10 +238,6 @@ def save_hf_pretrained(state_dict: Mapping[str, torch.Tensor] | torch.nn.Module,
     our evaluation transform with `mean` / `std`) and a model card ``README.md`` (`training`: what is known of the
     pre-training, see `mae.interop.hub_metadata.run_facts`; `license`). ``config`` defaults to the model's own when
     a model is given."""
-    from safetensors.torch import save_file
-
-    from mae.interop.native import replace_atomically
-
     if config is None:
         config = getattr(state_dict, "config", None)
         if not isinstance(config, MAEConfig):
@@ -264,8 +263,6 @@ def write_hf_metadata(directory: str | Path, config: MAEConfig, training: Mappin
                       license: str = "unknown", mean: list[float] | None = None,
                       std: list[float] | None = None) -> None:
     """``preprocessor_config.json`` and the model card of an MAE transformers directory (`save_hf_pretrained`)."""
-    from mae.interop.hub_metadata import model_card, preprocessor_config, write_hub_metadata
-
     h, w = config.image_hw
     architecture = {"model": "ViTMAEForPreTraining (encoder + decoder)", "image size": f"{h} x {w}",
                     "patch size": config.patch_size, "channels": config.in_chans,

@@ -72,7 +72,8 @@ def _grid(num_patches: int, patch: int, candidates: list[Any]) -> int | tuple[in
 def infer_config(state_dict: Mapping[str, torch.Tensor], model_name: str | None = None,
                  hints: Mapping[str, Any] | None = None, **overrides: Any) -> MAEConfig:
     """The MAE architecture of a state_dict in reference names. ``model_name`` (a registered name) supplies what
-    shapes cannot (heads, eps); ``hints`` are softer (from a file's training args); ``overrides`` win over all."""
+    shapes cannot (heads, eps); ``hints`` are softer (from a file's training args); ``overrides`` win over all. Long
+    because it reads the fields one after the other in one pass, each rule next to the shapes it reads."""
     hints = dict(hints or {})
     unknown = sorted(set(overrides) - set(config_fields()))
     if unknown:
@@ -163,6 +164,30 @@ def pixel_target_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
     elif "target" in out and "norm_pix_loss" not in out:
         out["norm_pix_loss"] = out["target"] == "norm_pixel"
     return out
+
+
+NAME_FIELDS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")
+"""What a registered model name fixes of an encoder (not img_size: a model runs at another resolution, resized)."""
+
+
+def check_model_name(stored: Any, model_name: str | None, source: str, strict: bool = False,
+                     fields: tuple[str, ...] = NAME_FIELDS) -> None:
+    """A model name that contradicts the architecture a file stores (`stored`: its MAEConfig or ClassifierConfig)
+    is a warning naming both, and the file's architecture is used (its weights fit no other); with `strict` (a
+    converter, whose output would describe the wrong model) a ConfigError. Agreeing names and no name pass."""
+    if model_name is None:
+        return
+    named = model_config(model_name)
+    differ = [f"{k} {getattr(stored, k)} vs {getattr(named, k)}" for k in fields
+              if getattr(stored, k) != getattr(named, k)]
+    if not differ:
+        return
+    conflict = (f"the model name '{model_name}' contradicts the architecture stored in {source} ({', '.join(differ)}: "
+                f"file vs name)")
+    if strict:
+        raise ConfigError(f"{conflict}; the file stores its own architecture: drop the model name (--model)")
+    logging.getLogger("mae").warning("%s; using the file's architecture (drop the model name to silence this)",
+                                     conflict)
 
 
 def _note(message: str, source: str) -> None:

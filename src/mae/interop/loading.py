@@ -16,17 +16,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from mae.errors import CheckpointError, ConfigError
 from mae.interop import huggingface as hf
-from mae.interop.infer import infer_config, pixel_target_overrides
+from mae.interop.classifier_export import load_hf_classifier
+from mae.interop.classifier_io import is_classifier_checkpoint
+from mae.interop.infer import NAME_FIELDS, check_model_name, infer_config, pixel_target_overrides
 from mae.interop.keys import has_decoder, is_finetuned, part_of, short_list, strip_prefix
-from mae.interop.native import CONFIG_KEY, FORMAT_VALUE, WEIGHTS_NAME, read_safetensors, save_state_dict
+from mae.interop.native import (
+    CONFIG_KEY,
+    FORMAT_VALUE,
+    WEIGHTS_NAME,
+    read_safetensors,
+    replace_atomically,
+    save_state_dict,
+)
 from mae.interop.reference import hints_from_args, to_reference_checkpoint
 from mae.interop.timm_vit import encoder_for_timm
 from mae.models.loading import LoadReport, load_weights
 from mae.models.mae import MAEConfig, MaskedAutoencoderViT
 from mae.models.registry import ARCHITECTURES
+from mae.train.checkpoint import atomic_save, safe_load
+from mae.train.checkpoint_kinds import describe, kind_of_state
+from mae.train.dcp import is_dcp_checkpoint
+from mae.train.run_dir import resolve_run
 
 _log = logging.getLogger(__name__)
 
@@ -55,14 +69,10 @@ class Checkpoint:
 def read_checkpoint(path: str | Path) -> Checkpoint:
     """Read any supported file or directory and detect its format (see the module docstring). A run directory gives
     the file `mae.train.run_dir.resolve_run` picks (its finished result, else its newest valid checkpoint)."""
-    from mae.train.run_dir import resolve_run
-
     path = resolve_run(path) if Path(path).exists() else Path(path)
     container: dict[str, Any] = {}
     metadata: dict[str, str] = {}
     json_config: dict[str, Any] | None = None
-    from mae.train.dcp import is_dcp_checkpoint
-
     if path.is_dir() and not is_dcp_checkpoint(path):  # a DCP checkpoint (fsdp run) reads as a checkpoint file
         json_config = _read_json(path / hf.HF_CONFIG_NAME)
         tensors, metadata = _read_directory(path)
@@ -71,8 +81,6 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     elif path.suffix == ".safetensors":
         tensors, metadata = read_safetensors(path)
     else:
-        from mae.train.checkpoint import safe_load
-
         container = safe_load(path, map_location="cpu")
         tensors = _unwrap(container, path)
     tensors = strip_prefix(tensors, "module.")
@@ -93,8 +101,6 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
             hints.setdefault("model_name", json_config["architecture"])
         fmt = "reference" if "model" in container or has_decoder(tensors) else "timm"
         return Checkpoint(tensors, fmt, hints=hints, path=path)
-    from mae.train.checkpoint_kinds import kind_of_state
-
     kind = kind_of_state(container) if container else None
     if kind is not None and kind.format is not None:  # e.g. a detection run's checkpoint: named, with what takes it
         raise CheckpointError(f"{kind.named(path)}; this command reads MAE or ViT encoder weights")
@@ -123,8 +129,6 @@ def _read_directory(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
             tensors.update(read_safetensors(path / shard)[0])
         return tensors, {}
     if (path / "pytorch_model.bin").is_file():
-        from mae.train.checkpoint import safe_load
-
         return _unwrap(safe_load(path / "pytorch_model.bin", map_location="cpu"), path), {}
     raise CheckpointError(f"directory '{path}' holds no {WEIGHTS_NAME}, model.safetensors.index.json or "
                           f"pytorch_model.bin")
@@ -177,12 +181,8 @@ def read_encoder(path: str | Path, model_name: str | None = None, **overrides: A
     release, a transformers ViTMAE or ViT classifier directory, a timm state_dict -- with its architecture: the
     stored config, else the one `infer_config` rebuilds from the shapes, `model_name` and `overrides` (e.g. the
     ``num_heads`` of a non-standard width). Used by the classifiers, the transfer backbone and `load_model`."""
-    from mae.train.run_dir import resolve_run
-
     path = resolve_run(path)
     if path.is_dir() and (_read_json(path / hf.HF_CONFIG_NAME) or {}).get("model_type") == "vit":
-        from mae.interop.classifier_export import load_hf_classifier
-
         sd, ccfg, _ = load_hf_classifier(path)
         check_model_name(ccfg, model_name, f"'{path}'")
         config = MAEConfig(**{k: getattr(ccfg, k) for k in _ENCODER_FIELDS}).replace(**overrides)
@@ -199,32 +199,6 @@ def read_encoder(path: str | Path, model_name: str | None = None, **overrides: A
 
 
 # ---------------------------------------------------------------------------------------------------- checking
-NAME_FIELDS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")
-"""What a registered model name fixes of an encoder (not img_size: a model runs at another resolution, resized)."""
-
-
-def check_model_name(stored: Any, model_name: str | None, source: str, strict: bool = False,
-                     fields: tuple[str, ...] = NAME_FIELDS) -> None:
-    """A model name that contradicts the architecture a file stores (`stored`: its MAEConfig or ClassifierConfig)
-    is a warning naming both, and the file's architecture is used (its weights fit no other); with `strict` (a
-    converter, whose output would describe the wrong model) a ConfigError. Agreeing names and no name pass."""
-    if model_name is None:
-        return
-    from mae.models.registry import model_config
-
-    named = model_config(model_name)
-    differ = [f"{k} {getattr(stored, k)} vs {getattr(named, k)}" for k in fields
-              if getattr(stored, k) != getattr(named, k)]
-    if not differ:
-        return
-    conflict = (f"the model name '{model_name}' contradicts the architecture stored in {source} ({', '.join(differ)}: "
-                f"file vs name)")
-    if strict:
-        raise ConfigError(f"{conflict}; the file stores its own architecture: drop the model name (--model)")
-    logging.getLogger("mae").warning("%s; using the file's architecture (drop the model name to silence this)",
-                                     conflict)
-
-
 def model_label(config: MAEConfig) -> str:
     """The registered name of an architecture, or its main numbers when it is not registered."""
     mine = {k: getattr(config, k) for k in _ARCH_FIELDS}
@@ -323,8 +297,6 @@ def convert(src: str | Path, dst: str | Path, to: str = "mae", model_name: str |
     if to == "timm":
         return _save_plain(encoder_for_timm(sd), dst)
     if to == "reference":
-        from mae.train.checkpoint import atomic_save
-
         if dst.suffix == ".safetensors":
             raise ConfigError(f"the reference format is a .pth file, got '{dst}'")
         return atomic_save(to_reference_checkpoint(sd), dst)
@@ -354,13 +326,21 @@ def convert(src: str | Path, dst: str | Path, to: str = "mae", model_name: str |
 def _save_plain(state_dict: dict[str, torch.Tensor], dst: Path) -> Path:
     """A bare state_dict: safetensors when ``dst`` ends in .safetensors, else ``torch.save``."""
     if dst.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        from mae.interop.native import replace_atomically
-
         tensors = {k: v.contiguous() for k, v in state_dict.items()}
         replace_atomically(dst, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
         return dst
-    from mae.train.checkpoint import atomic_save
-
     return atomic_save(state_dict, dst)
+
+
+def load_pretrained_model(path: str | Path) -> MaskedAutoencoderViT:
+    """The pre-trained MAE of a run directory or of any checkpoint file the library reads, in eval mode: the one
+    place where `mae embed`, `mae attention` and the ONNX export turn a path into a model (a classifier is refused,
+    named for what it is)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ConfigError(f"checkpoint '{path}' does not exist; pass a pre-training run directory or a checkpoint file")
+    if is_classifier_checkpoint(path):
+        what = describe(path, fallback=f"'{path}' is a classifier (it has a head)")
+        raise ConfigError(f"{what}; this command reads a pre-trained MAE encoder: pass the pre-training run or "
+                          f"checkpoint the classifier started from")
+    return load_model(path).eval()  # run directories go through the one resolver (mae.train.run_dir)

@@ -12,11 +12,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from mae.errors import CheckpointError
 from mae.files import atomic_write_path
 from mae.models.mae import MaskedAutoencoderViT
 from mae.train.checkpoint import refuse_nonfinite
+from mae.version import __version__
 
 FORMAT_VALUE = "mae"
 CONFIG_KEY = "mae_config"
@@ -44,13 +47,9 @@ def save_model(model: MaskedAutoencoderViT, path: str | Path) -> Path:
 
 def save_state_dict(state_dict: dict[str, torch.Tensor], config: dict, path: str | Path) -> Path:
     """`save_model` for a state_dict (our key names) and an `MAEConfig.to_dict()` (`convert` builds no model)."""
-    from safetensors.torch import save_file
-
-    import mae
-
     path = Path(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    metadata = {"format": FORMAT_VALUE, CONFIG_KEY: json.dumps(config), "mae_version": mae.__version__}
+    metadata = {"format": FORMAT_VALUE, CONFIG_KEY: json.dumps(config), "mae_version": __version__}
     file = path if path.suffix == ".safetensors" else path / WEIGHTS_NAME
     replace_atomically(file, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     if file is not path:
@@ -62,8 +61,6 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], config: dict, path: str
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a safetensors file; CheckpointError for a missing, truncated or corrupt one, or one
     holding NaN or inf (`mae.train.checkpoint.refuse_nonfinite`)."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist; check the path")

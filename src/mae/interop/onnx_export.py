@@ -7,6 +7,7 @@ with a dynamic batch axis, through ``torch.onnx.export``'s torch.export-based ex
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import logging
 from pathlib import Path
@@ -15,6 +16,12 @@ import torch
 from torch import nn
 
 from mae.errors import ConfigError, MAEError
+from mae.files import atomic_write_path
+from mae.interop.classifier_io import is_classifier_checkpoint, load_classifier
+from mae.interop.infer import check_model_name
+from mae.interop.loading import load_pretrained_model
+from mae.models.classifier import ClassifierConfig
+from mae.models.mae import MAEConfig
 
 __all__ = ["FeatureExtractor", "check_onnx", "export_checkpoint_onnx", "export_onnx"]
 
@@ -35,8 +42,6 @@ class FeatureExtractor(nn.Module):
 
 
 def _need(module: str, extra: str) -> None:
-    import importlib.util
-
     if importlib.util.find_spec(module) is None:
         raise MAEError(f"ONNX export needs the '{module}' package, which is not installed; pip install {extra}")
 
@@ -45,8 +50,6 @@ def export_onnx(module: nn.Module, path: str | Path, example: torch.Tensor, outp
     """Export `module` (in eval mode, on CPU, fp32) to `path` with a dynamic batch axis; `example` is one input
     batch [N, C, H, W]. The file is written atomically."""
     _need("onnxscript", "onnxscript")
-    from mae.files import atomic_write_path
-
     path = Path(path)
     if path.suffix != ".onnx":
         raise ConfigError(f"an ONNX export is a .onnx file, got '{path}'")
@@ -85,7 +88,7 @@ def check_onnx(path: str | Path, module: nn.Module, inputs: torch.Tensor) -> flo
     """The largest absolute difference between onnxruntime's output for `inputs` and PyTorch's (needs
     ``onnxruntime``)."""
     _need("onnxruntime", "onnxruntime")
-    import onnxruntime
+    import onnxruntime  # an optional dependency (`pip install onnxruntime`), checked just above
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     theirs = session.run(None, {INPUT_NAME: inputs.float().cpu().numpy()})[0]
@@ -99,17 +102,11 @@ def export_checkpoint_onnx(src: str | Path, dst: str | Path, model_name: str | N
     """Export the model of any checkpoint: a classifier (a ``head``: fine-tuned or probed, `load_classifier`) as
     logits, anything else as the MAE encoder's features. Returns (the .onnx path, the exported module, an example
     input batch of random images) for `check_onnx`."""
-    from mae.interop.convert_classifier import is_classifier_checkpoint
-
+    config: ClassifierConfig | MAEConfig
     if is_classifier_checkpoint(src):
-        from mae.recipes.classify_common import load_classifier
-
         module, config, _ = load_classifier(src, model_name=model_name)
         output = "logits"
     else:
-        from mae.interop.loading import check_model_name
-        from mae.recipes.embed import load_pretrained_model
-
         mae_model = load_pretrained_model(src)
         config = mae_model.config
         check_model_name(config, model_name, f"'{src}'")  # ONNX stores no name: a warning, the file's model is used

@@ -15,6 +15,7 @@ reference fine-tuning layout); build it with the default token pooling to load a
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import torch
@@ -43,7 +44,5 @@ def timm_vit_kwargs(config: MAEConfig, num_classes: int = 0) -> dict[str, Any]:
         "num_classes": num_classes,
     }
     if config.norm_eps != 1e-6:  # timm's ViT default LayerNorm eps is 1e-6
-        from functools import partial
-
         kwargs["norm_layer"] = partial(torch.nn.LayerNorm, eps=config.norm_eps)
     return kwargs

@@ -12,7 +12,7 @@ else 0), D encoder width, d decoder width, K kept tokens per sample.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 
 import torch
@@ -51,15 +51,14 @@ class MAEConfig:
     mask_in_encoder: bool = False  # ablation (Table 1c): mask tokens go through the encoder
     pca_components: int = 96
     hog_bins: int = 9
-    num_frames: int | None = None  # None: images [N, C, H, W]; T: clips / time series [N, C, T, H, W]
+    num_frames: int = 0  # 0: images [N, C, H, W]; T >= 1: clips / time series [N, C, T, H, W]
     tubelet_size: int = 1  # frames per token along time (MAE-ST, VideoMAE: 2; Prithvi: 1)
-    channel_groups: list[list[int]] | None = None  # channels per token group (SatMAE); None: every channel
+    channel_groups: list[list[int]] = field(default_factory=list)  # channels per token group (SatMAE); []: none
     pos_embed_type: str = "sincos"  # sincos | sincos_1d | separable | learned | any registered table
     cls_token: bool = True  # a class token in front of the tokens (VideoMAE has none)
 
     def __post_init__(self) -> None:
-        if self.channel_groups is not None:
-            self.channel_groups = [[int(c) for c in group] for group in self.channel_groups]
+        self.channel_groups = [[int(c) for c in group] for group in self.channel_groups or []]
         if isinstance(self.img_size, (list, tuple)):
             self.img_size = tuple(int(s) for s in self.img_size)  # type: ignore[assignment]  # a tuple of two ints after the check below
             if len(self.img_size) != 2:  # type: ignore[arg-type]  # a tuple here
@@ -89,9 +88,9 @@ class MAEConfig:
     def token_grid(self) -> TokenGrid:
         """How the input is cut into tokens (`mae.models.grid.TokenGrid`)."""
         p = self.patch_size
-        time = () if self.num_frames is None else (self.num_frames,)
-        tubelet = () if self.num_frames is None else (self.tubelet_size,)
-        groups = tuple(tuple(g) for g in self.channel_groups or ())
+        time = (self.num_frames,) if self.num_frames else ()
+        tubelet = (self.tubelet_size,) if self.num_frames else ()
+        groups = tuple(tuple(g) for g in self.channel_groups)
         return TokenGrid((*time, *self.image_hw), (*tubelet, p, p), self.in_chans, groups)
 
     @property
@@ -109,7 +108,9 @@ class MAEConfig:
         if self.patch_size <= 0 or h % self.patch_size or w % self.patch_size:
             raise ConfigError(f"img_size {h}x{w} is not divisible by patch_size {self.patch_size}; "
                               f"pick a patch size that divides both sides")
-        if self.num_frames is None and self.tubelet_size != 1:
+        if self.num_frames < 0:
+            raise ConfigError(f"num_frames must be 0 (images) or the frames of a clip, got {self.num_frames}")
+        if not self.num_frames and self.tubelet_size != 1:
             raise ConfigError(f"tubelet_size {self.tubelet_size} needs clips: set num_frames (images have no time)")
         grid = self.token_grid  # raises on a time extent the tubelet does not divide, or bad channel groups
         table = position_table(self.pos_embed_type)
@@ -131,10 +132,10 @@ class MAEConfig:
             raise ConfigError(f"mask_min_block must be at least 1 patch, got {self.mask_min_block}")
         if self.target not in target_names():
             build_target(self.target, self.patch_size, self.in_chans)  # raises with a suggestion
-        groups = self.channel_groups or []
-        if len({len(g) for g in groups}) > 1:
-            raise ConfigError(f"channel groups of different sizes {[len(g) for g in groups]} need one prediction head "
-                              f"per group, which this model does not have; use groups of equal size")
+        if len({len(g) for g in self.channel_groups}) > 1:
+            sizes = [len(g) for g in self.channel_groups]
+            raise ConfigError(f"channel groups of different sizes {sizes} need one prediction head per group, which "
+                              f"this model does not have; use groups of equal size")
         if self.depth < 1 or self.decoder_depth < 0:
             raise ConfigError(f"depth must be >= 1 and decoder_depth >= 0, got {self.depth}, {self.decoder_depth}")
 

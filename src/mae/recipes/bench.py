@@ -25,6 +25,7 @@ from typing import ClassVar
 import torch
 
 from mae.bench import measure
+from mae.bench.memory import suite_memory
 from mae.bench.report import plot_data, plot_scaling, suite_tables
 from mae.bench.step import OPTIMIZER_IMPLS, threads
 from mae.bench.suites import (
@@ -42,7 +43,14 @@ from mae.config import to_dict
 from mae.errors import ConfigError
 from mae.files import check_output_folder, write_json, write_text
 from mae.models import model_config
-from mae.recipes.common import ModelSection, prepare_output_dir, require_at_least, require_precision, resolve_device
+from mae.recipes.common import (
+    ModelSection,
+    prepare_output_dir,
+    require_at_least,
+    require_precision,
+    resolve_device,
+    run_distributed,
+)
 from mae.train.precision import resolve_precision
 
 log = logging.getLogger("mae")
@@ -230,8 +238,6 @@ def run(cfg: BenchConfig) -> dict:
         if cfg.suites() != ["memory"]:
             raise ConfigError(f"under torchrun only --suite memory runs (it measures every process); got "
                               f"'{cfg.suite}'")
-        from mae.recipes.common import run_distributed
-
         def body(dist) -> dict:
             with threads(cfg.threads):
                 return _run(cfg, dist.device, prepare_output_dir(cfg.output_dir) if dist.is_main else None)
@@ -251,6 +257,8 @@ def _available(precision: str, device: torch.device) -> bool:
 
 
 def _run(cfg: BenchConfig, device: torch.device, out) -> dict:
+    """Run the suites `cfg` selects, in order, and write ``bench.json`` / ``bench.md``; returns the summary. Long
+    because each suite's branch reads its own config section and adds its own keys to the one summary."""
     precision = resolve_precision(cfg.precision, device)
     ctx = BenchContext(device, warmup=cfg.warmup, steps=cfg.steps, seed=cfg.seed, peak_size=cfg.peak_matmul_size)
     model_cfg = model_config(cfg.model.name, **cfg.model.overrides())
@@ -305,8 +313,6 @@ def _run(cfg: BenchConfig, device: torch.device, out) -> dict:
             if cfg.plots:
                 res["plots"] = [str(p) for p in plot_scaling(res["rows"], out, caption)]
         elif name == "memory":
-            from mae.bench.memory import suite_memory
-
             m = cfg.memory
             res = suite_memory(m.models, m.strategies, m.world_sizes, m.batch_size, m.precision, m.mixed_precision,
                                m.grad_checkpointing, m.measure, cfg.model.name, cfg.model.overrides(), cfg.batch_size,

@@ -1,48 +1,46 @@
 """What the classification recipes (finetune, linprobe, knn, evaluate) share: config sections, where the encoder
-comes from, labelled datasets, exact distributed evaluation (top-1 / top-5), feature extraction, classifier
-checkpoints, and `train_classifier`, their common part around the shared run layer (`mae.train.trainer`).
+comes from, labelled datasets and their transforms, and `train_classifier`, their common part around the shared run
+layer (`mae.train.trainer`). Their evaluation is `mae.eval.classification`; their checkpoint files
+`mae.interop.classifier_io`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import torch.distributed as tdist
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import Dataset, Subset
+from torchvision import transforms
 
 from mae.data import (
+    HOLDOUT_SEED,
     UNLABELED,
     build_dataset,
     build_eval_transform,
     default_mean_std,
-    ignore_stop_signals,
+    has_split_folders,
+    holdout_split,
     passed_over_files,
     skipped_files,
 )
-from mae.errors import CheckpointError, ConfigError, DataError
+from mae.errors import ConfigError, DataError
+from mae.eval.classification import EvalResult
 from mae.files import write_json
-from mae.interop.keys import short_list
-from mae.interop.loading import EncoderSource, check_model_name, read_encoder
+from mae.interop.loading import EncoderSource, read_encoder
+from mae.models import MaskedAutoencoderViT, model_config
 from mae.models.classifier import GLOBAL_POOLS, ClassifierConfig, build_classifier, load_encoder_into
-from mae.models.pos_embed import resize_pos_embed
 from mae.threads import default_workers
-from mae.train.checkpoint import safe_load
-from mae.train.distributed import DistInfo
-from mae.train.precision import autocast_context
+from mae.train.logging import draw_curves
 from mae.train.run import Run
-from mae.train.run_dir import resolve_run
+from mae.train.trainer import Best, Trainer, build_engine, data_facts
 
 log = logging.getLogger("mae")
 
-CLASSIFIER_FORMAT = "mae-classifier"
 INITS = ("pretrained", "scratch", "random")
 """'pretrained' loads `checkpoint`; 'scratch' and 'random' (synonyms) start from the MAE's own initialisation."""
 
@@ -72,8 +70,6 @@ class ClassifierSection:
         if self.num_classes is not None and self.num_classes < 1:
             raise ConfigError(f"model.num_classes must be >= 1, got {self.num_classes}")
         if self.name is not None:
-            from mae.models import model_config
-
             model_config(self.name)  # unknown names raise with a suggestion
 
 
@@ -126,8 +122,6 @@ def load_encoder_source(init: str, checkpoint: str | None, model_name: str | Non
     `model_name`."""
     check_init(init, checkpoint, model_name)
     if init != "pretrained":
-        from mae.models import MaskedAutoencoderViT, model_config
-
         model = MaskedAutoencoderViT(model_config(model_name, decoder_depth=0))  # type: ignore[arg-type]  # check_init above requires model_name without a checkpoint; no decoder: it would be dropped
         return EncoderSource(model_config(model_name), model.encoder_state_dict(), f"a random {model_name} encoder")  # type: ignore[arg-type]  # as above
     return read_encoder(checkpoint, model_name)  # type: ignore[arg-type]  # check_init above requires a checkpoint for init=pretrained
@@ -168,8 +162,6 @@ def labelled_dataset(data: ClassifyData, split: str, transform: Callable | None,
     if not classes or UNLABELED in targets:
         raise DataError(f"'{data.path}' ({split}) has no class labels; classification needs class sub-folders "
                         f"('<root>/{split}/<class>/<image>') or a labelled builtin dataset")
-    from mae.data import HOLDOUT_SEED, has_split_folders, holdout_split
-
     if data.val_fraction > 0 and not has_split_folders(data.path):
         train_idx, val_idx = holdout_split(targets, data.val_fraction)
         if split == "val":
@@ -209,10 +201,10 @@ def train_transform(img_size: int, mean: tuple[float, ...], std: tuple[float, ..
     RandAugment's magnitude is capped just below 10 unless the spec sets ``mmax``: at exactly 10 (reached by
     m9 + mstd0.5 noise) timm's PosterizeIncreasing keeps 0 bits, which Pillow >= 10 rejects with a ValueError.
     """
+    # timm's data pipeline is heavy to import (about a second): loaded only by the recipes that train on images
     from timm.data import rand_augment_transform
     from timm.data.random_erasing import RandomErasing
     from timm.data.transforms import MaybeToTensor, RandomResizedCropAndInterpolation, str_to_pil_interp
-    from torchvision import transforms
 
     steps: list = [RandomResizedCropAndInterpolation(img_size, scale=tuple(scale), interpolation="bicubic")]
     if hflip > 0:
@@ -229,141 +221,6 @@ def train_transform(img_size: int, mean: tuple[float, ...], std: tuple[float, ..
     return transforms.Compose(steps)
 
 
-class ShardSampler(Sampler[int]):
-    """Indices ``rank, rank + world_size, ...`` in order: over all ranks every index exactly once.
-
-    Unlike DistributedSampler it pads nothing, so summed counts are exact even when the size does not divide.
-    """
-
-    def __init__(self, size: int, rank: int = 0, world_size: int = 1):
-        self.size, self.rank, self.world_size = size, rank, world_size
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.size, self.world_size))
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.size, self.world_size))
-
-
-def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, dist: DistInfo | None = None) -> DataLoader:
-    """In-order loader over this rank's share of `dataset` (every image counted once over all ranks)."""
-    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
-    return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rank, world),  # type: ignore[arg-type]  # torch types no Dataset.__len__
-                      num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=num_workers > 0, worker_init_fn=ignore_stop_signals)
-
-
-# ---------------------------------------------------------------------------------------------------- evaluation
-@dataclass
-class EvalResult:
-    top1: float  # percent
-    top5: float  # percent (top-k with k = min(5, classes))
-    loss: float  # mean cross-entropy
-    count: int  # images evaluated over all ranks
-    confusion: torch.Tensor | None = None  # [true class, predicted class] counts
-
-    def metrics(self, prefix: str = "") -> dict[str, float]:
-        return {f"{prefix}top1": self.top1, f"{prefix}top5": self.top5, f"{prefix}loss": self.loss}
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
-        tdist.all_reduce(t)
-    return t
-
-
-def topk_counts(logits: torch.Tensor, target: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
-    """Numbers of samples whose true class is the top-1 / among the top-k predictions."""
-    top = logits.topk(min(k, logits.shape[1]), dim=1).indices  # [N, k]
-    hits = top == target[:, None]
-    return hits[:, 0].sum(), hits.any(dim=1).sum()
-
-
-def score_logits(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
-                 num_classes: int | None = None) -> EvalResult:
-    """Top-1 / top-5 / loss over (logits, target) batches of this rank, summed over all ranks; with `num_classes`
-    also the confusion matrix."""
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # top1 hits, top5 hits, loss sum, count
-    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device) if num_classes else None
-    for batch_logits, batch_target in batches:
-        logits, target = batch_logits.float(), batch_target.to(batch_logits.device)
-        c1, c5 = topk_counts(logits, target)
-        sums += torch.stack([c1.double(), c5.double(), F.cross_entropy(logits, target, reduction="sum").double(),
-                             torch.tensor(float(len(target)), dtype=torch.float64, device=device)])
-        if cm is not None:
-            cm.index_put_((target, logits.argmax(1)), torch.ones_like(target), accumulate=True)
-    all_reduce_sum(sums)
-    if cm is not None:
-        all_reduce_sum(cm)
-    n = int(sums[3].item())
-    if n == 0:
-        raise DataError("no validation images to evaluate")
-    return EvalResult(top1=100.0 * sums[0].item() / n, top5=100.0 * sums[1].item() / n, loss=sums[2].item() / n,
-                      count=n, confusion=cm.cpu() if cm is not None else None)
-
-
-def _batches_short(model: nn.Module, done: int, device: torch.device) -> int:
-    """How many batches fewer than the busiest rank this rank ran (0 unless the model is FSDP-sharded)."""
-    import sys
-
-    if "torch.distributed.fsdp" not in sys.modules or not (tdist.is_initialized() and tdist.get_world_size() > 1):
-        return 0
-    from torch.distributed.fsdp import FSDPModule
-
-    if not any(isinstance(m, FSDPModule) for m in model.modules()):
-        return 0
-    most = torch.tensor([done], device=device)
-    tdist.all_reduce(most, op=tdist.ReduceOp.MAX)
-    return int(most) - done
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precision: str = "fp32",
-             class_index: torch.Tensor | None = None, confusion_classes: int | None = None) -> EvalResult:
-    """Top-1 / top-5 of `model` on this rank's share of `loader`, exact over all ranks. `class_index` restricts the
-    logits to the model classes of a dataset's classes (dataset class i = model class ``class_index[i]``);
-    `confusion_classes` adds the confusion matrix of that many (dataset) classes."""
-    was_training = model.training
-    model.eval()
-    index = class_index.to(device) if class_index is not None else None
-
-    def batches():
-        # A sharded (FSDP) model's forward is a collective: a rank with fewer batches than the busiest one runs (and
-        # ignores) as many forwards more, after its own (agreed before any forward).
-        short, images = _batches_short(model, len(loader), device), None
-        for images, target in loader:
-            with autocast_context(precision, device):
-                logits = model(images.to(device, non_blocking=True))
-            logits = logits.float()
-            yield (logits[:, index] if index is not None else logits), target.to(device)
-        for _ in range(short):
-            if images is None:
-                raise DataError("a process got no validation images under distributed.strategy=fsdp; use fewer "
-                                "processes or more validation images")
-            with autocast_context(precision, device):
-                model(images[:1].to(device))
-
-    try:
-        return score_logits(batches(), device, confusion_classes)
-    finally:
-        model.train(was_training)
-
-
-@torch.no_grad()
-def extract_features(fn: Callable[[torch.Tensor], torch.Tensor], loader: DataLoader, device: torch.device,
-                     precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
-    """``fn(images)`` over this rank's share of `loader`: (features float32 [N, D], labels [N]) on `device`."""
-    feats, labels = [], []
-    for images, target in loader:
-        with autocast_context(precision, device):
-            out = fn(images.to(device, non_blocking=True))
-        feats.append(out.float())
-        labels.append(target.to(device))
-    if not feats:
-        return torch.zeros(0, 0, device=device), torch.zeros(0, dtype=torch.int64, device=device)
-    return torch.cat(feats), torch.cat(labels)
-
-
 # ---------------------------------------------------------------------------------------------------- run files
 def write_param_groups(path: Path, model: nn.Module, groups: list[dict[str, Any]]) -> Path:
     """``param_groups.json``: every parameter name with its lr_scale and weight_decay (frozen ones: trainable false)."""
@@ -376,93 +233,6 @@ def write_param_groups(path: Path, model: nn.Module, groups: list[dict[str, Any]
     return write_json(path, out, indent=1)
 
 
-def classifier_state(model: nn.Module, classifier_config: ClassifierConfig, class_names: list[str],
-                     **extra: Any) -> dict[str, Any]:
-    """The dict a classifier checkpoint holds (weights-only loadable): weights, architecture, class names."""
-    return {"format": CLASSIFIER_FORMAT, "model": model.state_dict(), "classifier_config": classifier_config.to_dict(),
-            "class_names": list(class_names), **extra}
-
-
-def load_classifier(path: str | Path, img_size: int | tuple[int, int] | None = None, use_ema: bool | None = None,
-                    model_name: str | None = None, strict_name: bool = False
-                    ) -> tuple[nn.Module, ClassifierConfig, list[str] | None]:
-    """A classifier from a finetune / linprobe run directory (`resolve_run`: its best checkpoint once finished, else
-    its newest), one of their checkpoints, an
-    exported timm file (with its ``.json``), a `ViTForImageClassification` directory, or a timm / reference
-    fine-tuned state_dict (``fc_norm`` + ``head``). ``img_size`` rebuilds it at another resolution (the position
-    table is interpolated, bicubic). ``use_ema`` None takes the EMA weights of a run checkpoint when they were the
-    best. ``model_name`` picks the architecture of files that store none; one that contradicts a stored architecture
-    is a warning (`mae.interop.loading.check_model_name`), or an error with ``strict_name``. Returns (model in eval
-    mode, its config, class names or None)."""
-    path = resolve_run(path)
-    names: list[str] | None = None
-    config: ClassifierConfig | None
-    if path.is_dir() and (path / "config.json").is_file():
-        from mae.interop.classifier_export import load_hf_classifier
-
-        sd, config, names = load_hf_classifier(path)
-    else:
-        config = None
-        if path.suffix == ".safetensors":
-            from mae.interop.native import read_safetensors
-
-            sd, _ = read_safetensors(path)
-            sidecar = path.with_suffix(".json")
-            if sidecar.is_file():
-                kwargs = json.loads(sidecar.read_text())
-                config = ClassifierConfig(
-                    img_size=kwargs["img_size"], patch_size=kwargs["patch_size"], in_chans=kwargs["in_chans"],
-                    embed_dim=kwargs["embed_dim"], depth=kwargs["depth"], num_heads=kwargs["num_heads"],
-                    mlp_ratio=kwargs["mlp_ratio"], norm_eps=kwargs.get("norm_eps", 1e-6),
-                    num_classes=kwargs["num_classes"], global_pool=kwargs["global_pool"], fc_norm=kwargs["fc_norm"])
-        else:
-            state = safe_load(path)
-            if state.get("format") == CLASSIFIER_FORMAT:
-                config = ClassifierConfig.from_dict(state["classifier_config"])
-                names = state.get("class_names")
-                if use_ema is None:  # the best checkpoint's own record says whether its EMA weights were the best
-                    best = (state.get("train_state") or {}).get("best") or {}
-                    use_ema = bool(best.get("ema", state.get("best_is_ema")))
-                key = "model_ema" if use_ema else "model"
-                if state.get(key) is None:
-                    raise CheckpointError(f"'{path}' holds no EMA weights (the run had ema=false); use use_ema=false")
-                sd = state[key]
-            else:
-                sd = state.get("model", state.get("state_dict", state))
-                sd = {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-        if config is None:
-            config = _infer_classifier_config(sd, path, model_name)
-            model_name = None  # it chose the architecture: nothing to contradict
-    check_model_name(config, model_name, f"'{path}'", strict=strict_name)
-    stored_grid = config.grid_size
-    if img_size is not None:
-        config = ClassifierConfig.from_dict({**config.to_dict(), "img_size": img_size})
-    model = build_classifier(config)
-    if "pos_embed" in sd and tuple(stored_grid) != tuple(config.grid_size):
-        sd = {**sd, "pos_embed": resize_pos_embed(sd["pos_embed"], stored_grid, config.grid_size)}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"'{path}' does not fit the classifier it describes: missing {short_list(missing)}; "
-                              f"unexpected {short_list(unexpected)}")
-    return model.eval(), config, names
-
-
-def _infer_classifier_config(sd: dict[str, torch.Tensor], path: Path, model_name: str | None) -> ClassifierConfig:
-    if "head.weight" not in sd and "head.1.weight" not in sd:
-        from mae.train.checkpoint_kinds import describe
-
-        raise CheckpointError(f"{describe(path)}: it has no classifier head (head.weight); fine-tune it first "
-                              f"(mae finetune) or probe it (mae linprobe / mae knn)")
-    from mae.interop import infer_config
-
-    encoder = {k: v for k, v in sd.items() if not k.startswith(("head.", "fc_norm."))}
-    mae_config = infer_config(encoder, model_name)
-    bn = "head.1.weight" in sd
-    return ClassifierConfig.from_mae(mae_config, num_classes=sd["head.1.weight" if bn else "head.weight"].shape[0],
-                                     global_pool="avg" if "fc_norm.weight" in sd else "token",
-                                     head="bn_linear" if bn else "linear")
-
-
 # ---------------------------------------------------------------------------------------------------- training
 def train_classifier(run: Run, *, model: nn.Module, classifier_config: ClassifierConfig, class_names: list[str],
                      train_set: Dataset, train_loader: Any, loss_fn: Callable[[nn.Module, Any], torch.Tensor],
@@ -473,9 +243,6 @@ def train_classifier(run: Run, *, model: nn.Module, classifier_config: Classifie
     (top-1, top-5 when there are more than 5 classes, loss; the EMA weights too when kept), the best top-1 (EMA
     included) as ``checkpoint-best.pth``, ``param_groups.json``, the summary and ``curves.png``. Returns the
     `Trainer` (call ``finish`` after any exports) and the summary."""
-    from mae.train.logging import draw_curves
-    from mae.train.trainer import Best, Trainer, build_engine, data_facts
-
     cfg = run.cfg
     engine = build_engine(run, model, groups, optimizer=optimizer, train_module=train_module,
                           updates_per_epoch=len(train_loader) // cfg.accum_iter, **optim)

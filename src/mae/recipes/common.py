@@ -6,17 +6,17 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
 from mae.errors import ConfigError
+from mae.models import model_config
+from mae.train.distributed import DistInfo, cleanup, init_distributed
+from mae.train.precision import PRECISIONS
 
 log = logging.getLogger("mae")
 T = TypeVar("T")
-
-if TYPE_CHECKING:
-    from mae.train.distributed import DistInfo
 
 
 @dataclass
@@ -47,10 +47,10 @@ class ModelSection:
     pca_components: int | None = None
     hog_bins: int | None = None
     num_frames: int | None = field(default=None, metadata={
-        "help": "frames per clip or time series: input [N, C, T, H, W] (unset: images)"})
+        "help": "frames per clip or time series: input [N, C, T, H, W] (0: images [N, C, H, W])"})
     tubelet_size: int | None = field(default=None, metadata={"help": "frames per token (MAE-ST, VideoMAE: 2)"})
     channel_groups: list[list[int]] | None = field(default=None, metadata={
-        "help": "channel indices per token group (SatMAE), e.g. [[0,1,2],[3,4,5]]"})
+        "help": "channel indices per token group (SatMAE), e.g. [[0,1,2],[3,4,5]] ([]: none)"})
     pos_embed_type: str | None = field(default=None, metadata={
         "help": "sincos | sincos_1d | separable | learned"})
     cls_token: bool | None = field(default=None, metadata={"help": "a class token in front of the tokens"})
@@ -67,8 +67,6 @@ class ModelSection:
         return {"name": self.name, **{f.name: values[f.name] for f in fields(self) if f.name != "name"}}
 
     def validate(self) -> None:
-        from mae.models import model_config
-
         model_config(self.name, **self.overrides())  # raises ConfigError naming the bad field
 
 
@@ -114,8 +112,6 @@ def require_at_least(obj: object, names: tuple[str, ...], minimum: int = 1, pref
 
 
 def require_precision(value: str) -> None:
-    from mae.train.precision import PRECISIONS
-
     if value not in PRECISIONS:
         raise ConfigError(f"precision '{value}' is not one of {', '.join(PRECISIONS)}")
 
@@ -123,8 +119,6 @@ def require_precision(value: str) -> None:
 def run_distributed(device: str, body: Callable[[DistInfo], T]) -> T:
     """Join torchrun's process group (or run as one process) on ``device``, run ``body(dist)``, always leave the
     group: the entry point every training and evaluation recipe shares."""
-    from mae.train.distributed import cleanup, init_distributed
-
     dist = init_distributed(resolve_device(device))
     try:
         result = body(dist)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from mae.data.corruptions import CORRUPTIONS, MIN_SIDE, SEVERITIES, check_corruptions, write_corrupted_folder
 from mae.errors import ConfigError
+from mae.files import check_output_folder, write_json
 
 log = logging.getLogger("mae")
 
@@ -65,8 +66,6 @@ def _written_by_corrupt(folder: Path) -> bool:
 
 def run(cfg: CorruptConfig) -> dict:
     """Write the corrupted folder tree; returns counts and what was written."""
-    from mae.files import check_output_folder, write_json
-
     check_output_folder(cfg.output_dir, "corrupt", cfg.overwrite, own=_written_by_corrupt)
     summary = write_corrupted_folder(cfg.data, cfg.output_dir, cfg.corruptions or None, cfg.severities,
                                      cfg.image_size, cfg.seed, cfg.limit_per_class)

@@ -9,7 +9,12 @@ and ``summary.json``.
 
 from __future__ import annotations
 
+import html
 import logging
+import shlex
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +22,27 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
-from mae.config import load_config, to_dict
-from mae.errors import ConfigError, ResumeConflictError
+from mae.config import load_config, save_config, to_dict
+from mae.data import build_dataset, default_mean_std
+from mae.errors import ConfigError, MAEError, ResumeConflictError
+from mae.eval.classification import score_logits
 from mae.files import write_json
+from mae.interop import load_model
+from mae.models import model_config
+from mae.models.mae import config_fields
+from mae.presets import resolve_preset
+from mae.recipes import finetune, knn, linprobe, pretrain
+from mae.recipes.common import run_distributed
+from mae.recipes.linprobe import FeatureBatches, LinprobeConfig
+from mae.train.optim import param_groups
+from mae.train.run import start_run
+from mae.train.trainer import Best, Trainer, build_engine, data_facts
+from mae.version import __version__
+from mae.viz.reconstruction import save_reconstructions
+from mae.viz.report import Report, machine_info, plot_training_curves
 
 log = logging.getLogger("mae")
 
@@ -31,8 +52,6 @@ CLI_FLAGS = {"--output-dir": "output_dir", "--device": "device"}
 def _preset(name: str) -> str:
     """A shipped preset's name (e.g. 'pretrain/demo_mnist'), checked now; `load_config` finds its file from any
     working directory (`mae.presets.resolve_preset`)."""
-    from mae.presets import resolve_preset
-
     resolve_preset(name)  # a missing preset fails when the config is built, not after pre-training
     return name
 
@@ -63,8 +82,12 @@ class DemoConfig:
             raise ConfigError("mask_ratios needs at least one ratio in [0, 1), e.g. mask_ratios=[0.75]")
 
 
+_STAGES = {"pretrain": pretrain, "linprobe": linprobe, "knn": knn, "finetune": finetune}
+"""The recipes the demo runs, by name."""
+
+
 def _stage(module: str, cls: str, preset: str | None, overrides: list[str]) -> tuple[dict, float]:
-    recipe = __import__(f"mae.recipes.{module}", fromlist=["run"])
+    recipe = _STAGES[module]
     cfg = load_config(getattr(recipe, cls), preset, overrides)
     t0 = time.perf_counter()
     try:
@@ -148,8 +171,6 @@ def _knn_overrides(ev: list[str]) -> list[str]:
 
 
 def _saved_config(out: Path) -> dict:
-    import yaml
-
     return yaml.safe_load((out / "config.yaml").read_text())
 
 
@@ -175,21 +196,11 @@ class _PixelProbe(nn.Module):
 def raw_pixel_probe(linprobe_config: str, overrides: list[str]) -> dict:
     """A linear classifier on raw (normalised) pixels with the linear probe's head, optimizer and schedule, trained
     through the shared run layer (a run directory of its own): the floor a learned representation must clear."""
-    from mae.recipes.common import run_distributed
-    from mae.recipes.linprobe import LinprobeConfig
-
     cfg = load_config(LinprobeConfig, linprobe_config, overrides)
     return run_distributed(cfg.device, lambda dist: _raw_pixel_probe(cfg, dist))
 
 
 def _raw_pixel_probe(cfg, dist) -> dict:
-    from mae.data import build_dataset, default_mean_std
-    from mae.recipes.classify_common import score_logits
-    from mae.recipes.linprobe import FeatureBatches
-    from mae.train.optim import param_groups
-    from mae.train.run import start_run
-    from mae.train.trainer import Best, Trainer, build_engine, data_facts
-
     train = build_dataset(cfg.data.path, "train")
     val = build_dataset(cfg.data.path, "val")
     if not hasattr(train, "as_tensors"):
@@ -235,9 +246,6 @@ def _raw_pixel_probe(cfg, dist) -> dict:
 
 # ------------------------------------------------------------------------------------------------ report
 def _reconstructions(out: Path, ratios: list[float]) -> Path:
-    from mae.interop import load_model
-    from mae.viz.reconstruction import save_reconstructions
-
     saved = _saved_config(out)
     model = load_model(out)
     return save_reconstructions(model, saved["data"]["path"], out / "reconstructions_ratios.png", mask_ratios=ratios,
@@ -246,10 +254,6 @@ def _reconstructions(out: Path, ratios: list[float]) -> Path:
 
 def _write_report(out: Path, summary: dict, grids: Path, mask_ratios: list[float],
                   cfg: DemoConfig | None = None) -> Path:
-    import html
-
-    from mae.viz.report import Report, machine_info, plot_training_curves
-
     curves = plot_training_curves(out / "metrics.jsonl", out / "curves.png")
     provenance = report_provenance(out, cfg)
     report = Report(
@@ -290,9 +294,6 @@ def _write_report(out: Path, summary: dict, grids: Path, mask_ratios: list[float
 
 def _model_line(out: Path) -> str:
     """The pre-trained architecture in words, from the run's config.yaml (the registered name and any field it sets)."""
-    from mae.models import model_config
-    from mae.models.mae import config_fields
-
     section = _saved_config(out)["model"]
     names = set(config_fields())
     c = model_config(section["name"], **{k: v for k, v in section.items() if k in names and v is not None})
@@ -329,11 +330,6 @@ def check_lines(summary: dict, chance: float | None) -> list[str]:
 
 def _chance_level(out: Path) -> float | None:
     """100 / classes of the dataset the evaluations used (read from the linear probe's saved config)."""
-    import yaml
-
-    from mae.data import build_dataset
-    from mae.errors import MAEError
-
     try:
         saved = yaml.safe_load((out / "linprobe" / "config.yaml").read_text()) or {}
         classes = getattr(build_dataset(saved["data"]["path"], "val"), "classes", None)
@@ -346,13 +342,6 @@ def report_provenance(out: Path, cfg: DemoConfig | None) -> dict[str, str]:
     """What the report says about how it was made: the command line (when run by the `mae` command), the
     overrides, the git commit of the source (when it is a checkout), the version, and the resolved configs (the
     demo's, when given, and the pre-training run's config.yaml)."""
-    import shlex
-    import sys
-    import tempfile
-
-    import mae
-    from mae.config import save_config, to_dict
-
     argv0 = Path(sys.argv[0]).name if sys.argv else ""
     if argv0 in ("mae", "__main__.py"):
         command = shlex.join(["mae", *sys.argv[1:]])
@@ -371,13 +360,11 @@ def report_provenance(out: Path, cfg: DemoConfig | None) -> dict[str, str]:
     if run_config.is_file():
         config_text += f"# pre-training run ({run_config})\n" + run_config.read_text()
     return {"command": command, "overrides": " ".join(overrides) or "none (the defaults)",
-            "commit": source_commit(), "version": mae.__version__, "config": config_text or "(not recorded)"}
+            "commit": source_commit(), "version": __version__, "config": config_text or "(not recorded)"}
 
 
 def source_commit() -> str:
     """The git commit of the installed source tree ('+ uncommitted changes' when dirty), or why there is none."""
-    import subprocess
-
     root = Path(__file__).resolve().parent
     try:
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,

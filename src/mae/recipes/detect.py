@@ -20,18 +20,7 @@ from torchvision.models.detection import MaskRCNN
 from mae.data import build_loader
 from mae.errors import ConfigError
 from mae.files import write_json
-from mae.train.run import Run
-from mae.transfer.backbone import ViTPyramid, check_pyramid
-from mae.transfer.detection import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    CocoInstances,
-    build_mask_rcnn,
-    collate_detection,
-    evaluate_coco,
-)
-from mae.transfer.synthetic import generate_synthetic, synthetic_root
-from mae.transfer.training import (
+from mae.recipes.transfer_run import (
     BackboneSection,
     SyntheticSection,
     TransferJob,
@@ -44,13 +33,25 @@ from mae.transfer.training import (
     make_backbone,
     run_transfer,
 )
+from mae.train.checkpoint_formats import FORMAT_BY_KIND
+from mae.train.run import Run
+from mae.transfer.backbone import ViTPyramid, check_pyramid
+from mae.transfer.detection import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    CocoInstances,
+    build_mask_rcnn,
+    collate_detection,
+    evaluate_coco,
+)
+from mae.transfer.synthetic import generate_synthetic, synthetic_root
 
 log = logging.getLogger("mae")
 
 CLI_FLAGS = {"--data": "data.path", "--output-dir": "output_dir", "--checkpoint": "backbone.checkpoint",
              "--init": "backbone.init", "--mode": "mode", "--weights": "weights", "--resume": "resume",
              "--epochs": "epochs", "--precision": "precision", "--device": "device"}
-FORMAT = "mae-detect"
+FORMAT = FORMAT_BY_KIND["detect"]
 METRICS = ("box_AP", "box_AP50", "box_AP75", "mask_AP", "mask_AP50", "mask_AP75")
 
 

@@ -19,10 +19,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import ConcatDataset, DataLoader
 
+from mae.data import BUILTIN_PREFIX, PlainFolderDataset, build_dataset, build_eval_transform
 from mae.errors import ConfigError
+from mae.files import atomic_write, atomic_write_path, check_new_file, write_text
+from mae.interop.loading import load_pretrained_model
+from mae.recipes.common import require_precision, resolve_device
+from mae.train.logging import progress
+from mae.train.precision import autocast_context, resolve_precision
 
 log = logging.getLogger("mae")
 
@@ -74,8 +83,6 @@ class EmbedConfig:
                 "refused"})
 
     def validate(self) -> None:
-        from mae.recipes.common import require_precision
-
         if not self.checkpoint:
             raise ConfigError("mae embed needs a checkpoint: `mae embed CHECKPOINT --data DIR --out FILE` (a run "
                               "directory or a checkpoint file)")
@@ -91,25 +98,6 @@ class EmbedConfig:
 
 
 # ---------------------------------------------------------------------------------------------------- the encoder
-def load_pretrained_model(path: str | Path):
-    """The pre-trained MAE of a run directory or of any checkpoint file the library reads: the one place where
-    `mae embed` and `mae attention` turn a path into a model (in eval mode)."""
-    from mae.interop.convert_classifier import is_classifier_checkpoint
-
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise ConfigError(f"checkpoint '{path}' does not exist; pass a pre-training run directory or a checkpoint file")
-    if is_classifier_checkpoint(path):
-        from mae.train.checkpoint_kinds import describe
-
-        what = describe(path, fallback=f"'{path}' is a classifier (it has a head)")
-        raise ConfigError(f"{what}; this command reads a pre-trained MAE encoder: pass the pre-training run or "
-                          f"checkpoint the classifier started from")
-    from mae.interop import load_model  # run directories go through the one resolver (mae.train.run_dir)
-
-    return load_model(path).eval()
-
-
 def pooled_features(model, images: torch.Tensor, pool: str) -> torch.Tensor:
     """[N, D]: the class token (``cls``) or the mean of the patch tokens (``mean``) of ``forward_features``."""
     tokens = model.forward_features(images)  # [N, 1+L, D]
@@ -119,10 +107,6 @@ def pooled_features(model, images: torch.Tensor, pool: str) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------- the images
 def image_dataset(data: EmbedData, img_size: int, in_chans: int) -> tuple[Any, list[str]]:
     """The dataset to embed (items ``(image tensor, label)``) and one path (or builtin id) per item, in order."""
-    from torch.utils.data import ConcatDataset
-
-    from mae.data import BUILTIN_PREFIX, PlainFolderDataset, build_dataset, build_eval_transform
-
     transform = build_eval_transform(img_size, in_chans, data.crop_pct, data.mean, data.std)
     mode = "L" if in_chans == 1 else "RGB"
     if data.path.startswith(BUILTIN_PREFIX):  # type: ignore[union-attr]  # validate() requires data.path
@@ -141,20 +125,14 @@ def image_dataset(data: EmbedData, img_size: int, in_chans: int) -> tuple[Any, l
 # ---------------------------------------------------------------------------------------------------- writing
 def save_embeddings(features: torch.Tensor, paths: list[str], out: str | Path, **info: str) -> Path:
     """Write [N, D] features with their paths (see the module docstring for the two formats)."""
-    from mae.files import atomic_write, atomic_write_path, write_text
-
     out = Path(out)
     if len(paths) != len(features):
         raise ConfigError(f"{len(features)} features for {len(paths)} paths")
     features = features.detach().float().cpu().contiguous()
     if out.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
         metadata = {"format": FORMAT, "paths": json.dumps(paths), **{k: str(v) for k, v in info.items()}}
         return atomic_write_path(out, lambda tmp: save_file({"embeddings": features}, str(tmp), metadata=metadata))
     if out.suffix == ".npy":
-        import numpy as np
-
         atomic_write(out, lambda f: np.save(f, features.numpy()))
         write_text(paths_file(out), "".join(p + "\n" for p in paths))
         return out
@@ -171,11 +149,7 @@ def load_embeddings(path: str | Path) -> tuple[torch.Tensor, list[str]]:
     """(features [N, D], paths) of a file written by `save_embeddings`."""
     path = Path(path)
     if path.suffix == ".npy":
-        import numpy as np
-
         return torch.from_numpy(np.load(path)), paths_file(path).read_text().splitlines()
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt", device="cpu") as f:
         return f.get_tensor("embeddings"), json.loads((f.metadata() or {})["paths"])
 
@@ -184,15 +158,9 @@ def load_embeddings(path: str | Path) -> tuple[torch.Tensor, list[str]]:
 @torch.no_grad()
 def run(cfg: EmbedConfig) -> dict[str, Any]:
     """Embed every image; returns a summary (output file, image count, feature width)."""
-    from mae.files import check_new_file
-    from mae.recipes.common import resolve_device
-
     check_new_file(cfg.out, cfg.overwrite)
     if Path(cfg.out).suffix == ".npy":
         check_new_file(paths_file(cfg.out), cfg.overwrite)
-    from mae.train.logging import progress
-    from mae.train.precision import autocast_context, resolve_precision
-
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     model = load_pretrained_model(cfg.checkpoint).to(device)  # type: ignore[arg-type]  # validate() requires a checkpoint

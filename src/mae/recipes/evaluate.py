@@ -38,16 +38,18 @@ import torch
 
 from mae.config import save_config
 from mae.errors import ConfigError, DataError
-from mae.files import atomic_write_path, check_output_folder, config_has_keys, write_json, write_text
-from mae.recipes.classify_common import (
-    ClassifyData,
-    eval_loader,
-    eval_transform,
-    evaluate,
-    labelled_dataset,
-    load_classifier,
-    square_side,
+from mae.eval.classification import eval_loader, evaluate
+from mae.eval.imagenet_c import (
+    corruption_folders,
+    corruption_report,
+    report_csv,
+    report_markdown,
+    summary_fields,
 )
+from mae.files import atomic_write_path, check_output_folder, config_has_keys, write_json, write_text
+from mae.interop.classifier_io import load_classifier
+from mae.models import model_config
+from mae.recipes.classify_common import ClassifyData, eval_transform, labelled_dataset, square_side
 from mae.recipes.common import prepare_output_dir, run_distributed
 from mae.train.distributed import DistInfo
 from mae.train.logging import MetricsLogger
@@ -75,8 +77,6 @@ class EvalModel:
         if self.img_size is not None and self.img_size < 1:
             raise ConfigError(f"model.img_size must be positive, got {self.img_size}")
         if self.name is not None:
-            from mae.models import model_config
-
             model_config(self.name)  # unknown names raise with a suggestion
 
 
@@ -215,7 +215,7 @@ def class_index_for(dataset_classes: Sequence[str], model_classes: Sequence[str]
 
 def save_confusion_png(confusion: torch.Tensor, class_names: Sequence[str], path: Path, title: str = "") -> Path:
     """Row-normalised confusion matrix (true class down, predicted class across)."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # heavy to import: loaded only when a figure is drawn
 
     cm = confusion.double()
     rates = cm / cm.sum(dim=1, keepdim=True).clamp_min(1)
@@ -307,14 +307,6 @@ def _run(cfg: EvaluateConfig, dist: DistInfo) -> dict[str, Any]:
 
 def _run_imagenet_c(cfg: EvaluateConfig, dist: DistInfo) -> dict[str, Any]:
     """Score every ``<corruption>/<severity>`` folder of ``data.path`` (and the clean set), then CE / mCE."""
-    from mae.eval.imagenet_c import (
-        corruption_folders,
-        corruption_report,
-        report_csv,
-        report_markdown,
-        summary_fields,
-    )
-
     device = dist.device
     precision = resolve_precision(cfg.precision, device)
     out = prepare_output_dir(cfg.output_dir)

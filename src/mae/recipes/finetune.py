@@ -23,6 +23,9 @@ import torch
 from mae.config import to_dict
 from mae.data import build_loader
 from mae.errors import ConfigError
+from mae.eval.classification import eval_loader, evaluate
+from mae.interop.classifier_export import save_hf_classifier, save_timm_classifier
+from mae.interop.classifier_io import load_classifier
 from mae.interop.loading import EncoderSource
 from mae.models.classifier import ClassifierConfig, PartiallyFrozen, trainable_prefixes
 from mae.recipes.classify_common import (
@@ -30,9 +33,7 @@ from mae.recipes.classify_common import (
     ClassifyData,
     build_from_source,
     check_init,
-    eval_loader,
     eval_transform,
-    evaluate,
     labelled_dataset,
     load_encoder_source,
     mean_std,
@@ -205,7 +206,7 @@ def _train(cfg: FinetuneConfig, run: Run) -> dict:
     val_loader = eval_loader(val_set, cfg.eval_batch_size or 2 * cfg.batch_size, cfg.data.num_workers, dist)
     ema = None
     if cfg.ema:
-        from timm.utils import ModelEmaV3
+        from timm.utils import ModelEmaV3  # timm is slow to import: `mae finetune --help` does without it
 
         ema = ModelEmaV3(model, decay=cfg.ema_decay)
     mixup_fn, criterion = _loss(cfg, num_classes)
@@ -246,6 +247,7 @@ def _protocol(cfg: FinetuneConfig) -> str:
 
 def _loss(cfg: FinetuneConfig, num_classes: int):
     """timm's Mixup + SoftTargetCrossEntropy (label smoothing inside Mixup), else label-smoothed cross-entropy."""
+    # timm is slow to import: `mae finetune --help` does without it
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
@@ -260,9 +262,6 @@ def _loss(cfg: FinetuneConfig, num_classes: int):
 
 
 def _export(cfg: FinetuneConfig, out, classes: list[str], best) -> dict:
-    from mae.interop.classifier_export import save_hf_classifier, save_timm_classifier
-    from mae.recipes.classify_common import load_classifier
-
     model, ccfg, names = load_classifier(best)
     paths = {}
     prep: dict[str, Any] = {"mean": cfg.data.mean, "std": cfg.data.std, "crop_pct": cfg.data.crop_pct}

@@ -20,23 +20,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from mae.config import save_config
+from mae.data import build_eval_transform
 from mae.errors import ConfigError, DataError
+from mae.eval.classification import all_reduce_sum, eval_loader, extract_features, topk_counts
 from mae.files import check_output_folder, config_has_keys, write_json
+from mae.models import MaskedAutoencoderViT
 from mae.models.classifier import ClassifierConfig
 from mae.recipes.classify_common import (
     ClassifierSection,
     ClassifyData,
-    all_reduce_sum,
     build_from_source,
     check_init,
-    eval_loader,
     eval_transform,
-    extract_features,
     labelled_dataset,
     load_encoder_source,
     skipped_count,
     square_side,
-    topk_counts,
 )
 from mae.recipes.common import prepare_output_dir, run_distributed
 from mae.train.distributed import DistInfo
@@ -129,8 +128,6 @@ def _all_gather_rows(t: torch.Tensor) -> torch.Tensor:
 
 def encoder_features(model: nn.Module, pool: str = "token"):
     """A function images -> pooled frozen features for an MAE (`MaskedAutoencoderViT`) or a timm ViT classifier."""
-    from mae.models import MaskedAutoencoderViT
-
     if isinstance(model, MaskedAutoencoderViT):
         def mae_features(images: torch.Tensor) -> torch.Tensor:
             tokens = model.forward_features(images)  # [N, 1+L, D], after the final norm
@@ -169,8 +166,6 @@ def knn_monitor(model: nn.Module, cfg: KnnConfig | None = None, device: torch.de
     `cfg.k`, `cfg.temperature`, `cfg.model.global_pool`. Leaves the model in the mode it found it in. Call it on
     every rank of a distributed run (each extracts its share of the images)."""
     cfg = cfg or KnnConfig()
-    from mae.data import build_eval_transform
-
     config = model.config if hasattr(model, "config") else getattr(model, "classifier_config", None)
     if config is None:
         raise ConfigError("knn_monitor needs an MAE or a classifier built by mae (its config gives the image size)")

@@ -11,6 +11,7 @@ trains on them: the same probe, orders of magnitude faster.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -21,22 +22,18 @@ from mae.config import to_dict
 from mae.data import build_loader
 from mae.data.transforms import build_probe_transform
 from mae.errors import ConfigError
+from mae.eval.classification import EvalResult, eval_loader, evaluate, extract_features, score_logits
 from mae.interop.loading import EncoderSource
 from mae.models.classifier import ClassifierConfig, PartiallyFrozen, trainable_prefixes
 from mae.recipes.classify_common import (
     ClassifierSection,
     ClassifyData,
-    EvalResult,
     build_from_source,
     check_init,
-    eval_loader,
     eval_transform,
-    evaluate,
-    extract_features,
     labelled_dataset,
     load_encoder_source,
     mean_std,
-    score_logits,
     square_side,
     train_classifier,
 )
@@ -224,8 +221,6 @@ def _train(cfg: LinprobeConfig, run: Run) -> dict:
 def _cached_features(cfg: LinprobeConfig, model, wrapper, train_set, val_loader, dist: DistInfo,
                      device: torch.device, precision: str, eval_bs: int):
     """Extract the frozen features once (this rank's share of train and val); the head then trains on them."""
-    import time
-
     t0 = time.perf_counter()
     wrapper.eval()
 

@@ -17,6 +17,7 @@ from typing import ClassVar
 
 from mae.data.shard_writer import write_shards
 from mae.data.shards import INDEX_NAME
+from mae.errors import ConfigError
 
 CLI_FLAGS = {"--src": "src", "--dst": "dst", "--workers": "workers"}
 
@@ -46,8 +47,6 @@ class PrepareConfig:
     RANGES: ClassVar[dict[str, str]] = {"shard_mb": "> 0"}
 
     def validate(self) -> None:
-        from mae.errors import ConfigError
-
         if self.shard_size < 1:
             raise ConfigError(f"shard_size must be at least 1, got {self.shard_size}")
         if self.short_side is not None and self.short_side < 1:

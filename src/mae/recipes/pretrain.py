@@ -29,8 +29,10 @@ from mae.data import (
 )
 from mae.data.device_decode import CropPlan, DeviceDecoder, collate_encoded
 from mae.errors import ConfigError
-from mae.models import MAEConfig, MaskedAutoencoderViT, create_model
+from mae.interop.native import save_state_dict
+from mae.models import MAEConfig, MaskedAutoencoderViT, create_model, model_config
 from mae.recipes.common import ModelSection, run_distributed
+from mae.recipes.knn import pretrain_knn
 from mae.threads import default_workers
 from mae.train.distributed import DistInfo, all_gather_objects
 from mae.train.fsdp import FULL_INIT_MAX_PARAMS, build_for_strategy, full_state_dict, is_sharded
@@ -39,6 +41,7 @@ from mae.train.optim import param_groups
 from mae.train.rng import seed_everything
 from mae.train.run import Run, TrainFields, start_run
 from mae.train.trainer import Best, Trainer, build_engine, data_facts
+from mae.viz.reconstruction import save_reconstructions
 
 log = logging.getLogger("mae")
 
@@ -117,8 +120,6 @@ class PretrainConfig(TrainFields):
     def validate(self) -> None:
         super().validate()
         if self.distributed.strategy == "fsdp":
-            from mae.models import model_config
-
             if model_config(self.model.name, **self.model.overrides()).target == "pca":
                 raise ConfigError("model.target=pca is fitted on each process's own batches, which fsdp's shards do "
                                   "not reconcile; use distributed.strategy=ddp for PCA targets")
@@ -246,8 +247,6 @@ def _train(cfg: PretrainConfig, run: Run) -> dict:
     def epoch_end(epoch: int, record: dict) -> dict:
         extra = {}
         if cfg.knn_every > 0 and ((epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs):
-            from mae.recipes.knn import pretrain_knn  # the `mae knn` monitor: knn_top1 / knn_top5 in metrics.jsonl
-
             extra = pretrain_knn(model, cfg.data)
         skipped[:] = sorted(set().union(*all_gather_objects(skipped_files(dataset))))  # all ranks and their workers
         if skipped and dist.is_main:
@@ -272,16 +271,12 @@ def _train(cfg: PretrainConfig, run: Run) -> dict:
                "skipped_files": len(set(skipped) | set(passed_over_files(dataset)))}  # unreadable + passed over
     weights = full_state_dict(model) if is_sharded(run) else None  # fsdp: gathered on rank 0 (every rank calls)
     if dist.is_main:
-        from mae.interop.native import save_state_dict
-
         state = weights if weights is not None else model.state_dict()
         summary["model_path"] = str(save_state_dict(state, model_cfg.to_dict(), out / "model.safetensors"))
         plot_curves(out / "metrics.jsonl", out / "loss.png")
         summary["loss_png"] = str(out / "loss.png")
         shown = model if weights is None else _whole_model(model_cfg, weights)
         if cfg.visualize and model_cfg.target in ("pixel", "norm_pixel") and shown is not None:
-            from mae.viz.reconstruction import save_reconstructions
-
             save_reconstructions(shown, cfg.data.path, out / "reconstructions.png", mask_ratios=(mask_ratio,),
                                  mean=cfg.data.mean, std=cfg.data.std, seed=cfg.seed)
             summary["reconstructions_png"] = str(out / "reconstructions.png")

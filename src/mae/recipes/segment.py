@@ -28,6 +28,20 @@ import torch
 from mae.data import build_loader
 from mae.errors import ConfigError
 from mae.files import write_json
+from mae.recipes.transfer_run import (
+    BackboneSection,
+    SyntheticSection,
+    TransferJob,
+    TransferOptim,
+    TransferRun,
+    backbone_spec,
+    eval_progress,
+    evaluation_setup,
+    load_task_checkpoint,
+    make_backbone,
+    run_transfer,
+)
+from mae.train.checkpoint_formats import FORMAT_BY_KIND
 from mae.train.run import Run
 from mae.transfer.backbone import DECONV_NORMS, FEATURE_BLOCKS, FEATURE_NORMS, ViTPyramid, check_pyramid
 from mae.transfer.segmentation import (
@@ -43,26 +57,13 @@ from mae.transfer.segmentation import (
     segmentation_loss,
 )
 from mae.transfer.synthetic import generate_synthetic, synthetic_root
-from mae.transfer.training import (
-    BackboneSection,
-    SyntheticSection,
-    TransferJob,
-    TransferOptim,
-    TransferRun,
-    backbone_spec,
-    eval_progress,
-    evaluation_setup,
-    load_task_checkpoint,
-    make_backbone,
-    run_transfer,
-)
 
 log = logging.getLogger("mae")
 
 CLI_FLAGS = {"--data": "data.path", "--output-dir": "output_dir", "--checkpoint": "backbone.checkpoint",
              "--init": "backbone.init", "--mode": "mode", "--weights": "weights", "--resume": "resume",
              "--epochs": "epochs", "--precision": "precision", "--device": "device"}
-FORMAT = "mae-segment"
+FORMAT = FORMAT_BY_KIND["segment"]
 METRICS = ("mIoU", "aAcc", "mAcc")
 
 

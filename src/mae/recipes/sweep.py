@@ -26,6 +26,10 @@ from pathlib import Path
 from mae.config import load_config
 from mae.errors import ConfigError, MAEError
 from mae.files import atomic_write_path, check_output_folder, write_json, write_text
+from mae.interop import load_model
+from mae.models import model_config
+from mae.recipes.pretrain import PretrainConfig
+from mae.viz.reconstruction import draw_mask_sampling, load_images
 
 log = logging.getLogger("mae")
 
@@ -113,9 +117,6 @@ def _key(preset: str, overrides: list[str]) -> str:
     """A pre-training's directory name: a hash of its resolved config, with the model resolved to the full
     architecture, so rows that spell the same config differently (each grid's default, an explicit
     ``model.mask_strategy=random``) share one run."""
-    from mae.models import model_config
-    from mae.recipes.pretrain import PretrainConfig
-
     cfg = load_config(PretrainConfig, preset, overrides)
     resolved = dataclasses.asdict(cfg)
     resolved["model"] = model_config(cfg.model.name, **cfg.model.overrides()).to_dict()
@@ -295,10 +296,6 @@ def _mask_sampling_figure(out: Path, rows: list[dict]) -> str | None:
     done = {r["row"]: r for r in rows if r["grid"] == "mask_sampling" and not r.get("error")}
     if not done:
         return None
-    from mae.interop import load_model
-    from mae.recipes.pretrain import PretrainConfig
-    from mae.viz.reconstruction import draw_mask_sampling, load_images
-
     models = [(label, load_model(str(Path(r["pretrain_dir"]) / "model.safetensors"))) for label, r in done.items()]
     data = load_config(PretrainConfig, Path(next(iter(done.values()))["pretrain_dir"]) / "config.yaml").data
     images = load_images(data.path, models[0][1], num_images=6, mean=data.mean, std=data.std)
@@ -320,7 +317,7 @@ def _series(part: list[dict]) -> tuple[list[str], dict[str, list[float]]]:
 
 
 def _plot(out: Path, rows: list[dict]) -> list[str]:
-    import matplotlib
+    import matplotlib  # slow to import: loaded only when the sweep draws its plots
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

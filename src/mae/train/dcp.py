@@ -12,22 +12,25 @@ parallel, complete or absent, and loadable on any number of processes.
       checkpoint-last -> checkpoint-0019     symbolic links, moved atomically
       checkpoint-best -> checkpoint-0019
 
+`DCPStore` is the `mae.train.checkpoint_store.CheckpointStore` of these directories.
+
 **Atomic.** Every rank writes into ``.checkpoint-0019.tmp/``; when DCP's save returns (every rank's file written
 and fsynced, ``.metadata`` written by the coordinator) rank 0 lists the files, writes ``meta.pt`` last, fsyncs and
 renames the directory into place. A save killed at any point leaves only a ``.tmp`` directory, which is never read
 and which the next save removes; the newest complete checkpoint stays the newest valid one.
 
-**Finding the newest.** `newest_valid` (called by `mae.train.checkpoint.CheckpointManager.load_latest` next to the
-``.pth`` files) takes the complete directories, reads each one's ``meta.pt``, verifies its digest and that every
-listed file is there with its size, and returns the one standing furthest in the run (epoch, batch).
+**Finding the newest.** `DCPStore.load_latest` (called by `mae.train.checkpoint.load_latest` next to the other
+stores) takes the complete directories, reads each one's ``meta.pt``, verifies its digest and that every listed file
+is there with its size, and returns the one standing furthest in the run (epoch, batch).
 
-**Resharding.** The tensors are stored as DCP shards with their global shapes; `restore` loads them into the live
-model and optimizer whatever their sharding (2 processes -> 1, 8 -> 16, FSDP -> a plain module). The RNG states
-are restored when the number of processes is the same (as for single-file checkpoints).
+**Resharding.** The tensors are stored as DCP shards with their global shapes; `DCPStore.restore` loads them into
+the live model and optimizer whatever their sharding (2 processes -> 1, 8 -> 16, FSDP -> a plain module). The RNG
+states are restored when the number of processes is the same (as for single-file checkpoints).
 
 `read_state` gives a DCP checkpoint as a single-file state (the whole model on the CPU), so every reader of
-checkpoints (``mae visualize``, ``finetune checkpoint=...``, ``mae convert``) takes the directories too;
-`dcp_to_file` and `file_to_dcp` convert training checkpoints both ways (``mae convert --to file|dcp``).
+checkpoints (``mae visualize``, ``finetune checkpoint=...``, ``mae convert``: `mae.train.checkpoint.safe_load`) takes
+the directories too; `dcp_to_file` and `file_to_dcp` convert training checkpoints both ways (``mae convert --to
+file|dcp``).
 """
 
 from __future__ import annotations
@@ -43,13 +46,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from mae.errors import CheckpointError, OutputError, TrainingError
-from mae.files import fsync_dir
+from mae.errors import CheckpointError, OutputError
+from mae.files import as_os_error, fix_for, fsync_dir
+from mae.train.checkpoint_formats import kind_of_state
+from mae.train.checkpoint_schema import atomic_save, first_nonfinite, safe_load_file, stamp, standing, verify_state
+from mae.train.checkpoint_store import CheckpointStore, TrainingParts, nonfinite_save_error, single_file_state
+from mae.train.distributed import DistInfo, all_gather_objects, on_main
+from mae.train.file_store import FileStore
 
-__all__ = ["META_NAME", "DCPCheckpointManager", "dcp_to_file", "file_to_dcp", "is_dcp_checkpoint", "newest_valid",
-           "read_meta", "read_state", "restore"]
+__all__ = ["META_NAME", "DCPStore", "dcp_to_file", "file_to_dcp", "is_dcp_checkpoint", "read_meta", "read_state"]
 
 _log = logging.getLogger(__name__)
 
@@ -69,13 +75,11 @@ def is_dcp_checkpoint(path: str | Path) -> bool:
 def read_meta(path: str | Path) -> dict[str, Any]:
     """The run-layer state of a DCP checkpoint (no tensors), verified: its digest, and every file it lists present
     with the size it had when written. CheckpointError names what is wrong."""
-    from mae.train.checkpoint import safe_load, verify_state
-
     path = Path(path)
     if not is_dcp_checkpoint(path):
         raise CheckpointError(f"'{path}' is not a complete DCP checkpoint (no {_DCP_INDEX} or {META_NAME}); use an "
                               f"earlier checkpoint")
-    meta = safe_load(path / META_NAME)
+    meta = safe_load_file(path / META_NAME)
     verify_state(meta, path)
     listed = (meta.get("dcp") or {}).get("files")
     if not isinstance(listed, dict):
@@ -88,29 +92,6 @@ def read_meta(path: str | Path) -> dict[str, Any]:
             raise CheckpointError(f"checkpoint '{path}' is damaged: '{name}' has {file.stat().st_size} bytes, "
                                   f"{size} were written; use an earlier checkpoint")
     return meta
-
-
-def newest_valid(directory: str | Path) -> tuple[Path, dict[str, Any]] | None:
-    """The complete DCP checkpoint of `directory` standing furthest in the run, as (path, meta); damaged ones are
-    skipped with a warning; None when there is none."""
-    from mae.train.checkpoint import position_of
-
-    directory = Path(directory)
-    if not directory.is_dir():
-        return None
-    best: tuple[tuple[int, int, int], Path, dict[str, Any]] | None = None
-    for path in directory.iterdir():
-        if not _FINAL.match(path.name) or path.is_symlink() or not path.is_dir():
-            continue
-        try:
-            meta = read_meta(path)
-        except CheckpointError as e:
-            warnings.warn(f"skipping damaged checkpoint '{path}': {e}", stacklevel=3)
-            continue
-        key = (*position_of(meta), int((meta.get("engine") or {}).get("step", 0)))
-        if best is None or key > best[0]:
-            best = (key, path, meta)
-    return None if best is None else (best[1], best[2])
 
 
 def _tensor_template(path: Path, prefix: str) -> dict[str, torch.Tensor]:
@@ -139,43 +120,15 @@ def read_state(path: str | Path) -> dict[str, Any]:
         with _one_process():
             dcp.load({"model": model}, checkpoint_id=str(path), no_dist=True)
     except _dcp_errors() as e:  # DCP wraps every failure of every rank in one CheckpointException
-        raise CheckpointError(f"could not read the weights of '{path}': {_first_line(e)}; use an earlier "
+        raise CheckpointError(f"could not read the weights of '{path}': {_dcp_reason(e)}; use an earlier "
                               f"checkpoint") from None
     return {**{k: v for k, v in meta.items() if k not in ("dcp", "integrity")}, "model": model}
 
 
-# ---------------------------------------------------------------------------------------------------- restoring
-def restore(path: str | Path, model: nn.Module, engine: Any, extra_state: dict[str, nn.Module] | None = None) -> None:
-    """Load a DCP checkpoint into the live (sharded or plain) `model`, the engine's optimizer and counters, and the
-    `extra_state` modules, resharding as needed; a collective under FSDP (every rank calls it)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    path = Path(path)
-    meta = read_meta(path)
-    model_state, optim_state = get_state_dict(model, engine.optimizer)
-    extra = {k: m.state_dict() for k, m in (extra_state or {}).items() if k in meta["dcp"]["states"]}
-    state: dict[str, Any] = {"model": model_state, "optimizer": optim_state, **extra}
-    try:
-        with _one_process():  # a plain single-process run may resume a sharded run's checkpoint
-            dcp.load(state, checkpoint_id=str(path))
-    except _dcp_errors() as e:
-        raise CheckpointError(f"'{path}' does not fit this run's model and optimizer ({_first_line(e)}); resume with "
-                              f"the model settings and optimizer of the run that wrote it") from None
-    set_state_dict(model, engine.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    for key in extra:
-        extra_state[key].load_state_dict(state[key])  # type: ignore[index]
-    engine.load_state_dict(meta["engine"])
-
-
 # ---------------------------------------------------------------------------------------------------- writing
-class DCPCheckpointManager:
-    """Writes and prunes the DCP checkpoints of a sharded run (see the module docstring); the counterpart of
-    `mae.train.checkpoint.CheckpointManager`, whose ``load_latest`` reads both kinds."""
-
-    def __init__(self, output_dir: str | Path, keep_last: int | None = None) -> None:
-        self.output_dir = Path(output_dir)
-        self.keep_last = keep_last
+class DCPStore(CheckpointStore):
+    """The DCP checkpoints of a sharded run (see the module docstring): every rank writes its shards, rank 0 the
+    run's record; any number of processes reads them back."""
 
     @property
     def last_path(self) -> Path:
@@ -185,35 +138,34 @@ class DCPCheckpointManager:
     def best_path(self) -> Path:
         return self.output_dir / "checkpoint-best"
 
-    def save(self, meta: dict[str, Any], model: nn.Module, engine: Any, extra_state: dict[str, nn.Module],
-             epoch: int | None, is_best: bool = False) -> Path | None:
-        """Write a checkpoint (a collective: every rank calls it, every rank writes its shards); returns its path on
-        rank 0 (None elsewhere). `meta` holds the schema keys but ``model`` and ``engine``; `epoch` is the epoch the
-        state ends (a numbered directory) or None in the middle of one. A state with NaN or inf is refused on every
-        rank (TrainingError) and nothing is written."""
+    def path_for(self, epoch: int) -> Path:
+        return self.output_dir / f"checkpoint-{epoch:04d}"
+
+    # ------------------------------------------------------------------------------------------------ writing
+    def save(self, state: dict[str, Any], epoch: int | None, is_best: bool = False,
+             parts: TrainingParts | None = None) -> Path | None:
+        """Write a checkpoint (a collective: every rank writes its shards); see `CheckpointStore.save`. `state` is
+        the run's record (every schema key but ``model`` and ``engine``); `parts` are required, their tensors go
+        into DCP's shards. A state with NaN or inf is refused on every rank and nothing is written."""
         import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint import FileSystemWriter
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        from mae.train.checkpoint import _first_nonfinite
-        from mae.train.distributed import DistInfo
-        from mae.train.run import on_main
-
+        if parts is None:
+            raise TypeError("DCPStore.save writes the shards of live modules: pass parts=TrainingParts(...)")
+        engine = parts.engine
         rank = dist.get_rank() if dist.is_initialized() else 0
         world = dist.get_world_size() if dist.is_initialized() else 1
         info = DistInfo(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"), is_main=rank == 0)
-        model_state, optim_state = get_state_dict(model, engine.optimizer)
-        state = {"model": model_state, "optimizer": optim_state,
-                 **{k: m.state_dict() for k, m in extra_state.items()}}
-        bad = _first_nonfinite({k: _local(v) for k, v in state.items()})
-        flags = [bad] if world == 1 else _gather(bad)
+        model_state, optim_state = get_state_dict(parts.model, engine.optimizer)
+        tensors = {"model": model_state, "optimizer": optim_state,
+                   **{k: m.state_dict() for k, m in parts.extra.items()}}
+        bad = first_nonfinite({k: _local(v) for k, v in tensors.items()})
+        flags = [bad] if world == 1 else all_gather_objects(bad)
         bad = next((b for b in flags if b is not None), None)
         if bad is not None:
-            where = f"epoch {epoch}" if epoch is not None else "this step"
-            raise TrainingError(f"refusing to save the checkpoint of {where}: '{bad}' holds NaN or inf (the weights "
-                                f"diverged); the previous checkpoint in '{self.output_dir}' is kept; lower the "
-                                f"learning rate or use --precision fp32")
+            raise nonfinite_save_error(bad, epoch, self.output_dir)
         step = int(engine.step)
         name = f"checkpoint-{epoch:04d}" if epoch is not None and self.keep_last != 0 else f"checkpoint-step-{step:08d}"
         final, tmp = self.output_dir / name, self.output_dir / f".{name}.tmp"
@@ -228,21 +180,14 @@ class DCPCheckpointManager:
 
         on_main(prepare, info)
         try:
-            dcp.save(state, storage_writer=FileSystemWriter(str(tmp), sync_files=True))
+            dcp.save(tensors, storage_writer=FileSystemWriter(str(tmp), sync_files=True))
         except _dcp_errors() as e:  # a full disk on any rank fails the collective save on every rank
-            raise OutputError(f"could not write checkpoint '{final}': {_first_line(e)}; free space or change "
+            raise OutputError(f"could not write checkpoint '{final}': {_dcp_reason(e)}; free space or change "
                               f"--output-dir (the previous checkpoint is kept)") from None
 
         def publish() -> Path:
-            from mae.train.checkpoint import atomic_save, state_digest
-
-            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.name != META_NAME}
             engine_meta = {k: v for k, v in engine.state_dict().items() if k != "optimizer"}
-            full = {**meta, "engine": engine_meta, "dcp": {"files": files, "world_size": world,
-                                                           "states": sorted(state)}, "integrity": None}
-            full["integrity"] = {"sha256": state_digest(full)}
-            atomic_save(full, tmp / META_NAME)
-            fsync_dir(tmp)
+            _write_meta(tmp, state, engine_meta, world_size=world, states=sorted(tensors))
             self._replace(tmp, final)
             self._link(self.last_path, final)
             if is_best:
@@ -314,6 +259,69 @@ class DCPCheckpointManager:
                     with contextlib.suppress(OSError):
                         path.unlink()
 
+    # ------------------------------------------------------------------------------------------------ reading
+    def load_latest(self, map_location: str | torch.device = "cpu") -> tuple[Path, dict[str, Any]] | None:
+        """The complete DCP checkpoint of the directory standing furthest in the run, as (path, meta without
+        tensors); damaged ones are skipped with a warning; None when there is none."""
+        if not self.output_dir.is_dir():
+            return None
+        best: tuple[tuple[int, int, int], Path, dict[str, Any]] | None = None
+        for path in self.output_dir.iterdir():
+            if not _FINAL.match(path.name) or path.is_symlink() or not path.is_dir():
+                continue
+            try:
+                meta = read_meta(path)
+            except CheckpointError as e:
+                warnings.warn(f"skipping damaged checkpoint '{path}': {e}", stacklevel=4)
+                continue
+            key = standing(meta)
+            if best is None or key > best[0]:
+                best = (key, path, meta)
+        return None if best is None else (best[1], best[2])
+
+    @classmethod
+    def holds(cls, path: str | Path) -> bool:
+        return is_dcp_checkpoint(path)
+
+    @classmethod
+    def read(cls, path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+        """The checkpoint's verified schema keys without tensors (`read_meta`): `restore` loads those in place."""
+        return read_meta(path)
+
+    @classmethod
+    def restore(cls, path: str | Path, state: dict[str, Any], parts: TrainingParts) -> None:
+        """Load the checkpoint into the live (sharded or plain) model, the engine's optimizer and counters, and the
+        extra modules, resharding as needed; a collective under FSDP (every rank calls it)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        path = Path(path)
+        meta = read_meta(path)
+        model_state, optim_state = get_state_dict(parts.model, parts.engine.optimizer)
+        extra = {k: m.state_dict() for k, m in parts.extra.items() if k in meta["dcp"]["states"]}
+        tensors: dict[str, Any] = {"model": model_state, "optimizer": optim_state, **extra}
+        try:
+            with _one_process():  # a plain single-process run may resume a sharded run's checkpoint
+                dcp.load(tensors, checkpoint_id=str(path))
+        except _dcp_errors() as e:
+            raise CheckpointError(f"'{path}' does not fit this run's model and optimizer ({_dcp_reason(e)}); resume "
+                                  f"with the model settings and optimizer of the run that wrote it") from None
+        set_state_dict(parts.model, parts.engine.optimizer, model_state_dict=tensors["model"],
+                       optim_state_dict=tensors["optimizer"])
+        for key in extra:
+            parts.extra[key].load_state_dict(tensors[key])
+        parts.engine.load_state_dict(meta["engine"])
+
+
+def _write_meta(directory: Path, record: dict[str, Any], engine: dict[str, Any], *, world_size: int,
+                states: list[str]) -> None:
+    """Write ``meta.pt`` into a finished temporary checkpoint directory, last: the run's record, the engine's
+    counters, the file list with sizes and the digest of it all (the one place a DCP checkpoint's meta is built)."""
+    files = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.name != META_NAME}
+    meta = {**record, "engine": engine, "dcp": {"files": files, "world_size": world_size, "states": states}}
+    atomic_save(stamp(meta), directory / META_NAME)
+    fsync_dir(directory)
+
 
 def _local(obj: Any) -> Any:
     """`obj` with every DTensor replaced by this rank's shard (for the NaN check, which must not communicate)."""
@@ -324,12 +332,6 @@ def _local(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_local(v) for v in obj]
     return obj
-
-
-def _gather(value: Any) -> list[Any]:
-    from mae.train.distributed import all_gather_objects
-
-    return all_gather_objects(value)
 
 
 @contextlib.contextmanager
@@ -357,7 +359,8 @@ def _failure(e: BaseException) -> BaseException:
     return e
 
 
-def _first_line(e: BaseException) -> str:
+def _dcp_reason(e: BaseException) -> str:
+    """The reason a DCP operation failed, in one line: the first rank's own error, errno's words for an OSError."""
     e = _failure(e)
     if isinstance(e, OSError) and e.strerror:  # errno's own words: "No space left on device"
         return e.strerror
@@ -367,12 +370,10 @@ def _first_line(e: BaseException) -> str:
 
 # ---------------------------------------------------------------------------------------------------- converting
 def dcp_to_file(src: str | Path, dst: str | Path) -> Path:
-    """A DCP training checkpoint as one ``.pth`` file in the single-file layout (`CheckpointManager`'s, with its
-    digest): the whole model, the optimizer state keyed by parameter index, every schema key. Runs in one process;
-    needs the whole state in memory once."""
+    """A DCP training checkpoint as one ``.pth`` file in the single-file layout (`FileStore`'s, with its digest): the
+    whole model, the optimizer state keyed by parameter index, every schema key. Runs in one process; needs the whole
+    state in memory once."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    from mae.train.checkpoint import atomic_save, safe_load, state_digest
 
     src, dst = Path(src), Path(dst)
     meta = read_meta(src)
@@ -382,23 +383,20 @@ def dcp_to_file(src: str | Path, dst: str | Path) -> Path:
             with _one_process():
                 dcp_to_torch_save(str(src), str(plain))
         except _dcp_errors() as e:  # torch.save's zip writer on a full disk: RuntimeError "unexpected pos"
-            from mae.files import as_os_error, fix_for
-
             cause = _failure(e)
             cause = as_os_error(cause, plain) if isinstance(cause, Exception) else cause
             if not isinstance(cause, OSError):
                 raise
-            raise OutputError(f"could not write '{dst}': {_first_line(cause)}; {fix_for(cause)}") from None
+            raise OutputError(f"could not write '{dst}': {_dcp_reason(cause)}; {fix_for(cause)}") from None
         try:
-            tensors = safe_load(plain)
+            tensors = safe_load_file(plain)
         except CheckpointError as e:  # e.g. NaN weights: name the checkpoint, not the temporary file
             raise CheckpointError(str(e).replace(str(plain), str(src))) from None
     engine = {**meta["engine"], "optimizer": _optimizer_by_index(tensors["optimizer"], src)}
-    state = {**{k: v for k, v in meta.items() if k not in ("dcp", "integrity")}, "model": tensors["model"],
-             "engine": engine, **{k: tensors[k] for k in meta["dcp"]["states"] if k not in _STATES}}
-    state["integrity"] = None
-    state["integrity"] = {"sha256": state_digest(state)}
-    return atomic_save(state, dst)
+    record = {k: v for k, v in meta.items() if k not in ("dcp", "integrity")}
+    state = single_file_state(record, model=tensors["model"], engine=engine,
+                              extra={k: tensors[k] for k in meta["dcp"]["states"] if k not in _STATES})
+    return atomic_save(stamp(state), dst)
 
 
 def file_to_dcp(src: str | Path, dst: str | Path, overwrite: bool = False) -> Path:
@@ -407,13 +405,9 @@ def file_to_dcp(src: str | Path, dst: str | Path, overwrite: bool = False) -> Pa
     checkpoint (or an empty folder) at `dst` is replaced whole; nothing else is. Runs in one process."""
     import torch.distributed.checkpoint as dcp
 
-    from mae.train.checkpoint import atomic_save, load_training_state, state_digest
-
     src, dst = Path(src), Path(dst)
-    state = load_training_state(src)
+    state = read_meta(src) if is_dcp_checkpoint(src) else FileStore.read(src)  # a DCP one is refused just below
     if "engine" not in state or "model" not in state or "train_state" not in state:
-        from mae.train.checkpoint_kinds import kind_of_state
-
         kind = kind_of_state(state)
         what = kind.what(src) if kind is not None and kind.format is None else (
             f"'{src}' is not a training checkpoint (no model, engine or train_state)")
@@ -432,18 +426,11 @@ def file_to_dcp(src: str | Path, dst: str | Path, overwrite: bool = False) -> Pa
             with _one_process():
                 dcp.save(tensors, checkpoint_id=str(tmp), no_dist=True)
         except _dcp_errors() as e:
-            from mae.files import fix_for
-
             cause = _failure(e)
             fix = fix_for(cause) if isinstance(cause, OSError) else "free space or choose another place"
-            raise OutputError(f"could not write '{dst}': {_first_line(e)}; {fix}") from None
-        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-        meta = {**{k: v for k, v in state.items() if k not in ("model", "engine", "integrity", *extra)},
-                "engine": engine, "dcp": {"files": files, "world_size": 1, "states": sorted(tensors)},
-                "integrity": None}
-        meta["integrity"] = {"sha256": state_digest(meta)}
-        atomic_save(meta, tmp / META_NAME)
-        fsync_dir(tmp)
+            raise OutputError(f"could not write '{dst}': {_dcp_reason(e)}; {fix}") from None
+        record = {k: v for k, v in state.items() if k not in ("model", "engine", "integrity", *extra)}
+        _write_meta(tmp, record, engine, world_size=1, states=sorted(tensors))
     except BaseException:  # a full disk at meta.pt, a signal: no half-written checkpoint folder is left
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -4,21 +4,66 @@ torchrun (single node, multi-node, or under SLURM's srun) sets RANK / WORLD_SIZE
 MASTER_PORT; `init_distributed` joins that process group (nccl on GPUs, gloo on CPUs). The recipes wrap the model
 in DistributedDataParallel, read a per-rank shard through `mae.data.build_loader(distributed=True)`, and only
 rank 0 writes logs and checkpoints. See docs/robustness.md for launch commands.
+
+`DistributedSection` is the ``distributed`` section of every training config (ddp or fsdp, `mae.train.fsdp`);
+`on_main` runs a step on rank 0 and raises its error on every rank.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from mae.errors import ConfigError
+from mae.errors import ConfigError, MAEError
 
-__all__ = ["DistInfo", "all_gather_objects", "all_reduce_mean", "barrier", "cleanup", "init_distributed", "is_main"]
+__all__ = ["FSDP_INITS", "STRATEGIES", "DistInfo", "DistributedSection", "all_gather_objects", "all_reduce_mean",
+           "barrier", "cleanup", "init_distributed", "is_main", "on_main"]
+
+STRATEGIES = {"ddp": "file", "fsdp": "dcp"}
+"""How a run spreads over its processes (`DistributedSection.strategy`), and the checkpoint store each one writes
+(a key of `mae.train.checkpoint.STORES`): rank 0's single files, or every rank's shards in DCP directories."""
+FSDP_INITS = ("auto", "full", "sharded")
+"""How an fsdp run initialises its weights: `DistributedSection.init`."""
+
+
+@dataclass
+class DistributedSection:
+    """How the model is spread over the processes of a run (torchrun); see docs/scale.md."""
+
+    strategy: str = field(default="ddp", metadata={
+        "help": "ddp: every process holds the whole model (DistributedDataParallel) | fsdp: parameters, gradients "
+                "and optimizer state sharded over the processes (FSDP2), checkpoints as DCP directories"})
+    init: str = field(default="auto", metadata={
+        "help": "fsdp initial weights: full (as ddp: the whole model once per rank, then sharded) | sharded (built "
+                "on the meta device, each shard initialised in place) | auto (full up to 1e9 parameters)"})
+    mixed_precision: bool = field(default=False, metadata={
+        "help": "fsdp: bf16 parameters and compute, fp32 gradient reduction and fp32 master weights (needs "
+                "precision=bf16)"})
+    reshard_after_forward: bool = field(default=True, metadata={
+        "help": "fsdp: free each block's gathered weights after its forward (gathered again for backward); false "
+                "keeps them until backward: less communication, more memory"})
+    cpu_offload: bool = field(default=False, metadata={
+        "help": "fsdp: keep parameter shards, gradients and optimizer state in host memory (GPU runs; the "
+                "optimizer steps on the CPU)"})
+
+    def validate(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"distributed.strategy '{self.strategy}' is not one of {', '.join(STRATEGIES)}")
+        if self.init not in FSDP_INITS:
+            raise ConfigError(f"distributed.init '{self.init}' is not one of {', '.join(FSDP_INITS)}")
+        if self.strategy != "fsdp":
+            used = [name for name, on in (("mixed_precision", self.mixed_precision), ("cpu_offload", self.cpu_offload),
+                                          ("init", self.init != "auto"),
+                                          ("reshard_after_forward", not self.reshard_after_forward)) if on]
+            if used:
+                raise ConfigError(f"distributed.{used[0]} applies to distributed.strategy=fsdp only; set "
+                                  f"distributed.strategy=fsdp or leave it at its default")
 
 
 @dataclass(frozen=True)
@@ -148,3 +193,22 @@ def cleanup(wait_for_others: bool = False) -> None:
         with contextlib.suppress(RuntimeError, ValueError, OSError):  # a peer that failed has already left
             dist.barrier()
     dist.destroy_process_group()
+
+
+T = TypeVar("T")
+
+
+def on_main(fn: Callable[[], T], dist_info: DistInfo) -> T | None:
+    """Run ``fn()`` on rank 0 and give every rank its result; an `MAEError` there is raised on every rank (so that
+    all processes stop with the same one-line error instead of hanging)."""
+    outcome: Any = None
+    if dist_info.is_main:
+        try:
+            outcome = ("ok", fn())
+        except MAEError as e:
+            outcome = ("error", e)
+    shared = all_gather_objects(outcome)[0] if dist_info.world_size > 1 else outcome
+    kind, value = shared
+    if kind == "error":
+        raise value
+    return value if dist_info.is_main else None

@@ -264,6 +264,9 @@ class Engine:
 
         ``after_update(batches_done, snapshot)`` runs after every update; ``snapshot()`` gives the epoch's running
         sums (a collective under DDP: call it on every rank or none) and a true return value ends the epoch there.
+
+        It is one function of about 100 lines on purpose: the hot loop (accumulation windows, the resume position,
+        non-finite updates, the progress bar) reads top to bottom in one place.
         """
         self.model.train()
         num_batches = num_batches if num_batches is not None else len(loader)  # type: ignore[arg-type]

@@ -1,5 +1,7 @@
-"""Model-scale training: the ``distributed`` section of every training config and fully sharded data parallelism
-(FSDP2, ``torch.distributed.fsdp.fully_shard``), applied by `mae.train.trainer.build_engine`.
+"""Model-scale training: the strategies of the ``distributed`` section of every training config
+(`mae.train.distributed.DistributedSection`), fully sharded data parallelism (FSDP2,
+``torch.distributed.fsdp.fully_shard``) or DDP, applied by `mae.train.trainer.build_engine` (`distribute`,
+`replicate`).
 
     distributed.strategy=ddp    every process holds the whole model, optimizer state and gradients (DDP)
     distributed.strategy=fsdp   each of W processes holds 1/W of them; a Transformer block's full weights exist
@@ -31,67 +33,50 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from mae.errors import ConfigError
+from mae.train.distributed import STRATEGIES, DistributedSection
+from mae.train.run import Run
 
-if TYPE_CHECKING:
-    from mae.train.run import Run
-
-__all__ = ["FULL_INIT_MAX_PARAMS", "STRATEGIES", "DistributedSection", "apply_fsdp", "build_for_strategy",
-           "full_state_dict", "is_sharded", "transformer_blocks"]
+__all__ = ["FULL_INIT_MAX_PARAMS", "DistributedSection", "apply_fsdp", "build_for_strategy", "checkpoint_backend",
+           "distribute", "full_state_dict", "is_sharded", "replicate", "transformer_blocks"]
 
 _log = logging.getLogger(__name__)
 
-STRATEGIES = ("ddp", "fsdp")
-INITS = ("auto", "full", "sharded")
 FULL_INIT_MAX_PARAMS = 1_000_000_000
 """``distributed.init=auto`` builds models up to this many parameters in full (the DDP run's weights) and larger ones
 on the meta device, shard by shard."""
-
-
-@dataclass
-class DistributedSection:
-    """How the model is spread over the processes of a run (torchrun); see docs/scale.md."""
-
-    strategy: str = field(default="ddp", metadata={
-        "help": "ddp: every process holds the whole model (DistributedDataParallel) | fsdp: parameters, gradients "
-                "and optimizer state sharded over the processes (FSDP2), checkpoints as DCP directories"})
-    init: str = field(default="auto", metadata={
-        "help": "fsdp initial weights: full (as ddp: the whole model once per rank, then sharded) | sharded (built "
-                "on the meta device, each shard initialised in place) | auto (full up to 1e9 parameters)"})
-    mixed_precision: bool = field(default=False, metadata={
-        "help": "fsdp: bf16 parameters and compute, fp32 gradient reduction and fp32 master weights (needs "
-                "precision=bf16)"})
-    reshard_after_forward: bool = field(default=True, metadata={
-        "help": "fsdp: free each block's gathered weights after its forward (gathered again for backward); false "
-                "keeps them until backward: less communication, more memory"})
-    cpu_offload: bool = field(default=False, metadata={
-        "help": "fsdp: keep parameter shards, gradients and optimizer state in host memory (GPU runs; the "
-                "optimizer steps on the CPU)"})
-
-    def validate(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"distributed.strategy '{self.strategy}' is not one of {', '.join(STRATEGIES)}")
-        if self.init not in INITS:
-            raise ConfigError(f"distributed.init '{self.init}' is not one of {', '.join(INITS)}")
-        if self.strategy != "fsdp":
-            used = [name for name, on in (("mixed_precision", self.mixed_precision), ("cpu_offload", self.cpu_offload),
-                                          ("init", self.init != "auto"),
-                                          ("reshard_after_forward", not self.reshard_after_forward)) if on]
-            if used:
-                raise ConfigError(f"distributed.{used[0]} applies to distributed.strategy=fsdp only; set "
-                                  f"distributed.strategy=fsdp or leave it at its default")
 
 
 def is_sharded(run: Run) -> bool:
     """True when the run trains with FSDP (and writes DCP checkpoints)."""
     section = getattr(run.cfg, "distributed", None)
     return section is not None and section.strategy == "fsdp"
+
+
+def checkpoint_backend(run: Run) -> str:
+    """The checkpoint store the run writes (`mae.train.distributed.STRATEGIES`): DCP directories under fsdp."""
+    section = getattr(run.cfg, "distributed", None)
+    return STRATEGIES[section.strategy if section is not None else "ddp"]
+
+
+def distribute(run: Run, model: nn.Module, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Spread `model` over the run's processes before its optimizer is built: fsdp shards it in place and returns
+    `groups` over the shards (`apply_fsdp`); ddp keeps it whole (`replicate` wraps what the engine trains)."""
+    return apply_fsdp(run, model, groups) if is_sharded(run) else groups
+
+
+def replicate(run: Run, module: nn.Module) -> nn.Module:
+    """What the engine trains: `module` in DistributedDataParallel under ddp with several processes; as it is in one
+    process or under fsdp (already sharded by `distribute`)."""
+    if run.dist.world_size > 1 and not is_sharded(run):
+        return DistributedDataParallel(module, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    return module
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from mae.errors import MAEError, OutputError
-from mae.files import fix_for, reason_of, write_text
+from mae.files import atomic_write_path, fix_for, reason_of, write_text
 
 __all__ = ["MetricsLogger", "draw_curves", "plot_curves", "progress", "truncate_metrics"]
 
@@ -161,8 +161,6 @@ def plot_curves(metrics_jsonl_path: str | Path, out_png: str | Path, keys: Seque
     Points are drawn as markers where a line alone would show nothing (a panel with one value, e.g. every 1-epoch
     run's epoch metrics) or too little (a few values)."""
     from matplotlib.figure import Figure  # a bare Figure renders with Agg and leaves pyplot's global state alone
-
-    from mae.files import atomic_write_path
 
     few_points = 20  # series up to this long get markers
 

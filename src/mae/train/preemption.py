@@ -17,6 +17,8 @@ import threading
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from mae.errors import Interrupted
+
 if TYPE_CHECKING:
     from typing_extensions import Self
 
@@ -63,8 +65,6 @@ class SignalStop:
             # the signal came after the loop's last check (during the last epoch's checkpoint or evaluation): the
             # process was still told to stop, so it stops instead of going on (to the final exports, to the next
             # stage of a demo or sweep) as if nothing had been asked
-            from mae.errors import Interrupted
-
             name = signal.Signals(self.requested).name
             raise Interrupted(f"stopped by {name} as the run ended, after saving its last checkpoint; continue with "
                               f"--resume auto", self.requested)

@@ -8,8 +8,8 @@ precision, a guarded and locked run directory, the checkpoint to resume from), a
         ...build the model, data and engine...
         result = Trainer(run, ...).fit()
 
-A resume continues what the run computes, nothing else: `check_resume` compares the resolved config of the resumed
-run with the one stored in its checkpoint and refuses (one line naming each changed field) a change to anything
+A resume continues what the run computes, nothing else: `check_resume_changes` compares the resolved config of the
+resumed run with the one stored in its checkpoint and refuses (one line naming each changed field) a change to anything
 but the fields in ``RESUME_FREE`` (where the run writes, how often it logs and saves, the device and precision, the
 number of loader workers, ...), unless ``allow_config_change``, which records the change in
 ``config_changes.jsonl``. The effective batch (batch x accumulation x processes) is compared instead of the
@@ -33,11 +33,17 @@ from typing import Any, ClassVar
 
 import torch
 
-from mae.errors import ConfigError, MAEError, ResumeConflictError
-from mae.train.distributed import DistInfo, all_gather_objects
-from mae.train.fsdp import DistributedSection
+from mae.errors import ConfigError, ResumeConflictError
+from mae.train.checkpoint import load_latest, load_training_state
+from mae.train.checkpoint_kinds import FORMAT_BY_KIND, check_resume, recipe_command
+from mae.train.dcp import is_dcp_checkpoint
+from mae.train.distributed import DistInfo, DistributedSection, on_main
+from mae.train.precision import PRECISIONS, resolve_precision
+from mae.train.rng import seed_everything
+from mae.train.run_dir import RunLock, guard_fresh_start
+from mae.version import __version__
 
-__all__ = ["Run", "RunFields", "TrainFields", "check_resume", "provenance", "start_run"]
+__all__ = ["Run", "RunFields", "TrainFields", "check_resume_changes", "provenance", "start_run"]
 
 _log = logging.getLogger(__name__)
 
@@ -56,8 +62,6 @@ class RunFields:
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def validate(self) -> None:
-        from mae.train.precision import PRECISIONS
-
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision '{self.precision}' is not one of {', '.join(PRECISIONS)}")
         if not 0 <= self.seed < 2**32:
@@ -118,7 +122,7 @@ class Run:
 
     cfg: TrainFields
     kind: str  # pretrain | classify | detect | segment
-    format: str  # the checkpoint format tag of this kind (mae.train.checkpoint.TRAINING_FORMATS)
+    format: str  # the checkpoint format tag of this kind (mae.train.checkpoint_formats.FORMAT_BY_KIND)
     dist: DistInfo
     device: torch.device
     precision: str
@@ -128,36 +132,10 @@ class Run:
     started: float = field(default_factory=time.perf_counter)
 
 
-FORMATS = {"pretrain": "mae-train", "classify": "mae-classifier", "detect": "mae-detect", "segment": "mae-segment"}
-
-
-def on_main(fn, dist: DistInfo):
-    """Run ``fn()`` on rank 0 and give every rank its result; an `MAEError` there is raised on every rank (so that
-    all processes stop with the same one-line error instead of hanging)."""
-    outcome: Any = None
-    if dist.is_main:
-        try:
-            outcome = ("ok", fn())
-        except MAEError as e:
-            outcome = ("error", e)
-    shared = all_gather_objects(outcome)[0] if dist.world_size > 1 else outcome
-    kind, value = shared
-    if kind == "error":
-        raise value
-    return value if dist.is_main else None
-
-
 @contextlib.contextmanager
 def start_run(cfg: TrainFields, dist: DistInfo, kind: str) -> Iterator[Run]:
     """Resolve device and precision, claim the output directory (refuse a previous run unless resuming or
     ``overwrite``; take the lock) and load the checkpoint to resume from; release the lock on exit."""
-    from mae.train.checkpoint import CheckpointManager, load_training_state
-    from mae.train.checkpoint_kinds import check_resume, recipe_command
-    from mae.train.dcp import is_dcp_checkpoint
-    from mae.train.precision import resolve_precision
-    from mae.train.rng import seed_everything
-    from mae.train.run_dir import RunLock, guard_fresh_start
-
     device = dist.device
     precision = resolve_precision(cfg.precision, device)
     out = Path(cfg.output_dir).expanduser()
@@ -181,7 +159,7 @@ def start_run(cfg: TrainFields, dist: DistInfo, kind: str) -> Iterator[Run]:
     try:
         path, state = None, None
         if cfg.resume == "auto":
-            found = CheckpointManager(out).load_latest()
+            found = load_latest(out)
             if found is None:
                 _log.info("resume=auto: no checkpoint in '%s' yet, starting from the beginning", out)
             else:
@@ -189,7 +167,7 @@ def start_run(cfg: TrainFields, dist: DistInfo, kind: str) -> Iterator[Run]:
         elif cfg.resume:
             path = Path(cfg.resume).expanduser()
             if path.is_dir() and not is_dcp_checkpoint(path):  # a run directory (a DCP checkpoint is one directory)
-                found = CheckpointManager(path).load_latest()
+                found = load_latest(path)
                 if found is None:
                     raise ConfigError(f"resume: '{path}' holds no valid checkpoint; pass a checkpoint file or "
                                       f"resume=auto")
@@ -198,13 +176,13 @@ def start_run(cfg: TrainFields, dist: DistInfo, kind: str) -> Iterator[Run]:
                 state = load_training_state(path)
         if state is not None:  # another kind of checkpoint: named, with the command that takes it
             check_resume(path, recipe_command(cfg) if kind == "classify" else kind, state)  # type: ignore[arg-type]  # a state was loaded, so path is set
-        if state is not None and state.get("format") != FORMATS[kind]:
+        if state is not None and state.get("format") != FORMAT_BY_KIND[kind]:
             raise ConfigError(f"'{path}' is not a training checkpoint of a {kind} run (its format is "
                               f"{state.get('format')!r}); resume from the run's own checkpoint-last.pth (or "
                               f"--resume auto), or start a new run from its weights")
         seed_everything(cfg.seed + dist.rank)
-        yield Run(cfg=cfg, kind=kind, format=FORMATS[kind], dist=dist, device=device, precision=precision, out=out,
-                  resume_path=path, resume_state=state)
+        yield Run(cfg=cfg, kind=kind, format=FORMAT_BY_KIND[kind], dist=dist, device=device, precision=precision,
+                  out=out, resume_path=path, resume_state=state)
     finally:
         if lock is not None:
             lock.release()
@@ -236,7 +214,8 @@ def config_changes(saved: Mapping[str, Any], now: Mapping[str, Any], free: tuple
     return changed
 
 
-def check_resume(run: Run, resolved: Mapping[str, Any], data: Mapping[str, Any], free: tuple[str, ...]) -> list[tuple]:
+def check_resume_changes(run: Run, resolved: Mapping[str, Any], data: Mapping[str, Any],
+                         free: tuple[str, ...]) -> list[tuple]:
     """Refuse a resume that would change what the run computes (see the module docstring); returns the accepted
     changes (empty without ``allow_config_change``)."""
     state = run.resume_state or {}
@@ -268,11 +247,9 @@ def _short(value: Any) -> str:
 
 def provenance() -> dict[str, Any]:
     """How the run was started: the command line, host, time and the versions that produced it."""
-    import timm
-
-    import mae
+    import timm  # here, not at the top: importing timm takes a second, and only a started run needs its version
 
     command = COMMAND_LINE.get() or shlex.join(sys.argv)
     return {"command": command, "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "versions": {"mae": str(mae.__version__), "torch": str(torch.__version__), "timm": str(timm.__version__),
+            "versions": {"mae": str(__version__), "torch": str(torch.__version__), "timm": str(timm.__version__),
                          "python": platform.python_version()}}

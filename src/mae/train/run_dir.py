@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from mae.errors import CheckpointError, ConfigError, OutputError
 from mae.files import fix_for, pid_alive, reason_of, write_json
+from mae.train.checkpoint import load_latest
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -184,8 +185,6 @@ def is_run_dir(path: Path) -> bool:
 def resolve_run(path: str | Path) -> Path:
     """The file to read for `path`: a file as it is; for a run directory, its finished result, else its newest valid
     checkpoint (see the module docstring). Logs which file it took."""
-    from mae.train.checkpoint import CheckpointManager
-
     path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"'{path}' does not exist; pass a run directory or a checkpoint file")
@@ -196,7 +195,8 @@ def resolve_run(path: str | Path) -> Path:
     if status.get("status") == "finished" and result and ((path / result).is_file() or (path / result).is_dir()):
         _log.info("%s: using %s (the finished run's result)", path, result)
         return path / result
-    latest = CheckpointManager(path).latest_valid()
+    found = load_latest(path)
+    latest = found[0] if found is not None else None
     if latest is not None:
         why = f"the run is {status['status']}" if status.get("status") else "the newest checkpoint"
         _log.info("%s: using %s (%s)", path, latest.name, why)

@@ -9,10 +9,11 @@ the per-epoch log line. Recipes differ in what they build (model, data, loss, ev
         result = trainer.fit()
         trainer.finish(summary, result_file="checkpoint-best.pth")
 
-A checkpoint holds the fixed keys of `mae.train.checkpoint.SCHEMA_KEYS`: the model and engine (optimizer, scaler,
-schedule position), ``train_state`` (the position (epoch, batch) inside the run, history, the best metric with its
-name and direction, the running sums of a half-done epoch), every process's RNG state, the resolved config, the
-data's facts and the library versions, plus the recipe's metadata (``meta``: how to rebuild the model).
+A checkpoint holds the fixed keys of `mae.train.checkpoint_schema.SCHEMA_KEYS`: the model and engine (optimizer,
+scaler, schedule position), ``train_state`` (the position (epoch, batch) inside the run, history, the best metric with
+its name and direction, the running sums of a half-done epoch), every process's RNG state, the resolved config, the
+data's facts and the library versions, plus the recipe's metadata (``meta``: how to rebuild the model). The trainer
+saves and restores them through one `mae.train.checkpoint.CheckpointManager`, whatever the backend.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -28,20 +30,23 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
+from mae.config import save_config
+from mae.data import fingerprint, set_epoch
 from mae.errors import ConfigError, Interrupted, MAEError
-from mae.train.checkpoint import SCHEMA_VERSION, CheckpointManager, load_model_state
-from mae.train.dcp import DCPCheckpointManager
-from mae.train.dcp import restore as restore_dcp
+from mae.files import write_json
+from mae.train.checkpoint import CheckpointManager
+from mae.train.checkpoint_store import TrainingParts, run_record
 from mae.train.distributed import all_gather_objects
 from mae.train.engine import Engine, EpochProgress, LRSchedule
-from mae.train.fsdp import apply_fsdp, is_sharded
+from mae.train.fsdp import checkpoint_backend, distribute, replicate
 from mae.train.logging import MetricsLogger, truncate_metrics
+from mae.train.optim import build_optimizer
 from mae.train.preemption import SignalStop
 from mae.train.rng import capture_rng_state, restore_rng_state
-from mae.train.run import Run, check_resume, provenance
+from mae.train.run import Run, check_resume_changes, provenance
 from mae.train.run_dir import write_status
+from mae.train.schedule import scaled_lr
 
 __all__ = ["Best", "TrainResult", "Trainer", "build_engine", "data_facts", "peak_lr"]
 
@@ -82,8 +87,6 @@ class TrainResult:
 
 def peak_lr(base_lr: float | None, lr: float | None, effective_batch: int) -> float:
     """The absolute peak lr: ``lr`` when set, else the paper's linear rule ``base_lr x effective batch / 256``."""
-    from mae.train.schedule import scaled_lr
-
     return lr if lr is not None else scaled_lr(base_lr, effective_batch)  # type: ignore[arg-type]  # the recipes pass base_lr whenever lr is None
 
 
@@ -101,8 +104,6 @@ def build_engine(run: Run, model: nn.Module, groups: list[dict[str, Any]], *, op
     the module whose ``set_grad_checkpointing`` ``grad_checkpointing=true`` turns on (default `model`); `schedule`
     ``(peak lr, total updates) -> lr of an update`` replaces the warm-up + cosine (e.g. BEiT's poly schedule).
     """
-    from mae.train.optim import build_optimizer
-
     cfg, dist = run.cfg, run.dist
     if updates_per_epoch < 1:
         raise ConfigError(f"an epoch makes no update: fewer batches per process than accum_iter={cfg.accum_iter}; "
@@ -121,14 +122,10 @@ def build_engine(run: Run, model: nn.Module, groups: list[dict[str, Any]], *, op
         if not hasattr(target, "set_grad_checkpointing"):
             raise ConfigError(f"grad_checkpointing=true: {type(target).__name__} has no activation checkpointing")
         target.set_grad_checkpointing(True)  # type: ignore[operator]  # Module.__getattr__ gives Tensor | Module
-    sharded = is_sharded(run)
-    if sharded:  # shards `model` in place (and materialises it); the optimizer then holds the shards
-        groups = apply_fsdp(run, model, groups)
+    groups = distribute(run, model, groups)  # fsdp shards `model` in place; the optimizer then holds the shards
     opt = build_optimizer(groups, optimizer, lr=peak, betas=tuple(betas), weight_decay=weight_decay,  # type: ignore[arg-type]  # betas: two floats (tuple() keeps a list from YAML working)
                           momentum=momentum)
-    module = train_module if train_module is not None else model
-    if dist.world_size > 1 and not sharded:
-        module = DistributedDataParallel(module, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    module = replicate(run, train_module if train_module is not None else model)
     if cfg.compile:
         module = torch.compile(module)  # type: ignore[assignment]  # torch.compile of a module returns a module (OptimizedModule)
     engine = Engine(module, opt, lr_of, precision=run.precision, device=run.device, accum_iter=cfg.accum_iter,
@@ -140,8 +137,6 @@ def build_engine(run: Run, model: nn.Module, groups: list[dict[str, Any]], *, op
 
 def data_facts(dataset: Any, run: Run, batches_per_epoch: int | None = None) -> dict[str, Any]:
     """What a resume checks about the training data: its size, a fingerprint of its file list, the effective batch."""
-    from mae.data import fingerprint
-
     cfg = run.cfg
     facts = {"effective_batch": cfg.batch_size * cfg.accum_iter * run.dist.world_size, **fingerprint(dataset)}
     if batches_per_epoch is not None:
@@ -196,9 +191,8 @@ class Trainer:
         self.on_epoch_end, self.extra_state = on_epoch_end, dict(extra_state or {})
         self.resume_free = tuple(type(run.cfg).RESUME_FREE) + tuple(resume_free)
         self.batch_size_of = batch_size_of
-        self.manager = CheckpointManager(run.out, keep_last=run.cfg.keep_last)
-        # fsdp: every rank writes its shards into DCP directories (mae.train.dcp); the manager above still finds them
-        self.sharded = DCPCheckpointManager(run.out, keep_last=run.cfg.keep_last) if is_sharded(run) else None
+        self.parts = TrainingParts(model, engine, self.extra_state)  # what every checkpoint saves, by name
+        self.manager = CheckpointManager(run.out, keep_last=run.cfg.keep_last, backend=checkpoint_backend(run))
         self.logger: MetricsLogger | None = None
         self.history: list[dict] = []
         self.best_state: dict[str, Any] = {"name": best.metric, "mode": best.mode, "value": None, "epoch": None}
@@ -209,14 +203,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ resume
     def _restore(self, state: dict[str, Any]) -> tuple[int, int, EpochProgress | None]:
         run = self.run
-        if "dcp" in state:  # a DCP directory: tensors loaded in place and resharded to this run's processes
-            restore_dcp(run.resume_path, self.model, self.engine, self.extra_state)  # type: ignore[arg-type]  # a restored state implies resume_path is set
-        else:
-            load_model_state(self.model, state["model"], run.resume_path)  # type: ignore[arg-type]  # a restored state implies resume_path is set
-            self.engine.load_state_dict(state["engine"])
-            for key, module in self.extra_state.items():
-                if state.get(key) is not None:
-                    module.load_state_dict(state[key])
+        self.manager.restore(run.resume_path, state, self.parts)  # type: ignore[arg-type]  # a restored state implies resume_path is set
         rng = state.get("rng")
         states = rng if isinstance(rng, list) else ([rng] if rng is not None else [])
         if len(states) == run.dist.world_size:
@@ -255,21 +242,14 @@ class Trainer:
 
     def _save(self, position: tuple[int, int], partial: EpochProgress | None, epoch_end: int | None,
               is_best: bool = False) -> None:
-        """Write a checkpoint standing at `position` (a collective: every rank calls it; under DDP rank 0 writes one
-        file, under FSDP every rank writes its shards of one DCP directory)."""
-        rng = self._gather_rng()
-        meta = {"format": self.run.format, "version": SCHEMA_VERSION, "kind": self.run.kind,
-                "train_state": {"epoch": position[0], "batch": position[1], "history": self.history,
-                                "best": self.best_state, "partial": partial.to_dict() if partial else None,
-                                "skipped_epochs": self.skipped_epochs},
-                "rng": rng, "config": self.resolved, "data": self.data, "versions": provenance()["versions"],
-                **self.meta}
-        if self.sharded is not None:  # every rank writes its shards
-            path = self.sharded.save(meta, self.model, self.engine, self.extra_state, epoch_end, is_best=is_best)
-        elif self.run.dist.is_main:
-            state = {**meta, "model": self.model.state_dict(), "engine": self.engine.state_dict(),
-                     **{k: m.state_dict() for k, m in self.extra_state.items()}}
-            path = self.manager.save(state, epoch_end, is_best=is_best)
+        """Write a checkpoint standing at `position` (a collective: every rank calls it; the store decides who writes
+        what, e.g. rank 0 one file, or every rank its shards of one DCP directory)."""
+        train_state = {"epoch": position[0], "batch": position[1], "history": self.history, "best": self.best_state,
+                       "partial": partial.to_dict() if partial else None, "skipped_epochs": self.skipped_epochs}
+        record = run_record(format=self.run.format, kind=self.run.kind, train_state=train_state,
+                            rng=self._gather_rng(), config=self.resolved, data=self.data,
+                            versions=provenance()["versions"], meta=self.meta)
+        path = self.manager.save(record, epoch_end, is_best=is_best, parts=self.parts)
         if self.run.dist.is_main:
             write_status(self.run.out, status="running", checkpoint=path.name, step=self.engine.step,  # type: ignore[union-attr]  # saved above on the main rank
                          position=list(position))
@@ -316,15 +296,13 @@ class Trainer:
         epoch, batch, partial = 0, 0, None
         changes: list[tuple] = []
         if run.resume_state is not None:
-            changes = check_resume(run, self.resolved, self.data, self.resume_free)
+            changes = check_resume_changes(run, self.resolved, self.data, self.resume_free)
             epoch, batch, partial = self._restore(run.resume_state)
             run.resume_state = None  # the big state is not needed any more
             if run.dist.is_main:
                 _log.info("resumed from %s at epoch %d/%d, batch %d (update %d)", run.resume_path, epoch + 1,
                           cfg.epochs, batch, engine.step)
         if run.dist.is_main:
-            from mae.config import save_config
-
             if cfg.resume:
                 truncate_metrics(run.out / "metrics.jsonl", engine.step)
             save_config(self.resolved, run.out / "config.yaml", run_info=provenance())
@@ -361,8 +339,6 @@ class Trainer:
                            skipped_epochs=self.skipped_epochs, last=self.history[-1] if self.history else {})
 
     def _run_epoch(self, epoch: int, batch: int, partial: EpochProgress | None, epoch_times: list[float]) -> None:
-        from mae.data import set_epoch
-
         run, cfg, engine = self.run, self.run.cfg, self.engine
         usable = self.num_batches - self.num_batches % cfg.accum_iter
         if batch > usable:
@@ -410,11 +386,9 @@ class Trainer:
         return self._agreed(self._stop.requested is not None)[0]
 
     def _interrupted(self, epoch: int, batch: int) -> None:
-        import signal
-
         signum = self._stop.requested or signal.SIGTERM
         name = signal.Signals(signum).name
-        last = (self.sharded or self.manager).last_path
+        last = self.manager.last_path
         raise Interrupted(f"stopped by {name} after saving {last} (epoch {epoch + 1}/{self.run.cfg.epochs}, batch "
                           f"{batch}, update {self.engine.step}); continue with --resume auto --output-dir "
                           f"{self.run.out}", signum)
@@ -452,17 +426,15 @@ class Trainer:
     @property
     def best_path(self) -> Path:
         """Where the best checkpoint is: ``checkpoint-best.pth``, or the ``checkpoint-best`` DCP link under fsdp."""
-        return (self.sharded or self.manager).best_path
+        return self.manager.best_path
 
     def finish(self, summary: dict[str, Any], result_file: str | None) -> dict[str, Any]:
         """Write ``summary.json`` and mark the run finished with `result_file` as its result (rank 0); under fsdp
         ``checkpoint-best.pth`` means the ``checkpoint-best`` DCP directory. Updates skipped for a non-finite loss
         (fewer in a row than ``max_nonfinite``, so the run went on) end the run with one warning naming their epochs."""
-        if self.sharded is not None and result_file == self.manager.best_path.name:
-            result_file = self.sharded.best_path.name
+        if result_file is not None:
+            result_file = self.manager.result_name(result_file)
         if self.run.dist.is_main:
-            from mae.files import write_json
-
             summary = {"skipped_steps": self.engine.skipped_total, **summary, "skipped_epochs": self.skipped_epochs,
                        "best": dict(self.best_state)}
             write_json(self.run.out / "summary.json", summary)

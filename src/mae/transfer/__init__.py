@@ -9,8 +9,9 @@
   checkpoint loading, layer-wise lr decay groups;
 - `detection`: Mask R-CNN + FPN on the pyramid, COCO-format data, COCOeval box / mask AP;
 - `segmentation`: UperNet head, ADE20K-style folders, mIoU / pixel accuracy;
-- `synthetic`: the download-free scene generator;
-- `training`: the loop the `mae detect` / `mae segment` recipes share.
+- `synthetic`: the download-free scene generator.
+
+The recipes `mae detect` / `mae segment` and the run they share (`mae.recipes.transfer_run`) build on these.
 
 Names are imported on first use, so ``import mae.transfer`` stays cheap.
 """

@@ -34,10 +34,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mae.errors import ConfigError
+from mae.interop import read_encoder
+from mae.models import model_config
 from mae.models.loading import LoadReport, load_weights
 from mae.models.mae import MAEConfig, init_linear_and_norm
 from mae.models.pos_embed import resize_pos_embed, sincos_2d
-from mae.train.optim import default_layer_id
+from mae.train.optim import default_layer_id, param_groups
 
 _log = logging.getLogger(__name__)
 
@@ -332,8 +334,6 @@ def build_backbone(checkpoint: str | Path | None = None, *, model_name: str | No
     (e.g. ``num_heads`` for a reference file of a non-standard width); ``pyramid_kwargs`` go to `ViTPyramid`
     (pyramid, strides, rel_pos_bias, drop_path_rate). Returns the backbone and what was loaded (None if nothing).
     """
-    from mae.models import model_config
-
     if checkpoint is None and model_name is None:
         raise ConfigError("a backbone needs a checkpoint or a registered model name (see `mae models`)")
     if checkpoint is None and pretrained:
@@ -344,8 +344,6 @@ def build_backbone(checkpoint: str | Path | None = None, *, model_name: str | No
         raise ConfigError(f"unknown architecture field '{unknown[0]}' (valid: {', '.join(ARCH_FIELDS)})")
     source = None
     if checkpoint is not None:
-        from mae.interop import read_encoder
-
         source = read_encoder(checkpoint, model_name, **overrides)
         config = source.config
     else:
@@ -382,8 +380,6 @@ def backbone_param_groups(model: nn.Module, backbone: ViTPyramid, prefix: str, w
                           layer_decay: float | None) -> list[dict[str, Any]]:
     """Parameter groups of a whole task model: layer-wise lr decay over the backbone's blocks (scale
     ``decay ** (depth + 1 - layer_id)``), no weight decay for biases, norms, tokens, positions and bias tables."""
-    from mae.train.optim import param_groups
-
     skip = [prefix + name for name in backbone.no_weight_decay()]
     return param_groups(model, weight_decay, no_weight_decay_list=skip, layer_decay=layer_decay,
                         num_layers=backbone.depth, layer_id_fn=backbone_layer_id(prefix))

@@ -87,7 +87,7 @@ def build_mask_rcnn(backbone: ViTPyramid, num_classes: int, *, min_size: int = 8
 # ---------------------------------------------------------------------------------------------------- data
 def _quiet_coco(annotation_file: str | Path):
     """pycocotools' COCO, without its prints (library code never prints)."""
-    from pycocotools.coco import COCO
+    from pycocotools.coco import COCO  # pycocotools loads matplotlib: only for COCO evaluation
 
     path = Path(annotation_file)
     if not path.is_file():
@@ -185,7 +185,7 @@ def collate_detection(batch: list) -> tuple[list[torch.Tensor], list[dict[str, t
 def detections_to_coco(output: dict[str, torch.Tensor], image_id: int, category_ids: Sequence[int],
                        mask_threshold: float = 0.5) -> list[dict[str, Any]]:
     """One image's Mask R-CNN output as COCO result dicts (bbox xywh, score, category, mask as compressed RLE)."""
-    from pycocotools import mask as mask_utils
+    from pycocotools import mask as mask_utils  # slow to import (matplotlib): only here
 
     boxes = output["boxes"].float().cpu()
     if boxes.numel() == 0:
@@ -213,7 +213,7 @@ def coco_eval(coco_gt, results: list[dict[str, Any]], iou_type: str, image_ids: 
 
     No detections at all give zeros (COCO.loadRes cannot read an empty list).
     """
-    from pycocotools.cocoeval import COCOeval
+    from pycocotools.cocoeval import COCOeval  # slow to import (matplotlib): only here
 
     names = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
     if not results:

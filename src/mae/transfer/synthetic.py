@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from mae.data.builtin import PHOTOS
 from mae.errors import DataError
 from mae.files import write_json
 
@@ -95,8 +96,6 @@ class SyntheticDataset:
 # ---------------------------------------------------------------------------------------------------- photos
 def _photos() -> list[np.ndarray]:
     """The packaged photographs as uint8 RGB arrays (read without importing scikit-image / scikit-learn)."""
-    from mae.data.builtin import PHOTOS
-
     photos = []
     for package, relative in PHOTOS:
         spec = importlib.util.find_spec(package)
@@ -203,7 +202,7 @@ def render_scene(photos: list[np.ndarray], split: str, spec: SyntheticSpec, rng:
 
 # ---------------------------------------------------------------------------------------------------- writing
 def _coco_annotation(ann_id: int, image_id: int, kind: int, mask: np.ndarray) -> dict:
-    from pycocotools import mask as mask_utils
+    from pycocotools import mask as mask_utils  # slow to import (matplotlib): only for COCO masks
 
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     x, y, w, h = (float(v) for v in mask_utils.toBbox(rle))

@@ -16,9 +16,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
+from PIL import Image
 from torch import nn
 
+from mae.data import build_eval_transform
+from mae.data.folders import is_image_file, to_mode
 from mae.errors import ConfigError, DataError
+from mae.files import atomic_write_path
 
 __all__ = ["cls_attention", "draw_attention", "load_image_files", "save_attention_maps"]
 
@@ -110,11 +114,6 @@ def load_image_files(paths: Sequence[str | Path], img_size: int, in_chans: int, 
                      std: Sequence[float] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Images (files, or folders searched recursively) as the model's inputs [N, C, S, S], the same in [0, 1] for
     display, and their paths."""
-    from PIL import Image
-
-    from mae.data import build_eval_transform
-    from mae.data.folders import is_image_file, to_mode
-
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -145,8 +144,6 @@ def load_image_files(paths: Sequence[str | Path], img_size: int, in_chans: int, 
 def save_attention_maps(model: nn.Module, image_paths: Sequence[str | Path], out: str | Path,
                         limit: int | None = 8) -> Path:
     """Draw `draw_attention` for image files with the model's input size and write the PNG at `out`."""
-    from mae.files import atomic_write_path
-
     config = getattr(model, "config", None) or getattr(model, "classifier_config", None)
     h, w = config.image_hw  # type: ignore[union-attr]  # models drawn here have a config (AttributeError as before otherwise)
     if h != w:

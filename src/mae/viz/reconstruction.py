@@ -12,6 +12,7 @@ from matplotlib.figure import Figure  # a bare Figure renders with Agg and leave
 
 from mae.data import build_dataset, build_eval_transform, build_transform, default_mean_std
 from mae.errors import ConfigError, DataError
+from mae.files import atomic_write_path
 from mae.models import MaskedAutoencoderViT
 
 
@@ -100,8 +101,6 @@ def grid_figure(columns: Sequence[tuple[str, torch.Tensor]], title: str) -> Figu
 
 def _save_grid(columns: Sequence[tuple[str, torch.Tensor]], title: str, out: str | Path) -> Path:
     """`grid_figure` saved as a PNG at `out` (atomically)."""
-    from mae.files import atomic_write_path
-
     fig = grid_figure(columns, title)
     return atomic_write_path(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 

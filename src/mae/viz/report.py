@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from mae.files import atomic_write_path, write_text
+
 
 def machine_info() -> dict[str, str]:
     """What ran it: CPU model and cores, GPU if any, memory, OS, Python and library versions."""
@@ -35,7 +37,7 @@ def machine_info() -> dict[str, str]:
         pass
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
-    import timm
+    import timm  # slow to import: only for its version, when a report is written
 
     info["timm"] = timm.__version__
     return info
@@ -92,8 +94,6 @@ pre {{ background: #f5f5f7; padding: 0.8em; overflow-x: auto; font-size: 0.85em;
 {''.join(self.sections)}
 </body></html>
 """
-        from mae.files import write_text
-
         return write_text(path, page)
 
 
@@ -105,8 +105,6 @@ def _cell(value: object) -> str:
 
 def plot_training_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
     """`training_curves_figure` written as a PNG at `out_png` (atomically)."""
-    from mae.files import atomic_write_path
-
     fig = training_curves_figure(metrics_jsonl)
     return atomic_write_path(out_png, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 

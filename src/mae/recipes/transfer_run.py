@@ -22,6 +22,7 @@ from mae.models.loading import LoadReport
 from mae.recipes.common import resolve_device
 from mae.threads import default_workers
 from mae.train.checkpoint import safe_load
+from mae.train.checkpoint_kinds import describe, kind_of_state
 from mae.train.distributed import DistInfo
 from mae.train.logging import draw_curves, progress
 from mae.train.precision import resolve_precision
@@ -30,6 +31,7 @@ from mae.train.run import Run, TrainFields, start_run
 from mae.train.run_dir import resolve_run
 from mae.train.trainer import Best, Trainer, build_engine, data_facts
 from mae.transfer.backbone import PYRAMIDS, ViTPyramid, backbone_param_groups, build_backbone
+from mae.transfer.segmentation import PolySchedule
 from mae.transfer.synthetic import SyntheticSpec
 
 log = logging.getLogger("mae")
@@ -208,8 +210,6 @@ def train_and_evaluate(job: TransferJob, run: Run) -> dict[str, Any]:
                                             "params": g["param_names"]} for g in groups], indent=1)
     schedule = None
     if getattr(optim, "schedule", "cosine") == "poly":  # BEiT's ADE20K schedule (the segmentation recipe's default)
-        from mae.transfer.segmentation import PolySchedule
-
         def schedule(peak: float, total: int) -> PolySchedule:
             return PolySchedule(peak, total, optim.warmup_iters, optim.min_lr, optim.power)
 
@@ -263,8 +263,6 @@ def load_task_checkpoint(weights: str | Path, fmt: str) -> tuple[dict[str, Any],
     path = resolve_run(weights)
     state = safe_load(path)
     if state.get("format") != fmt or "task" not in state:
-        from mae.train.checkpoint_kinds import describe, kind_of_state
-
         command = fmt.removeprefix("mae-")
         raise CheckpointError(f"{describe(path, kind_of_state(state))}; mode=evaluate scores a checkpoint of a "
                               f"`mae {command}` run (its run directory or checkpoint-best.pth)")
