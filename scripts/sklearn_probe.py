@@ -19,7 +19,7 @@ from sklearn.preprocessing import StandardScaler
 
 from mae.data.builtin import _mnist5k
 from mae.interop import load_model
-from mae.models import create_model
+from mae.models import build_model
 
 
 def _images(split: str) -> tuple[torch.Tensor, np.ndarray]:
@@ -46,7 +46,7 @@ def main() -> None:
         if source == "raw":
             print(f"raw pixels: {_score(x_train.flatten(1).numpy(), x_val.flatten(1).numpy(), y_train, y_val):.1f}")
             continue
-        model = create_model("mae_vit_micro_patch4_28") if source == "random" else load_model(source)
+        model = build_model("mae_vit_micro_patch4_28") if source == "random" else load_model(source)
         model.eval()
         (cls_t, avg_t), (cls_v, avg_v) = _features(model, x_train), _features(model, x_val)
         scores = (_score(cls_t, cls_v, y_train, y_val), _score(avg_t, avg_v, y_train, y_val),

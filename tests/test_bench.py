@@ -12,7 +12,7 @@ from mae.bench.measure import PeakMemory, matmul_peak
 from mae.cli import main
 from mae.config import load_config
 from mae.errors import ConfigError
-from mae.models import MaskedAutoencoderViT, create_model, model_config
+from mae.models import MaskedAutoencoderViT, build_model, model_config
 from mae.recipes.bench import BenchConfig
 
 MICRO = "mae_vit_micro_patch4_28"
@@ -21,7 +21,7 @@ MICRO = "mae_vit_micro_patch4_28"
 def test_analytic_flops_equal_flop_counter_on_a_real_forward_backward():
     """On real CPU tensors (attention through the CPU flash kernel), the analytic count equals FlopCounterMode's
     forward count and is within 1% of its forward + backward count (the patch conv needs no input gradient)."""
-    model = create_model(MICRO)
+    model = build_model(MICRO)
     counted = counted_flops(model, torch.randn(3, 1, 28, 28))
     analytic = mae_flops(model.config)
     assert counted["forward"] == pytest.approx(analytic.forward, rel=1e-3)
@@ -33,7 +33,7 @@ def test_analytic_flops_equal_flop_counter_on_a_real_forward_backward():
 def test_analytic_flops_match_flop_counter_for_vit_large_on_meta(overrides):
     """ViT-L/16 on the meta device (no memory, no compute): analytic and counted FLOPs agree within a few %."""
     with torch.device("meta"):
-        model = create_model("mae_vit_large_patch16", **overrides)
+        model = build_model("mae_vit_large_patch16", **overrides)
     counted = counted_flops(model, torch.empty(2, 3, 224, 224, device="meta"))
     analytic = mae_flops(model.config)
     assert counted["forward"] == pytest.approx(analytic.forward, rel=0.01)

@@ -16,7 +16,7 @@ from PIL import Image
 from tiny import MODEL, RUN
 
 from mae.cli import main
-from mae.models import create_model
+from mae.models import build_model
 
 TINY = [*MODEL, *RUN, "data.train_limit=64", "epochs=1", "visualize=false"]
 
@@ -146,7 +146,7 @@ def test_no_command_runs_code_from_a_checkpoint_file(capsys, tmp_path):
     `mae visualize FILE` (one line each, exit 2) and skipped by `resume=auto` in the run directory; the directory
     never appears. The payload is live: an unsafe torch.load does create it."""
     marker = tmp_path / "pwned"
-    model = create_model("mae_vit_micro_patch4_28", embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32,
+    model = build_model("mae_vit_micro_patch4_28", embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32,
                          decoder_depth=1, decoder_num_heads=2)
     evil = {"format": "mae-train", "model": model.state_dict(), "epoch": 0, "x": _Payload(marker)}
     torch.save(evil, tmp_path / "evil.pth")
@@ -169,10 +169,11 @@ def test_no_command_runs_code_from_a_checkpoint_file(capsys, tmp_path):
 def test_truncated_and_other_architecture_checkpoints_are_named_as_such(capsys, tmp_path):
     """Through the CLI, a cut-off checkpoint says it is truncated (pretrain --resume and visualize), and a training
     checkpoint of another architecture names the mismatched keys with both shapes."""
-    other = create_model("mae_vit_micro_patch4_28", embed_dim=64, depth=2, num_heads=2, decoder_embed_dim=32,
+    other = build_model("mae_vit_micro_patch4_28", embed_dim=64, depth=2, num_heads=2, decoder_embed_dim=32,
                          decoder_depth=1, decoder_num_heads=2)
-    # a training checkpoint of an older version of the library (no stored config to compare) of another width
-    torch.save({"format": "mae-train", "model": other.state_dict(), "epoch": 0, "engine": {}}, tmp_path / "other.pth")
+    # a bare training checkpoint (no stored config to compare) of another width
+    torch.save({"format": "mae-train", "version": 2, "kind": "pretrain", "model": other.state_dict(), "epoch": 0,
+                "engine": {}}, tmp_path / "other.pth")
     line = _error_line(capsys, ["pretrain", *TINY, "--resume", str(tmp_path / "other.pth"),
                                 f"output_dir={tmp_path / 'run'}"])
     assert "does not fit the model" in line

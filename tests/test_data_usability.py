@@ -73,11 +73,11 @@ def test_knn_on_a_folder_without_val_no_longer_finds_each_image_as_its_own_neigh
     being its own nearest neighbour."""
     from mae.cli import main
     from mae.interop import save_model
-    from mae.models import create_model
+    from mae.models import build_model
 
     root = _class_tree(tmp_path / "noise", {"a": 30, "b": 30, "c": 30})
     torch.manual_seed(0)
-    save_model(create_model("mae_vit_micro_patch4_28", embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16,
+    save_model(build_model("mae_vit_micro_patch4_28", embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16,
                             decoder_depth=1, decoder_num_heads=2), tmp_path / "tiny.safetensors")
     import json
 

@@ -12,7 +12,7 @@ from tiny import ARCH
 
 from mae.cli import main
 from mae.interop import save_model
-from mae.models import create_model
+from mae.models import build_model
 
 TINY = ARCH
 
@@ -24,7 +24,7 @@ def tiny(tmp_path_factory):
     """A tiny MAE checkpoint and a nested folder of 7 grey images of different sizes."""
     root = tmp_path_factory.mktemp("embed")
     torch.manual_seed(0)
-    model = create_model("mae_vit_micro_patch4_28", **TINY)
+    model = build_model("mae_vit_micro_patch4_28", **TINY)
     save_model(model, root / "tiny.safetensors")
     rng = np.random.default_rng(0)
     for i, where in enumerate(["a/x", "a/x", "a", "b", "b", "b/deeper/still", "c"]):

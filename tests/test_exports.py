@@ -16,7 +16,7 @@ from mae.interop.classifier_export import save_hf_classifier, save_timm_classifi
 from mae.interop.classifier_io import CLASSIFIER_FORMAT, classifier_state, is_classifier_checkpoint, load_classifier
 from mae.interop.convert_classifier import convert_checkpoint
 from mae.interop.huggingface import save_hf_pretrained
-from mae.models import create_model
+from mae.models import build_model
 from mae.models.classifier import ClassifierConfig, build_classifier, load_encoder_into
 
 timm = pytest.importorskip("timm")
@@ -27,7 +27,7 @@ NAMES = [f"digit {i}" for i in range(10)]
 
 def tiny_mae(**overrides):
     torch.manual_seed(0)
-    return create_model("mae_vit_micro_patch4_28", **{**TINY, **overrides})
+    return build_model("mae_vit_micro_patch4_28", **{**TINY, **overrides})
 
 
 def tiny_classifier(**fields):
@@ -185,7 +185,7 @@ def test_hf_classifier_export_runs_through_autoimageprocessor_to_our_logits(tmp_
     from mae.data import build_eval_transform
 
     torch.manual_seed(2)
-    mae_model = create_model("mae_vit_micro_patch4_28", **TINY, in_chans=3, img_size=64, patch_size=8)
+    mae_model = build_model("mae_vit_micro_patch4_28", **TINY, in_chans=3, img_size=64, patch_size=8)
     model = build_classifier(ClassifierConfig.from_mae(mae_model.config, num_classes=3, global_pool="token"))
     load_encoder_into(model, mae_model.state_dict(), mae_model.config)
     model.eval()

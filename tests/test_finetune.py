@@ -24,7 +24,7 @@ from mae.interop.classifier_export import (
     to_timm_classifier_state_dict,
 )
 from mae.interop.classifier_io import load_classifier
-from mae.models import create_model
+from mae.models import build_model
 from mae.models.classifier import (
     ClassifierConfig,
     PartiallyFrozen,
@@ -41,7 +41,7 @@ TINY = {"embed_dim": 32, "depth": 3, "num_heads": 2, "decoder_embed_dim": 16, "d
 
 def tiny_mae(**overrides):
     torch.manual_seed(0)
-    return create_model("mae_vit_micro_patch4_28", **{**TINY, **overrides})
+    return build_model("mae_vit_micro_patch4_28", **{**TINY, **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -101,16 +101,17 @@ def test_two_process_fsdp_run_equals_two_process_ddp_run(tmp_path):
 @pytest.mark.slow
 def test_finetuning_under_fsdp_equals_ddp_with_uneven_validation_shards(tmp_path):
     """Fine-tuning a classifier (timm blocks as FSDP units) on 2 processes gives the DDP run's per-update losses,
-    top-1 and last weights (bit for bit: a reduce-scatter that sums instead of averaging shows there, not in the
-    losses, under AdamW); 65 validation images split 33 / 32 into 2 / 1 batches per rank, and the rank with fewer
-    batches joins the sharded forwards of the other (no deadlock). The best checkpoint is the checkpoint-best DCP
-    link, which the timm export and `mae evaluate` read."""
+    top-1 and last weights (bit for bit, or within 2 ulps where the CPU adds a sum up in another order: a
+    reduce-scatter that sums instead of averaging shows there, not in the losses, under AdamW); 65 validation images
+    split 33 / 32 into 2 / 1 batches per rank, and the rank with fewer batches joins the sharded forwards of the
+    other (no deadlock). The best checkpoint is the checkpoint-best DCP link, which the timm export and `mae
+    evaluate` read."""
     from mae.interop import save_model
-    from mae.models import create_model
+    from mae.models import build_model
 
     torch.manual_seed(0)
     weights = tmp_path / "mae.safetensors"
-    save_model(create_model("mae_vit_micro_patch4_28", embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32,
+    save_model(build_model("mae_vit_micro_patch4_28", embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32,
                             decoder_depth=1, decoder_num_heads=2), weights)
     common = [f"checkpoint={weights}", "epochs=1", "batch_size=16", "eval_batch_size=32", "data.train_limit=128",
               "data.val_limit=65", "data.num_workers=0", "precision=fp32", "progress=false", "log_every=1",
@@ -124,8 +125,11 @@ def test_finetuning_under_fsdp_equals_ddp_with_uneven_validation_shards(tmp_path
     wa = safe_load(tmp_path / "ddp" / "checkpoint-last.pth")["model"]
     wb = safe_load(tmp_path / "fsdp" / "checkpoint-last")["model"]  # a DCP directory read as one state
     assert wa.keys() == wb.keys()
-    assert all(torch.equal(wa[k], wb[k]) for k in wa), [
-        (k, (wa[k] - wb[k]).abs().max().item()) for k in wa if not torch.equal(wa[k], wb[k])][:5]
+    # bit for bit but for rounding: on an AVX2-only CPU (AMD EPYC, family 23) the head's bias ends 1-2 ulps apart
+    # (its gradient, a sum over the batch, is added up in another order); doubled gradients (a sum instead of an
+    # average) move the weights of a 2-layer classifier under AdamW by up to 86 ulps in 4 steps
+    far = {k: _ulps(wa[k], wb[k]) for k in wa if not torch.equal(wa[k], wb[k])}
+    assert all(u <= 2 for u in far.values()) and len(far) <= 2, far
     sa = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     sb = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
     assert sb["best_top1"] == pytest.approx(sa["best_top1"], abs=1e-9)
@@ -373,7 +377,7 @@ def test_vit_6_5b_for_fsdp_is_built_shard_by_shard_without_a_full_size_tensor(tm
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from mae.bench.measure import PeakMemory
-    from mae.models import create_model
+    from mae.models import build_model
     from mae.models.pos_embed import sincos_2d
     from mae.train.distributed import DistInfo
     from mae.train.fsdp import DistributedSection, apply_fsdp, build_for_strategy
@@ -399,7 +403,7 @@ def test_vit_6_5b_for_fsdp_is_built_shard_by_shard_without_a_full_size_tensor(tm
                   device=torch.device("cpu"), precision="fp32", out=tmp_path)
         meter = PeakMemory(torch.device("cpu")).start()
         with LargestAllocation() as tracker:
-            model = build_for_strategy(run, lambda: create_model("mae_vit_6.5b_patch14"))
+            model = build_for_strategy(run, lambda: build_model("mae_vit_6.5b_patch14"))
             apply_fsdp(run, model, param_groups(model, 0.05))
         peak = meter.stop()
         total = sum(p.numel() for p in model.parameters())
@@ -425,14 +429,14 @@ def test_init_weights_after_meta_construction_is_the_reference_initialisation():
     of the normal construction (sin-cos tables, LayerNorm 1 / 0, zero biases, a rebuilt HOG target) and the same
     spread for the drawn ones (xavier-uniform matrices, N(0, 0.02) tokens, the patch conv's default bias); a target
     with fitted state (pca) is refused with the way out."""
-    from mae.models import create_model
+    from mae.models import build_model
 
     kw = {"embed_dim": 64, "depth": 2, "num_heads": 2, "decoder_embed_dim": 32, "decoder_depth": 1,
           "decoder_num_heads": 2, "target": "hog"}
     torch.manual_seed(0)
-    normal = create_model("mae_vit_micro_patch4_28", **kw)
+    normal = build_model("mae_vit_micro_patch4_28", **kw)
     with torch.device("meta"):
-        meta = create_model("mae_vit_micro_patch4_28", **kw)
+        meta = build_model("mae_vit_micro_patch4_28", **kw)
     meta.to_empty(device="cpu")
     meta.init_weights()
     a, b = normal.state_dict(), meta.state_dict()
@@ -446,7 +450,7 @@ def test_init_weights_after_meta_construction_is_the_reference_initialisation():
     x = torch.rand(2, 1, 28, 28)
     assert torch.isfinite(meta(x)[0])
     with torch.device("meta"):
-        pca = create_model("mae_vit_micro_patch4_28", **{**kw, "target": "pca", "pca_components": 8})
+        pca = build_model("mae_vit_micro_patch4_28", **{**kw, "target": "pca", "pca_components": 8})
     pca.to_empty(device="cpu")
     with pytest.raises(ConfigError, match=r"distributed.init=full"):
         pca.init_weights()
@@ -534,3 +538,10 @@ def test_memory_plan_is_within_15_percent_of_the_measured_peak_of_two_processes(
         assert 0.85 <= c["plan_over_measured"] <= 1.15, c
     ddp, fsdp = (next(c for c in checks if c["strategy"] == s and not c["grad_checkpointing"]) for s in ("ddp", "fsdp"))
     assert fsdp["measured_mib"] < ddp["measured_mib"]
+
+
+def _ulps(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The largest difference between two float tensors in units in the last place of the larger magnitude."""
+    big = torch.maximum(a.abs(), b.abs())
+    spacing = torch.nextafter(big, torch.full_like(big, float("inf"))) - big
+    return ((a - b).abs() / spacing).max().item()

@@ -28,9 +28,9 @@ from mae.interop import (
     from_hf_state_dict,
     hf_config_dict,
     infer_config,
+    load_checkpoint,
     load_model,
     load_state_dict_any,
-    load_weights_into,
     save_hf_pretrained,
     save_model,
     timm_vit_kwargs,
@@ -365,7 +365,7 @@ def test_every_format_round_trips_bit_for_bit(tmp_path):
         fresh = build(TINY, seed=5)
         decoder_before = {k: v.clone() for k, v in fresh.state_dict().items() if k not in enc}
         with pytest.warns(UserWarning, match="encoder only"):
-            load_weights_into(fresh, tmp_path / name)
+            load_checkpoint(fresh, tmp_path / name)
         assert_state_dicts_equal({k: v for k, v in fresh.state_dict().items() if k in enc}, enc)
         assert_state_dicts_equal({k: v for k, v in fresh.state_dict().items() if k not in enc}, decoder_before)
 
@@ -418,7 +418,7 @@ def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
     ours = build(TINY)
     torch.save({**to_reference_checkpoint(ours), "args": Exploit()}, tmp_path / "evil.pth")
     for call in (lambda: load_state_dict_any(tmp_path / "evil.pth"),
-                 lambda: load_weights_into(build(TINY), tmp_path / "evil.pth"),
+                 lambda: load_checkpoint(build(TINY), tmp_path / "evil.pth"),
                  lambda: convert(tmp_path / "evil.pth", tmp_path / "out.safetensors", to="mae")):
         with pytest.raises(CheckpointError, match="refused"):
             call()
@@ -435,7 +435,7 @@ def test_checkpoint_of_another_architecture_names_the_key_and_both_shapes(tmp_pa
     with torch.device("meta"):
         target = MaskedAutoencoderViT(MAEConfig(**{**BASE_LOWRES, "depth": 1, "decoder_depth": 1}))
     with pytest.raises(CheckpointError) as err:
-        load_weights_into(target, tmp_path / "large.safetensors")
+        load_checkpoint(target, tmp_path / "large.safetensors")
     text = str(err.value)
     assert "does not fit the model (embed_dim 768, depth 1" in text
     assert "cls_token is [1, 1, 1024] in the file but [1, 1, 768] in the model" in text
@@ -446,7 +446,7 @@ def test_checkpoint_of_another_architecture_names_the_key_and_both_shapes(tmp_pa
     with pytest.raises(CheckpointError, match=r"blocks\.0\.norm1\.weight is \[1024\] in the file but \[768\] in the "
                        r"model; blocks\.0\.norm1\.bias .*; blocks\.0\.attn\.qkv\.weight is \[3072, 1024\] in the file "
                        r"but \[2304, 768\] in the model"):
-        load_weights_into(target, tmp_path / "blocks.pth")
+        load_checkpoint(target, tmp_path / "blocks.pth")
     # through the registry, the message names the registered model
     save_model(build(TINY), tmp_path / "tiny.safetensors")
     with pytest.raises(CheckpointError, match=r"does not fit mae_vit_micro_patch4_28: cls_token is \[1, 1, 64\] in "
@@ -470,7 +470,7 @@ def test_fine_tuned_reference_file_loads_the_encoder_and_reports_the_skipped_hea
     norm_before = model.norm.weight.clone()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        report = load_weights_into(model, tmp_path / "finetuned.pth")
+        report = load_checkpoint(model, tmp_path / "finetuned.pth")
     messages = " | ".join(str(w.message) for w in caught)
     assert "skipped the classifier keys fc_norm.bias, fc_norm.weight, head.bias, head.weight" in messages
     assert "norm.* keeps its initialisation" in messages and "encoder only" in messages
@@ -510,7 +510,7 @@ def test_position_tables_follow_the_model_grid_when_resolution_differs(tmp_path)
         small.decoder_pos_embed.copy_(sincos_2d(32, (8, 8)))
     save_model(small, tmp_path / "small.safetensors")
     big = MaskedAutoencoderViT(MAEConfig(**{**TINY, "img_size": 48}))
-    load_weights_into(big, tmp_path / "small.safetensors")
+    load_checkpoint(big, tmp_path / "small.safetensors")
     assert torch.equal(big.pos_embed, sincos_2d(64, (12, 12)))
     assert torch.equal(big.decoder_pos_embed, sincos_2d(32, (12, 12)))
     assert torch.equal(big.blocks[0].attn.qkv.weight, small.blocks[0].attn.qkv.weight)
@@ -563,9 +563,9 @@ def test_missing_encoder_keys_are_an_error_unless_strict_encoder_is_off(tmp_path
     sd = {k: v for k, v in ours.state_dict().items() if k != "blocks.1.mlp.fc2.weight"}
     torch.save({"model": sd}, tmp_path / "partial.pth")
     with pytest.raises(CheckpointError, match=r"missing from the file: blocks\.1\.mlp\.fc2\.weight"):
-        load_weights_into(build(TINY, seed=2), tmp_path / "partial.pth")
+        load_checkpoint(build(TINY, seed=2), tmp_path / "partial.pth")
     model = build(TINY, seed=2)
     with pytest.warns(UserWarning, match="loaded what matches"):
-        report = load_weights_into(model, tmp_path / "partial.pth", strict_encoder=False)
+        report = load_checkpoint(model, tmp_path / "partial.pth", strict_encoder=False)
     assert report.missing == ["blocks.1.mlp.fc2.weight"]
     assert torch.equal(model.blocks[0].attn.qkv.weight, ours.blocks[0].attn.qkv.weight)

@@ -18,7 +18,7 @@ from mae.errors import DataError
 from mae.eval.classification import ShardSampler, evaluate, score_logits
 from mae.interop import save_model
 from mae.interop.classifier_io import classifier_state
-from mae.models import create_model
+from mae.models import build_model
 from mae.models.classifier import ClassifierConfig, build_classifier
 from mae.recipes.evaluate import EvaluateConfig, class_index_for, read_class_map
 from mae.recipes.evaluate import run as evaluate_run
@@ -33,7 +33,7 @@ FAST = ["precision=fp32", "data.num_workers=0"]
 @pytest.fixture(scope="module")
 def tiny_mae():
     torch.manual_seed(0)
-    return create_model("mae_vit_micro_patch4_28", **TINY)
+    return build_model("mae_vit_micro_patch4_28", **TINY)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,8 @@ from tiny import MODEL, RUN
 
 from mae.cli import main
 from mae.config import load_config
-from mae.models.mae import MaskedAutoencoderViT
+from mae.interop import load_checkpoint
+from mae.models.mae import MAEConfig, MaskedAutoencoderViT
 from mae.recipes.pretrain import PretrainConfig, run
 from mae.train.checkpoint import CheckpointManager, safe_load
 from mae.train.engine import Engine, LRSchedule
@@ -225,25 +226,30 @@ def test_resume_refuses_a_changed_batch_size_or_dataset_naming_each_field(tmp_pa
     assert set(recorded["changes"]) == {"epochs", "training images", "training data (file list)"}
 
 
-def test_a_checkpoint_of_the_previous_layout_still_resumes(tmp_path):
-    """A training checkpoint written by an earlier version of the library (schema 1: 'epoch', 'best_loss', the
-    engine's 'nonfinite_total', no digest) resumes, continuing exactly as a current one does."""
-    full, old = tmp_path / "full", tmp_path / "old"
-    run(load_config(PretrainConfig, None, [*ARGS, "epochs=2", f"output_dir={full}"]))
-    run(load_config(PretrainConfig, None, [*ARGS, "epochs=2", f"output_dir={old}", "save_every=1"]))
-    # rewrite epoch 0's checkpoint in the old layout and make it the only one
+def test_a_checkpoint_of_the_old_schema_is_refused_with_one_line_naming_its_version_and_the_fix(tmp_path, capsys):
+    """A training checkpoint of schema 1 (before the shared run layer: 'epoch', 'best_loss', no 'version', no digest;
+    no user has one) is not resumed: `--resume auto` and `--resume FILE` exit 2 with one line naming the version and
+    what to do, and its weights still load as the start of a new run."""
+    old = tmp_path / "old"
+    run(load_config(PretrainConfig, None, [*ARGS, "epochs=1", f"output_dir={old}"]))
     state = safe_load(old / "checkpoint-0000.pth")
-    ts, engine = state["train_state"], state["engine"]
-    v1 = {"format": "mae-train", "model": state["model"], "epoch": ts["epoch"] - 1, "rng": state["rng"],
-          "engine": {"step": engine["step"], "nonfinite_total": 0, "optimizer": engine["optimizer"],
-                     "scaler": engine["scaler"]},
-          "history": [{"epoch": h["epoch"], "loss": h["epoch_loss"]} for h in ts["history"]],
-          "model_config": state["model_config"], "config": state["config"], "best_loss": ts["best"]["value"]}
+    v1 = {"format": "mae-train", "model": state["model"], "epoch": 0, "rng": state["rng"],
+          "engine": {"step": state["engine"]["step"], "nonfinite_total": 0,
+                     "optimizer": state["engine"]["optimizer"], "scaler": state["engine"]["scaler"]},
+          "model_config": state["model_config"], "config": state["config"], "best_loss": 1.0}
     for p in old.glob("checkpoint-*.pth"):
         p.unlink()
     torch.save(v1, old / "checkpoint-last.pth")
-    run(load_config(PretrainConfig, None, [*ARGS, "epochs=2", f"output_dir={old}", "resume=auto"]))
-    _assert_same_weights(full / "checkpoint-last.pth", old / "checkpoint-last.pth")
+    before = _snapshot(old)
+    for resume in ("auto", str(old / "checkpoint-last.pth")):
+        assert main(["pretrain", *ARGS, "epochs=2", "--output-dir", str(old), "--resume", resume]) == 2
+        line = _error_line(capsys)
+        assert "schema version 1" in line and "no longer resumes" in line, line
+        assert f"checkpoint={old / 'checkpoint-last.pth'}" in line, line
+    assert _snapshot(old) == before
+    model = MaskedAutoencoderViT(MAEConfig(**state["model_config"]))
+    load_checkpoint(model, old / "checkpoint-last.pth")
+    assert all(torch.equal(v, state["model"][k]) for k, v in model.state_dict().items())
 
 
 # ---------------------------------------------------------------------------------------------------------------------

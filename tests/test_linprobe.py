@@ -13,7 +13,7 @@ from mae.config import load_config
 from mae.errors import DataError
 from mae.interop import save_model
 from mae.interop.classifier_io import load_classifier
-from mae.models import create_model
+from mae.models import build_model
 from mae.recipes.classify_common import load_encoder_source
 from mae.recipes.linprobe import FeatureBatches, LinprobeConfig, build_probe, run
 from mae.train.optim import build_optimizer, param_groups
@@ -25,7 +25,7 @@ TINY = ARCH
 def tiny_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    save_model(create_model("mae_vit_micro_patch4_28", **TINY), path)
+    save_model(build_model("mae_vit_micro_patch4_28", **TINY), path)
     return path
 
 

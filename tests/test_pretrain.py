@@ -102,16 +102,16 @@ def test_resume_auto_continues_from_the_newest_checkpoint(tmp_path):
 
 def test_gradient_accumulation_equals_the_large_batch(tmp_path):
     """2 micro-batches of 8 accumulated give the same update as one batch of 16 (same masking noise), to 1e-6."""
-    from mae.models import create_model
+    from mae.models import build_model
 
     torch.manual_seed(0)
     images = torch.randn(16, 1, 28, 28)
     noise = torch.rand(16, 49)
-    base = create_model("mae_vit_micro_patch4_28", embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32,
+    base = build_model("mae_vit_micro_patch4_28", embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32,
                         decoder_depth=1, decoder_num_heads=2)
 
     def updated(accum: int) -> dict[str, torch.Tensor]:
-        model = create_model("mae_vit_micro_patch4_28", embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32,
+        model = build_model("mae_vit_micro_patch4_28", embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32,
                              decoder_depth=1, decoder_num_heads=2)
         model.load_state_dict(base.state_dict())
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # update = -gradient

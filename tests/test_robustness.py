@@ -17,7 +17,7 @@ from mae.data import corruptions as C
 from mae.errors import ConfigError, DataError
 from mae.eval.imagenet_c import ALEXNET_ERRORS, corruption_report
 from mae.interop.classifier_io import classifier_state
-from mae.models import create_model
+from mae.models import build_model
 from mae.models.classifier import ClassifierConfig, build_classifier
 from mae.recipes.corrupt import CorruptConfig
 from mae.recipes.corrupt import run as corrupt_run
@@ -30,7 +30,7 @@ FAST = ["precision=fp32", "data.num_workers=0", "device=cpu"]
 
 def _classifier(num_classes: int, img_size: int = 32, seed: int = 1) -> tuple[torch.nn.Module, ClassifierConfig]:
     torch.manual_seed(seed)
-    mae = create_model("mae_vit_micro_patch4_28", img_size=img_size, in_chans=3, embed_dim=32, depth=2, num_heads=2,
+    mae = build_model("mae_vit_micro_patch4_28", img_size=img_size, in_chans=3, embed_dim=32, depth=2, num_heads=2,
                        decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
     config = ClassifierConfig.from_mae(mae.config, num_classes=num_classes, global_pool="token")
     model = build_classifier(config)

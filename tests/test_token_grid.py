@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mae.errors import ConfigError, InputError
-from mae.models import MAEConfig, MaskedAutoencoderViT, create_model
+from mae.models import MAEConfig, MaskedAutoencoderViT, build_model
 from mae.models import masking as M
 from mae.models.grid import TokenGrid
 from mae.models.patches import patchify as reference_patchify
@@ -266,7 +266,7 @@ def test_mask_and_noise_give_the_same_result_for_the_same_removed_set(config):
 
 def test_the_image_model_is_unchanged():
     """The registered image models build the same parameters, keys and tables as before the token grid."""
-    model = create_model("mae_vit_micro_patch4_28")
+    model = build_model("mae_vit_micro_patch4_28")
     assert model.grid_size == (7, 7) and model.num_prefix_tokens == 1
     assert model.pos_embed.shape == (1, 50, 128) and not model.pos_embed.requires_grad
     assert torch.equal(model.pos_embed, sincos_2d(128, (7, 7)))

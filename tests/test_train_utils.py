@@ -15,7 +15,7 @@ from torch import nn
 from mae.errors import CheckpointError, ConfigError, OutputError
 from mae.train.checkpoint import CheckpointManager, atomic_save, safe_load
 from mae.train.distributed import all_reduce_mean, barrier, cleanup, init_distributed, is_main
-from mae.train.logging import MetricsLogger, plot_curves, progress
+from mae.train.metrics_log import MetricsLogger, plot_curves, progress
 from mae.train.optim import build_optimizer, param_groups
 from mae.train.precision import autocast_context, make_grad_scaler, resolve_precision
 from mae.train.rng import capture_rng_state, restore_rng_state, seed_everything
@@ -184,7 +184,7 @@ def test_metrics_logger_on_a_full_disk_fails_once_and_closes_cleanly():
     does not try (and fail) to write it again."""
     from faults import small_disk
 
-    from mae.train.logging import MetricsLogger
+    from mae.train.metrics_log import MetricsLogger
 
     with small_disk(1 << 20) as disk:
         logger = MetricsLogger(disk.path / "run", tensorboard=False)

@@ -141,15 +141,15 @@ def test_pyramid_loads_an_mae_checkpoint_with_only_the_new_keys_missing(tiny_mae
 
 def test_checkpoint_of_another_architecture_is_refused(tiny_mae, tmp_path):
     """A file whose encoder is wider or shallower than the backbone raises CheckpointError naming the problem."""
-    from mae.transfer.backbone import load_encoder
+    from mae.models.loading import load_weights
 
     model, _ = tiny_mae
     wide = ViTPyramid(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=2)
     with pytest.raises(CheckpointError, match=r"cls_token is \[1, 1, 32\] in the file but \[1, 1, 64\]"):
-        load_encoder(wide, model.state_dict())
+        load_weights(wide, model.state_dict())
     deep = ViTPyramid(img_size=32, patch_size=8, embed_dim=32, depth=8, num_heads=2)
     with pytest.raises(CheckpointError, match=r"missing from the file: blocks.4"):
-        load_encoder(deep, model.state_dict())
+        load_weights(deep, model.state_dict())
 
 
 def test_layer_decay_groups_cover_backbone_blocks_and_heads(tiny_mae):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mae.models import create_model
+from mae.models import build_model
 
 
 def _count_colour(png, rgb, tol=40) -> int:
@@ -35,7 +35,7 @@ def one_point_run(tmp_path):
 def test_plot_curves_draws_a_single_point(one_point_run, tmp_path):
     """`plot_curves` (loss.png / curves.png) with one value per key shows it: blue marker pixels in every panel's
     colour (a bare line through one point draws none)."""
-    from mae.train.logging import plot_curves
+    from mae.train.metrics_log import plot_curves
 
     out = plot_curves(one_point_run, tmp_path / "loss.png", keys=("loss", "lr", "top1"))
     assert _count_colour(out, TAB_BLUE) > 3 * 10
@@ -64,7 +64,7 @@ def test_reconstruction_column_labels_are_legible_and_do_not_overlap():
     from mae.viz.reconstruction import LABEL_FONTSIZE, grid_figure, reconstruction_columns
 
     torch.manual_seed(0)
-    model = create_model("mae_vit_micro_patch4_28", embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=16,
+    model = build_model("mae_vit_micro_patch4_28", embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=16,
                          decoder_depth=1, decoder_num_heads=2)
     columns = reconstruction_columns(model, torch.randn(2, 1, 28, 28), (0.5, 0.75, 0.9))
     fig = grid_figure(columns, "MAE reconstructions of a normalised-pixel model: each predicted patch is "

@@ -1,7 +1,7 @@
 """The tiny architecture and run settings the tests share (one definition; files add only what they change).
 
 `MODEL` + `RUN` are the command-line overrides of a tiny pre-training run on 256 embedded MNIST digits (a few
-seconds on one CPU thread); `ARCH` is the micro encoder's tiny size as `create_model` keyword arguments.
+seconds on one CPU thread); `ARCH` is the micro encoder's tiny size as `build_model` keyword arguments.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ ARCH = {"embed_dim": 32, "depth": 2, "num_heads": 2,
 
 def micro_mae(seed: int = 0, **overrides):
     """A seeded tiny MAE on 28 x 28 grey digits (7 x 7 patches of 4 px)."""
-    from mae.models import create_model
+    from mae.models import build_model
 
     torch.manual_seed(seed)
-    return create_model("mae_vit_micro_patch4_28", **{**ARCH, **overrides})
+    return build_model("mae_vit_micro_patch4_28", **{**ARCH, **overrides})

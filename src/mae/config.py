@@ -29,7 +29,6 @@ import difflib
 import functools
 import inspect
 import itertools
-import logging
 import math
 import textwrap
 import types
@@ -45,7 +44,6 @@ from mae.errors import ConfigError
 __all__ = ["Range", "config_help", "load_config", "parse_range", "save_config", "to_dict"]
 
 T = TypeVar("T")
-_log = logging.getLogger(__name__)
 
 _NONE_TYPE = type(None)
 
@@ -61,51 +59,21 @@ def load_config(cls: type[T], path: str | Path | Mapping[str, Any] | None = None
     if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
         raise TypeError(f"load_config needs a dataclass type, got {cls!r}")
     raw = _default_raw(cls)
-    renamed = getattr(cls, "RENAMED", {})
     if isinstance(path, Mapping):  # a config stored as data (e.g. inside a checkpoint)
-        data = _renamed({k: v for k, v in path.items() if k != RUN_INFO_KEY}, renamed, "the stored config")
-        raw = _merge(raw, data, cls, prefix="", root=cls)
+        raw = _merge(raw, {k: v for k, v in path.items() if k != RUN_INFO_KEY}, cls, prefix="", root=cls)
     elif path is not None:
         from mae.presets import resolve_preset
 
         kind = cls.__module__.rsplit(".", 1)[-1] if cls.__module__.startswith("mae.recipes.") else None
         file = resolve_preset(path, kind)
-        raw = _merge(raw, _renamed(_read_yaml(file), renamed, f"'{file}'"), cls, prefix="", root=cls)
+        raw = _merge(raw, _read_yaml(file), cls, prefix="", root=cls)
     if isinstance(overrides, str):  # a lone "a=b" would otherwise be split into characters
         overrides = [overrides]
     for item in overrides:
-        key, sep, value = item.partition("=")
-        override = item
-        if sep and key.strip() in renamed:
-            _log.warning("%s is now called %s; read as such", key.strip(), renamed[key.strip()])
-            override = f"{renamed[key.strip()]}={value}"
-        raw = _merge(raw, _parse_override(cls, override), cls, prefix="", root=cls)
+        raw = _merge(raw, _parse_override(cls, item), cls, prefix="", root=cls)
     cfg = _build(cls, raw, prefix="")
     _validate_tree(cfg)
     return cfg
-
-
-def _renamed(data: Mapping[str, Any], renamed: Mapping[str, str], where: str) -> dict[str, Any]:
-    """`data` with keys an earlier version named otherwise (``RENAMED`` of the config class: old dotted key -> new)
-    moved to their new place, so old config files and runs keep loading."""
-    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
-    for old, new in renamed.items():
-        *old_path, old_leaf = old.split(".")
-        parent: dict[str, Any] | None = out
-        for part in old_path:
-            parent = parent.get(part) if isinstance(parent.get(part), dict) else None  # type: ignore[union-attr]  # not None: the loop breaks on None
-            if parent is None:
-                break
-        if parent is None or old_leaf not in parent:
-            continue
-        value = parent.pop(old_leaf)
-        *new_path, new_leaf = new.split(".")
-        target = out
-        for part in new_path:
-            target = target.setdefault(part, {})
-        target.setdefault(new_leaf, value)
-        _log.warning("%s: %s is now called %s; read as such", where, old, new)
-    return out
 
 
 def to_dict(cfg: Any) -> Any:

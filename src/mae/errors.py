@@ -5,7 +5,7 @@ its traceback.
 """
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 
 class MAEError(Exception):
@@ -42,6 +42,18 @@ class TrainingError(MAEError):
 
 class InputError(MAEError, ValueError):
     """A tensor or argument of the wrong shape or range passed to the library's API."""
+
+
+def first_line(e: BaseException, skip: tuple[str, ...] = ()) -> str:
+    """The first line of an exception's message that does not start with one of `skip` (the generic advice a library
+    wraps around the reason), stripped; "" for an empty message. What messages quote of an error they wrap."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return next((line for line in lines if not line.startswith(skip)), lines[0] if lines else "")
+
+
+def excerpt(names: Sequence[str], n: int = 4) -> str:
+    """'a, b, c, d (+N more)': the first `n` of a long list of names (keys, files) for a one-line message."""
+    return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
 
 
 def unknown_choice(what: str, name: str, valid: Iterable[str]) -> ConfigError:

@@ -4,8 +4,9 @@ Every write goes to a temporary file next to the target, is flushed and fsynced,
 directory is fsynced, so a reader (or a crash, or a full disk) sees the old file or the new one, never half of one.
 The file is created with mode ``0o666`` minus the process umask, like any ``open(path, "w")``: colleagues read what
 the umask lets them read. Errors become one `OutputError` line that names the file, the reason and the fix.
-Before any work, a command asks `check_new_file` / `check_output_folder` whether it may write there: what the user
-already has is refused unless ``--overwrite``.
+Before any work, a command asks `check_new_file` / `check_output_folder` (a training run: `guard_folder` through
+`mae.train.run_dir.guard_fresh_start`) whether it may write there: what the user already has is refused unless
+``--overwrite``.
 
     write_json(out / "summary.json", summary)
     atomic_write(out / "checkpoint.pth", lambda f: torch.save(state, f))
@@ -25,10 +26,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from mae.errors import OutputError
+from mae.errors import MAEError, OutputError
 
 __all__ = ["as_os_error", "atomic_write", "atomic_write_path", "check_new_file", "check_output_folder", "fix_for",
-           "is_stale_temporary", "reason_of", "write_json", "write_text"]
+           "guard_folder", "is_stale_temporary", "reason_of", "write_json", "write_text"]
 
 TEMP_SUFFIX = ".tmp"
 
@@ -198,6 +199,31 @@ def check_new_file(path: str | Path, overwrite: bool) -> None:
         raise OutputError(f"'{path}' already exists; pass --overwrite to replace it, or choose another path")
 
 
+def guard_folder(path: Path, overwrite: bool, found: Callable[[Path], list[str]], refusal: Callable[[str], MAEError],
+                 *, own: Callable[[Path], bool] | None = None, remove: bool = False) -> list[str]:
+    """The one check before a command writes into the folder `path`: ``found(path)`` lists what is already there
+    that counts (names, folders ending in "/"; nothing: go on). Without `overwrite` that is refused with
+    ``refusal(shown)`` (`shown`: the first three names), changing nothing, unless ``own(path)`` recognises the folder
+    as one the command wrote itself (and continues). With `overwrite`, the listed entries are removed when `remove`
+    (a training run starts again) and otherwise left for the writer to replace by name. Returns what was removed."""
+    entries = found(path)
+    if not entries:
+        return []
+    if not overwrite:
+        if own is not None and own(path):
+            return []
+        raise refusal(", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else ""))
+    if not remove:
+        return []
+    for name in entries:
+        entry = path / name.rstrip("/")
+        if entry.is_dir() and not entry.is_symlink():  # a link to a folder (a DCP checkpoint's last / best) goes alone
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    return entries
+
+
 def check_output_folder(path: str | Path, command: str, overwrite: bool,
                         own: Callable[[Path], bool] | None = None) -> None:
     """Before ``mae <command>`` writes into the folder `path`. A file there is refused either way (a file is never
@@ -208,18 +234,23 @@ def check_output_folder(path: str | Path, command: str, overwrite: bool,
     path = Path(path)
     if os.path.lexists(path) and not path.is_dir():
         raise OutputError(f"'{path}' is a file; mae {command} writes a folder there: choose another path")
+
+    def refusal(shown: str) -> OutputError:
+        return OutputError(f"'{path}' already holds files that mae {command} did not write ({shown}); pass "
+                           f"--overwrite to write into it (files of the same names are replaced, nothing else is "
+                           f"touched), or choose another path")
+
+    guard_folder(path, overwrite, _entries, refusal, own=own)
+
+
+def _entries(path: Path) -> list[str]:
+    """What a folder holds besides stale temporaries of the atomic writer, sorted; [] when there is no folder."""
     if not path.is_dir():
-        return
+        return []
     try:
-        entries = sorted(e.name for e in os.scandir(path) if not is_stale_temporary(path / e.name))
+        return sorted(e.name for e in os.scandir(path) if not is_stale_temporary(path / e.name))
     except OSError as e:
         raise OutputError(f"cannot read the folder '{path}': {reason_of(e)}; {fix_for(e)}") from e
-    if not entries or overwrite or (own is not None and own(path)):
-        return
-    shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
-    raise OutputError(f"'{path}' already holds files that mae {command} did not write ({shown}); pass --overwrite to "
-                      f"write into it (files of the same names are replaced, nothing else is touched), or choose "
-                      f"another path")
 
 
 def config_has_keys(folder: Path, keys: set[str]) -> bool:

@@ -8,8 +8,8 @@ user did not set:
 
 - ``OMP_WAIT_POLICY=PASSIVE`` when other processes keep at least half a CPU busy (`busy_cpus`, sampled over 0.1 s
   from /proc/stat as the command starts): waiting threads then sleep instead of spinning against the neighbour.
-  On a quiet machine OpenMP's own policy stays (spinning briefly is faster there). Measured in docs/benchmarks.md:
-  the demo's epoch next to one busy process takes 1.8x less time with PASSIVE, alone 1.35x more.
+  On a quiet machine OpenMP's own policy stays (spinning briefly is faster there). The measurements behind both
+  choices are in docs/benchmarks.md, "Per CPU kind".
 - ``OMP_NUM_THREADS`` = the CPUs this process may use (`usable_cpus`) divided by the processes torchrun starts on
   this node (``LOCAL_WORLD_SIZE``), at least 1.
 """

@@ -23,13 +23,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mae.data.folders import ImageDataset
+from mae.data.folders import IMAGE_MODES, ImageDataset
 from mae.errors import DataError
 
 _log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
-MODES = ("L", "RGB")
 SPLIT_SEED = 0
 """Seed of every built-in split and crop list; changing it changes the datasets."""
 
@@ -179,8 +178,8 @@ class BuiltinDataset(ImageDataset, abc.ABC):
     def __init__(self, split: str = "train", transform: Callable | None = None, mode: str | None = None):
         if split not in SPLITS:
             raise DataError(f"split '{split}' of builtin:{self.name} does not exist; use one of {', '.join(SPLITS)}")
-        if mode is not None and mode not in MODES:
-            raise DataError(f"image mode '{mode}' is not supported; use one of {', '.join(MODES)} (or None)")
+        if mode is not None and mode not in IMAGE_MODES:
+            raise DataError(f"image mode '{mode}' is not supported; use one of {', '.join(IMAGE_MODES)} (or None)")
         self.split = split
         self.transform = transform
         self.mode = mode or self.native_mode

@@ -21,7 +21,7 @@ from torchvision import transforms as T
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from mae.data.transforms import RRC_SCALE
-from mae.errors import ConfigError, DataError
+from mae.errors import ConfigError, DataError, first_line
 
 DEVICE_AUGMENTATIONS = ("rrc", "none")
 """The augmentations `CropPlan` draws (the paper's default, and resize + centre crop)."""
@@ -81,9 +81,9 @@ class DeviceDecoder:
         try:
             images = decode_jpeg(list(data), mode=ImageReadMode.RGB, device=self.device)
         except RuntimeError as e:
-            raise DataError(f"a JPEG of this batch could not be decoded on {self.device} ({_first_line(e)}); find "
-                            "and remove it with data.decode=tensor (which skips corrupt files) or data.strict=true"
-                            ) from e
+            reason = first_line(e) or type(e).__name__
+            raise DataError(f"a JPEG of this batch could not be decoded on {self.device} ({reason}); find and remove "
+                            "it with data.decode=tensor (which skips corrupt files) or data.strict=true") from e
         out = []
         for image, (top, left, h, w, flip) in zip(images, boxes.tolist(), strict=True):
             crop = image[:, top:top + h, left:left + w].unsqueeze(0).float()
@@ -91,7 +91,3 @@ class DeviceDecoder:
                                  align_corners=False).clamp_(0, 255)
             out.append(crop.flip(-1) if flip else crop)
         return (torch.cat(out) / 255 - self.mean) / self.std
-
-
-def _first_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -8,10 +8,10 @@ Unreadable files are flagged in a shared-memory tensor, so `num_skipped` / `unre
 DataLoader worker processes met too. Entries the folder scan passes over (a dangling link, a link loop, a pipe named
 like an image, a folder that cannot be listed) are named in one warning and kept in `passed_over`.
 
-`decode='tensor'` reads JPEG files with `torchvision.io.decode_jpeg` into uint8 tensors (about 2x faster than PIL
-with the same v2 transforms; see docs/benchmarks.md); other formats, and any JPEG that libjpeg-turbo refuses, still
-go through PIL and the rules above. `decode='encoded'` (for decoding on the GPU, see `mae.data.device_decode`) yields
-each JPEG's bytes and header size undecoded; it takes JPEG files only.
+`decode='tensor'` reads JPEG files with `torchvision.io.decode_jpeg` into uint8 tensors (faster than PIL with the
+same v2 transforms: docs/benchmarks.md, "The input pipeline alone"); other formats, and any JPEG that libjpeg-turbo
+refuses, still go through PIL and the rules above. `decode='encoded'` (for decoding on the GPU, see
+`mae.data.device_decode`) yields each JPEG's bytes and header size undecoded; it takes JPEG files only.
 """
 
 from __future__ import annotations
@@ -34,8 +34,10 @@ from torchvision.io import ImageReadMode, decode_jpeg, read_file
 from mae.data.device_decode import EncodedJpeg
 from mae.errors import DataError
 
-MODES = ("RGB", "L")
-DECODERS = ("pil", "tensor", "encoded")
+IMAGE_MODES = ("RGB", "L")
+"""The modes every image dataset gives its images in (built-in, folders, shards): 8-bit colour or grey."""
+DECODE_MODES = ("pil", "tensor", "encoded")
+"""What a folder or shard dataset's ``decode`` takes (see the module docstring; ``data.decode=nvjpeg`` is 'encoded')."""
 JPEG_EXTENSIONS = (".jpg", ".jpeg")
 # torchvision 0.29 marks its decoders deprecated in favour of TorchCodec (not a dependency here); they work, and a
 # warning per decoded image would bury the training log.
@@ -237,10 +239,10 @@ class _ImageFiles(ImageDataset):
     def __init__(self, root: Path, samples: list[tuple[str, int]], classes: list[str], transform: Callable | None,
                  mode: str, strict: bool, verify: bool, decode: str = "pil",
                  passed_over: list[tuple[str, str]] | None = None):
-        if mode not in MODES:
-            raise DataError(f"image mode '{mode}' is not supported; use one of {', '.join(MODES)}")
-        if decode not in DECODERS:
-            raise DataError(f"image decoder '{decode}' is not supported; use one of {', '.join(DECODERS)}")
+        if mode not in IMAGE_MODES:
+            raise DataError(f"image mode '{mode}' is not supported; use one of {', '.join(IMAGE_MODES)}")
+        if decode not in DECODE_MODES:
+            raise DataError(f"image decoder '{decode}' is not supported; use one of {', '.join(DECODE_MODES)}")
         self.decode = decode
         if decode == "encoded":
             other = next((path for path, _ in samples if not path.lower().endswith(JPEG_EXTENSIONS)), None)

@@ -11,7 +11,7 @@ from mae.data.builtin import BuiltinDataset
 class MemoizedDataset(Dataset):
     """Keeps each item of a dataset whose items never change (an in-memory set under a deterministic transform,
     such as the 'none' augmentation of the embedded digits) after its first read: later epochs skip the image
-    conversion and transform (about 0.15 ms a digit: the loader's 0.70 s of an AVX2 demo epoch becomes 0.08 s).
+    conversion and transform (what that saves of a demo epoch: docs/benchmarks.md, "The demo's recipe").
     Items are identical to the wrapped dataset's; `fingerprint` and `skipped_files` look through it."""
 
     def __init__(self, dataset: Dataset):

@@ -85,7 +85,8 @@ class SeededDataset(Dataset):
 
     def __getitems__(self, keys: list[tuple[int, int]]) -> list:
         """The items of a batch (the DataLoader asks for a whole batch at once). In the main process the caller's
-        generator states are saved and restored once per batch, not per sample: numpy's alone costs ~0.13 ms."""
+        generator states are saved and restored once per batch, not per sample (what that costs per sample:
+        docs/benchmarks.md, "The demo's recipe")."""
         if torch.utils.data.get_worker_info() is not None:
             return self._items(keys)
         saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
@@ -106,7 +107,7 @@ class SeededDataset(Dataset):
 
 def _seed_generators(seed: int) -> None:
     # the CPU generator only (what transforms and torch.rand use): torch.manual_seed would also queue the seeding of
-    # every accelerator, about 80x slower per sample
+    # every accelerator, many times slower per sample (docs/benchmarks.md, "Reading shards vs a folder")
     torch.default_generator.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed & 0xFFFF_FFFF)

@@ -39,7 +39,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from mae.data.datasets import SPLIT_FOLDERS, build_dataset  # the folder rules of the loaders, not a second copy
-from mae.data.folders import ClassFolderDataset, to_mode
+from mae.data.folders import GREY_MODES, ClassFolderDataset, to_mode
 from mae.data.shards.index import INDEX_NAME
 from mae.errors import ConfigError, DataError, OutputError
 from mae.files import atomic_write_path, check_output_folder, fsync_dir, is_stale_temporary, write_json
@@ -51,7 +51,6 @@ log = logging.getLogger("mae")
 
 PROGRESS_NAME = ".prepare-progress.json"
 INDEX_VERSION = 1
-GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
 _SHARD_NAME = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<number>\d{6})\.tar$")
 _TEMPORARY = re.compile(r"^\.(?P<target>.+)\.\d+\.[0-9a-f]{8}\.tmp$")  # `mae.files.atomic_write_path`'s names
 

@@ -56,7 +56,8 @@ class ToNormalizedTensor:
     """``v2.RGB()`` or ``v2.Grayscale(1)``, ``v2.ToImage()``, ``v2.ToDtype(float32, scale=True)`` and
     ``v2.Normalize(mean, std)`` in one step: a PIL image or a uint8 tensor [C, H, W] -> a plain float tensor
     [in_chans, H, W], through the same torchvision kernels, so the values are identical bit for bit. It skips the four
-    modules' per-call overhead and the tv_tensors wrapper: a 28 px digit takes ~60 us instead of ~160 us."""
+    modules' per-call overhead and the tv_tensors wrapper (the time per digit: docs/benchmarks.md, "The demo's
+    recipe")."""
 
     def __init__(self, in_chans: int, mean: Sequence[float], std: Sequence[float]):
         self.in_chans, self.mean, self.std = in_chans, list(mean), list(std)

@@ -29,7 +29,7 @@ from mae.data.transforms import eval_preprocessing
 from mae.errors import CheckpointError
 from mae.files import atomic_write_path, write_json
 from mae.interop.hub_metadata import model_card, preprocessor_config, write_hub_metadata
-from mae.interop.huggingface import from_hf_state_dict, to_hf_state_dict
+from mae.interop.huggingface import HF_CONFIG_NAME, HF_WEIGHTS_NAME, from_hf_state_dict, to_hf_state_dict
 from mae.interop.keys import part_of
 from mae.interop.native import read_safetensors, replace_atomically
 from mae.models.classifier import ClassifierConfig, fold_bn_head
@@ -41,8 +41,6 @@ __all__ = [
     "to_timm_classifier_state_dict",
 ]
 
-HF_WEIGHTS_NAME = "model.safetensors"
-HF_CONFIG_NAME = "config.json"
 TIMM_WEIGHTS_NAME = "model.safetensors"
 TIMM_CONFIG_NAME = "config.json"
 # (width, depth, heads) -> timm's ViT size name

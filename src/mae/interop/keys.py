@@ -12,6 +12,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from mae.errors import excerpt
+
 ENCODER_NAMES = ("cls_token", "pos_embed", "patch_embed", "blocks", "norm")
 DECODER_NAMES = ("mask_token", "decoder_embed", "decoder_pos_embed", "decoder_blocks", "decoder_norm", "decoder_pred")
 # classifier parts of fine-tuned files: reference / timm (fc_norm, head), transformers (classifier, pooler)
@@ -65,7 +67,7 @@ def select(state_dict: Mapping[str, torch.Tensor], parts: tuple[str, ...], what:
     kept = {k: v for k, v in state_dict.items() if part_of(k) in parts}
     lost = [k for k, v in state_dict.items() if k not in kept and carries_information(v)]
     if lost:
-        warnings.warn(f"{what} has no place for {_short_list(lost)}: these tensors are not written", stacklevel=3)
+        warnings.warn(f"{what} has no place for {excerpt(lost)}: these tensors are not written", stacklevel=3)
     return kept
 
 
@@ -81,11 +83,6 @@ def shape_str(t: torch.Tensor | torch.Size) -> str:
     return "[" + ", ".join(str(s) for s in shape) + "]"
 
 
-def _short_list(keys: list[str], n: int = 4) -> str:
-    shown = ", ".join(keys[:n])
-    return shown + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
-
-
 def short_list(keys: Iterable[str], n: int = 4) -> str:
-    """'a, b, c, d (+N more)': a readable excerpt of a long key list."""
-    return _short_list(sorted(keys), n)
+    """'a, b, c, d (+N more)': `mae.errors.excerpt` of a key list, sorted."""
+    return excerpt(sorted(keys), n)

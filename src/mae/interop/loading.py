@@ -44,7 +44,9 @@ from mae.train.run_dir import resolve_run
 
 _log = logging.getLogger(__name__)
 
-FORMATS = ("mae", "reference", "hf", "timm")
+WEIGHT_FORMATS = ("mae", "reference", "hf", "timm")
+"""The weight-file formats read and written here (a training checkpoint's ``format`` tag is another thing:
+`mae.train.checkpoint_formats`)."""
 _ENCODER_FIELDS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "norm_eps")
 _ARCH_FIELDS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio",
                 "decoder_embed_dim", "decoder_depth", "decoder_num_heads")
@@ -55,7 +57,7 @@ class Checkpoint:
     """A checkpoint read from disk: tensors under our key names, its format and whatever it says about itself."""
 
     state_dict: dict[str, torch.Tensor]
-    format: str  # one of FORMATS
+    format: str  # one of WEIGHT_FORMATS
     config: MAEConfig | None = None  # stored architecture (mae, hf with config.json); None: infer from shapes
     hints: dict[str, Any] = field(default_factory=dict)  # softer facts (reference args, timm architecture name)
     path: Path | None = None
@@ -230,17 +232,15 @@ def _warn_gaps(report: LoadReport, sd: dict[str, torch.Tensor]) -> None:
 
 def _load_into(model: MaskedAutoencoderViT, ckpt: Checkpoint, strict_encoder: bool = True,
                chosen: frozenset[str] = frozenset()) -> LoadReport:
-    """Load ``ckpt`` into ``model`` (`mae.models.loading.load_weights`: fixed sin-cos tables regenerated for
-    another grid); warn about config fields that differ from the stored ones unless the caller ``chosen`` them on
-    purpose (overrides)."""
+    """Load ``ckpt`` into ``model`` (`mae.models.loading.load_weights`, by the MAE's rules); warn about config
+    fields that differ from the stored ones unless the caller ``chosen`` them on purpose (overrides)."""
     if ckpt.config is not None:
         differ = [f"{k} {getattr(ckpt.config, k)} in the file, {getattr(model.config, k)} in the model"
                   for k in ("num_heads", "decoder_num_heads", "norm_eps", "target")
                   if k not in chosen and getattr(ckpt.config, k) != getattr(model.config, k)]
         if differ:
             warnings.warn(f"{ckpt.label} was saved with another configuration: {'; '.join(differ)}", stacklevel=3)
-    report = load_weights(model, ckpt.state_dict, source=ckpt.label, optional_prefixes=("target.",),
-                          fixed_tables=("pos_embed", "decoder_pos_embed"), strict=strict_encoder, fmt=ckpt.format,
+    report = load_weights(model, ckpt.state_dict, source=ckpt.label, strict=strict_encoder, fmt=ckpt.format,
                           target=model_label(model.config),
                           source_grid=ckpt.config.grid_size if ckpt.config is not None else None)
     _warn_gaps(report, ckpt.state_dict)
@@ -248,8 +248,9 @@ def _load_into(model: MaskedAutoencoderViT, ckpt: Checkpoint, strict_encoder: bo
     return report
 
 
-def load_weights_into(model: MaskedAutoencoderViT, path: str | Path, strict_encoder: bool = True) -> LoadReport:
-    """Load whatever of any supported checkpoint fits ``model``.
+def load_checkpoint(model: MaskedAutoencoderViT, path: str | Path, strict_encoder: bool = True) -> LoadReport:
+    """Load whatever of any supported checkpoint file or run directory fits ``model`` (as timm's
+    ``load_checkpoint``: `read_checkpoint`, then `mae.models.loading.load_weights`).
 
     Raises CheckpointError when the file is of another architecture (every shape mismatch counts, e.g.
     "blocks.0.attn.qkv.weight is [3072, 1024] in the file but [2304, 768] in the model") and, with
@@ -289,8 +290,8 @@ def convert(src: str | Path, dst: str | Path, to: str = "mae", model_name: str |
     ``{'model': sd}``), 'hf' (a ``ViTMAEForPreTraining`` directory) or 'timm' (encoder state_dict, ``.pth`` or
     ``.safetensors``). Tensors are copied bit for bit. Files without a stored config get their architecture from
     ``model_name`` / ``overrides`` / the shapes. Returns the written path."""
-    if to not in FORMATS:
-        raise ConfigError(f"unknown format '{to}' (valid: {', '.join(FORMATS)})")
+    if to not in WEIGHT_FORMATS:
+        raise ConfigError(f"unknown format '{to}' (valid: {', '.join(WEIGHT_FORMATS)})")
     ckpt = read_checkpoint(src)
     dst = Path(dst)
     sd = ckpt.state_dict
@@ -309,8 +310,7 @@ def convert(src: str | Path, dst: str | Path, to: str = "mae", model_name: str |
     config = _resolve_config(ckpt, model_name, overrides)
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
         shapes = MaskedAutoencoderViT(config)
-    report = load_weights(shapes, sd, source=ckpt.label, optional_prefixes=("target.",), check_only=True,
-                          target=model_label(config))
+    report = load_weights(shapes, sd, source=ckpt.label, check_only=True, target=model_label(config))
     if report.resized:
         raise ConfigError(f"{ckpt.label} has position tables of another grid than {model_label(config)}; convert "
                           f"without changing img_size (conversion copies tensors, it does not resize them)")

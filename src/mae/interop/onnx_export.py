@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mae.errors import ConfigError, MAEError
+from mae.errors import ConfigError, MAEError, first_line
 from mae.files import atomic_write_path
 from mae.interop.classifier_io import is_classifier_checkpoint, load_classifier
 from mae.interop.infer import check_model_name
@@ -66,8 +66,7 @@ def export_onnx(module: nn.Module, path: str | Path, example: torch.Tensor, outp
     try:
         return atomic_write_path(path, write)
     except torch.onnx.OnnxExporterError as e:  # the exporter's own failure report (a RuntimeError)
-        raise MAEError(f"torch.onnx.export could not export this model ({str(e).strip().splitlines()[0][:200]})") \
-            from e
+        raise MAEError(f"torch.onnx.export could not export this model ({first_line(e)[:200]})") from e
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from mae.errors import CheckpointError, ConfigError
-from mae.models.loading import LoadReport, load_weights
+from mae.models.loading import LoadReport, WeightRules, load_weights, register_weight_rules
 from mae.models.mae import Attention, MAEConfig
 
 __all__ = [
@@ -154,16 +154,17 @@ def build_classifier(config: ClassifierConfig, head_init_std: float = 2e-5) -> V
 # ------------------------------------------------------------------------------------------------ loading an encoder
 CLASSIFIER_NEW_PARTS = ("head.", "fc_norm.")
 """What a classifier adds to an encoder: never taken from a file, initialised fresh."""
+register_weight_rules(VisionTransformer, WeightRules(new_prefixes=CLASSIFIER_NEW_PARTS))
 
 
 def load_encoder_into(model: VisionTransformer, state_dict: dict[str, torch.Tensor],
                       source_config: MAEConfig | ClassifierConfig | None = None,
                       source: str = "the checkpoint") -> LoadReport:
-    """Load an MAE (or ViT) encoder into a classifier, as the reference fine-tuning does (`mae.models.loading`
-    rules): ``head.*`` and, with average pooling, ``fc_norm.*`` start fresh (a file's own head is never loaded);
-    the file's decoder, mask token and, with average pooling, its final ``norm.*`` are not used; a position table
-    of another grid is resized by 2-D bicubic interpolation."""
-    return load_weights(model, state_dict, source=source, new_prefixes=CLASSIFIER_NEW_PARTS,
+    """`load_weights` into a classifier, with the patch grid of the encoder's config: as the reference fine-tuning
+    does, ``head.*`` and, with average pooling, ``fc_norm.*`` start fresh (a file's own head is never loaded); the
+    file's decoder, mask token and, with average pooling, its final ``norm.*`` are not used; a position table of
+    another grid is resized by 2-D bicubic interpolation."""
+    return load_weights(model, state_dict, source=source,
                         source_grid=source_config.grid_size if source_config is not None else None)
 
 

@@ -1,19 +1,22 @@
 """One way to load MAE / ViT weights into any module of the family: the masked autoencoder, a classifier built on
-its encoder, or the detection / segmentation backbone. One set of rules, one report.
+its encoder, or the detection / segmentation backbone. One function, one set of rules, one report, as timm's
+``build_model_with_cfg`` with a per-model filter: each kind of module registers what is its own (`WeightRules`,
+`register_weight_rules`, next to its class) and `load_weights` applies the rules below to it.
 
 The state dict comes in this project's (= the reference's = timm's) key names; `mae.interop` converts other formats
-before calling `load_weights`. The rules, whatever the target module:
+(and reads files) before calling `load_weights`. The rules, whatever the target module:
 
 * A file key the module has no place for is skipped when it belongs to another part of the family (a decoder,
   the mask token, a target's buffers, a classifier head, the final norm a mean-pooling classifier does not use);
   any other unknown key, or a shape that differs (another architecture), raises CheckpointError naming them.
-* A module key the file lacks is left at its initial value when it belongs to the module's new parts
-  (``new_prefixes``: a classifier's head, a backbone's pyramid, a target's buffers), to the decoder of an encoder-only
-  file, or is the final ``norm`` when the file is a fine-tuned classifier (which has ``fc_norm`` instead); any other
-  missing key raises (the file is not a complete encoder of this architecture), unless ``strict=False``.
+* A module key the file lacks is left at its initial value when it belongs to the module's new parts (its rules'
+  ``new_prefixes``: a classifier's head, a backbone's pyramid) or optional parts (``optional_prefixes``: a target's
+  buffers), to the decoder of an encoder-only file, or is the final ``norm`` when the file is a fine-tuned
+  classifier (which has ``fc_norm`` instead); any other missing key raises (the file is not a complete encoder of
+  this architecture), unless ``strict=False``.
 * A position table of another grid (another resolution) is regenerated exactly when it is a fixed sin-cos table
-  and the module keeps fixed tables (``fixed_tables``), else resized by 2-D bicubic interpolation, as the reference
-  does when fine-tuning at another resolution.
+  and the module keeps fixed tables (its rules' ``fixed_tables``), else resized by 2-D bicubic interpolation, as
+  the reference does when fine-tuning at another resolution.
 """
 
 from __future__ import annotations
@@ -27,15 +30,41 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from mae.errors import CheckpointError
+from mae.errors import CheckpointError, excerpt
 from mae.models.pos_embed import resize_pos_embed, sincos_2d
 
-__all__ = ["LoadReport", "grid_of", "load_weights"]
+__all__ = ["LoadReport", "WeightRules", "grid_of", "load_weights", "register_weight_rules", "weight_rules"]
 
 _OTHER_PARTS = re.compile(r"^(decoder_|mask_token$|encoder_mask_token$|target\.|head\.|head_drop\.|fc_norm\.|"
                           r"classifier\.|pooler\.)")
 """Keys of the family that a given module may have no place for."""
 _DECODER = re.compile(r"^(decoder_|mask_token$)")
+
+
+@dataclass(frozen=True)
+class WeightRules:
+    """What a kind of module takes from a file of the family (its per-model filter)."""
+
+    new_prefixes: tuple[str, ...] = ()
+    """Key prefixes of the module's own new parts (a classifier's head, a backbone's pyramid): never taken from the
+    file (a file's own head is skipped), left at their initial values."""
+    optional_prefixes: tuple[str, ...] = ()
+    """Module keys loaded when the file has them and left as they are otherwise (a target's fitted buffers)."""
+    fixed_tables: tuple[str, ...] = ()
+    """Position-table keys the module keeps as fixed sin-cos tables (regenerated for a new grid, not resized)."""
+
+
+_RULES: dict[type, WeightRules] = {}
+
+
+def register_weight_rules(cls: type[nn.Module], rules: WeightRules) -> None:
+    """Make `rules` those of every module of class `cls` (and its subclasses): done next to the class."""
+    _RULES[cls] = rules
+
+
+def weight_rules(module: nn.Module) -> WeightRules:
+    """The rules registered for the module's class or its nearest base class; none (every key is the file's) else."""
+    return next((_RULES[cls] for cls in type(module).__mro__ if cls in _RULES), WeightRules())
 
 
 @dataclass
@@ -52,7 +81,7 @@ class LoadReport:
     def describe(self) -> str:
         """One line: what was loaded, left new, not used and resized."""
         parts = [f"loaded {len(self.loaded)} tensors from {self.source}",
-                 f"new: {_short(_roots(self.missing)) or '-'}", f"not used: {_short(_roots(self.skipped)) or '-'}"]
+                 f"new: {excerpt(_roots(self.missing)) or '-'}", f"not used: {excerpt(_roots(self.skipped)) or '-'}"]
         if self.resized:
             parts.append(f"resized to this grid: {', '.join(self.resized)}")
         return "; ".join(parts)
@@ -64,10 +93,6 @@ def _roots(keys: Sequence[str]) -> list[str]:
     for k in keys:
         seen[".".join(k.split(".")[:2]) if k.startswith(("blocks.", "decoder_blocks.")) else k.split(".")[0]] = None
     return list(seen)
-
-
-def _short(keys: Sequence[str], n: int = 4) -> str:
-    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
 def grid_of(num_patches: int, hint: tuple[int, ...] | None = None, source: str = "the checkpoint") -> tuple[int, int]:
@@ -93,28 +118,26 @@ def _grid_of_module(module: nn.Module, key: str) -> tuple[int, ...] | None:
 
 
 def load_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str = "the checkpoint",
-                 new_prefixes: Sequence[str] = (), optional_prefixes: Sequence[str] = (),
-                 fixed_tables: Sequence[str] = (), source_grid: tuple[int, ...] | None = None, strict: bool = True,
-                 fmt: str = "", check_only: bool = False, target: str = "the model") -> LoadReport:
-    """Load what fits of `state_dict` into `module` by the rules of the module docstring; returns the report.
+                 source_grid: tuple[int, ...] | None = None, strict: bool = True, fmt: str = "",
+                 check_only: bool = False, target: str = "the model") -> LoadReport:
+    """Load what fits of `state_dict` into `module` by the rules of the module docstring and the module's own
+    `weight_rules`; returns the report.
 
     Args:
-        new_prefixes: key prefixes of the module's own new parts (a classifier's head, a backbone's pyramid): never
-            taken from the file (a file's own head is skipped), left at their initial values.
-        optional_prefixes: module keys loaded when the file has them and left as they are otherwise (a target's
-            fitted buffers).
-        fixed_tables: position-table keys the module keeps as fixed sin-cos tables (regenerated for a new grid).
+        source: how messages name the file.
         source_grid: the file's patch grid (from its stored config), for non-square position tables.
         strict: raise (rather than load what fits) when encoder keys are missing or unknown keys are present.
         check_only: apply the rules and report, but copy nothing (e.g. into a model on the meta device).
         target: how messages name the module (e.g. its registered architecture).
     """
+    rules = weight_rules(module)
+    new_prefixes, optional_prefixes, fixed_tables = rules.new_prefixes, rules.optional_prefixes, rules.fixed_tables
     sd = {k.removeprefix("module."): v for k, v in state_dict.items()}
-    own = {k: v for k, v in module.state_dict().items() if not k.startswith(tuple(new_prefixes))}
+    own = {k: v for k, v in module.state_dict().items() if not k.startswith(new_prefixes)}
     report = LoadReport(source=source, format=fmt)
     finetuned = _is_finetuned(sd)
     unknown = [k for k in sd if k not in own and not _OTHER_PARTS.match(k) and not k.startswith("norm.")
-               and not k.startswith(tuple(new_prefixes))]
+               and not k.startswith(new_prefixes)]
     mismatched = [f"{k} is {list(sd[k].shape)} in the file but {list(v.shape)} in the model"
                   for k, v in own.items() if k in sd and not k.endswith("pos_embed") and sd[k].shape != v.shape]
     if mismatched:
@@ -146,14 +169,14 @@ def load_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, s
     if strict and (bad_missing or unknown):
         parts = []
         if bad_missing:
-            parts.append(f"missing from the file: {_short(bad_missing)}")
+            parts.append(f"missing from the file: {excerpt(bad_missing)}")
         if unknown:
-            parts.append(f"not known to the model: {_short(unknown)}")
+            parts.append(f"not known to the model: {excerpt(unknown)}")
         raise CheckpointError(f"{source} does not fit {target}: {'; '.join(parts)}; is it a checkpoint of another "
                               f"model?")
     if bad_missing or unknown:
-        warnings.warn(f"{source}: loaded what matches; not in the file: {_short(bad_missing) or '-'}; ignored: "
-                      f"{_short(unknown) or '-'}", stacklevel=3)
+        warnings.warn(f"{source}: loaded what matches; not in the file: {excerpt(bad_missing) or '-'}; ignored: "
+                      f"{excerpt(unknown) or '-'}", stacklevel=3)
     if not check_only:
         module.load_state_dict(load, strict=False)
     report.loaded, report.missing = sorted(load), missing

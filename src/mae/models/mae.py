@@ -24,13 +24,14 @@ from torch.utils.checkpoint import checkpoint
 from mae.errors import ConfigError, InputError
 from mae.models import masking as masking_lib
 from mae.models.grid import TokenGrid, embedding_convs, patch_embedding
+from mae.models.loading import WeightRules, register_weight_rules
 from mae.models.pos_embed import position_table
 from mae.models.targets import build_target, target_names
 
 
 @dataclass
 class MAEConfig:
-    """Every architecture field of a masked autoencoder; `create_model` overrides any of them by keyword."""
+    """Every architecture field of a masked autoencoder; `build_model` overrides any of them by keyword."""
 
     img_size: int | tuple[int, int] = 224  # int for square images, (H, W) otherwise
     patch_size: int = 16
@@ -158,7 +159,8 @@ class Attention(nn.Module):
     ``scaled_dot_product_attention`` picks the flash / memory-efficient kernels on GPU.
 
     On CPU the attention product runs in fp32 even under bf16 autocast: PyTorch's CPU flash-attention kernel is
-    2-10x slower in bf16 than in fp32 at ViT head sizes (its backward above all); the matmuls around it stay bf16.
+    several times slower in bf16 than in fp32 at ViT head sizes, its backward above all (docs/benchmarks.md, "What
+    made the difference"); the matmuls around it stay bf16.
     Used by the MAE and by the classifiers built on its encoder (`build_classifier`).
     """
 
@@ -290,7 +292,8 @@ class MaskedAutoencoderViT(nn.Module):
         self.initialize_weights()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute block activations in the backward pass: less memory for large models, ~30% more compute."""
+        """Recompute block activations in the backward pass: less memory for large models, for one more forward pass
+        of each block."""
         self.grad_checkpointing = enable
 
     # ---------------------------------------------------------------- patches
@@ -431,6 +434,12 @@ class MaskedAutoencoderViT(nn.Module):
     def group_matcher(self, coarse: bool = False) -> dict:
         """timm-style parameter groups: stem, then one group per encoder block."""
         return {"stem": r"^cls_token|^pos_embed|^patch_embed", "blocks": r"^blocks\.(\d+)"}
+
+
+# Loading weights into an MAE (`mae.models.loading.load_weights`): a target's fitted buffers load when the file has
+# them, and the fixed sin-cos tables are regenerated, not resized, for another grid.
+register_weight_rules(MaskedAutoencoderViT, WeightRules(optional_prefixes=("target.",),
+                                                      fixed_tables=("pos_embed", "decoder_pos_embed")))
 
 
 def _copy_full(param: torch.Tensor, full: torch.Tensor) -> None:

@@ -1,5 +1,6 @@
-"""Named architectures and `create_model`, timm style: ``create_model(name, **overrides)``. This layer imports
-nothing above it; ``mae.create_model(name, checkpoint_path=...)`` adds weights from any format (`mae.interop`)."""
+"""Named architectures, timm style: ``build_model(name, **overrides)`` builds one with fresh weights. This layer
+imports nothing above it; the public ``mae.create_model(name, checkpoint_path=...)`` is `build_model` plus weights
+from any format (`mae.interop.load_checkpoint`)."""
 
 from __future__ import annotations
 
@@ -44,8 +45,8 @@ ARCHITECTURES["mae_vit_micro_patch4_28"] = {
     "decoder_embed_dim": 64, "decoder_depth": 2, "decoder_num_heads": 4,
 }
 # The CPU demo's model (`make demo`): the micro model with 4 encoder blocks instead of 6 and MLPs 2x wide instead of
-# 4x: 1.9x fewer FLOPs, a 1.8x faster step (AVX2, fp32), and after the same 40 epochs as good a linear probe (92.7
-# and 92.2 with seeds 0 and 1, docs/benchmarks.md "The demo's recipe").
+# 4x: fewer FLOPs, a faster step, and after the same 40 epochs as good a linear probe (the figures, with two seeds:
+# docs/benchmarks.md, "The demo's recipe").
 ARCHITECTURES["mae_vit_nano_patch4_28"] = {
     "img_size": 28, "patch_size": 4, "in_chans": 1, "embed_dim": 128, "depth": 4, "num_heads": 4, "mlp_ratio": 2.0,
     "decoder_embed_dim": 64, "decoder_depth": 2, "decoder_num_heads": 4,
@@ -71,6 +72,10 @@ def model_config(name: str, **overrides) -> MAEConfig:
     return MAEConfig(**ARCHITECTURES[name]).replace(**overrides)
 
 
-def create_model(name: str, **overrides) -> MaskedAutoencoderViT:
-    """Build a registered MAE with freshly initialised weights (`mae.create_model` also loads a checkpoint)."""
+def build_model(name: str, **overrides) -> MaskedAutoencoderViT:
+    """A registered MAE with freshly initialised weights (what ``mae.create_model`` builds before it loads a
+    checkpoint)."""
+    if "checkpoint_path" in overrides:
+        raise ConfigError("build_model builds fresh weights; load a checkpoint with "
+                          "mae.create_model(name, checkpoint_path=...)")
     return MaskedAutoencoderViT(model_config(name, **overrides))

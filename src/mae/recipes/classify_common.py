@@ -1,6 +1,6 @@
 """What the classification recipes (finetune, linprobe, knn, evaluate) share: config sections, where the encoder
-comes from, labelled datasets and their transforms, and `train_classifier`, their common part around the shared run
-layer (`mae.train.trainer`). Their evaluation is `mae.eval.classification`; their checkpoint files
+comes from, labelled datasets and their transforms, and `classifier_spec`, the `mae.train.spec.TrainSpec` fine-tuning
+and linear probing share. Their evaluation is `mae.eval.classification`; their checkpoint files
 `mae.interop.classifier_io`.
 """
 
@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 from torchvision import transforms
 
+from mae.config import to_dict
 from mae.data import (
     HOLDOUT_SEED,
     UNLABELED,
@@ -35,14 +36,17 @@ from mae.interop.loading import EncoderSource, read_encoder
 from mae.models import MaskedAutoencoderViT, model_config
 from mae.models.classifier import GLOBAL_POOLS, ClassifierConfig, build_classifier, load_encoder_into
 from mae.threads import default_workers
-from mae.train.logging import draw_curves
+from mae.train.engine import Engine
+from mae.train.metrics_log import draw_curves
 from mae.train.run import Run
-from mae.train.trainer import Best, Trainer, build_engine, data_facts
+from mae.train.spec import TrainSpec
+from mae.train.trainer import Best, TrainResult
 
 log = logging.getLogger("mae")
 
-INITS = ("pretrained", "scratch", "random")
-"""'pretrained' loads `checkpoint`; 'scratch' and 'random' (synonyms) start from the MAE's own initialisation."""
+ENCODER_INITS = ("pretrained", "scratch", "random")
+"""Where a classifier's encoder weights come from (the ``init`` field): 'pretrained' loads `checkpoint`; 'scratch' and
+'random' (synonyms) start from the MAE's own initialisation."""
 
 
 # ---------------------------------------------------------------------------------------------------- config sections
@@ -106,8 +110,8 @@ class ClassifyData:
 
 def check_init(init: str, checkpoint: str | None, model_name: str | None) -> None:
     """Config-time check of the encoder source (a run fails at start-up, not after loading the data)."""
-    if init not in INITS:
-        raise ConfigError(f"init '{init}' is not one of {', '.join(INITS)}")
+    if init not in ENCODER_INITS:
+        raise ConfigError(f"init '{init}' is not one of {', '.join(ENCODER_INITS)}")
     if init == "pretrained" and not checkpoint:
         raise ConfigError("init=pretrained needs checkpoint=<run directory or checkpoint file> (or --checkpoint); "
                           "use init=scratch with model.name=<architecture> to start from random weights")
@@ -201,7 +205,7 @@ def train_transform(img_size: int, mean: tuple[float, ...], std: tuple[float, ..
     RandAugment's magnitude is capped just below 10 unless the spec sets ``mmax``: at exactly 10 (reached by
     m9 + mstd0.5 noise) timm's PosterizeIncreasing keeps 0 bits, which Pillow >= 10 rejects with a ValueError.
     """
-    # timm's data pipeline is heavy to import (about a second): loaded only by the recipes that train on images
+    # timm's data pipeline is slow to import: loaded only by the recipes that train on images
     from timm.data import rand_augment_transform
     from timm.data.random_erasing import RandomErasing
     from timm.data.transforms import MaybeToTensor, RandomResizedCropAndInterpolation, str_to_pil_interp
@@ -234,20 +238,21 @@ def write_param_groups(path: Path, model: nn.Module, groups: list[dict[str, Any]
 
 
 # ---------------------------------------------------------------------------------------------------- training
-def train_classifier(run: Run, *, model: nn.Module, classifier_config: ClassifierConfig, class_names: list[str],
-                     train_set: Dataset, train_loader: Any, loss_fn: Callable[[nn.Module, Any], torch.Tensor],
-                     score: Callable[[nn.Module], EvalResult], groups: list[dict[str, Any]], optimizer: str,
-                     optim: dict[str, Any], resolved: dict[str, Any], train_module: nn.Module | None = None,
-                     eval_module: nn.Module | None = None, ema: Any = None, protocol: str = "") -> tuple[Any, dict]:
-    """What fine-tuning and linear probing share around the run layer: the engine, evaluation after every epoch
-    (top-1, top-5 when there are more than 5 classes, loss; the EMA weights too when kept), the best top-1 (EMA
-    included) as ``checkpoint-best.pth``, ``param_groups.json``, the summary and ``curves.png``. Returns the
-    `Trainer` (call ``finish`` after any exports) and the summary."""
-    cfg = run.cfg
-    engine = build_engine(run, model, groups, optimizer=optimizer, train_module=train_module,
-                          updates_per_epoch=len(train_loader) // cfg.accum_iter, **optim)
-    if ema is not None:  # the EMA follows the applied updates only (a skipped update leaves it alone)
-        engine.on_update = lambda: ema.update(model)
+def resolved_model_section(section: ClassifierSection, config: ClassifierConfig, num_classes: int) -> dict[str, Any]:
+    """The model section config.yaml records: the image size and number of classes the built classifier has."""
+    h, w = config.image_hw
+    return {**to_dict(section), "img_size": h if h == w else [h, w], "num_classes": num_classes}
+
+
+def classifier_spec(run: Run, *, model: nn.Module, classifier_config: ClassifierConfig, class_names: list[str],
+                    train_set: Dataset, train_loader: Any, loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+                    score: Callable[[nn.Module], EvalResult], groups: list[dict[str, Any]], optimizer: str,
+                    optim: dict[str, Any], model_section: dict[str, Any], train_module: nn.Module | None = None,
+                    eval_module: nn.Module | None = None, ema: Any = None, protocol: str = "",
+                    more_summary: Callable[[TrainResult], dict[str, Any]] | None = None) -> TrainSpec:
+    """What fine-tuning and linear probing train: evaluation after every epoch (top-1, top-5 when there are more
+    than 5 classes, loss; the EMA weights too when kept), the best top-1 (EMA included) as ``checkpoint-best.pth``,
+    ``param_groups.json``, the summary and ``curves.png``; `more_summary` adds the recipe's own entries (exports)."""
     many = len(class_names) > 5  # top-5 of 5 classes or fewer is always 100%
     live = eval_module if eval_module is not None else model
 
@@ -267,25 +272,35 @@ def train_classifier(run: Run, *, model: nn.Module, classifier_config: Classifie
             return float(ema_top1), {"ema": True}
         return float(top1), {"ema": False}
 
-    trainer = Trainer(run, model=model, engine=engine, loader=train_loader, loss_fn=loss_fn,
-                      best=Best("top1", "max", best_of), evaluate=evaluate, resolved=resolved,
-                      data=data_facts(train_set, run, len(train_loader)),
-                      meta={"classifier_config": classifier_config.to_dict(), "class_names": list(class_names)},
-                      extra_state={"model_ema": ema.module} if ema is not None else None)
-    if run.dist.is_main:
+    def on_start(engine: Engine) -> None:
+        if not run.dist.is_main:
+            return
         write_param_groups(run.out / "param_groups.json", model, groups)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         log.info("%s: %d classes, %s pooling, %.2f M parameters (%.2f M trainable); %d training images; effective "
                  "batch %d; peak lr %.3g (%s); precision %s on %s", protocol or "classifier", len(class_names),
                  classifier_config.global_pool, sum(p.numel() for p in model.parameters()) / 1e6, trainable / 1e6,
                  len(train_set), engine.effective_batch, engine.peak_lr, optimizer, run.precision, run.device)  # type: ignore[arg-type]  # torch types no Dataset.__len__
-    result = trainer.fit()
-    last = result.history[-1] if result.history else {}
-    summary: dict[str, Any] = {"output_dir": str(run.out), "protocol": protocol, "best_top1": result.best["value"],
-                               "best_epoch": result.best["epoch"], "last_top1": last.get("top1"),
-                               **({"last_top5": last.get("top5")} if many else {}),
-                               "train_seconds": result.train_seconds, "updates": result.updates,
-                               "best_checkpoint": str(trainer.best_path), "skipped_files": skipped_count(train_set)}
-    if run.dist.is_main:
-        summary.update(draw_curves(run.out, ("loss", "lr", "top1")))
-    return trainer, summary
+
+    def summarize(result: TrainResult) -> dict[str, Any]:
+        last = result.history[-1] if result.history else {}
+        summary: dict[str, Any] = {"output_dir": str(run.out), "protocol": protocol,
+                                   "best_top1": result.best["value"], "best_epoch": result.best["epoch"],
+                                   "last_top1": last.get("top1"), **({"last_top5": last.get("top5")} if many else {}),
+                                   "train_seconds": result.train_seconds, "updates": result.updates,
+                                   "best_checkpoint": str(result.best_path),
+                                   "skipped_files": skipped_count(train_set)}
+        if run.dist.is_main:
+            summary.update(draw_curves(run.out, ("loss", "lr", "top1")))
+        if more_summary is not None:
+            summary.update(more_summary(result))
+        return summary
+
+    return TrainSpec(model=model, train_set=train_set, loader=train_loader, loss_fn=loss_fn, param_groups=groups,
+                     optimizer=optimizer, optim=optim, best=Best("top1", "max", best_of), summarize=summarize,
+                     meta={"classifier_config": classifier_config.to_dict(), "class_names": list(class_names)},
+                     resolved_sections={"model": model_section}, evaluate=evaluate,
+                     extra_state={"model_ema": ema.module} if ema is not None else {},
+                     # the EMA follows the applied updates only (a skipped update leaves it alone)
+                     on_update=(lambda: ema.update(model)) if ema is not None else None,
+                     train_module=train_module, on_start=on_start)

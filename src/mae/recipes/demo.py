@@ -37,9 +37,11 @@ from mae.presets import resolve_preset
 from mae.recipes import finetune, knn, linprobe, pretrain
 from mae.recipes.common import run_distributed
 from mae.recipes.linprobe import FeatureBatches, LinprobeConfig
+from mae.train.distributed import DistInfo
 from mae.train.optim import param_groups
-from mae.train.run import start_run
-from mae.train.trainer import Best, Trainer, build_engine, data_facts
+from mae.train.run import Run
+from mae.train.spec import TrainSpec, run_training
+from mae.train.trainer import Best, TrainResult
 from mae.version import __version__
 from mae.viz.reconstruction import save_reconstructions
 from mae.viz.report import Report, machine_info, plot_training_curves
@@ -200,7 +202,7 @@ def raw_pixel_probe(linprobe_config: str, overrides: list[str]) -> dict:
     return run_distributed(cfg.device, lambda dist: _raw_pixel_probe(cfg, dist))
 
 
-def _raw_pixel_probe(cfg, dist) -> dict:
+def _raw_pixel_probe(cfg: LinprobeConfig, dist: DistInfo) -> dict:
     train = build_dataset(cfg.data.path, "train")
     val = build_dataset(cfg.data.path, "val")
     if not hasattr(train, "as_tensors"):
@@ -218,12 +220,10 @@ def _raw_pixel_probe(cfg, dist) -> dict:
         keep = torch.randperm(len(xt), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.data.train_limit]
         xt, yt = xt[keep], yt[keep]
     steps = max(1, len(xt) // cfg.batch_size)
-    with start_run(cfg, dist, kind="classify") as run:
+
+    def build(run: Run) -> TrainSpec:
         probe = _PixelProbe(xt.shape[1], train.num_classes)  # type: ignore[attr-defined]  # ours, not torch's Dataset type
-        batches = FeatureBatches(xt, yt, cfg.batch_size, steps, cfg.seed)
         o = cfg.optim
-        engine = build_engine(run, probe, param_groups(probe, 0.0), optimizer=o.name, updates_per_epoch=steps,
-                              base_lr=o.base_lr, lr=o.lr, warmup_epochs=o.warmup_epochs, momentum=o.momentum)
 
         @torch.no_grad()
         def evaluate(epoch: int) -> dict:
@@ -233,15 +233,18 @@ def _raw_pixel_probe(cfg, dist) -> dict:
             probe.train()
             return {"top1": result.top1}
 
-        trainer = Trainer(run, model=probe, engine=engine, loader=batches,
-                          loss_fn=lambda mod, b: F.cross_entropy(mod(b[0]), b[1]), best=Best("top1", "max"),
-                          evaluate=evaluate, resolved={**to_dict(cfg), "precision": run.precision,
-                                                       "device": run.device.type},
-                          data=data_facts(train, run, steps), meta={"features": int(xt.shape[1])})
-        result = trainer.fit()
-        summary = {"best_top1": result.best["value"], "top1": result.history[-1]["top1"] if result.history else None,
-                   "features": int(xt.shape[1])}
-        return trainer.finish(summary, "checkpoint-best.pth")
+        def summarize(result: TrainResult) -> dict:
+            return {"best_top1": result.best["value"], "top1": result.history[-1]["top1"] if result.history else None,
+                    "features": int(xt.shape[1])}
+
+        return TrainSpec(model=probe, train_set=train, loader=FeatureBatches(xt, yt, cfg.batch_size, steps, cfg.seed),
+                         loss_fn=lambda mod, b: F.cross_entropy(mod(b[0]), b[1]), param_groups=param_groups(probe, 0.0),
+                         optimizer=o.name, optim={"base_lr": o.base_lr, "lr": o.lr, "warmup_epochs": o.warmup_epochs,
+                                                  "momentum": o.momentum},
+                         best=Best("top1", "max"), summarize=summarize, meta={"features": int(xt.shape[1])},
+                         evaluate=evaluate)
+
+    return run_training(cfg, dist, "classify", build)
 
 
 # ------------------------------------------------------------------------------------------------ report

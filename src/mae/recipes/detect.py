@@ -23,7 +23,6 @@ from mae.files import write_json
 from mae.recipes.transfer_run import (
     BackboneSection,
     SyntheticSection,
-    TransferJob,
     TransferOptim,
     TransferRun,
     backbone_spec,
@@ -32,9 +31,11 @@ from mae.recipes.transfer_run import (
     load_task_checkpoint,
     make_backbone,
     run_transfer,
+    transfer_spec,
 )
 from mae.train.checkpoint_formats import FORMAT_BY_KIND
 from mae.train.run import Run
+from mae.train.spec import TrainSpec
 from mae.transfer.backbone import ViTPyramid, check_pyramid
 from mae.transfer.detection import (
     IMAGENET_MEAN,
@@ -123,8 +124,6 @@ class DetectConfig(TransferRun):
     head: DetectHead = field(default_factory=DetectHead)
     optim: TransferOptim = field(default_factory=lambda: TransferOptim(lr=1e-4, weight_decay=0.1, layer_decay=0.7))
 
-
-    RENAMED: ClassVar[dict[str, str]] = {"data.limit": "data.train_limit"}
     def validate(self) -> None:
         super().validate()
         if self.mode == "train":
@@ -161,7 +160,7 @@ def run(cfg: DetectConfig) -> dict[str, Any]:
     """Train (mode=train) or score (mode=evaluate) a Mask R-CNN; returns box / mask AP and run facts."""
     if cfg.mode == "evaluate":
         return _evaluate(cfg)
-    return run_transfer(cfg, "detect", lambda run: _job(cfg, run))
+    return run_transfer(cfg, "detect", lambda run: build_spec(cfg, run))
 
 
 def _val_set(cfg: DetectConfig, out: Path) -> tuple[CocoInstances, tuple[Path, Path]]:
@@ -187,7 +186,7 @@ def _evaluate(cfg: DetectConfig) -> dict[str, Any]:
     return {"weights": str(path), "val_images": len(val_set), **{k: metrics[k] for k in METRICS}}
 
 
-def _job(cfg: DetectConfig, run: Run) -> TransferJob:
+def build_spec(cfg: DetectConfig, run: Run) -> TrainSpec:
     device = run.device
     val_set, (train_images, train_ann) = _val_set(cfg, run.out)
     train_set = CocoInstances(train_images, train_ann, hflip=cfg.data.hflip, limit=cfg.data.train_limit)
@@ -211,6 +210,7 @@ def _job(cfg: DetectConfig, run: Run) -> TransferJob:
         targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
         return sum(m(images, targets).values())
 
-    return TransferJob(model=model, backbone=backbone, backbone_prefix="backbone.body.", train_set=train_set,
-                       train_loader=loader, loss_fn=loss_fn, evaluate=_scorer(cfg, val_set, device, run.precision),
-                       best_key="box_AP", task=task, init_report=report, metric_keys=METRICS)
+    return transfer_spec(run, model=model, backbone=backbone, backbone_prefix="backbone.body.",
+                         train_set=train_set, train_loader=loader, loss_fn=loss_fn,
+                         evaluate=_scorer(cfg, val_set, device, run.precision), best_key="box_AP", task=task,
+                         init_report=report, metric_keys=METRICS)

@@ -30,7 +30,7 @@ from mae.errors import ConfigError
 from mae.files import atomic_write, atomic_write_path, check_new_file, write_text
 from mae.interop.loading import load_pretrained_model
 from mae.recipes.common import require_precision, resolve_device
-from mae.train.logging import progress
+from mae.train.metrics_log import progress
 from mae.train.precision import autocast_context, resolve_precision
 
 log = logging.getLogger("mae")

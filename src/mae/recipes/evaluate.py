@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -52,7 +52,7 @@ from mae.models import model_config
 from mae.recipes.classify_common import ClassifyData, eval_transform, labelled_dataset, square_side
 from mae.recipes.common import prepare_output_dir, run_distributed
 from mae.train.distributed import DistInfo
-from mae.train.logging import MetricsLogger
+from mae.train.metrics_log import MetricsLogger
 from mae.train.precision import resolve_precision
 from mae.train.run import RunFields
 
@@ -107,9 +107,6 @@ class EvaluateConfig(RunFields):
     overwrite: bool = field(default=False, metadata={
         "help": "write into an output_dir that holds files mae evaluate did not write: files of the same names are "
                 "replaced, nothing else is touched; without it such a folder is refused"})
-
-    RENAMED: ClassVar[dict[str, str]] = {"img_size": "model.img_size", "model_name": "model.name"}
-    """Keys of earlier versions, read under their new names."""
 
     def validate(self) -> None:
         super().validate()

@@ -20,7 +20,6 @@ from typing import Any, ClassVar
 
 import torch
 
-from mae.config import to_dict
 from mae.data import build_loader
 from mae.errors import ConfigError
 from mae.eval.classification import eval_loader, evaluate
@@ -33,18 +32,20 @@ from mae.recipes.classify_common import (
     ClassifyData,
     build_from_source,
     check_init,
+    classifier_spec,
     eval_transform,
     labelled_dataset,
     load_encoder_source,
     mean_std,
+    resolved_model_section,
     square_side,
-    train_classifier,
     train_transform,
 )
 from mae.recipes.common import run_distributed
-from mae.train.distributed import DistInfo
 from mae.train.optim import param_groups
-from mae.train.run import Run, TrainFields, start_run
+from mae.train.run import Run, TrainFields
+from mae.train.spec import TrainSpec, run_training
+from mae.train.trainer import TrainResult
 
 log = logging.getLogger("mae")
 
@@ -173,15 +174,12 @@ def build_finetune_model(source: EncoderSource, cfg: FinetuneConfig, num_classes
 
 def run(cfg: FinetuneConfig) -> dict:
     """Fine-tune (or train from scratch); returns a summary with the best top-1."""
-    return run_distributed(cfg.device, lambda dist: _run(cfg, dist))
+    return run_distributed(cfg.device, lambda dist: run_training(cfg, dist, "classify",
+                                                                 lambda run: build_spec(cfg, run)))
 
 
-def _run(cfg: FinetuneConfig, dist: DistInfo) -> dict:
-    with start_run(cfg, dist, kind="classify") as run:
-        return _train(cfg, run)
-
-
-def _train(cfg: FinetuneConfig, run: Run) -> dict:
+def build_spec(cfg: FinetuneConfig, run: Run) -> TrainSpec:
+    """What a fine-tuning run trains (`classify_common.classifier_spec`), plus the exports of its best model."""
     device, dist = run.device, run.dist
     source = load_encoder_source(cfg.init, cfg.checkpoint, cfg.model.name)
     in_chans = source.config.in_chans
@@ -218,21 +216,21 @@ def _train(cfg: FinetuneConfig, run: Run) -> dict:
             images, target = mixup_fn(images, target)
         return criterion(m(images), target)
 
-    resolved = {**to_dict(cfg), "precision": run.precision, "device": device.type,
-                "model": {**to_dict(cfg.model), "img_size": list(ccfg.image_hw) if ccfg.image_hw[0] != ccfg.image_hw[1]
-                          else ccfg.image_hw[0], "num_classes": num_classes}}
+    def more_summary(result: TrainResult) -> dict:
+        summary: dict[str, Any] = {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+        if dist.is_main and cfg.export:
+            summary.update(_export(cfg, run.out, classes, result.best_path))
+        return summary
+
     o = cfg.optim
-    trainer, summary = train_classifier(
+    return classifier_spec(
         run, model=model, classifier_config=ccfg, class_names=classes, train_set=train_set, train_loader=loader,
         loss_fn=loss_fn, score=lambda m: evaluate(m, val_loader, device, run.precision), groups=groups,
         optimizer="adamw", optim={"base_lr": o.base_lr, "lr": o.lr, "warmup_epochs": o.warmup_epochs,
                                   "min_lr": o.min_lr, "betas": tuple(o.betas), "weight_decay": o.weight_decay,
                                   "clip_grad": o.clip_grad},
-        resolved=resolved, train_module=wrapper, eval_module=wrapper, ema=ema, protocol=_protocol(cfg))
-    summary["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if dist.is_main and cfg.export:
-        summary.update(_export(cfg, run.out, classes, trainer.best_path))
-    return trainer.finish(summary, "checkpoint-best.pth")
+        model_section=resolved_model_section(cfg.model, ccfg, num_classes), train_module=wrapper,
+        eval_module=wrapper, ema=ema, protocol=_protocol(cfg), more_summary=more_summary)
 
 
 def _protocol(cfg: FinetuneConfig) -> str:

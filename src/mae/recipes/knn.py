@@ -39,7 +39,7 @@ from mae.recipes.classify_common import (
 )
 from mae.recipes.common import prepare_output_dir, run_distributed
 from mae.train.distributed import DistInfo
-from mae.train.logging import MetricsLogger
+from mae.train.metrics_log import MetricsLogger
 from mae.train.precision import resolve_precision
 from mae.train.rng import seed_everything
 from mae.train.run import RunFields

@@ -18,7 +18,6 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from mae.config import to_dict
 from mae.data import build_loader
 from mae.data.transforms import build_probe_transform
 from mae.errors import ConfigError
@@ -30,17 +29,19 @@ from mae.recipes.classify_common import (
     ClassifyData,
     build_from_source,
     check_init,
+    classifier_spec,
     eval_transform,
     labelled_dataset,
     load_encoder_source,
     mean_std,
+    resolved_model_section,
     square_side,
-    train_classifier,
 )
 from mae.recipes.common import run_distributed
 from mae.train.distributed import DistInfo
 from mae.train.optim import param_groups
-from mae.train.run import Run, TrainFields, start_run
+from mae.train.run import Run, TrainFields
+from mae.train.spec import TrainSpec, run_training
 
 log = logging.getLogger("mae")
 
@@ -158,15 +159,13 @@ class FeatureBatches:
 
 def run(cfg: LinprobeConfig) -> dict:
     """Train a linear probe on a frozen encoder; returns a summary with the best top-1."""
-    return run_distributed(cfg.device, lambda dist: _run(cfg, dist))
+    return run_distributed(cfg.device, lambda dist: run_training(cfg, dist, "classify",
+                                                                 lambda run: build_spec(cfg, run)))
 
 
-def _run(cfg: LinprobeConfig, dist: DistInfo) -> dict:
-    with start_run(cfg, dist, kind="classify") as run:
-        return _train(cfg, run)
-
-
-def _train(cfg: LinprobeConfig, run: Run) -> dict:
+def build_spec(cfg: LinprobeConfig, run: Run) -> TrainSpec:
+    """What a linear-probing run trains (`classify_common.classifier_spec`): the head on images, or on features
+    extracted once (aug.augment=none)."""
     device, dist, precision = run.device, run.dist, run.precision
     source = load_encoder_source(cfg.init, cfg.checkpoint, cfg.model.name)
     in_chans = source.config.in_chans
@@ -202,20 +201,16 @@ def _train(cfg: LinprobeConfig, run: Run) -> dict:
         x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         return F.cross_entropy(m(x), y)
 
-    resolved = {**to_dict(cfg), "precision": precision, "device": device.type,
-                "model": {**to_dict(cfg.model), "img_size": ccfg.image_hw[0] if ccfg.image_hw[0] == ccfg.image_hw[1]
-                          else list(ccfg.image_hw), "num_classes": num_classes}}
     o = cfg.optim
     protocol = "linear probe" + (" (cached features)" if cached else "")
-    trainer, summary = train_classifier(
+    return classifier_spec(
         run, model=model, classifier_config=ccfg, class_names=classes, train_set=train_set,
         train_loader=train_loader, loss_fn=loss_fn, score=score, groups=groups, optimizer=o.name,
         optim={"base_lr": o.base_lr, "lr": o.lr, "warmup_epochs": o.warmup_epochs, "min_lr": o.min_lr,
                "weight_decay": o.weight_decay, "momentum": o.momentum},
-        resolved=resolved, train_module=train_module, eval_module=wrapper, protocol=protocol)
-    if cached:
-        summary["feature_seconds"] = train_loader.feature_seconds
-    return trainer.finish(summary, "checkpoint-best.pth")
+        model_section=resolved_model_section(cfg.model, ccfg, num_classes), train_module=train_module,
+        eval_module=wrapper, protocol=protocol,
+        more_summary=(lambda result: {"feature_seconds": train_loader.feature_seconds}) if cached else None)
 
 
 def _cached_features(cfg: LinprobeConfig, model, wrapper, train_set, val_loader, dist: DistInfo,

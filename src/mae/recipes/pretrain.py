@@ -14,7 +14,6 @@ from typing import Any, ClassVar
 import torch
 from torch.utils.data import Subset
 
-from mae.config import to_dict
 from mae.data import (
     AUGMENTATIONS,
     WithMaskNoise,
@@ -30,17 +29,19 @@ from mae.data import (
 from mae.data.device_decode import CropPlan, DeviceDecoder, collate_encoded
 from mae.errors import ConfigError
 from mae.interop.native import save_state_dict
-from mae.models import MAEConfig, MaskedAutoencoderViT, create_model, model_config
+from mae.models import MAEConfig, MaskedAutoencoderViT, build_model, model_config
 from mae.recipes.common import ModelSection, run_distributed
 from mae.recipes.knn import pretrain_knn
 from mae.threads import default_workers
 from mae.train.distributed import DistInfo, all_gather_objects
+from mae.train.engine import Engine
 from mae.train.fsdp import FULL_INIT_MAX_PARAMS, build_for_strategy, full_state_dict, is_sharded
-from mae.train.logging import plot_curves
+from mae.train.metrics_log import plot_curves
 from mae.train.optim import param_groups
 from mae.train.rng import seed_everything
-from mae.train.run import Run, TrainFields, start_run
-from mae.train.trainer import Best, Trainer, build_engine, data_facts
+from mae.train.run import Run, TrainFields
+from mae.train.spec import TrainSpec, run_training
+from mae.train.trainer import Best, TrainResult
 from mae.viz.reconstruction import save_reconstructions
 
 log = logging.getLogger("mae")
@@ -56,8 +57,9 @@ class PretrainData:
     num_workers: int = field(default_factory=default_workers, metadata={
         "help": "DataLoader worker processes (default: this process's share of the CPUs less one, at most 8)"})
     decode: str = field(default="tensor", metadata={
-        "help": "tensor: JPEGs decoded by torchvision.io to uint8 (about 2x PIL's speed) | pil | nvjpeg: JPEGs "
-                "decoded, cropped and normalised on the GPU (CUDA only; augment rrc or none)"})
+        "help": "tensor: JPEGs decoded by torchvision.io to uint8 (faster than PIL: docs/benchmarks.md, the input "
+                "pipeline) | pil | nvjpeg: JPEGs decoded, cropped and normalised on the GPU (CUDA only; augment rrc "
+                "or none)"})
     mean: list[float] | None = field(default=None, metadata={"help": "normalisation mean (default: ImageNet / 0.5)"})
     std: list[float] | None = None
     strict: bool = field(default=False, metadata={"help": "fail on a corrupt image instead of skipping it"})
@@ -114,8 +116,6 @@ class PretrainConfig(TrainFields):
         "help": "k-NN top-1 / top-5 of the encoder every N epochs on the labelled data.path (0: off)"})
 
     RESUME_FREE: ClassVar[tuple[str, ...]] = (*TrainFields.RESUME_FREE, "visualize", "knn_every", "data.decode")
-    RENAMED: ClassVar[dict[str, str]] = {"data.limit": "data.train_limit"}
-    """Keys of earlier versions, read under their new names (config files and runs of those versions load)."""
 
     def validate(self) -> None:
         super().validate()
@@ -127,10 +127,6 @@ class PretrainConfig(TrainFields):
                 raise ConfigError("knn_every runs the encoder on each process's share of the data, which a sharded "
                                   "model cannot do unevenly; set knn_every=0 under distributed.strategy=fsdp and "
                                   "run `mae knn` on the finished model")
-
-
-def build_model(section: ModelSection) -> MaskedAutoencoderViT:
-    return create_model(section.name, **section.overrides())
 
 
 def _image_size(cfg: MAEConfig) -> int | tuple[int, int]:
@@ -210,37 +206,35 @@ def _whole_model(config: MAEConfig, weights: dict[str, torch.Tensor]) -> MaskedA
 
 def run(cfg: PretrainConfig) -> dict:
     """Pre-train an MAE; returns a summary (losses of the first and last epoch, time, output paths)."""
-    return run_distributed(cfg.device, lambda dist: _run(cfg, dist))
+    return run_distributed(cfg.device, lambda dist: run_training(cfg, dist, "pretrain",
+                                                                 lambda run: build_spec(cfg, run)))
 
 
-def _run(cfg: PretrainConfig, dist: DistInfo) -> dict:
-    with start_run(cfg, dist, kind="pretrain") as run:
-        return _train(cfg, run)
-
-
-def _train(cfg: PretrainConfig, run: Run) -> dict:
+def build_spec(cfg: PretrainConfig, run: Run) -> TrainSpec:
+    """What a pre-training run trains: the MAE, the masked loader, the masked-patch loss, the lowest epoch loss as
+    the best; at the end model.safetensors, loss.png and reconstructions.png."""
     device, dist, out = run.device, run.dist, run.out
-    model = build_for_strategy(run, lambda: build_model(cfg.model))  # on the meta device for sharded init (fsdp)
+    # on the meta device for sharded init (fsdp)
+    model = build_for_strategy(run, lambda: build_model(cfg.model.name, **cfg.model.overrides()))
     model_cfg = model.config
     images_of = device_batch_fn(cfg, model_cfg, device)  # refuses nvjpeg without CUDA before any data is read
     dataset, loader = build_pretrain_loader(cfg, model_cfg, dist)
-    # As the reference: biases and 1-D parameters get no weight decay; class and mask tokens do.
-    engine = build_engine(run, model, param_groups(model, cfg.optim.weight_decay), optimizer="adamw",
-                          updates_per_epoch=len(loader) // cfg.accum_iter, base_lr=cfg.optim.base_lr,
-                          lr=cfg.optim.lr, warmup_epochs=cfg.optim.warmup_epochs, min_lr=cfg.optim.min_lr,
-                          betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,  # type: ignore[arg-type]  # betas: two floats (tuple() keeps a list from YAML working)
-                          clip_grad=cfg.optim.clip_grad)
-    if run.resume_state is None and model_cfg.target == "pca" and not bool(model.target.fitted):
-        set_epoch(loader, 0)
-        fit_pca_target(model, ((images_of(x), y) for x, y in loader), cfg.pca_fit_batches)
-        seed_everything(cfg.seed + dist.rank)
-    resolved = {**to_dict(cfg), "precision": run.precision, "device": device.type,
-                "model": cfg.model.resolved(model_cfg)}
     mask_ratio = model_cfg.mask_ratio
 
     def loss_fn(m: torch.nn.Module, batch) -> torch.Tensor:
         images, noise = images_of(batch[0]), batch[1].to(device, non_blocking=True)
         return m(images, mask_ratio, noise=noise)[0]
+
+    def on_start(engine: Engine) -> None:
+        if run.resume_state is None and model_cfg.target == "pca" and not bool(model.target.fitted):
+            set_epoch(loader, 0)
+            fit_pca_target(model, ((images_of(x), y) for x, y in loader), cfg.pca_fit_batches)
+            seed_everything(cfg.seed + dist.rank)
+        if dist.is_main:
+            log.info("model %s: %.2f M parameters; %d images; effective batch %d (= %d x %d accum x %d processes); "
+                     "peak lr %.3g; precision %s on %s", cfg.model.name,
+                     sum(p.numel() for p in model.parameters()) / 1e6, len(dataset), engine.effective_batch,
+                     cfg.batch_size, cfg.accum_iter, dist.world_size, engine.peak_lr, run.precision, device)
 
     skipped: list[str] = []
 
@@ -254,30 +248,33 @@ def _train(cfg: PretrainConfig, run: Run) -> dict:
                         "image; data.strict=true stops instead), e.g. %s", epoch, len(skipped), skipped[0])
         return extra
 
-    trainer = Trainer(run, model=model, engine=engine, loader=loader, loss_fn=loss_fn, best=Best("epoch_loss", "min"),
-                      save_on_best=False, resolved=resolved, data=data_facts(dataset, run, len(loader)),
-                      meta={"model_config": model_cfg.to_dict()}, on_epoch_end=epoch_end)
-    if dist.is_main:
-        log.info("model %s: %.2f M parameters; %d images; effective batch %d (= %d x %d accum x %d processes); "
-                 "peak lr %.3g; precision %s on %s", cfg.model.name, sum(p.numel() for p in model.parameters()) / 1e6,
-                 len(dataset), engine.effective_batch, cfg.batch_size, cfg.accum_iter, dist.world_size,
-                 engine.peak_lr, run.precision, device)
-    result = trainer.fit()
-    history = result.history
-    summary = {"output_dir": str(out), "epochs": cfg.epochs, "updates": result.updates,
-               "first_epoch_loss": history[0]["epoch_loss"] if history else None,
-               "last_epoch_loss": history[-1]["epoch_loss"] if history else None,
-               "train_seconds": result.train_seconds, "skipped_steps": result.skipped_updates,
-               "skipped_files": len(set(skipped) | set(passed_over_files(dataset)))}  # unreadable + passed over
-    weights = full_state_dict(model) if is_sharded(run) else None  # fsdp: gathered on rank 0 (every rank calls)
-    if dist.is_main:
-        state = weights if weights is not None else model.state_dict()
-        summary["model_path"] = str(save_state_dict(state, model_cfg.to_dict(), out / "model.safetensors"))
-        plot_curves(out / "metrics.jsonl", out / "loss.png")
-        summary["loss_png"] = str(out / "loss.png")
-        shown = model if weights is None else _whole_model(model_cfg, weights)
-        if cfg.visualize and model_cfg.target in ("pixel", "norm_pixel") and shown is not None:
-            save_reconstructions(shown, cfg.data.path, out / "reconstructions.png", mask_ratios=(mask_ratio,),
-                                 mean=cfg.data.mean, std=cfg.data.std, seed=cfg.seed)
-            summary["reconstructions_png"] = str(out / "reconstructions.png")
-    return trainer.finish(summary, "model.safetensors")
+    def summarize(result: TrainResult) -> dict:
+        history = result.history
+        summary = {"output_dir": str(out), "epochs": cfg.epochs, "updates": result.updates,
+                   "first_epoch_loss": history[0]["epoch_loss"] if history else None,
+                   "last_epoch_loss": history[-1]["epoch_loss"] if history else None,
+                   "train_seconds": result.train_seconds, "skipped_steps": result.skipped_updates,
+                   "skipped_files": len(set(skipped) | set(passed_over_files(dataset)))}  # unreadable + passed over
+        weights = full_state_dict(model) if is_sharded(run) else None  # fsdp: gathered on rank 0 (every rank calls)
+        if dist.is_main:
+            state = weights if weights is not None else model.state_dict()
+            summary["model_path"] = str(save_state_dict(state, model_cfg.to_dict(), out / "model.safetensors"))
+            plot_curves(out / "metrics.jsonl", out / "loss.png")
+            summary["loss_png"] = str(out / "loss.png")
+            shown = model if weights is None else _whole_model(model_cfg, weights)
+            if cfg.visualize and model_cfg.target in ("pixel", "norm_pixel") and shown is not None:
+                save_reconstructions(shown, cfg.data.path, out / "reconstructions.png", mask_ratios=(mask_ratio,),
+                                     mean=cfg.data.mean, std=cfg.data.std, seed=cfg.seed)
+                summary["reconstructions_png"] = str(out / "reconstructions.png")
+        return summary
+
+    o = cfg.optim
+    # As the reference: biases and 1-D parameters get no weight decay; class and mask tokens do.
+    return TrainSpec(model=model, train_set=dataset, loader=loader, loss_fn=loss_fn,
+                     param_groups=param_groups(model, o.weight_decay), optimizer="adamw",
+                     optim={"base_lr": o.base_lr, "lr": o.lr, "warmup_epochs": o.warmup_epochs, "min_lr": o.min_lr,
+                            "betas": tuple(o.betas), "weight_decay": o.weight_decay, "clip_grad": o.clip_grad},
+                     best=Best("epoch_loss", "min"), save_on_best=False, summarize=summarize,
+                     meta={"model_config": model_cfg.to_dict()},
+                     resolved_sections={"model": cfg.model.resolved(model_cfg)}, on_epoch_end=epoch_end,
+                     on_start=on_start, result_file="model.safetensors")

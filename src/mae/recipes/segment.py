@@ -31,7 +31,6 @@ from mae.files import write_json
 from mae.recipes.transfer_run import (
     BackboneSection,
     SyntheticSection,
-    TransferJob,
     TransferOptim,
     TransferRun,
     backbone_spec,
@@ -40,9 +39,11 @@ from mae.recipes.transfer_run import (
     load_task_checkpoint,
     make_backbone,
     run_transfer,
+    transfer_spec,
 )
 from mae.train.checkpoint_formats import FORMAT_BY_KIND
 from mae.train.run import Run
+from mae.train.spec import TrainSpec
 from mae.transfer.backbone import DECONV_NORMS, FEATURE_BLOCKS, FEATURE_NORMS, ViTPyramid, check_pyramid
 from mae.transfer.segmentation import (
     IMAGENET_MEAN,
@@ -212,8 +213,6 @@ class SegmentConfig(TransferRun):
     optim: SegmentOptim = field(default_factory=_default_optim)
     test: SegmentTest = field(default_factory=SegmentTest)
 
-
-    RENAMED: ClassVar[dict[str, str]] = {"data.limit": "data.train_limit"}
     def validate(self) -> None:
         super().validate()
         if self.mode == "train":
@@ -255,7 +254,7 @@ def run(cfg: SegmentConfig) -> dict[str, Any]:
     """Train (mode=train) or score (mode=evaluate) an UperNet segmenter; returns mIoU / aAcc / mAcc and run facts."""
     if cfg.mode == "evaluate":
         return _evaluate(cfg)
-    return run_transfer(cfg, "segment", lambda run: _job(cfg, run))
+    return run_transfer(cfg, "segment", lambda run: build_spec(cfg, run))
 
 
 def _val_set(cfg: SegmentConfig, out: Path) -> tuple[SegmentationFolder, Path, list[str], int]:
@@ -288,7 +287,7 @@ def _evaluate(cfg: SegmentConfig) -> dict[str, Any]:
     return {"weights": str(path), "val_images": len(val_set), **{k: metrics[k] for k in METRICS}}
 
 
-def _job(cfg: SegmentConfig, run: Run) -> TransferJob:
+def build_spec(cfg: SegmentConfig, run: Run) -> TrainSpec:
     device = run.device
     val_set, root, names, num_classes = _val_set(cfg, run.out)
     d = cfg.data
@@ -312,7 +311,7 @@ def _job(cfg: SegmentConfig, run: Run) -> TransferJob:
         images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         return segmentation_loss(m(images), labels, d.ignore_index, h.aux_weight)
 
-    return TransferJob(model=model, backbone=backbone, backbone_prefix="backbone.", train_set=train_set,
-                       train_loader=loader, loss_fn=loss_fn,
-                       evaluate=_scorer(cfg, val_set, names, device, run.precision), best_key="mIoU", task=task,
-                       init_report=report, metric_keys=METRICS)
+    return transfer_spec(run, model=model, backbone=backbone, backbone_prefix="backbone.", train_set=train_set,
+                         train_loader=loader, loss_fn=loss_fn,
+                         evaluate=_scorer(cfg, val_set, names, device, run.precision), best_key="mIoU", task=task,
+                         init_report=report, metric_keys=METRICS)

@@ -1,5 +1,5 @@
 """What the detection and segmentation recipes share: the backbone and optimizer config sections, the transfer run
-fields, and the job they hand to the shared run layer (`mae.train.trainer.Trainer`)."""
+fields, and `transfer_spec`, the `mae.train.spec.TrainSpec` both train through the shared run layer."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from mae.config import to_dict
 from mae.errors import CheckpointError, ConfigError
 from mae.files import write_json
 from mae.models.loading import LoadReport
@@ -24,20 +23,24 @@ from mae.threads import default_workers
 from mae.train.checkpoint import safe_load
 from mae.train.checkpoint_kinds import describe, kind_of_state
 from mae.train.distributed import DistInfo
-from mae.train.logging import draw_curves, progress
+from mae.train.engine import Engine
+from mae.train.metrics_log import draw_curves, progress
 from mae.train.precision import resolve_precision
 from mae.train.rng import seed_everything
-from mae.train.run import Run, TrainFields, start_run
+from mae.train.run import Run, TrainFields
 from mae.train.run_dir import resolve_run
-from mae.train.trainer import Best, Trainer, build_engine, data_facts
+from mae.train.spec import TrainSpec, run_training
+from mae.train.trainer import Best, TrainResult
 from mae.transfer.backbone import PYRAMIDS, ViTPyramid, backbone_param_groups, build_backbone
 from mae.transfer.segmentation import PolySchedule
 from mae.transfer.synthetic import SyntheticSpec
 
 log = logging.getLogger("mae")
 
-INITS = ("pretrained", "random")
-MODES = ("train", "evaluate")
+BACKBONE_INITS = ("pretrained", "random")
+"""Where a transfer backbone's weights come from (``backbone.init``)."""
+TRANSFER_MODES = ("train", "evaluate")
+"""What a `mae detect` / `mae segment` run does (the ``mode`` field)."""
 
 
 @dataclass
@@ -63,8 +66,8 @@ class BackboneSection:
     RANGES: ClassVar[dict[str, str]] = {"drop_path": "[0, 1)"}
 
     def validate(self) -> None:
-        if self.init not in INITS:
-            raise ConfigError(f"backbone.init '{self.init}' is not one of {', '.join(INITS)}")
+        if self.init not in BACKBONE_INITS:
+            raise ConfigError(f"backbone.init '{self.init}' is not one of {', '.join(BACKBONE_INITS)}")
         if self.pyramid not in PYRAMIDS:
             raise ConfigError(f"backbone.pyramid '{self.pyramid}' is not one of {', '.join(PYRAMIDS)}")
 
@@ -134,8 +137,8 @@ class TransferRun(TrainFields):
 
     def validate(self) -> None:
         super().validate()
-        if self.mode not in MODES:
-            raise ConfigError(f"mode '{self.mode}' is not one of {', '.join(MODES)}")
+        if self.mode not in TRANSFER_MODES:
+            raise ConfigError(f"mode '{self.mode}' is not one of {', '.join(TRANSFER_MODES)}")
         if self.mode == "evaluate" and not self.weights:
             raise ConfigError("mode=evaluate needs weights=<run directory or checkpoint>")
         if self.eval_batch_size < 1 or self.eval_every < 1 or self.num_workers < 0:
@@ -175,37 +178,24 @@ def _single_process(name: str) -> DistInfo:
     return DistInfo(rank=0, world_size=1, local_rank=0, device=single_process_device(name), is_main=True)
 
 
-# ---------------------------------------------------------------------------------------------------- the loop
-@dataclass
-class TransferJob:
-    """What a transfer recipe builds for the shared run layer: the model and its parts, data, loss, evaluation."""
-
-    model: nn.Module
-    backbone: ViTPyramid
-    backbone_prefix: str  # where the backbone sits in the model's parameter names, e.g. 'backbone.body.'
-    train_set: Any  # the training dataset (its facts are checked on resume)
-    train_loader: DataLoader
-    loss_fn: Callable[[nn.Module, Any], torch.Tensor]
-    evaluate: Callable[[nn.Module], dict[str, Any]]  # metrics of the model on the val split
-    best_key: str  # the metric that picks checkpoint-best.pth (higher is better)
-    task: dict[str, Any]  # what rebuilds the model without the pre-training checkpoint (stored in checkpoints)
-    init_report: LoadReport | None = None
-    metric_keys: tuple[str, ...] = ()  # metrics shown in the log line and summary
+# ---------------------------------------------------------------------------------------------------- the spec
+def run_transfer(cfg: TransferRun, kind: str, build: Callable[[Run], TrainSpec]) -> dict[str, Any]:
+    """Train a transfer recipe's spec (`transfer_spec`, built in the started run) in one process."""
+    return run_training(cfg, _single_process(cfg.device), kind, build)
 
 
-def run_transfer(cfg: TransferRun, kind: str, build: Callable[[Run], TransferJob]) -> dict[str, Any]:
-    """Start the run (one process), let the recipe `build` its job in it, train and evaluate it."""
-    with start_run(cfg, _single_process(cfg.device), kind=kind) as run:
-        return train_and_evaluate(build(run), run)
-
-
-def train_and_evaluate(job: TransferJob, run: Run) -> dict[str, Any]:
-    """Train ``job.model`` end to end (layer-wise lr decay on the backbone) through the shared `Trainer`, evaluate
-    every ``eval_every`` epochs and after the last; returns the summary (also in summary.json)."""
+def transfer_spec(run: Run, *, model: nn.Module, backbone: ViTPyramid, backbone_prefix: str, train_set: Any,
+                  train_loader: DataLoader, loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+                  evaluate: Callable[[nn.Module], dict[str, Any]], best_key: str, task: dict[str, Any],
+                  init_report: LoadReport | None = None, metric_keys: tuple[str, ...] = ()) -> TrainSpec:
+    """What a transfer recipe trains: `model` end to end with layer-wise lr decay on the `backbone` (its parameters
+    named under `backbone_prefix`, e.g. 'backbone.body.'), `evaluate` on the val split every ``eval_every`` epochs and
+    after the last, the highest `best_key` as checkpoint-best.pth, `task` (what rebuilds the model without the
+    pre-training checkpoint) in every checkpoint; `metric_keys` go into the summary."""
     cfg, out = run.cfg, run.out
     optim = cfg.optim  # type: ignore[attr-defined]  # the transfer recipes' configs (TrainFields subclasses) have it
-    groups = backbone_param_groups(job.model, job.backbone, job.backbone_prefix, optim.weight_decay,
-                                   optim.layer_decay)
+    eval_every = cfg.eval_every  # type: ignore[attr-defined]  # as optim: a `TransferRun` field
+    groups = backbone_param_groups(model, backbone, backbone_prefix, optim.weight_decay, optim.layer_decay)
     write_json(out / "param_groups.json", [{"lr_scale": g["lr_scale"], "weight_decay": g["weight_decay"],
                                             "params": g["param_names"]} for g in groups], indent=1)
     schedule = None
@@ -213,44 +203,43 @@ def train_and_evaluate(job: TransferJob, run: Run) -> dict[str, Any]:
         def schedule(peak: float, total: int) -> PolySchedule:
             return PolySchedule(peak, total, optim.warmup_iters, optim.min_lr, optim.power)
 
-    engine = build_engine(run, job.model, groups, optimizer="adamw", lr=optim.lr,
-                          updates_per_epoch=len(job.train_loader) // cfg.accum_iter,
-                          warmup_epochs=optim.warmup_epochs, min_lr=optim.min_lr, betas=tuple(optim.betas),
-                          weight_decay=optim.weight_decay, clip_grad=optim.clip_grad, checkpointing=job.backbone,
-                          schedule=schedule)
     last_metrics: dict[str, Any] = {}
 
-    def evaluate(epoch: int) -> dict[str, Any]:
+    def evaluate_epoch(epoch: int) -> dict[str, Any]:
         last_metrics.clear()
-        last_metrics.update(job.evaluate(job.model))
+        last_metrics.update(evaluate(model))
         return {k: v for k, v in last_metrics.items() if isinstance(v, (int, float))}
 
-    resolved = {**to_dict(cfg), "precision": run.precision, "device": run.device.type}
-    trainer = Trainer(run, model=job.model, engine=engine, loader=job.train_loader, loss_fn=job.loss_fn,
-                      best=Best(job.best_key, "max"), evaluate=evaluate, eval_every=cfg.eval_every,  # type: ignore[attr-defined]  # as above
-                      resolved=resolved, data=data_facts(job.train_set, run, len(job.train_loader)),
-                      meta={"task": job.task}, batch_size_of=lambda b: len(b[0]))
-    n_params = sum(p.numel() for p in job.model.parameters()) / 1e6
-    n_backbone = sum(p.numel() for p in job.backbone.parameters()) / 1e6
-    log.info("%s: %.2f M parameters (backbone %.2f M, %s init); %d training images, %d updates per epoch; peak lr "
-             "%.3g, layer decay %s; precision %s on %s", run.format, n_params, n_backbone,
-             "pre-trained" if job.init_report is not None else "random", len(job.train_set),
-             len(job.train_loader) // cfg.accum_iter, optim.lr, optim.layer_decay, run.precision, run.device)
-    result = trainer.fit()
-    if not last_metrics:  # resumed after the last epoch: score the final weights once
-        evaluate(cfg.epochs - 1)
-    history = result.history
-    best = result.best
-    summary: dict[str, Any] = {"output_dir": str(out), "init": "pre-trained" if job.init_report else "random",
-                               "epochs": cfg.epochs, "updates": result.updates, "train_seconds": result.train_seconds,
-                               **{k: last_metrics[k] for k in job.metric_keys if k in last_metrics},
-                               f"best_{job.best_key}": best["value"], "best_epoch": best["epoch"],
-                               "first_epoch_loss": history[0]["epoch_loss"] if history else None,
-                               "last_epoch_loss": history[-1]["epoch_loss"] if history else None,
-                               "checkpoint": str(trainer.manager.last_path)}
-    write_json(out / "metrics_final.json", _plain_metrics(last_metrics), indent=1)
-    summary.update(draw_curves(out, ("loss", "lr", job.best_key)))
-    return trainer.finish(summary, "checkpoint-best.pth")
+    def on_start(engine: Engine) -> None:
+        n_params = sum(p.numel() for p in model.parameters()) / 1e6
+        n_backbone = sum(p.numel() for p in backbone.parameters()) / 1e6
+        log.info("%s: %.2f M parameters (backbone %.2f M, %s init); %d training images, %d updates per epoch; peak "
+                 "lr %.3g, layer decay %s; precision %s on %s", run.format, n_params, n_backbone,
+                 "pre-trained" if init_report is not None else "random", len(train_set),
+                 len(train_loader) // cfg.accum_iter, optim.lr, optim.layer_decay, run.precision, run.device)
+
+    def summarize(result: TrainResult) -> dict[str, Any]:
+        if not last_metrics:  # resumed after the last epoch: score the final weights once
+            evaluate_epoch(cfg.epochs - 1)
+        history, best = result.history, result.best
+        summary: dict[str, Any] = {"output_dir": str(out), "init": "pre-trained" if init_report else "random",
+                                   "epochs": cfg.epochs, "updates": result.updates,
+                                   "train_seconds": result.train_seconds,
+                                   **{k: last_metrics[k] for k in metric_keys if k in last_metrics},
+                                   f"best_{best_key}": best["value"], "best_epoch": best["epoch"],
+                                   "first_epoch_loss": history[0]["epoch_loss"] if history else None,
+                                   "last_epoch_loss": history[-1]["epoch_loss"] if history else None,
+                                   "checkpoint": str(result.last_path)}
+        write_json(out / "metrics_final.json", _plain_metrics(last_metrics), indent=1)
+        summary.update(draw_curves(out, ("loss", "lr", best_key)))
+        return summary
+
+    return TrainSpec(model=model, train_set=train_set, loader=train_loader, loss_fn=loss_fn, param_groups=groups,
+                     optimizer="adamw", optim={"lr": optim.lr, "warmup_epochs": optim.warmup_epochs,
+                                               "min_lr": optim.min_lr, "betas": tuple(optim.betas),
+                                               "weight_decay": optim.weight_decay, "clip_grad": optim.clip_grad},
+                     best=Best(best_key, "max"), summarize=summarize, meta={"task": task}, evaluate=evaluate_epoch,
+                     eval_every=eval_every, checkpointing=backbone, schedule=schedule, on_start=on_start)
 
 
 def _plain_metrics(metrics: dict[str, Any]) -> dict[str, Any]:

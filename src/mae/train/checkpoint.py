@@ -28,23 +28,23 @@ from mae.train.checkpoint_schema import (
     SCHEMA_KEYS,
     SCHEMA_VERSION,
     atomic_save,
-    load_model_state,
     nonfinite_keys,
     peek_file,
     position_of,
     refuse_nonfinite,
+    restore_model_state,
     safe_load_file,
     standing,
     state_digest,
     verify_state,
 )
-from mae.train.checkpoint_store import CheckpointStore, TrainingParts, upgrade_state
+from mae.train.checkpoint_store import CheckpointStore, TrainingParts
 from mae.train.dcp import DCPStore, is_dcp_checkpoint, read_state
 from mae.train.file_store import BEST_NAME, FileStore
 
 __all__ = ["SCHEMA_KEYS", "SCHEMA_VERSION", "STORES", "CheckpointManager", "TrainingParts", "atomic_save",
-           "load_latest", "load_model_state", "load_training_state", "nonfinite_keys", "peek", "position_of",
-           "refuse_nonfinite", "safe_load", "state_digest", "store_for", "upgrade_state", "verify_state"]
+           "load_latest", "load_training_state", "nonfinite_keys", "peek", "position_of", "refuse_nonfinite",
+           "restore_model_state", "safe_load", "state_digest", "store_for", "verify_state"]
 
 STORES: dict[str, type[CheckpointStore]] = {"file": FileStore, "dcp": DCPStore}
 """The checkpoint backends, by name: where a new backend is registered. Reading looks through all of them in this

@@ -8,7 +8,8 @@ the atomic writer. Nothing above this module is imported (only torch, safetensor
 * `safe_load_file` uses ``torch.load(weights_only=True)``: tensors and plain containers only. Reference MAE
   checkpoints also pickle an ``argparse.Namespace`` under ``'args'``; that one class is allowed, nothing else.
 * `stamp` / `verify_state`: a digest written with every training state and checked when it is read for a resume.
-* `load_model_state` loads a state dict into a module and names the keys that do not fit (another architecture).
+* `restore_model_state` restores a run's own weights into its module, naming the keys that do not fit (another
+  architecture); loading weights of the model family by its rules is `mae.models.loading.load_weights`.
 """
 
 from __future__ import annotations
@@ -24,15 +25,16 @@ from typing import Any
 
 import torch
 
-from mae.errors import CheckpointError
+from mae.errors import CheckpointError, excerpt, first_line
 from mae.files import atomic_write
 
-__all__ = ["SCHEMA_KEYS", "SCHEMA_VERSION", "atomic_save", "first_nonfinite", "load_model_state", "nonfinite_keys",
-           "peek_file", "position_of", "refuse_nonfinite", "safe_load_file", "stamp", "standing", "state_digest",
-           "verify_state"]
+__all__ = ["SCHEMA_KEYS", "SCHEMA_VERSION", "atomic_save", "first_nonfinite", "nonfinite_keys", "peek_file",
+           "position_of", "refuse_nonfinite", "restore_model_state", "safe_load_file", "stamp", "standing",
+           "state_digest", "verify_state"]
 
 SCHEMA_VERSION = 2
-"""Version of the training-checkpoint layout written by the checkpoint stores (1: before the shared run layer)."""
+"""Version of the training-checkpoint layout the checkpoint stores write and resume (an older one is refused:
+docs/checkpoints.md, "Which files are read")."""
 SCHEMA_KEYS = ("format", "version", "kind", "model", "engine", "train_state", "rng", "config", "data", "versions",
                "integrity")
 """Keys every version-2 training checkpoint has; recipe-specific metadata (``model_config``, ``classifier_config``,
@@ -86,7 +88,7 @@ def _read_file(path: Path, map_location: str | torch.device, mmap: bool = False)
                 "loaded (weights_only=True), re-save it with tensors and plain containers only"
             ) from None
         raise CheckpointError(
-            f"refused to load checkpoint '{path}': it is not a weights-only PyTorch file ({_first_line(e)}); only "
+            f"refused to load checkpoint '{path}': it is not a weights-only PyTorch file ({_torch_reason(e)}); only "
             "weights are loaded, re-save it with torch.save(state_dict)"
         ) from None
     except OSError as e:
@@ -94,12 +96,12 @@ def _read_file(path: Path, map_location: str | torch.device, mmap: bool = False)
             reason = e.strerror or str(e) or type(e).__name__
             raise CheckpointError(f"could not read checkpoint '{path}': {reason}; check its permissions") from None
         raise CheckpointError(
-            f"checkpoint '{path}' is truncated or corrupt ({_first_line(e)}); use an earlier checkpoint or "
+            f"checkpoint '{path}' is truncated or corrupt ({_torch_reason(e)}); use an earlier checkpoint or "
             "download it again"
         ) from None
     except Exception as e:  # noqa: BLE001 (the unpickler meets a file that is not a checkpoint with any error)
         raise CheckpointError(
-            f"checkpoint '{path}' is truncated or corrupt, or not a PyTorch checkpoint at all ({_first_line(e)}); "
+            f"checkpoint '{path}' is truncated or corrupt, or not a PyTorch checkpoint at all ({_torch_reason(e)}); "
             "use an earlier checkpoint or download it again"
         ) from None
     if not isinstance(obj, dict):
@@ -115,24 +117,20 @@ def _load_safetensors(path: Path, map_location: str | torch.device) -> dict[str,
         return load_file(path, device=str(map_location))
     except (SafetensorError, OSError, RuntimeError) as e:
         raise CheckpointError(
-            f"checkpoint '{path}' is truncated or corrupt ({_first_line(e)}); use an earlier file or download it again"
+            f"checkpoint '{path}' is truncated or corrupt ({_torch_reason(e)}); use an earlier file or download it "
+            "again"
         ) from None
 
 
-def _first_line(e: BaseException) -> str:
+def _torch_reason(e: BaseException) -> str:
     """The specific reason in an exception message: torch wraps it in paragraphs of generic advice."""
-    generic = (
-        "Weights only load failed",
-        "In PyTorch",
-        "(1)",
-        "(2)",
-        "Please file an issue",
-        "Check the documentation",
-    )
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    specific = [ln for ln in lines if not ln.startswith(generic)]
-    reason = (specific or lines or [""])[0].split(". This is an internal miniz error")[0][:200]
+    reason = first_line(e, _TORCH_ADVICE).split(". This is an internal miniz error")[0][:200]
     return f"{type(e).__name__}: {reason}" if reason else type(e).__name__
+
+
+_TORCH_ADVICE = ("Weights only load failed", "In PyTorch", "(1)", "(2)", "Please file an issue",
+                 "Check the documentation")
+"""How the paragraphs of generic advice that torch wraps around a load error begin."""
 
 
 # ---------------------------------------------------------------------------------------------------- integrity
@@ -175,7 +173,7 @@ def stamp(state: dict[str, Any]) -> dict[str, Any]:
 
 def verify_state(state: dict[str, Any], path: str | Path) -> None:
     """Raise CheckpointError when a checkpoint's stored digest does not match its contents (a damaged file).
-    States without a digest (files of version 1, or not written by a checkpoint store) pass."""
+    States without a digest (not written by a checkpoint store) pass."""
     stored = state.get("integrity")
     if not isinstance(stored, dict) or "sha256" not in stored:
         return
@@ -188,7 +186,7 @@ def verify_state(state: dict[str, Any], path: str | Path) -> None:
 def position_of(state: dict[str, Any]) -> tuple[int, int]:
     """(epoch, batch) where a training state stands: the epoch in progress and the batches of it already done."""
     ts = state.get("train_state")
-    if ts is None:  # an epoch-end state without the run layer's record (schema 1, or a bare state)
+    if ts is None:  # a bare state saved at an epoch's end, without the run layer's record
         return (int(state["epoch"]) + 1, 0) if isinstance(state.get("epoch"), int) else (0, 0)
     return int(ts.get("epoch", 0)), int(ts.get("batch", 0))
 
@@ -231,7 +229,7 @@ def refuse_nonfinite(obj: dict[str, Any], path: str | Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- into a module
-def load_model_state(module: torch.nn.Module, state_dict: dict[str, Any], source: str | Path) -> None:
+def restore_model_state(module: torch.nn.Module, state_dict: dict[str, Any], source: str | Path) -> None:
     """`module.load_state_dict(state_dict)` (strict), but a file of another architecture raises CheckpointError
     naming the keys whose shapes differ (file vs model), the missing and the unexpected keys."""
     own = module.state_dict()
@@ -244,9 +242,9 @@ def load_model_state(module: torch.nn.Module, state_dict: dict[str, Any], source
     if mismatched or missing or unexpected:
         parts = mismatched[:3] + ([f"... ({len(mismatched) - 3} more)"] if len(mismatched) > 3 else [])
         if missing:
-            parts.append(f"missing from the file: {_few(missing)}")
+            parts.append(f"missing from the file: {excerpt(missing)}")
         if unexpected:
-            parts.append(f"not in the model: {_few(unexpected)}")
+            parts.append(f"not in the model: {excerpt(unexpected)}")
         raise CheckpointError(f"'{source}' does not fit the model (another architecture?): {'; '.join(parts)}; "
                               "use the model settings of the run that wrote it")
     module.load_state_dict(state_dict)
@@ -254,7 +252,3 @@ def load_model_state(module: torch.nn.Module, state_dict: dict[str, Any], source
 
 def _shape(value: Any) -> str:
     return str(list(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
-
-
-def _few(keys: list[str], n: int = 4) -> str:
-    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")

@@ -23,14 +23,14 @@ import torch
 from torch import nn
 
 from mae.errors import CheckpointError, TrainingError
-from mae.train.checkpoint_formats import FORMAT_BY_KIND, KIND_BY_FORMAT
+from mae.train.checkpoint_formats import KIND_BY_FORMAT
 from mae.train.checkpoint_schema import SCHEMA_VERSION
 
 if TYPE_CHECKING:
     from mae.train.engine import Engine
 
-__all__ = ["CheckpointStore", "TrainingParts", "nonfinite_save_error", "run_record", "single_file_state",
-           "upgrade_state"]
+__all__ = ["CheckpointStore", "TrainingParts", "nonfinite_save_error", "refuse_old_schema", "run_record",
+           "single_file_state"]
 
 
 @dataclass
@@ -60,31 +60,15 @@ def single_file_state(record: dict[str, Any], *, model: dict[str, Any], engine: 
     return {**record, "model": model, "engine": engine, **extra}
 
 
-def upgrade_state(state: dict[str, Any]) -> dict[str, Any]:
-    """A training checkpoint of schema version 1 (epoch-end checkpoints, each recipe's own keys for the best metric)
-    rewritten in version 2's layout, so that runs started by an older version of the library resume."""
-    if state.get("version", 1) >= SCHEMA_VERSION or state.get("format") not in KIND_BY_FORMAT:
-        return state
-    if "engine" not in state or "epoch" not in state:
-        raise CheckpointError("a version-1 checkpoint without 'engine' or 'epoch' cannot be resumed; start a new run "
-                              "from its weights instead (checkpoint=... for fine-tuning)")
-    fmt = state["format"]
-    if fmt == FORMAT_BY_KIND["pretrain"]:
-        best = {"name": "loss", "mode": "min", "value": state.get("best_loss"), "epoch": None}
-    elif fmt == FORMAT_BY_KIND["classify"]:
-        best = {"name": "top1", "mode": "max", "value": state.get("best_top1"), "epoch": state.get("best_epoch")}
-    else:
-        best = {"name": None, "mode": "max", "value": state.get("best"), "epoch": state.get("best_epoch")}
-    renamed = {"loss": "epoch_loss", "train_loss": "epoch_loss", "seconds": "epoch_seconds"}
-    history = [{renamed.get(k, k): v for k, v in h.items()} for h in state.get("history", [])]
-    engine = dict(state["engine"])
-    engine.setdefault("skipped_total", engine.pop("nonfinite_total", 0))
-    upgraded = {k: v for k, v in state.items() if k not in ("best_loss", "best_top1", "best", "best_epoch", "epoch")}
-    upgraded.update(version=SCHEMA_VERSION, kind=KIND_BY_FORMAT[fmt], engine=engine, rng=state.get("rng"),
-                    config=state.get("config"), data=None, versions=None,
-                    train_state={"epoch": int(state["epoch"]) + 1, "batch": 0, "history": history,
-                                 "best": best, "partial": None, "skipped_epochs": []})
-    return upgraded
+def refuse_old_schema(state: dict[str, Any], path: str | Path) -> None:
+    """Raise CheckpointError for a training checkpoint of an older schema (version 1, written before the shared run
+    layer, has no ``version`` key): this version resumes only what it writes. Its weights still load (docs/
+    checkpoints.md, "Which files are read")."""
+    version = state.get("version", 1)
+    if state.get("format") in KIND_BY_FORMAT and isinstance(version, int) and version < SCHEMA_VERSION:
+        raise CheckpointError(f"'{path}' is a training checkpoint of schema version {version}, which this version of "
+                              f"mae no longer resumes (it resumes version {SCHEMA_VERSION}); its weights still load: "
+                              f"start a new run from them (checkpoint={path}) or convert them with mae convert")
 
 
 def nonfinite_save_error(bad: str, epoch: int | None, directory: Path) -> TrainingError:

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from torch.distributed.fsdp import FSDPModule
 
 from mae.errors import TrainingError
-from mae.train.logging import MetricsLogger, progress
+from mae.train.metrics_log import MetricsLogger, progress
 from mae.train.precision import autocast_context, make_grad_scaler
 from mae.train.schedule import apply_lr, lr_at
 

@@ -27,8 +27,8 @@ from mae.files import atomic_write, fsync_dir, is_stale_temporary
 from mae.train.checkpoint_schema import (
     atomic_save,
     first_nonfinite,
-    load_model_state,
     position_of,
+    restore_model_state,
     safe_load_file,
     stamp,
     verify_state,
@@ -37,8 +37,8 @@ from mae.train.checkpoint_store import (
     CheckpointStore,
     TrainingParts,
     nonfinite_save_error,
+    refuse_old_schema,
     single_file_state,
-    upgrade_state,
 )
 from mae.train.distributed import is_main
 
@@ -140,11 +140,20 @@ class FileStore(CheckpointStore):
 
     @classmethod
     def _try_read(cls, path: Path, map_location: str | torch.device) -> dict[str, Any] | None:
+        """`read`, but a damaged file is passed over with a warning (None); one of an older schema still raises."""
         try:
-            return cls.read(path, map_location)
+            state = cls._read_verified(path, map_location)
         except CheckpointError as e:
             warnings.warn(f"skipping damaged checkpoint '{path}': {e}", stacklevel=5)
             return None
+        refuse_old_schema(state, path)
+        return state
+
+    @classmethod
+    def _read_verified(cls, path: str | Path, map_location: str | torch.device) -> dict[str, Any]:
+        state = safe_load_file(path, map_location)
+        verify_state(state, path)
+        return state
 
     @classmethod
     def holds(cls, path: str | Path) -> bool:
@@ -152,16 +161,16 @@ class FileStore(CheckpointStore):
 
     @classmethod
     def read(cls, path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-        """A checkpoint file read safely, verified against its digest and upgraded to the current schema."""
-        state = safe_load_file(path, map_location)
-        verify_state(state, path)
-        return upgrade_state(state)
+        """A checkpoint file read safely and verified against its digest; one of an older schema is refused."""
+        state = cls._read_verified(path, map_location)
+        refuse_old_schema(state, path)
+        return state
 
     @classmethod
     def restore(cls, path: str | Path, state: dict[str, Any], parts: TrainingParts) -> None:
         """The state's weights into the model (a file of another architecture is named), the engine's state, and
         each extra module the file holds."""
-        load_model_state(parts.model, state["model"], path)
+        restore_model_state(parts.model, state["model"], path)
         parts.engine.load_state_dict(state["engine"])
         for key, module in parts.extra.items():
             if state.get(key) is not None:

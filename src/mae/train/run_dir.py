@@ -2,8 +2,9 @@
 every command.
 
 * `guard_fresh_start` refuses to start a new run in a folder that holds a previous one (or clears it, with
-  ``overwrite``); `RunLock` is an OS file lock (``.lock``) held for the run's lifetime, released on any exit (the
-  kernel drops it when the process dies, so a stale lock of a dead process is simply taken over).
+  ``overwrite``): `mae.files.guard_folder`, the check of every command's output folder, told what a run's files are;
+  `RunLock` is an OS file lock (``.lock``) held for the run's lifetime, released on any exit (the kernel drops it
+  when the process dies, so a stale lock of a dead process is simply taken over).
 * ``run.json`` says where the run stands: ``running``, ``interrupted`` (stopped by a signal after a checkpoint),
   ``failed`` or ``finished``, the newest checkpoint and the run's result file.
 * `resolve_run` is the one rule for reading a run directory, used by every command that takes one (``mae
@@ -19,7 +20,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import socket
 import sys
 import time
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mae.errors import CheckpointError, ConfigError, OutputError
-from mae.files import fix_for, pid_alive, reason_of, write_json
+from mae.files import fix_for, guard_folder, pid_alive, reason_of, write_json
 from mae.train.checkpoint import load_latest
 
 if TYPE_CHECKING:
@@ -58,21 +58,15 @@ def _previous_run_files(out: Path) -> list[str]:
 
 def guard_fresh_start(out: Path, overwrite: bool) -> None:
     """Before a new run (no resume) in `out`: refuse if it holds a previous run, or, with `overwrite`, remove that
-    run's files. Refusing changes nothing on disk."""
-    found = _previous_run_files(out)
-    if not found:
-        return
-    if not overwrite:
-        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
-        raise ConfigError(f"'{out}' holds a previous run ({shown}); continue it with --resume auto, or choose a new "
-                          f"--output-dir (--overwrite deletes that run and starts again)")
-    for name in found:
-        path = out / name.rstrip("/")
-        if path.is_dir() and not path.is_symlink():  # checkpoint-last / -best of an fsdp run are links
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    _log.warning("--overwrite: removed the previous run in '%s' (%d files)", out, len(found))
+    run's files (nothing else in the folder is touched). Refusing changes nothing on disk."""
+
+    def refusal(shown: str) -> ConfigError:
+        return ConfigError(f"'{out}' holds a previous run ({shown}); continue it with --resume auto, or choose a new "
+                           f"--output-dir (--overwrite deletes that run and starts again)")
+
+    removed = guard_folder(out, overwrite, _previous_run_files, refusal, remove=True)
+    if removed:
+        _log.warning("--overwrite: removed the previous run in '%s' (%d files)", out, len(removed))
 
 
 class RunLock:

@@ -1,6 +1,7 @@
 """The one outer loop of every training recipe (pre-training, fine-tuning / partial / from scratch, linear probing,
 detection, segmentation, the demo's stages): resume, epochs, evaluation, the best metric, checkpoints, preemption and
-the per-epoch log line. Recipes differ in what they build (model, data, loss, evaluation), never in this loop.
+the per-epoch log line. Recipes differ in what they build (model, data, loss, evaluation), never in this loop: they
+fill a `mae.train.spec.TrainSpec`, and `mae.train.spec.run_training`, the one place that drives this class, does:
 
     with start_run(cfg, dist, kind="classify") as run:
         engine = build_engine(run, model, groups, optimizer="adamw", base_lr=1e-3, updates_per_epoch=len(loader))
@@ -40,7 +41,7 @@ from mae.train.checkpoint_store import TrainingParts, run_record
 from mae.train.distributed import all_gather_objects
 from mae.train.engine import Engine, EpochProgress, LRSchedule
 from mae.train.fsdp import checkpoint_backend, distribute, replicate
-from mae.train.logging import MetricsLogger, truncate_metrics
+from mae.train.metrics_log import MetricsLogger, truncate_metrics
 from mae.train.optim import build_optimizer
 from mae.train.preemption import SignalStop
 from mae.train.rng import capture_rng_state, restore_rng_state
@@ -82,6 +83,8 @@ class TrainResult:
     train_seconds: float  # of this session
     skipped_updates: int
     skipped_epochs: list[int]  # epochs with updates skipped for a non-finite loss (never the best)
+    best_path: Path  # checkpoint-best.pth, or the checkpoint-best DCP link under fsdp
+    last_path: Path  # the newest checkpoint the run wrote
     last: dict = field(default_factory=dict)  # the last epoch's record
 
 
@@ -336,7 +339,8 @@ class Trainer:
                       "--allow-config-change to train longer)", cfg.epochs)
         return TrainResult(history=self.history, best=dict(self.best_state), updates=engine.step,
                            train_seconds=time.perf_counter() - t_start, skipped_updates=engine.skipped_total,
-                           skipped_epochs=self.skipped_epochs, last=self.history[-1] if self.history else {})
+                           skipped_epochs=self.skipped_epochs, best_path=self.manager.best_path,
+                           last_path=self.manager.last_path, last=self.history[-1] if self.history else {})
 
     def _run_epoch(self, epoch: int, batch: int, partial: EpochProgress | None, epoch_times: list[float]) -> None:
         run, cfg, engine = self.run, self.run.cfg, self.engine

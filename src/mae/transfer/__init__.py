@@ -22,7 +22,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "backbone": ("ViTPyramid", "RelativePositionBias", "build_backbone", "load_encoder", "encoder_arch",
+    "backbone": ("ViTPyramid", "RelativePositionBias", "build_backbone", "encoder_arch",
                  "backbone_layer_id", "backbone_param_groups"),
     "detection": ("ViTFPN", "build_mask_rcnn", "CocoInstances", "collate_detection", "detections_to_coco",
                   "coco_eval", "evaluate_coco"),
@@ -36,8 +36,7 @@ __all__ = [
     "SegmentationTransform", "Segmenter", "SyntheticDataset", "SyntheticSpec", "UperNetHead", "ViTFPN", "ViTPyramid",
     "backbone_layer_id", "backbone_param_groups", "build_backbone", "build_mask_rcnn", "coco_eval",
     "collate_detection", "confusion_matrix", "detections_to_coco", "encoder_arch", "evaluate_coco",
-    "evaluate_segmentation", "generate_synthetic", "load_encoder", "segmentation_loss",
-    "segmentation_metrics",
+    "evaluate_segmentation", "generate_synthetic", "segmentation_loss", "segmentation_metrics",
 ]
 
 

@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 from mae.errors import ConfigError
 from mae.interop import read_encoder
 from mae.models import model_config
-from mae.models.loading import LoadReport, load_weights
+from mae.models.loading import LoadReport, WeightRules, load_weights, register_weight_rules
 from mae.models.mae import MAEConfig, init_linear_and_norm
 from mae.models.pos_embed import resize_pos_embed, sincos_2d
 from mae.train.optim import default_layer_id, param_groups
@@ -196,16 +196,12 @@ class ViTPyramid(nn.Module):
             for rpb in self.rel_pos_bias:
                 nn.init.zeros_(rpb.relative_position_bias_table)  # type: ignore[arg-type]  # Module.__getattr__ gives Tensor | Module
 
-    def new_parameter_prefixes(self) -> tuple[str, ...]:
-        """Key prefixes of the modules an MAE checkpoint does not have (they keep their initialisation)."""
-        return ("rel_pos_bias.", "out_norms.", "resample.")
-
     def no_weight_decay(self) -> set[str]:
         """Parameters never decayed (as the reference's fine-tuning: tokens, positions, relative bias tables)."""
         return {"cls_token", "pos_embed", "rel_pos_bias.*"}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute block activations in the backward pass (less memory, ~30% more compute)."""
+        """Recompute block activations in the backward pass (less memory, one more forward pass of each block)."""
         self.grad_checkpointing = enable
 
     # ---------------------------------------------------------------- forward
@@ -255,6 +251,10 @@ class ViTPyramid(nn.Module):
         if self.pyramid == "simple":
             maps = maps * len(self.strides)
         return OrderedDict((name, op(m)) for name, op, m in zip(self.feature_names, self.resample, maps, strict=False))
+
+
+# The modules an MAE checkpoint does not have keep their initialisation (`mae.models.loading.load_weights`).
+register_weight_rules(ViTPyramid, WeightRules(new_prefixes=("rel_pos_bias.", "out_norms.", "resample.")))
 
 
 def default_out_indices(depth: int, pyramid: str, feature_blocks: str = "quarters") -> tuple[int, ...]:
@@ -308,21 +308,6 @@ def encoder_arch(config: MAEConfig) -> dict[str, Any]:
     return {k: getattr(config, k) for k in ARCH_FIELDS}
 
 
-def load_encoder(backbone: ViTPyramid, state_dict: Mapping[str, torch.Tensor],
-                 source_grid: tuple[int, ...] | None = None, source: str = "state_dict") -> LoadReport:
-    """Copy an MAE encoder (our / reference key names) into ``backbone`` by the rules of `mae.models.loading`: the
-    pyramid's new modules (`ViTPyramid.new_parameter_prefixes`) start fresh, decoder and classifier keys are not
-    used, a position table of another grid (``source_grid``, default: square) is resized bicubically; another
-    architecture raises CheckpointError."""
-    report = load_weights(backbone, state_dict, source=source, new_prefixes=backbone.new_parameter_prefixes(),
-                          source_grid=source_grid)
-    if any(k.startswith("norm.") for k in report.missing):
-        warnings.warn(f"{source} is a fine-tuned classifier (fc_norm, no final norm): the backbone's last norm "
-                      f"keeps its initialisation", stacklevel=2)
-    _log.info("backbone: %s", report.describe())
-    return report
-
-
 def build_backbone(checkpoint: str | Path | None = None, *, model_name: str | None = None, pretrained: bool = True,
                    img_size: int | Sequence[int] | None = None, arch_overrides: Mapping[str, Any] | None = None,
                    **pyramid_kwargs: Any) -> tuple[ViTPyramid, LoadReport | None]:
@@ -352,7 +337,14 @@ def build_backbone(checkpoint: str | Path | None = None, *, model_name: str | No
                           **pyramid_kwargs)
     if not pretrained or source is None:
         return backbone, None
-    return backbone, load_encoder(backbone, source.state_dict, config.grid_size, source.label)
+    # the MAE encoder by the family's rules: the pyramid's new modules start fresh, decoder and classifier keys are
+    # not used, a position table of another grid is resized bicubically; another architecture raises
+    report = load_weights(backbone, source.state_dict, source=source.label, source_grid=config.grid_size)
+    if any(k.startswith("norm.") for k in report.missing):
+        warnings.warn(f"{source.label} is a fine-tuned classifier (fc_norm, no final norm): the backbone's last norm "
+                      f"keeps its initialisation", stacklevel=2)
+    _log.info("backbone: %s", report.describe())
+    return backbone, report
 
 
 # ---------------------------------------------------------------------------------------------------- lr decay

@@ -28,14 +28,12 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.transforms.functional import pil_to_tensor
 
+from mae.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from mae.errors import DataError
 from mae.train.precision import autocast_context
 from mae.transfer.backbone import ViTPyramid
 
 _log = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ViTFPN(nn.Module):

@@ -27,14 +27,13 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms.functional import pil_to_tensor
 
+from mae.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from mae.errors import ConfigError, DataError
 from mae.train.precision import autocast_context
 from mae.transfer.backbone import ViTPyramid
 
 _log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 NORMS = ("bn", "gn")
 INFERENCE = ("whole", "slide")
 SCHEDULES = ("cosine", "poly")

@@ -15,14 +15,11 @@ from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from mae.data.device_decode import EncodedJpeg
-from mae.data.folders import UNLABELED, ImageDataset, to_mode
+from mae.data.folders import DECODE_MODES, IMAGE_MODES, JPEG_EXTENSIONS, UNLABELED, ImageDataset, to_mode
 from mae.data.shards.index import ShardSet, resolve_shards
 from mae.data.shards.members import LABEL_EXTENSION, Sample, image_extension, parse_label, read_member_table
 from mae.errors import DataError
 
-JPEG_EXTENSIONS = ("jpg", "jpeg")
-DECODERS = ("tensor", "pil", "encoded")
-MODES = ("RGB", "L")
 _OPEN_FILES = 8  # open shard files per process (the reader moves through one or two shards at a time)
 _TABLES = 64  # member tables kept per process
 
@@ -45,10 +42,11 @@ class ShardDataset(ImageDataset):
 
     def __init__(self, shards: ShardSet, transform: Callable | None = None, mode: str = "RGB",
                  decode: str = "tensor", strict: bool = False):
-        if mode not in MODES:
-            raise DataError(f"image mode '{mode}' is not supported; use one of {', '.join(MODES)}")
-        if decode not in DECODERS:
-            raise DataError(f"image decoder '{decode}' is not supported for shards; use one of {', '.join(DECODERS)}")
+        if mode not in IMAGE_MODES:
+            raise DataError(f"image mode '{mode}' is not supported; use one of {', '.join(IMAGE_MODES)}")
+        if decode not in DECODE_MODES:
+            raise DataError(f"image decoder '{decode}' is not supported for shards; use one of "
+                            f"{', '.join(DECODE_MODES)}")
         self.shards, self.transform, self.mode, self.decode, self.strict = shards, transform, mode, decode, strict
         self.starts = shards.starts
         self.classes = list(shards.classes)
@@ -167,7 +165,7 @@ class ShardDataset(ImageDataset):
                     raise ValueError(f"a {f.format} image; decoding on the GPU reads JPEGs only")
                 width, height = f.size
             return EncodedJpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), height, width)
-        if self.decode == "tensor" and ext in JPEG_EXTENSIONS:
+        if self.decode == "tensor" and f".{ext}" in JPEG_EXTENSIONS:
             try:
                 read_mode = ImageReadMode.GRAY if self.mode == "L" else ImageReadMode.RGB
                 return tv_tensors.Image(decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
