@@ -183,6 +183,7 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
         if not (math.isfinite(ratio) and 0 <= ratio < 1):
             raise ConfigError(f"--mask-ratio must be in [0, 1) (the share of patches hidden), got {ratio}")
     check_new_file(args.out, args.overwrite)
+    data, images, mean, std = _image_source(args)
     ckpt = read_checkpoint(args.checkpoint)
     if not has_decoder(ckpt.state_dict):
         # imported here, not at the top: `mae --help` stays fast
@@ -191,17 +192,9 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
         what = describe(ckpt.path, fallback=f"{ckpt.label} holds the encoder only") if ckpt.path else ckpt.label
         raise MAEError(f"{what}: it has no MAE decoder, so its reconstructions would come from a random decoder; "
                        f"pass a full pre-training checkpoint (a pre-training run directory or its model.safetensors)")
-    model = load_model(ckpt.path)  # type: ignore[arg-type]  # read_checkpoint sets path (a file read from disk)
-    data, mean, std = args.data, None, None
-    config_file = _run_config_file(args.checkpoint)
-    if config_file is not None:
-        saved = _run_data_settings(config_file)
-        data = data or saved.path
-        mean, std = saved.mean, saved.std
-    if not data:
-        raise MAEError("no dataset to draw from: pass --data (e.g. --data builtin:mnist5k)")
+    model = load_model(ckpt)
     out = save_reconstructions(model, data, args.out, mask_ratios=args.mask_ratio, num_images=args.num_images,
-                               mean=mean, std=std, seed=args.seed)
+                               mean=mean, std=std, seed=args.seed, images=images)
     print(f"reconstructions: {out}")
     return 0
 
@@ -211,15 +204,57 @@ def _check_num_images(n: int) -> None:
         raise ConfigError(f"--num-images must be at least 1, got {n}")
 
 
-def _run_data_settings(config_file):
-    """The data section of a pre-training run's config.yaml, read by the config loader (safe YAML: a Python tag is an
-    error, never run; every key checked against `PretrainConfig`). Errors name the file."""
+def _add_image_flags(p: argparse.ArgumentParser) -> None:
+    """--data and --images: which images a command that draws pictures draws, the same on each (`_image_source`)."""
+    p.add_argument("--data", metavar="FOLDER", help="draw images of this dataset's validation split: a folder or "
+                   "builtin:<name> (default: the run's own dataset, read from its config.yaml); not with --images")
+    p.add_argument("--images", nargs="+", metavar="IMAGE", help="draw these image files, of any size and mode (a "
+                   "folder: every image below it); not with --data")
+
+
+def _image_source(args: argparse.Namespace):
+    """(data, images, mean, std) of a drawing command: its --data or its --images (one line when both are given),
+    else the dataset of the run its checkpoint belongs to; that run's normalisation either way."""
+    if args.data is not None and args.images is not None:
+        raise ConfigError("--data and --images both choose the images to draw; pass one of them")
+    if args.images is not None:
+        # imported here, not at the top: `mae --help` stays fast
+        from mae.viz.images import image_files
+
+        image_files(args.images)  # a missing file is named now, before the checkpoint loads
+    saved = _run_data(args.checkpoint)
+    data = args.data
+    if data is None and args.images is None:
+        if saved is None or not saved.path:
+            raise MAEError("no images to draw: pass --data FOLDER (or builtin:<name>) or --images FILE ...")
+        data = saved.path
+    return data, args.images, getattr(saved, "mean", None), getattr(saved, "std", None)
+
+
+def _run_data(checkpoint: str):
+    """The data section of the run whose folder holds `checkpoint` (its config.yaml), or None: a checkpoint outside
+    a run folder, a released model's name (no folder), or a run of a command without image data settings."""
+    # imported here, not at the top: `mae --help` stays fast
+    from pathlib import Path
+
+    from mae.train.checkpoint_kinds import kind_of
+
+    config_file = _run_config_file(checkpoint) if Path(checkpoint).expanduser().exists() else None
+    if config_file is None:
+        return None
+    kind = kind_of(config_file.parent)
+    command = "pretrain" if kind is None or kind.command is None else kind.command
+    return _run_data_settings(config_file, command) if command in ("pretrain", "finetune", "linprobe") else None
+
+
+def _run_data_settings(config_file, command: str = "pretrain"):
+    """The data section of a run's config.yaml, read by the config loader (safe YAML: a Python tag is an error, never
+    run; every key checked against the config of `command`, the run that wrote it). Errors name the file."""
     # imported here, not at the top: `mae --help` stays fast
     from mae.config import load_config
-    from mae.recipes.pretrain import PretrainConfig
 
     try:
-        return load_config(PretrainConfig, config_file).data
+        return load_config(_import(CONFIG_COMMANDS[command][1]), config_file).data
     except ConfigError as e:
         if str(config_file) in str(e):
             raise
@@ -287,7 +322,9 @@ def _cmd_attention(args: argparse.Namespace) -> int:
 
     _check_num_images(args.num_images)
     check_new_file(args.out, args.overwrite)
-    out = save_attention_maps(load_pretrained_model(args.checkpoint), args.images, args.out, limit=args.num_images)
+    data, images, mean, std = _image_source(args)
+    out = save_attention_maps(load_pretrained_model(args.checkpoint), images, args.out, limit=args.num_images,
+                              data=data, mean=mean, std=std)
     print(f"attention maps: {out}")
     return 0
 
@@ -309,6 +346,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     elif args.check:
         print("onnxruntime is not installed: the export was not checked (pip install onnxruntime)")
     return 0
+
+
+def _cmd_weights(args: argparse.Namespace) -> int:
+    # imported here, not at the top: `mae --help` stays fast
+    from mae.weights.commands import run_command
+
+    return run_command(args.action, args.names, print, lambda line: print(line, file=sys.stderr))
 
 
 def _one_line(e: BaseException) -> str:
@@ -347,12 +391,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "visualize", "draw reconstructions (paper Figures 2 and 4)",
         "Draw a grid of reconstructions: for each mask ratio the masked input, the model's reconstruction and the "
         "reconstruction with the visible patches pasted back, then the original. Images come from the validation "
-        "split of --data (default: the run's own dataset, read from its config.yaml).",
+        "split of --data or from the files of --images (default: the run's own dataset, read from its config.yaml).",
         "  mae visualize runs/tiny\n"
         "  mae visualize runs/tiny --mask-ratio 0.5 0.75 0.9 --num-images 4 --out recon.png\n"
-        "  mae visualize mae_pretrain_vit_base.pth --data /data/imagenet --seed 1")
+        "  mae visualize mae_pretrain_vit_base.pth --data /data/imagenet --seed 1\n"
+        "  mae visualize mae_pretrain_vit_large.pth --images my_photo.jpg --out recon.png")
     p.add_argument("checkpoint", help="a pre-training run directory or any MAE checkpoint file the library reads")
-    p.add_argument("--data", help="dataset to draw images from: a folder or builtin:<name> (default: the run's)")
+    _add_image_flags(p)
     p.add_argument("--mask-ratio", type=float, nargs="+", default=[0.75], metavar="RATIO",
                    help="one or more mask ratios, one group of columns each (default: 0.75)")
     p.add_argument("--num-images", type=int, default=8, metavar="N", help="rows of the grid (default: 8)")
@@ -413,12 +458,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p = command_parser(
         "attention", "draw the class token's attention of the last block over images",
         "For each image: the image, then the class token's attention weights in the encoder's last block for each "
-        "head, then their mean over heads, drawn over the image (no masking).",
+        "head, then their mean over heads, drawn over the image (no masking). Images come from the files of --images "
+        "or from the validation split of --data (default: the run's own dataset, read from its config.yaml).",
         "  mae attention runs/tiny --images digit.png --out attention.png\n"
-        "  mae attention mae_pretrain_vit_base.pth --images photos/ --num-images 4 --out attn.png")
+        "  mae attention mae_pretrain_vit_base.pth --images photos/ --num-images 4 --out attn.png\n"
+        "  mae attention mae_pretrain_vit_base.pth --data /data/imagenet --out attn.png")
     p.add_argument("checkpoint", help="a pre-training run directory or any MAE checkpoint file the library reads")
-    p.add_argument("--images", nargs="+", required=True, metavar="IMAGE",
-                   help="image files, or folders searched recursively")
+    _add_image_flags(p)
     p.add_argument("--out", default="attention.png", metavar="FILE.png", help="where to write the PNG")
     p.add_argument("--num-images", type=int, default=8, metavar="N", help="at most this many images (default: 8)")
     p.add_argument("--overwrite", action="store_true",
@@ -440,6 +486,23 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace FILE.onnx if it exists (without it an existing file is refused)")
     p.set_defaults(handler=_cmd_export)
+
+    p = command_parser(
+        "weights", "list, download and verify the released MAE weights (official:, hf:, timm: names)",
+        "Released weights by name: `mae weights` lists the catalogue (what each holds, its target, size, licence, "
+        "whether and where it is cached); download fetches names into the cache ahead of time (official files "
+        "into $MAE_HOME, Hub repositories into the Hugging Face cache), checked against the published md5 and "
+        "recorded; verify re-reads the cache. With MAE_OFFLINE=1 nothing touches the network. docs/weights.md "
+        "has the details.",
+        "  mae weights\n"
+        "  mae weights download official:mae_pretrain_vit_base hf:facebook/vit-mae-base\n"
+        "  mae weights verify\n"
+        "  MAE_HOME=/shared/mae mae weights download official:mae_visualize_vit_large")
+    # imported here, not at the top: the actions are declared next to their code (no torch, no huggingface_hub)
+    from mae.weights.commands import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(handler=_cmd_weights)
     return parser
 
 

@@ -7,7 +7,10 @@ on each dataclass that defines it, so a run fails at start-up with one clear lin
 
     cfg = load_config(PretrainConfig, "pretrain/vit_b_800ep", ["epochs=20", "optim.betas=[0.9,0.95]"])
 
-The file may be a path or the name of a preset shipped inside the package (`mae.presets.resolve_preset`).
+The file may be a path or the name of a preset shipped inside the package (`mae.presets.resolve_preset`). A shipped
+preset is written for the paper's cluster: a worker count it sets (a field whose default is
+`mae.threads.default_workers`, e.g. ``data.num_workers: 10``) above what this machine allows is lowered to that
+default, with one log line; the same value from the command line or from the user's own file is kept.
 
 Numbers: every float setting must be finite, and a section declares the valid values of its number fields in one
 table, checked before its ``validate()`` (`Range` explains the notation):
@@ -29,6 +32,7 @@ import difflib
 import functools
 import inspect
 import itertools
+import logging
 import math
 import textwrap
 import types
@@ -40,6 +44,9 @@ from typing import Any, Literal, TypeVar, Union
 import yaml
 
 from mae.errors import ConfigError
+from mae.files import write_text
+from mae.presets import resolve_preset, shipped_name
+from mae.threads import default_workers, max_workers, usable_cpus
 
 __all__ = ["Range", "config_help", "load_config", "parse_range", "save_config", "to_dict"]
 
@@ -59,18 +66,25 @@ def load_config(cls: type[T], path: str | Path | Mapping[str, Any] | None = None
     if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
         raise TypeError(f"load_config needs a dataclass type, got {cls!r}")
     raw = _default_raw(cls)
+    preset: tuple[str, dict[str, Any]] | None = None  # (name, its keys) when the file is a shipped preset
     if isinstance(path, Mapping):  # a config stored as data (e.g. inside a checkpoint)
         raw = _merge(raw, {k: v for k, v in path.items() if k != RUN_INFO_KEY}, cls, prefix="", root=cls)
     elif path is not None:
-        from mae.presets import resolve_preset
-
         kind = cls.__module__.rsplit(".", 1)[-1] if cls.__module__.startswith("mae.recipes.") else None
         file = resolve_preset(path, kind)
-        raw = _merge(raw, _read_yaml(file), cls, prefix="", root=cls)
+        layer = _read_yaml(file)
+        raw = _merge(raw, layer, cls, prefix="", root=cls)
+        name = shipped_name(file)
+        preset = (name, layer) if name is not None else None
     if isinstance(overrides, str):  # a lone "a=b" would otherwise be split into characters
         overrides = [overrides]
+    overridden: set[str] = set()
     for item in overrides:
-        raw = _merge(raw, _parse_override(cls, item), cls, prefix="", root=cls)
+        update = _parse_override(cls, item)
+        overridden.update(_leaf_keys(update))
+        raw = _merge(raw, update, cls, prefix="", root=cls)
+    if preset is not None:
+        raw = _fit_workers_to_machine(cls, raw, preset[0], preset[1], overridden)
     cfg = _build(cls, raw, prefix="")
     _validate_tree(cfg)
     return cfg
@@ -97,8 +111,6 @@ setting, and `load_config` skips it."""
 def save_config(cfg: Any, path: str | Path, run_info: Mapping[str, Any] | None = None) -> Path:
     """Write a config (a dataclass or its resolved dict) as readable YAML that `load_config` reads back unchanged,
     atomically; `run_info` goes under the ``_run`` key (ignored when loading)."""
-    from mae.files import write_text
-
     path = Path(path)
     name = type(cfg).__name__ if dataclasses.is_dataclass(cfg) else "run config"
     header = f"# resolved {name}; load with mae.config.load_config (the {RUN_INFO_KEY} section is a record)\n"
@@ -190,6 +202,52 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(data, Mapping):
         raise ConfigError(f"config file '{path}' must hold a mapping of keys to values, got {type(data).__name__}")
     return {k: v for k, v in data.items() if k != RUN_INFO_KEY}
+
+
+def _leaf_keys(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys a nested mapping sets: ``{'data': {'num_workers': 2}}`` -> ``['data.num_workers']``."""
+    keys: list[str] = []
+    for key, value in tree.items():
+        keys += _leaf_keys(value, f"{prefix}{key}.") if isinstance(value, Mapping) and value else [f"{prefix}{key}"]
+    return keys
+
+
+def _worker_keys(cls: type, prefix: str = "") -> list[str]:
+    """Dotted keys of the fields whose default is the machine's DataLoader worker count (`default_workers`)."""
+    keys: list[str] = []
+    for f in _init_fields(cls):
+        dc = _dataclass_in(_hints(cls)[f.name])
+        if dc is not None:
+            keys += _worker_keys(dc, f"{prefix}{f.name}.")
+        elif f.default_factory is default_workers:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _fit_workers_to_machine(cls: type, raw: dict[str, Any], preset: str, layer: Mapping[str, Any],
+                            overridden: set[str]) -> dict[str, Any]:
+    """`raw` with each worker count that the shipped `preset` sets (its `layer`) above what this machine allows
+    (`max_workers`: the cluster presets ask for 10) lowered to the machine's default, saying so in one log line. A
+    value from the command line (`overridden`) or from the user's own YAML file is kept as given."""
+    for key in _worker_keys(cls):
+        value: Any = layer
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, Mapping) else None
+        if not isinstance(value, int) or isinstance(value, bool) or value <= max_workers() \
+                or any(key == o or key.startswith(f"{o}.") for o in overridden):
+            continue
+        chosen = default_workers()
+        *sections, leaf = key.split(".")
+        raw = node = dict(raw)
+        for part in sections:  # copies along the path: the caller's dicts stay as they were
+            node[part] = dict(node[part])  # a mapping: the preset set a value inside it, and no override replaced it
+            node = node[part]
+        node[leaf] = chosen
+        logging.getLogger("mae").info(
+            "preset %s sets %s=%d, more loader processes than this machine's %d usable CPUs allow (at most %d, one CPU "
+            "kept for training); using %d. Pass %s=%d on the command line to keep %d", preset, key, value,
+            usable_cpus(), max_workers(), chosen, key, value, value)
+    return raw
 
 
 def _parse_override(cls: type, item: str) -> dict[str, Any]:

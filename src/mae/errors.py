@@ -32,6 +32,11 @@ class CheckpointError(MAEError):
     """A checkpoint that is missing, truncated, unsafe or of another architecture."""
 
 
+class WeightsError(MAEError):
+    """Released weights that cannot be had by name: an unknown name, a failed or corrupt download, offline and not
+    cached (`mae.weights`)."""
+
+
 class OutputError(MAEError):
     """A file that could not be written: a full disk, a read-only folder, missing permissions."""
 

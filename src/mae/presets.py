@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mae.errors import ConfigError
 
-__all__ = ["PRESETS_DIR", "list_presets", "resolve_preset"]
+__all__ = ["PRESETS_DIR", "list_presets", "resolve_preset", "shipped_name"]
 
 PRESETS_DIR = Path(__file__).resolve().parent / "configs"
 """Where the shipped presets live (package data, present in editable and regular installs alike)."""
@@ -72,6 +72,16 @@ def resolve_preset(name_or_path: str | Path, kind: str | None = None) -> Path:
     hint = f"did you mean {hint}? " if hint else ""
     raise ConfigError(f"config '{name_or_path}' does not exist as a file and is not a shipped preset; {hint}"
                       f"pass a YAML file or a preset name (`mae presets` lists them, e.g. {_examples(kind)})")
+
+
+def shipped_name(path: str | Path) -> str | None:
+    """The name of a shipped preset ('finetune/vit_b') when `path` is one of the package's own YAML files, None for
+    any other file (the user's own)."""
+    try:
+        rel = Path(path).resolve().relative_to(PRESETS_DIR)
+    except (OSError, ValueError):
+        return None
+    return rel.with_suffix("").as_posix() if rel.suffix in _SUFFIXES else None
 
 
 def _file_of(name: str) -> Path:

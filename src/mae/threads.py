@@ -21,7 +21,7 @@ import os
 from collections.abc import MutableMapping
 from pathlib import Path
 
-__all__ = ["busy_cpus", "configure", "default_workers", "usable_cpus"]
+__all__ = ["busy_cpus", "configure", "default_workers", "max_workers", "usable_cpus"]
 
 
 def usable_cpus() -> int:
@@ -93,9 +93,15 @@ def configure(environ: MutableMapping[str, str] | None = None, busy: float | Non
     return chosen
 
 
-def default_workers(environ: MutableMapping[str, str] | None = None) -> int:
-    """DataLoader workers per process when the config leaves it to us: the usable CPUs of this process's share of
-    the node, less one for the training thread, at most 8 (0 on a 1-CPU share: load in the main process)."""
+def max_workers(environ: MutableMapping[str, str] | None = None) -> int:
+    """The most DataLoader workers this machine allows a process: the usable CPUs of this process's share of the
+    node, less one for the training thread (0 on a 1-CPU share). A shipped preset's larger value is lowered to
+    `default_workers` (`mae.config.load_config`); a value the user sets is kept."""
     environ = os.environ if environ is None else environ
-    share = usable_cpus() // _local_processes(environ)
-    return max(0, min(8, share - 1))
+    return max(0, usable_cpus() // _local_processes(environ) - 1)
+
+
+def default_workers(environ: MutableMapping[str, str] | None = None) -> int:
+    """DataLoader workers per process when the config leaves it to us: `max_workers`, at most 8 (0 on a 1-CPU
+    share: load in the main process)."""
+    return min(8, max_workers(environ))

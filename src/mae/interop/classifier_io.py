@@ -28,9 +28,11 @@ from mae.train.checkpoint import safe_load
 from mae.train.checkpoint_formats import FORMAT_BY_KIND
 from mae.train.checkpoint_kinds import describe
 from mae.train.dcp import is_dcp_checkpoint, read_meta
-from mae.train.run_dir import is_run_dir, resolve_run
+from mae.train.run_dir import is_run_dir, local_path, released_weights, resolve_run
+from mae.weights import ResolvedWeights
 
-__all__ = ["CLASSIFIER_FORMAT", "classifier_state", "is_classifier_checkpoint", "load_classifier"]
+__all__ = ["CLASSIFIER_FORMAT", "classifier_state", "imagenet_class_names", "is_classifier_checkpoint",
+           "load_classifier", "released_class_names"]
 
 CLASSIFIER_FORMAT = FORMAT_BY_KIND["classify"]
 """The ``format`` entry of the checkpoints of the classification recipes (finetune, linprobe)."""
@@ -52,8 +54,11 @@ def load_classifier(path: str | Path, img_size: int | tuple[int, int] | None = N
     another resolution (the position table is interpolated, bicubic). ``use_ema`` None takes the EMA weights of a run
     checkpoint when they were the best. ``model_name`` picks the architecture of files that store none; one that
     contradicts a stored architecture is a warning (`mae.interop.infer.check_model_name`), or an error with
-    ``strict_name``. Returns (model in eval mode, its config, class names or None)."""
-    path = resolve_run(path)
+    ``strict_name``. A released-weights name (``official:mae_finetuned_vit_base``) reads as its cached file; a
+    1000-class release comes with the ImageNet-1k class names (`imagenet_class_names`). Returns (model in eval mode,
+    its config, class names or None)."""
+    weights = released_weights(path)
+    path = resolve_run(weights.path if weights is not None else path)
     names: list[str] | None = None
     config: ClassifierConfig | None
     if path.is_dir() and (path / "config.json").is_file():
@@ -88,6 +93,8 @@ def load_classifier(path: str | Path, img_size: int | tuple[int, int] | None = N
         if config is None:
             config = _infer_classifier_config(sd, path, model_name)
             model_name = None  # it chose the architecture: nothing to contradict
+    if names is None and weights is not None:
+        names = released_class_names(weights, config.num_classes)
     check_model_name(config, model_name, f"'{path}'", strict=strict_name)
     stored_grid = config.grid_size
     if img_size is not None:
@@ -100,6 +107,22 @@ def load_classifier(path: str | Path, img_size: int | tuple[int, int] | None = N
         raise CheckpointError(f"'{path}' does not fit the classifier it describes: missing {short_list(missing)}; "
                               f"unexpected {short_list(unexpected)}")
     return model.eval(), config, names
+
+
+def released_class_names(weights: ResolvedWeights, num_classes: int) -> list[str] | None:
+    """The class names of a released classifier: the ImageNet-1k WordNet ids (the class folder names of ImageNet,
+    so `mae evaluate` matches them to an ImageNet val folder by name) for a 1000-class head; else None."""
+    entry = weights.entry
+    if num_classes == 1000 and (entry is None or entry.num_classes == 1000):
+        return imagenet_class_names()
+    return None
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1000 ImageNet-1k class ids in the order of the released classifiers' outputs, as timm ships them."""
+    from timm.data import ImageNetInfo  # timm is slow to import: only a released classifier needs its class list
+
+    return [str(n) for n in ImageNetInfo("imagenet-1k").label_names()]
 
 
 def _infer_classifier_config(sd: dict[str, torch.Tensor], path: Path, model_name: str | None) -> ClassifierConfig:
@@ -116,8 +139,9 @@ def _infer_classifier_config(sd: dict[str, torch.Tensor], path: Path, model_name
 
 def is_classifier_checkpoint(path: str | Path) -> bool:
     """True for a classifier: a ``mae-classifier`` checkpoint or its run directory, a transformers
-    ``ViTForImageClassification`` directory, or weights with a ``head.*`` (timm / reference fine-tuned files)."""
-    path = Path(path).expanduser()
+    ``ViTForImageClassification`` directory, or weights with a ``head.*`` (timm / reference fine-tuned files); a
+    released-weights name is looked at in its cached file."""
+    path = local_path(path)
     if is_run_dir(path):
         try:
             path = resolve_run(path)  # the one rule for what a run directory means

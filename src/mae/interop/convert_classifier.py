@@ -19,7 +19,7 @@ from mae.errors import ConfigError, OutputError
 from mae.files import check_new_file, check_output_folder
 from mae.interop.classifier_export import save_hf_classifier, save_timm_classifier, to_timm_classifier_state_dict
 from mae.interop.classifier_io import is_classifier_checkpoint, load_classifier
-from mae.interop.hub_metadata import read_run_config, run_facts
+from mae.interop.hub_metadata import read_run_config, run_facts, weights_licence
 from mae.interop.huggingface import HF_CONFIG_NAME, config_from_hf, write_hf_metadata
 from mae.interop.loading import convert
 from mae.train.checkpoint import atomic_save
@@ -88,6 +88,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str, model_name: st
 
 def _convert_weights(src: str | Path, dst: str | Path, to: str, classifier: bool | None, model_name: str | None,
                      license: str) -> Path:
+    if license == "unknown":  # released weights (or a run started from them) carry their own licence
+        license = weights_licence(src) or license
     if classifier is None:
         classifier = is_classifier_checkpoint(src)
     if classifier:

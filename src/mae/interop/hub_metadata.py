@@ -17,15 +17,20 @@ from typing import Any
 
 import yaml
 
+from mae.config import RUN_INFO_KEY
 from mae.data.transforms import eval_preprocessing
 from mae.files import write_text
+from mae.weights import is_weights_name, resolve_weights
 
-__all__ = ["PREPROCESSOR_NAME", "README_NAME", "model_card", "preprocessor_config", "read_run_config", "run_facts",
-           "write_hub_metadata"]
+__all__ = ["PREPROCESSOR_NAME", "README_NAME", "WEIGHTS_KEY", "model_card", "preprocessor_config", "read_run_config",
+           "recorded_weights", "run_facts", "weights_facts", "weights_licence", "write_hub_metadata"]
 
 PREPROCESSOR_NAME = "preprocessor_config.json"
 README_NAME = "README.md"
 PAPER = "Masked Autoencoders Are Scalable Vision Learners (He et al., 2021), https://arxiv.org/abs/2111.06377"
+WEIGHTS_KEY = "weights"
+"""The key of the run record (config.yaml's ``_run``) under which a run started from released weights keeps their
+provenance."""
 LICENSE_NOTE = ("The license of these weights depends on their pre-training data and on the checkpoint they came "
                 "from (the reference MAE release is CC-BY-NC 4.0); 'unknown' until you set it (`--license`).")
 
@@ -53,7 +58,9 @@ def preprocessor_config(img_size: int | Sequence[int], in_chans: int, crop_pct: 
 
 def read_run_config(path: str | Path) -> dict[str, Any]:
     """The ``config.yaml`` of the run directory `path` (or of the run directory holding the file `path`); {} when
-    there is none or it cannot be read."""
+    there is none or it cannot be read, and for a released-weights name (it has no run directory)."""
+    if _names_weights(path):
+        return {}
     path = Path(path)
     config = (path if path.is_dir() else path.parent) / "config.yaml"
     if not config.is_file():
@@ -67,23 +74,59 @@ def read_run_config(path: str | Path) -> dict[str, Any]:
 
 def run_facts(path: str | Path, _depth: int = 0) -> dict[str, Any]:
     """What the training run of `path` says about itself, for a model card: its data and epochs (and, for a
-    classification run, those of the pre-training it started from, when that run directory is still there); {}
+    classification run, those of the pre-training it started from, when that run directory is still there), and the
+    released weights it started from (name, source, checksum, licence); for a released-weights name, those; {}
     outside a run directory."""
+    if _names_weights(path):
+        return weights_facts(resolve_weights(str(path)).provenance())
     saved = read_run_config(path)
     if not saved:
         return {}
     model = saved.get("model") if isinstance(saved.get("model"), dict) else {}
     data = saved.get("data") if isinstance(saved.get("data"), dict) else {}
-    if "init" in saved:  # a classification run (finetune, linprobe): its own facts, then its source's
+    weights = recorded_weights(saved)
+    if "init" in saved and "checkpoint" in saved:  # a classification run (finetune, linprobe): its facts, its source's
         facts = {"fine-tuning data": data.get("path"), "fine-tuning epochs": saved.get("epochs"),  # type: ignore[union-attr]  # a dict (isinstance above)
                  "encoder initialisation": saved.get("init")}
         source = saved.get("checkpoint")
-        if isinstance(source, str) and _depth < 2:
+        if weights is None and isinstance(source, str) and _depth < 2:  # released weights: recorded, not fetched again
             facts.update(run_facts(source, _depth + 1))
     else:
         facts = {"pre-training data": data.get("path"), "pre-training epochs": saved.get("epochs"),  # type: ignore[union-attr]  # a dict (isinstance above)
                  "mask ratio": model.get("mask_ratio"), "target": model.get("target")}  # type: ignore[union-attr]  # a dict (isinstance above)
+        source = saved.get("init")
+        if weights is None and isinstance(source, str) and source and _depth < 2:  # continued another run: its origin
+            facts.update({k: v for k, v in run_facts(source, _depth + 1).items() if k.startswith("initial weights")})
+    if weights is not None:
+        facts.update(weights_facts(weights))
     return {k: v for k, v in facts.items() if v is not None}
+
+
+def recorded_weights(saved: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The released weights a run started from, as its config.yaml records them (under the run record,
+    ``_run: {weights: {name, source, checksum, licence}}``); None when it started from none."""
+    record = saved.get(RUN_INFO_KEY)
+    weights = record.get(WEIGHTS_KEY) if isinstance(record, Mapping) else None
+    return dict(weights) if isinstance(weights, Mapping) else None
+
+
+def weights_facts(provenance: Mapping[str, Any]) -> dict[str, Any]:
+    """Released weights' provenance as model-card lines."""
+    return {"initial weights": provenance.get("name"), "initial weights source": provenance.get("source"),
+            "initial weights checksum": provenance.get("checksum"),
+            "initial weights licence": provenance.get("licence")}
+
+
+def weights_licence(path: str | Path) -> str | None:
+    """The licence of the released weights `path` is or descends from (a name, or a run -- or the run of a file --
+    that recorded them, followed through its ``checkpoint`` / ``init``), as a Hub licence id (``cc-by-nc-4.0``); None
+    when none is known: an export of them carries it unless the user sets another."""
+    licence = str(run_facts(path).get("initial weights licence") or "")
+    return licence.lower() if licence and not licence.startswith("unknown") else None
+
+
+def _names_weights(path: str | Path) -> bool:
+    return is_weights_name(str(path)) and not Path(str(path)).expanduser().exists()
 
 
 def model_card(title: str, architecture: Mapping[str, Any], usage: str, pipeline_tag: str,

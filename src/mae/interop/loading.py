@@ -3,7 +3,9 @@
 Formats: ``mae`` (this project's safetensors file or directory, or a training checkpoint with its config),
 ``reference`` (the reference release's ``{'model': sd}`` ``.pth``), ``hf`` (a transformers ViTMAE directory or
 state_dict) and ``timm`` (a bare ViT encoder state_dict). Every ``.pth`` / ``.bin`` goes through
-`mae.train.checkpoint.safe_load` (weights only; nothing in a file is ever executed).
+`mae.train.checkpoint.safe_load` (weights only; nothing in a file is ever executed). A released-weights name
+(``official:mae_pretrain_vit_base``, ``hf:facebook/vit-mae-base``, ``timm:vit_base_patch16_224.mae``) reads as its
+cached file (`mae.train.run_dir.released_weights`), with what the catalogue says of it (architecture, target) as hints.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from mae.errors import CheckpointError, ConfigError
 from mae.interop import huggingface as hf
 from mae.interop.classifier_export import load_hf_classifier
 from mae.interop.classifier_io import is_classifier_checkpoint
-from mae.interop.infer import NAME_FIELDS, check_model_name, infer_config, pixel_target_overrides
+from mae.interop.infer import NAME_FIELDS, check_model_name, infer_config, pixel_target_overrides, registered_name
 from mae.interop.keys import has_decoder, is_finetuned, part_of, short_list, strip_prefix
 from mae.interop.native import (
     CONFIG_KEY,
@@ -36,11 +38,12 @@ from mae.interop.reference import hints_from_args, to_reference_checkpoint
 from mae.interop.timm_vit import encoder_for_timm
 from mae.models.loading import LoadReport, load_weights
 from mae.models.mae import MAEConfig, MaskedAutoencoderViT
-from mae.models.registry import ARCHITECTURES
+from mae.models.registry import ARCHITECTURES, model_config
 from mae.train.checkpoint import atomic_save, safe_load
 from mae.train.checkpoint_kinds import describe, kind_of_state
 from mae.train.dcp import is_dcp_checkpoint
-from mae.train.run_dir import resolve_run
+from mae.train.run_dir import released_weights, resolve_run
+from mae.weights import ResolvedWeights
 
 _log = logging.getLogger(__name__)
 
@@ -61,17 +64,56 @@ class Checkpoint:
     config: MAEConfig | None = None  # stored architecture (mae, hf with config.json); None: infer from shapes
     hints: dict[str, Any] = field(default_factory=dict)  # softer facts (reference args, timm architecture name)
     path: Path | None = None
+    weights: ResolvedWeights | None = None  # the released weights it was named by (`mae.weights`), if any
 
     @property
     def label(self) -> str:
-        return f"{self.format} checkpoint '{self.path}'" if self.path else f"{self.format} checkpoint"
+        where = f"{self.format} checkpoint '{self.path}'" if self.path else f"{self.format} checkpoint"
+        return f"{self.weights.name} ({where})" if self.weights is not None else where
+
+    @property
+    def target(self) -> str | None:
+        """The target the weights were trained to predict, when the file or its catalogue entry says (None: unknown;
+        a file without a stored config or hints is not assumed to be 'pixel')."""
+        entry = self.weights.entry if self.weights is not None else None
+        if entry is not None and entry.target:
+            return entry.target
+        if self.config is not None:
+            return self.config.target
+        if "norm_pix_loss" in self.hints:
+            return "norm_pixel" if self.hints["norm_pix_loss"] else "pixel"
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------- reading
 def read_checkpoint(path: str | Path) -> Checkpoint:
     """Read any supported file or directory and detect its format (see the module docstring). A run directory gives
-    the file `mae.train.run_dir.resolve_run` picks (its finished result, else its newest valid checkpoint)."""
-    path = resolve_run(path) if Path(path).exists() else Path(path)
+    the file `mae.train.run_dir.resolve_run` picks (its finished result, else its newest valid checkpoint); a
+    released-weights name its cached file."""
+    weights = released_weights(path)
+    ckpt = _read_local(weights.path if weights is not None else Path(path))
+    if weights is not None:
+        _add_catalogue_hints(ckpt, weights)
+    return ckpt
+
+
+def _add_catalogue_hints(ckpt: Checkpoint, weights: ResolvedWeights) -> None:
+    """What the catalogue says of released weights, as hints for files that store no config: the architecture (when
+    its width is the file's: a name is never forced onto weights of another size) and the target."""
+    ckpt.weights = weights
+    entry = weights.entry
+    if entry is None or ckpt.config is not None:
+        return
+    conv = ckpt.state_dict.get("patch_embed.proj.weight")
+    arch = registered_name(entry.architecture)
+    if arch is not None and conv is not None and model_config(arch).embed_dim == conv.shape[0]:
+        ckpt.hints.setdefault("model_name", arch)
+    if entry.target in ("pixel", "norm_pixel"):
+        ckpt.hints.setdefault("norm_pix_loss", entry.target == "norm_pixel")
+
+
+def _read_local(path: Path) -> Checkpoint:
+    path = resolve_run(path) if path.exists() else path
     container: dict[str, Any] = {}
     metadata: dict[str, str] = {}
     json_config: dict[str, Any] | None = None
@@ -176,6 +218,13 @@ class EncoderSource:
     state_dict: dict[str, torch.Tensor]
     label: str  # for messages: where the weights came from
     format: str = ""
+    weights: ResolvedWeights | None = None  # the released weights it was named by (`mae.weights`), if any
+
+    @property
+    def provenance(self) -> dict[str, Any] | None:
+        """Name, source, checksum and licence of the released weights it came from (for config.yaml and model
+        cards); None for a path."""
+        return self.weights.provenance() if self.weights is not None else None
 
 
 def read_encoder(path: str | Path, model_name: str | None = None, **overrides: Any) -> EncoderSource:
@@ -183,13 +232,16 @@ def read_encoder(path: str | Path, model_name: str | None = None, **overrides: A
     release, a transformers ViTMAE or ViT classifier directory, a timm state_dict -- with its architecture: the
     stored config, else the one `infer_config` rebuilds from the shapes, `model_name` and `overrides` (e.g. the
     ``num_heads`` of a non-standard width). Used by the classifiers, the transfer backbone and `load_model`."""
-    path = resolve_run(path)
+    weights = released_weights(path)
+    path = resolve_run(weights.path if weights is not None else path)
     if path.is_dir() and (_read_json(path / hf.HF_CONFIG_NAME) or {}).get("model_type") == "vit":
         sd, ccfg, _ = load_hf_classifier(path)
         check_model_name(ccfg, model_name, f"'{path}'")
         config = MAEConfig(**{k: getattr(ccfg, k) for k in _ENCODER_FIELDS}).replace(**overrides)
-        return EncoderSource(config, sd, f"transformers classifier '{path}'", "hf")
-    ckpt = read_checkpoint(path)
+        return EncoderSource(config, sd, f"transformers classifier '{path}'", "hf", weights)
+    ckpt = _read_local(path)
+    if weights is not None:
+        _add_catalogue_hints(ckpt, weights)
     if ckpt.config is not None:
         check_model_name(ckpt.config, model_name, ckpt.label)
         config = ckpt.config.replace(**overrides) if overrides else ckpt.config
@@ -197,7 +249,7 @@ def read_encoder(path: str | Path, model_name: str | None = None, **overrides: A
         with warnings.catch_warnings():  # the decoder's head count is a guess, and an encoder does not use it
             warnings.filterwarnings("ignore", message="decoder_num_heads=")
             config = infer_config(ckpt.state_dict, model_name, ckpt.hints, **overrides)
-    return EncoderSource(config, ckpt.state_dict, ckpt.label, ckpt.format)
+    return EncoderSource(config, ckpt.state_dict, ckpt.label, ckpt.format, weights)
 
 
 # ---------------------------------------------------------------------------------------------------- checking
@@ -248,9 +300,11 @@ def _load_into(model: MaskedAutoencoderViT, ckpt: Checkpoint, strict_encoder: bo
     return report
 
 
-def load_checkpoint(model: MaskedAutoencoderViT, path: str | Path, strict_encoder: bool = True) -> LoadReport:
-    """Load whatever of any supported checkpoint file or run directory fits ``model`` (as timm's
-    ``load_checkpoint``: `read_checkpoint`, then `mae.models.loading.load_weights`).
+def load_checkpoint(model: MaskedAutoencoderViT, path: str | Path | Checkpoint, strict_encoder: bool = True
+                    ) -> LoadReport:
+    """Load whatever of any supported checkpoint file, run directory or released-weights name fits ``model`` (as
+    timm's ``load_checkpoint``: `read_checkpoint`, then `mae.models.loading.load_weights`); a `Checkpoint` already
+    read is loaded as it is.
 
     Raises CheckpointError when the file is of another architecture (every shape mismatch counts, e.g.
     "blocks.0.attn.qkv.weight is [3072, 1024] in the file but [2304, 768] in the model") and, with
@@ -258,7 +312,13 @@ def load_checkpoint(model: MaskedAutoencoderViT, path: str | Path, strict_encode
     only warn: an encoder-only file leaves the decoder freshly initialised, a fine-tuned file's ``fc_norm`` /
     ``head`` are skipped (its encoder loads, ``norm`` keeps its initial values).
     """
-    return _load_into(model, read_checkpoint(path), strict_encoder)
+    return _load_into(model, path if isinstance(path, Checkpoint) else read_checkpoint(path), strict_encoder)
+
+
+def checkpoint_config(ckpt: Checkpoint, model_name: str | None = None, **overrides: Any) -> MAEConfig:
+    """The architecture of a checkpoint read: its stored config, else the one `infer_config` rebuilds from the
+    shapes, ``model_name`` and the file's (or its catalogue entry's) hints; ``overrides`` win over both."""
+    return _resolve_config(ckpt, model_name, overrides)
 
 
 def _resolve_config(ckpt: Checkpoint, model_name: str | None, overrides: dict[str, Any]) -> MAEConfig:
@@ -273,11 +333,16 @@ def _resolve_config(ckpt: Checkpoint, model_name: str | None, overrides: dict[st
     return infer_config(ckpt.state_dict, model_name, ckpt.hints, **overrides)
 
 
-def load_model(path: str | Path, model_name: str | None = None, **overrides: Any) -> MaskedAutoencoderViT:
-    """Build the model a checkpoint describes and load it. The architecture comes from the stored config (this
-    project's files, transformers directories), else from ``model_name`` / the tensor shapes (`infer_config`);
-    ``overrides`` change config fields (e.g. ``num_heads=`` for an unregistered reference file)."""
-    ckpt = read_checkpoint(path)
+def load_model(path: str | Path | Checkpoint, model_name: str | None = None, **overrides: Any
+               ) -> MaskedAutoencoderViT:
+    """Build the model a checkpoint (a path, a released-weights name, or a `Checkpoint` already read) describes and
+    load it. The architecture comes from the stored config (this project's files, transformers directories), else
+    from ``model_name`` / the catalogue's entry / the tensor shapes (`infer_config`); ``overrides`` change config
+    fields (e.g. ``num_heads=`` for an unregistered reference file)."""
+    return _model_of(path if isinstance(path, Checkpoint) else read_checkpoint(path), model_name, overrides)
+
+
+def _model_of(ckpt: Checkpoint, model_name: str | None, overrides: dict[str, Any]) -> MaskedAutoencoderViT:
     model = MaskedAutoencoderViT(_resolve_config(ckpt, model_name, overrides))
     _load_into(model, ckpt, chosen=frozenset(pixel_target_overrides(overrides)))
     return model
@@ -336,11 +401,16 @@ def load_pretrained_model(path: str | Path) -> MaskedAutoencoderViT:
     """The pre-trained MAE of a run directory or of any checkpoint file the library reads, in eval mode: the one
     place where `mae embed`, `mae attention` and the ONNX export turn a path into a model (a classifier is refused,
     named for what it is)."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise ConfigError(f"checkpoint '{path}' does not exist; pass a pre-training run directory or a checkpoint file")
-    if is_classifier_checkpoint(path):
-        what = describe(path, fallback=f"'{path}' is a classifier (it has a head)")
+    weights = released_weights(path)
+    local = weights.path if weights is not None else Path(path).expanduser()
+    if not local.exists():
+        raise ConfigError(f"checkpoint '{local}' does not exist; pass a pre-training run directory, a checkpoint file "
+                          f"or released weights (official:<file>, hf:<org/repo>, timm:<tag>)")
+    if is_classifier_checkpoint(local):
+        what = describe(local, fallback=f"'{path}' is a classifier (it has a head)")
         raise ConfigError(f"{what}; this command reads a pre-trained MAE encoder: pass the pre-training run or "
                           f"checkpoint the classifier started from")
-    return load_model(path).eval()  # run directories go through the one resolver (mae.train.run_dir)
+    ckpt = _read_local(local)  # run directories go through the one resolver (mae.train.run_dir)
+    if weights is not None:
+        _add_catalogue_hints(ckpt, weights)
+    return _model_of(ckpt, None, {}).eval()

@@ -35,6 +35,7 @@ from mae.files import write_json
 from mae.interop.loading import EncoderSource, read_encoder
 from mae.models import MaskedAutoencoderViT, model_config
 from mae.models.classifier import GLOBAL_POOLS, ClassifierConfig, build_classifier, load_encoder_into
+from mae.recipes.common import weights_record
 from mae.threads import default_workers
 from mae.train.engine import Engine
 from mae.train.metrics_log import draw_curves
@@ -249,10 +250,12 @@ def classifier_spec(run: Run, *, model: nn.Module, classifier_config: Classifier
                     score: Callable[[nn.Module], EvalResult], groups: list[dict[str, Any]], optimizer: str,
                     optim: dict[str, Any], model_section: dict[str, Any], train_module: nn.Module | None = None,
                     eval_module: nn.Module | None = None, ema: Any = None, protocol: str = "",
-                    more_summary: Callable[[TrainResult], dict[str, Any]] | None = None) -> TrainSpec:
+                    more_summary: Callable[[TrainResult], dict[str, Any]] | None = None,
+                    weights: Mapping[str, Any] | None = None) -> TrainSpec:
     """What fine-tuning and linear probing train: evaluation after every epoch (top-1, top-5 when there are more
     than 5 classes, loss; the EMA weights too when kept), the best top-1 (EMA included) as ``checkpoint-best.pth``,
-    ``param_groups.json``, the summary and ``curves.png``; `more_summary` adds the recipe's own entries (exports)."""
+    ``param_groups.json``, the summary and ``curves.png``; `more_summary` adds the recipe's own entries (exports);
+    `weights` (the provenance of released weights the encoder came from) goes into config.yaml's run record."""
     many = len(class_names) > 5  # top-5 of 5 classes or fewer is always 100%
     live = eval_module if eval_module is not None else model
 
@@ -303,4 +306,5 @@ def classifier_spec(run: Run, *, model: nn.Module, classifier_config: Classifier
                      extra_state={"model_ema": ema.module} if ema is not None else {},
                      # the EMA follows the applied updates only (a skipped update leaves it alone)
                      on_update=(lambda: ema.update(model)) if ema is not None else None,
-                     train_module=train_module, on_start=on_start)
+                     train_module=train_module, on_start=on_start, run_info=weights_record(weights))
+

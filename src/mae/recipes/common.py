@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -11,6 +11,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 
 from mae.errors import ConfigError
+from mae.interop.hub_metadata import WEIGHTS_KEY
 from mae.models import model_config
 from mae.train.distributed import DistInfo, cleanup, init_distributed
 from mae.train.precision import PRECISIONS
@@ -127,3 +128,13 @@ def run_distributed(device: str, body: Callable[[DistInfo], T]) -> T:
         raise
     cleanup(wait_for_others=True)
     return result
+
+
+def weights_record(weights: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The run record's entry for the released weights a run started from (name, source, checksum, licence): what
+    config.yaml keeps under ``_run`` and model cards read back (`mae.interop.hub_metadata.recorded_weights`)."""
+    if not weights:
+        return {}
+    log.info("weights: %s (%s, licence %s, checksum %s)", weights.get("name"), weights.get("source"),
+             weights.get("licence"), weights.get("checksum"))
+    return {WEIGHTS_KEY: dict(weights)}

@@ -70,7 +70,8 @@ class EmbedConfig:
     """Which encoder, which images, where the features go."""
 
     checkpoint: str | None = field(default=None, metadata={
-        "help": "a pre-training run directory or any MAE checkpoint the library reads (mae, reference, HF, timm)"})
+        "help": "a pre-training run directory, any MAE checkpoint the library reads (mae, reference, HF, timm) or "
+                "released weights by name (official:mae_visualize_vit_base, hf:<org/repo>, timm:<tag>)"})
     data: EmbedData = field(default_factory=EmbedData)
     out: str = field(default="embeddings.safetensors", metadata={"help": "output file: .safetensors or .npy"})
     pool: str = field(default="cls", metadata={"help": "cls (class token) | mean (mean of the patch tokens)"})

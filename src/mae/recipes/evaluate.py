@@ -89,7 +89,8 @@ class EvaluateConfig(RunFields):
 
     checkpoint: str | None = field(default=None, metadata={
         "help": "a finetune / linprobe run directory or checkpoint, an exported timm file, a transformers "
-                "ViTForImageClassification directory, or a timm / reference fine-tuned state_dict (required)"})
+                "ViTForImageClassification directory, a timm / reference fine-tuned state_dict, or released weights by "
+                "name (official:mae_finetuned_vit_base: ImageNet-1k class names included) (required)"})
     data: ClassifyData = field(default_factory=lambda: ClassifyData(val_fraction=0.0), metadata={
         "help": "the images to score; a folder without val/ is scored whole (data.val_fraction=0)"})
     protocol: str = field(default="top1", metadata={

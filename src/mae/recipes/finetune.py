@@ -25,6 +25,7 @@ from mae.errors import ConfigError
 from mae.eval.classification import eval_loader, evaluate
 from mae.interop.classifier_export import save_hf_classifier, save_timm_classifier
 from mae.interop.classifier_io import load_classifier
+from mae.interop.hub_metadata import run_facts, weights_licence
 from mae.interop.loading import EncoderSource
 from mae.models.classifier import ClassifierConfig, PartiallyFrozen, trainable_prefixes
 from mae.recipes.classify_common import (
@@ -117,7 +118,8 @@ class FinetuneConfig(TrainFields):
     aug: FinetuneAugment = field(default_factory=FinetuneAugment)
     optim: FinetuneOptim = field(default_factory=FinetuneOptim)
     checkpoint: str | None = field(default=None, metadata={
-        "help": "pre-trained weights: a run directory or any checkpoint the library reads (mae, reference, HF, timm)"})
+        "help": "pre-trained weights: a run directory, any checkpoint the library reads (mae, reference, HF, timm) "
+                "or released weights by name (official:mae_pretrain_vit_base, hf:<org/repo>, timm:<tag>)"})
     init: str = field(default="pretrained", metadata={"help": "pretrained | scratch (random init, Table 11)"})
     trainable_blocks: int | None = field(default=None, metadata={
         "help": "partial fine-tuning: train only the last k >= 1 blocks (k = 0 is `mae linprobe`); null = all"})
@@ -230,7 +232,8 @@ def build_spec(cfg: FinetuneConfig, run: Run) -> TrainSpec:
                                   "min_lr": o.min_lr, "betas": tuple(o.betas), "weight_decay": o.weight_decay,
                                   "clip_grad": o.clip_grad},
         model_section=resolved_model_section(cfg.model, ccfg, num_classes), train_module=wrapper,
-        eval_module=wrapper, ema=ema, protocol=_protocol(cfg), more_summary=more_summary)
+        eval_module=wrapper, ema=ema, protocol=_protocol(cfg), more_summary=more_summary,
+        weights=source.provenance)
 
 
 def _protocol(cfg: FinetuneConfig) -> str:
@@ -267,5 +270,7 @@ def _export(cfg: FinetuneConfig, out, classes: list[str], best) -> dict:
         paths["timm_export"] = str(save_timm_classifier(model, out / "model_timm.safetensors", ccfg,
                                                         class_names=names or classes, **prep))
     if "hf" in cfg.export:
-        paths["hf_export"] = str(save_hf_classifier(model, out / "hf", ccfg, class_names=names or classes, **prep))
+        paths["hf_export"] = str(save_hf_classifier(model, out / "hf", ccfg, class_names=names or classes,
+                                                    training=run_facts(out), license=weights_licence(out) or "unknown",
+                                                    **prep))
     return paths

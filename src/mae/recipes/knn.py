@@ -37,7 +37,7 @@ from mae.recipes.classify_common import (
     skipped_count,
     square_side,
 )
-from mae.recipes.common import prepare_output_dir, run_distributed
+from mae.recipes.common import prepare_output_dir, run_distributed, weights_record
 from mae.train.distributed import DistInfo
 from mae.train.metrics_log import MetricsLogger
 from mae.train.precision import resolve_precision
@@ -74,7 +74,8 @@ class KnnConfig(RunFields):
     model: FeatureSection = field(default_factory=FeatureSection)
     data: ClassifyData = field(default_factory=ClassifyData)
     checkpoint: str | None = field(default=None, metadata={
-        "help": "pre-trained weights: a run directory or any checkpoint the library reads (mae, reference, HF, timm)"})
+        "help": "pre-trained weights: a run directory, any checkpoint the library reads (mae, reference, HF, timm) "
+                "or released weights by name (official:mae_pretrain_vit_base, hf:<org/repo>, timm:<tag>)"})
     init: str = field(default="pretrained", metadata={"help": "pretrained | random (a random-encoder baseline)"})
     k: int = field(default=20, metadata={"help": "neighbours that vote"})
     temperature: float = field(default=0.07, metadata={"help": "vote weight exp(cosine similarity / temperature)"})
@@ -251,7 +252,7 @@ def _run(cfg: KnnConfig, dist: DistInfo) -> dict[str, Any]:
                "train_images": len(train_set), "val_images": result["knn_images"],  # type: ignore[arg-type]  # torch types no Dataset.__len__
                "skipped_files": skipped_count(train_set, val_set), "seconds": seconds}
     if dist.is_main:
-        save_config(cfg, out / "config.yaml")
+        save_config(cfg, out / "config.yaml", run_info=weights_record(source.provenance))
         with MetricsLogger(out, tensorboard=False) as logger:
             logger.log({"epoch": 0, "step": 0, "top1": summary["top1"], **({"top5": summary["top5"]} if many else {}),
                         "k": cfg.k, "temperature": cfg.temperature, "seconds": seconds})

@@ -102,7 +102,8 @@ class LinprobeConfig(TrainFields):
     aug: LinprobeAugment = field(default_factory=LinprobeAugment)
     optim: LinprobeOptim = field(default_factory=LinprobeOptim)
     checkpoint: str | None = field(default=None, metadata={
-        "help": "pre-trained weights: a run directory or any checkpoint the library reads (mae, reference, HF, timm)"})
+        "help": "pre-trained weights: a run directory, any checkpoint the library reads (mae, reference, HF, timm) "
+                "or released weights by name (official:mae_pretrain_vit_base, hf:<org/repo>, timm:<tag>)"})
     init: str = field(default="pretrained", metadata={"help": "pretrained | random (a random-encoder baseline)"})
     eval_batch_size: int | None = field(default=None, metadata={"help": "default: batch_size"})
 
@@ -210,7 +211,8 @@ def build_spec(cfg: LinprobeConfig, run: Run) -> TrainSpec:
                "weight_decay": o.weight_decay, "momentum": o.momentum},
         model_section=resolved_model_section(cfg.model, ccfg, num_classes), train_module=train_module,
         eval_module=wrapper, protocol=protocol,
-        more_summary=(lambda result: {"feature_seconds": train_loader.feature_seconds}) if cached else None)
+        more_summary=(lambda result: {"feature_seconds": train_loader.feature_seconds}) if cached else None,
+        weights=source.provenance)
 
 
 def _cached_features(cfg: LinprobeConfig, model, wrapper, train_set, val_loader, dist: DistInfo,

@@ -6,7 +6,9 @@ epochs, cosine, RandomResizedCrop + flip); the shipped YAML presets set the rest
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -27,10 +29,12 @@ from mae.data import (
     skipped_files,
 )
 from mae.data.device_decode import CropPlan, DeviceDecoder, collate_encoded
-from mae.errors import ConfigError
+from mae.errors import CheckpointError, ConfigError
+from mae.interop.hub_metadata import WEIGHTS_KEY
+from mae.interop.loading import Checkpoint, checkpoint_config, load_checkpoint, model_label, read_checkpoint
 from mae.interop.native import save_state_dict
-from mae.models import MAEConfig, MaskedAutoencoderViT, build_model, model_config
-from mae.recipes.common import ModelSection, run_distributed
+from mae.models import ARCHITECTURES, MAEConfig, MaskedAutoencoderViT, build_model, model_config
+from mae.recipes.common import ModelSection, run_distributed, weights_record
 from mae.recipes.knn import pretrain_knn
 from mae.threads import default_workers
 from mae.train.distributed import DistInfo, all_gather_objects
@@ -47,6 +51,10 @@ from mae.viz.reconstruction import save_reconstructions
 log = logging.getLogger("mae")
 
 PRETRAIN_DECODERS = ("tensor", "pil", "nvjpeg")
+CLI_FLAGS = {"--data": "data.path", "--output-dir": "output_dir", "--resume": "resume", "--epochs": "epochs",
+             "--precision": "precision", "--device": "device", "--init": "init"}
+_TARGET_FIELDS = ("target", "norm_pix_loss", "pca_components", "hog_bins")
+"""What says what the decoder predicts: taken from the init weights with their target."""
 
 
 @dataclass
@@ -114,8 +122,13 @@ class PretrainConfig(TrainFields):
     pca_fit_batches: int = field(default=20, metadata={"help": "batches used to fit a PCA target's basis"})
     knn_every: int = field(default=0, metadata={
         "help": "k-NN top-1 / top-5 of the encoder every N epochs on the labelled data.path (0: off)"})
+    init: str | None = field(default=None, metadata={
+        "help": "start a new run from these weights: released ones (official:<file>, hf:<org/repo>, timm:<tag>), a "
+                "run directory or any checkpoint the library reads; the encoder, and the decoder when the file has "
+                "one; the architecture and target are the file's unless model.* sets them. A resume ignores it"})
 
-    RESUME_FREE: ClassVar[tuple[str, ...]] = (*TrainFields.RESUME_FREE, "visualize", "knn_every", "data.decode")
+    RESUME_FREE: ClassVar[tuple[str, ...]] = (*TrainFields.RESUME_FREE, "visualize", "knn_every", "data.decode",
+                                              "init")
 
     def validate(self) -> None:
         super().validate()
@@ -204,6 +217,74 @@ def _whole_model(config: MAEConfig, weights: dict[str, torch.Tensor]) -> MaskedA
     return model.eval()
 
 
+def init_model_config(section: ModelSection, ckpt: Checkpoint) -> tuple[MAEConfig, str]:
+    """The model of a run started from the weights `ckpt` (``init``) and the name config.yaml records for it.
+
+    With ``model.name`` left at its default the architecture is the file's (its stored config, else its shapes and
+    catalogue entry), the section's other fields applied over it; a name chosen on purpose is built as named (the
+    weights must fit it: `load_checkpoint` says which shapes do not). The target is the one the weights were
+    trained with, said in one info line, unless ``model.target`` / ``model.norm_pix_loss`` chose another (a
+    warning then: the decoder learnt to predict something else)."""
+    overrides = section.overrides()
+    chosen_target = section.target is not None or section.norm_pix_loss is not None
+    if section.name == ModelSection().name:  # left at its default: the file's architecture
+        config = checkpoint_config(ckpt, **overrides)
+        name = model_label(config) if model_label(config) in ARCHITECTURES else section.name
+    else:
+        config, name = model_config(section.name, **overrides), section.name
+    theirs = ckpt.target
+    if theirs is None:  # not known (a reference file without its training arguments): the section's
+        return config, name
+    if chosen_target:
+        if config.target != theirs:
+            warnings.warn(f"model.target={config.target} but {ckpt.label} was trained to predict {theirs}: its "
+                          f"decoder starts from another target (drop model.target / model.norm_pix_loss to keep "
+                          f"{theirs})", stacklevel=2)
+        return config, name
+    if config.target != theirs:
+        stored = ckpt.config
+        config = config.replace(**({k: getattr(stored, k) for k in _TARGET_FIELDS} if stored is not None
+                                   else {"target": theirs}))
+    if model_config(section.name, **overrides).target != theirs:  # what the section alone would have trained
+        log.info("init: model.target=%s, the target %s was trained with (set model.target to choose another)",
+                 theirs, ckpt.label)
+    return config, name
+
+
+def _load_init(model: MaskedAutoencoderViT, ckpt: Checkpoint, section: ModelSection) -> None:
+    """Load the init weights: the encoder strictly, the decoder when the file has one (else it stays fresh, with
+    one warning from `load_checkpoint`)."""
+    if any(p.is_meta for p in model.parameters()):
+        raise ConfigError("init loads whole weights, which a model initialised shard by shard (distributed.init="
+                          "sharded) does not hold; set distributed.init=full")
+    try:
+        load_checkpoint(model, ckpt)
+    except CheckpointError as e:
+        if section.name == ModelSection().name:  # the file's own architecture: nothing else to suggest
+            raise
+        raise ConfigError(f"init: {e}; or leave model.name at its default to build the architecture of the "
+                          f"weights") from None
+
+
+def _build_model(cfg: PretrainConfig, run: Run) -> tuple[MaskedAutoencoderViT, ModelSection, dict[str, Any] | None]:
+    """The run's model, the model section config.yaml records for it, and the provenance of the released weights
+    it started from (None: none). A new run with ``init`` starts from those weights; a resume builds the model
+    its checkpoint then restores (the checkpoint wins; its provenance is kept)."""
+    if cfg.init and run.resume_state is None:
+        init = read_checkpoint(cfg.init)
+        config, name = init_model_config(cfg.model, init)
+        # on the meta device for sharded init (fsdp), which _load_init refuses
+        model = build_for_strategy(run, lambda: MaskedAutoencoderViT(config))
+        _load_init(model, init, cfg.model)
+        weights = init.weights.provenance() if init.weights is not None else None
+        return model, dataclasses.replace(cfg.model, name=name), weights
+    if cfg.init and run.dist.is_main:
+        log.info("init=%s is not applied: the run resumes from its checkpoint", cfg.init)
+    # on the meta device for sharded init (fsdp)
+    model = build_for_strategy(run, lambda: build_model(cfg.model.name, **cfg.model.overrides()))
+    return model, cfg.model, (run.resume_state or {}).get(WEIGHTS_KEY)
+
+
 def run(cfg: PretrainConfig) -> dict:
     """Pre-train an MAE; returns a summary (losses of the first and last epoch, time, output paths)."""
     return run_distributed(cfg.device, lambda dist: run_training(cfg, dist, "pretrain",
@@ -214,8 +295,7 @@ def build_spec(cfg: PretrainConfig, run: Run) -> TrainSpec:
     """What a pre-training run trains: the MAE, the masked loader, the masked-patch loss, the lowest epoch loss as
     the best; at the end model.safetensors, loss.png and reconstructions.png."""
     device, dist, out = run.device, run.dist, run.out
-    # on the meta device for sharded init (fsdp)
-    model = build_for_strategy(run, lambda: build_model(cfg.model.name, **cfg.model.overrides()))
+    model, section, weights = _build_model(cfg, run)
     model_cfg = model.config
     images_of = device_batch_fn(cfg, model_cfg, device)  # refuses nvjpeg without CUDA before any data is read
     dataset, loader = build_pretrain_loader(cfg, model_cfg, dist)
@@ -232,7 +312,7 @@ def build_spec(cfg: PretrainConfig, run: Run) -> TrainSpec:
             seed_everything(cfg.seed + dist.rank)
         if dist.is_main:
             log.info("model %s: %.2f M parameters; %d images; effective batch %d (= %d x %d accum x %d processes); "
-                     "peak lr %.3g; precision %s on %s", cfg.model.name,
+                     "peak lr %.3g; precision %s on %s", section.name,
                      sum(p.numel() for p in model.parameters()) / 1e6, len(dataset), engine.effective_batch,
                      cfg.batch_size, cfg.accum_iter, dist.world_size, engine.peak_lr, run.precision, device)
 
@@ -275,6 +355,6 @@ def build_spec(cfg: PretrainConfig, run: Run) -> TrainSpec:
                      optim={"base_lr": o.base_lr, "lr": o.lr, "warmup_epochs": o.warmup_epochs, "min_lr": o.min_lr,
                             "betas": tuple(o.betas), "weight_decay": o.weight_decay, "clip_grad": o.clip_grad},
                      best=Best("epoch_loss", "min"), save_on_best=False, summarize=summarize,
-                     meta={"model_config": model_cfg.to_dict()},
-                     resolved_sections={"model": cfg.model.resolved(model_cfg)}, on_epoch_end=epoch_end,
-                     on_start=on_start, result_file="model.safetensors")
+                     meta={"model_config": model_cfg.to_dict(), **({WEIGHTS_KEY: weights} if weights else {})},
+                     resolved_sections={"model": section.resolved(model_cfg)}, on_epoch_end=epoch_end,
+                     on_start=on_start, result_file="model.safetensors", run_info=weights_record(weights))

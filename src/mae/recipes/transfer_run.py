@@ -48,7 +48,8 @@ class BackboneSection:
     """Which encoder to start from and how to turn it into a pyramid."""
 
     checkpoint: str | None = field(default=None, metadata={
-        "help": "MAE / reference / Hugging Face / timm checkpoint (any format the library reads)"})
+        "help": "MAE / reference / Hugging Face / timm checkpoint (any format the library reads), or released "
+                "weights by name (official:mae_pretrain_vit_base, hf:<org/repo>, timm:<tag>)"})
     init: str = field(default="pretrained", metadata={
         "help": "pretrained: the checkpoint's encoder weights; random: its architecture, freshly initialised"})
     model_name: str | None = field(default=None, metadata={

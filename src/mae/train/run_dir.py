@@ -11,7 +11,9 @@ every command.
   visualize``, ``finetune --checkpoint``, ``convert``, ``evaluate``, ...): a finished run gives its result (the
   final ``model.safetensors`` of a pre-training, the best checkpoint of a classification or transfer run); a run
   that has not finished (still going, killed, interrupted, or extended by a resume) gives its newest valid
-  checkpoint. A file is taken as it is.
+  checkpoint. A file is taken as it is. A released-weights name (``official:<file>``, ``hf:<org/repo>``,
+  ``timm:<tag>``, `mae.weights`) is fetched once into the cache and read as the file or folder it gives
+  (`released_weights`, `local_path`): every reader that starts here takes a name wherever it takes a path.
 """
 
 from __future__ import annotations
@@ -29,11 +31,13 @@ from typing import TYPE_CHECKING, Any
 from mae.errors import CheckpointError, ConfigError, OutputError
 from mae.files import fix_for, guard_folder, pid_alive, reason_of, write_json
 from mae.train.checkpoint import load_latest
+from mae.weights import ResolvedWeights, is_weights_name, resolve_weights
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = ["RUN_FILES", "RunLock", "guard_fresh_start", "read_status", "resolve_run", "write_status"]
+__all__ = ["RUN_FILES", "RunLock", "guard_fresh_start", "local_path", "read_status", "released_weights", "resolve_run",
+           "write_status"]
 
 _log = logging.getLogger(__name__)
 
@@ -176,12 +180,28 @@ def is_run_dir(path: Path) -> bool:
                               or any(path.glob("checkpoint-*.pth"))) and not (path / "config.json").is_file()
 
 
+def released_weights(path: str | Path) -> ResolvedWeights | None:
+    """The released weights `path` names (`mae.weights.is_weights_name`), fetched into the cache on first use; None
+    for anything else. A file or folder that exists under that spelling is a path, not a name."""
+    text = str(path)
+    if not is_weights_name(text) or Path(text).expanduser().exists():
+        return None
+    return resolve_weights(text)  # WeightsError (one line) for an unknown name or a failed download
+
+
+def local_path(path: str | Path) -> Path:
+    """Where `path` is on this machine: the cached file or folder of a released-weights name, else the path."""
+    weights = released_weights(path)
+    return weights.path if weights is not None else Path(path).expanduser()
+
+
 def resolve_run(path: str | Path) -> Path:
     """The file to read for `path`: a file as it is; for a run directory, its finished result, else its newest valid
-    checkpoint (see the module docstring). Logs which file it took."""
-    path = Path(path).expanduser()
+    checkpoint; for a released-weights name, its cached file (see the module docstring). Logs which file it took."""
+    path = local_path(path)
     if not path.exists():
-        raise CheckpointError(f"'{path}' does not exist; pass a run directory or a checkpoint file")
+        raise CheckpointError(f"'{path}' does not exist; pass a run directory, a checkpoint file or released weights "
+                              f"(official:<file>, hf:<org/repo>, timm:<tag>)")
     if not is_run_dir(path):
         return path
     status = read_status(path) or {}

@@ -57,6 +57,9 @@ class TrainSpec:
     schedule: Callable[[float, int], Callable[[int], float]] | None = None  # replaces the warm-up + cosine
     on_start: Callable[[Engine], None] | None = None  # before the first epoch: the start-up line, side files
     result_file: str | None = "checkpoint-best.pth"  # the run's result, as status.json names it
+    run_info: dict[str, Any] = field(default_factory=dict)
+    """Facts for config.yaml's run record (``_run``, beside the command line and versions), e.g. the provenance of the
+    released weights the run started from; a record, not a setting (`mae.config.load_config` skips it)."""
 
 
 def resolved_config(cfg: TrainFields, run: Run, sections: dict[str, Any]) -> dict[str, Any]:
@@ -79,7 +82,7 @@ def run_training(cfg: TrainFields, dist: DistInfo, kind: str, build: Callable[[R
                           best=spec.best, resolved=resolved_config(cfg, run, spec.resolved_sections),
                           data=data_facts(spec.train_set, run, len(spec.loader)), meta=spec.meta,
                           evaluate=spec.evaluate, eval_every=spec.eval_every, save_on_best=spec.save_on_best,
-                          on_epoch_end=spec.on_epoch_end, extra_state=spec.extra_state)
+                          on_epoch_end=spec.on_epoch_end, extra_state=spec.extra_state, run_info=spec.run_info)
         if spec.on_start is not None:
             spec.on_start(engine)
         result = trainer.fit()

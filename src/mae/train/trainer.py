@@ -174,6 +174,7 @@ class Trainer:
         meta: recipe metadata stored in every checkpoint (how to rebuild the model, class names, ...).
         extra_state: modules saved and restored by name next to the model (e.g. ``{"model_ema": ema.module}``).
         resume_free: fields a resume may change besides `TrainFields.RESUME_FREE`.
+        run_info: facts added to config.yaml's run record (``_run``), e.g. the released weights the run started from.
     """
 
     _due_at_epoch_end: bool  # a save by time or steps that came due in the last window of an epoch
@@ -184,7 +185,8 @@ class Trainer:
                  evaluate: Callable[[int], dict[str, Any]] | None = None, eval_every: int = 1,
                  save_on_best: bool = True, on_epoch_end: Callable[[int, dict], dict | None] | None = None,
                  extra_state: dict[str, nn.Module] | None = None, resume_free: tuple[str, ...] = (),
-                 batch_size_of: Callable[[Any], int] = lambda b: len(b[0])) -> None:
+                 batch_size_of: Callable[[Any], int] = lambda b: len(b[0]),
+                 run_info: dict[str, Any] | None = None) -> None:
         self.run, self.model, self.engine, self.loader, self.loss_fn = run, model, engine, loader, loss_fn
         # how the run was launched is not what it computes: a saved config.yaml reused for a new run starts fresh
         resolved = {**resolved, "resume": None, "overwrite": False, "allow_config_change": False}
@@ -194,6 +196,7 @@ class Trainer:
         self.on_epoch_end, self.extra_state = on_epoch_end, dict(extra_state or {})
         self.resume_free = tuple(type(run.cfg).RESUME_FREE) + tuple(resume_free)
         self.batch_size_of = batch_size_of
+        self.run_info = dict(run_info or {})
         self.parts = TrainingParts(model, engine, self.extra_state)  # what every checkpoint saves, by name
         self.manager = CheckpointManager(run.out, keep_last=run.cfg.keep_last, backend=checkpoint_backend(run))
         self.logger: MetricsLogger | None = None
@@ -308,7 +311,7 @@ class Trainer:
         if run.dist.is_main:
             if cfg.resume:
                 truncate_metrics(run.out / "metrics.jsonl", engine.step)
-            save_config(self.resolved, run.out / "config.yaml", run_info=provenance())
+            save_config(self.resolved, run.out / "config.yaml", run_info={**provenance(), **self.run_info})
             if changes:
                 self._record_changes(changes)
             write_status(run.out, status="running", kind=run.kind, step=engine.step, position=[epoch, batch],

@@ -16,13 +16,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
-from PIL import Image
 from torch import nn
 
-from mae.data import build_eval_transform
-from mae.data.folders import is_image_file, to_mode
-from mae.errors import ConfigError, DataError
+from mae.data import build_eval_transform, default_mean_std
+from mae.errors import ConfigError
 from mae.files import atomic_write_path
+from mae.viz.images import pick_images
 
 __all__ = ["cls_attention", "draw_attention", "load_image_files", "save_attention_maps"]
 
@@ -109,48 +108,33 @@ def draw_attention(model: nn.Module, images: torch.Tensor, display: torch.Tensor
     return fig
 
 
-def load_image_files(paths: Sequence[str | Path], img_size: int, in_chans: int, limit: int | None = None,
+def load_image_files(paths: Sequence[str | Path] | None, img_size: int, in_chans: int, limit: int | None = None,
                      crop_pct: float | None = None, mean: Sequence[float] | None = None,
-                     std: Sequence[float] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Images (files, or folders searched recursively) as the model's inputs [N, C, S, S], the same in [0, 1] for
-    display, and their paths."""
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f))
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise DataError(f"image '{p}' does not exist; pass image files or folders")
-    if not files:
-        raise DataError(f"no image files in {', '.join(map(str, paths))}")
-    files = files[:limit] if limit else files
-    mode = "L" if in_chans == 1 else "RGB"
-    model_tf = build_eval_transform(img_size, in_chans, crop_pct, mean, std)
-    show_tf = build_eval_transform(img_size, in_chans, crop_pct, [0.0] * in_chans, [1.0] * in_chans)
-    inputs, shown = [], []
-    for f in files:
-        try:
-            with Image.open(f) as opened:
-                opened.load()
-                im = to_mode(opened, mode)
-        except (OSError, ValueError, SyntaxError) as e:
-            raise DataError(f"image '{f}' could not be read ({e}); pass readable image files") from e
-        inputs.append(model_tf(im))
-        shown.append(show_tf(im))
-    return torch.stack(inputs), torch.stack(shown).clamp(0, 1), [str(f) for f in files]
+                     std: Sequence[float] | None = None,
+                     data: str | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Images (files, or folders searched recursively; or, instead, the validation split of the dataset `data`) as
+    the model's inputs [N, C, S, S], the same in [0, 1] for display, and their names."""
+    default_mean, default_std = default_mean_std(in_chans)
+    mean, std = mean or default_mean, std or default_std
+    transform = build_eval_transform(img_size, in_chans, crop_pct, mean, std)
+    inputs, names = pick_images(transform, in_chans, data=data, images=paths, num_images=limit)
+    m, s = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+    return inputs, (inputs * s + m).clamp(0, 1), names  # display: the same pixels, un-normalised
 
 
-def save_attention_maps(model: nn.Module, image_paths: Sequence[str | Path], out: str | Path,
-                        limit: int | None = 8) -> Path:
-    """Draw `draw_attention` for image files with the model's input size and write the PNG at `out`."""
+def save_attention_maps(model: nn.Module, image_paths: Sequence[str | Path] | None, out: str | Path,
+                        limit: int | None = 8, data: str | None = None, mean: Sequence[float] | None = None,
+                        std: Sequence[float] | None = None) -> Path:
+    """Draw `draw_attention` for image files (or, instead, the validation split of the dataset `data`) with the
+    model's input size and write the PNG at `out`."""
     config = getattr(model, "config", None) or getattr(model, "classifier_config", None)
     h, w = config.image_hw  # type: ignore[union-attr]  # models drawn here have a config (AttributeError as before otherwise)
     if h != w:
         raise ConfigError(f"the image transform makes square images; this model's img_size is {h}x{w}")
-    inputs, shown, names = load_image_files(image_paths, h, config.in_chans, limit)  # type: ignore[union-attr]  # as above
-    fig = draw_attention(model, inputs, shown, names)
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise ConfigError(f"--out '{out}' must be a .png file")
+    inputs, shown, names = load_image_files(image_paths, h, config.in_chans, limit, mean=mean, std=std,  # type: ignore[union-attr]  # as above
+                                            data=data)
+    fig = draw_attention(model, inputs, shown, names)
     return atomic_write_path(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))

@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure  # a bare Figure renders with Agg and leaves pyplot's global state alone
 
-from mae.data import build_dataset, build_eval_transform, build_transform, default_mean_std
-from mae.errors import ConfigError, DataError
+from mae.data import build_eval_transform, build_transform, default_mean_std
 from mae.files import atomic_write_path
 from mae.models import MaskedAutoencoderViT
+from mae.viz.images import pick_images
 
 
 def _denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -105,31 +105,23 @@ def _save_grid(columns: Sequence[tuple[str, torch.Tensor]], title: str, out: str
     return atomic_write_path(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
-def load_images(data: str, model: MaskedAutoencoderViT, num_images: int = 8, split: str = "val",
-                mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> torch.Tensor:
-    """The first ``num_images`` of a dataset's split, resized and centre-cropped to the model's input."""
-    if num_images < 1:
-        raise ConfigError(f"num_images must be at least 1, got {num_images}")
+def load_images(data: str | None, model: MaskedAutoencoderViT, num_images: int = 8, split: str = "val",
+                mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                images: Sequence[str | Path] | None = None) -> torch.Tensor:
+    """The first ``num_images`` of a dataset's split, or of the image files `images` (instead of `data`), resized and
+    centre-cropped to the model's input."""
     h, w = model.config.image_hw
     transform = (build_eval_transform(h, model.in_chans, crop_pct=1.0, mean=mean, std=std) if h == w
                  else build_transform("none", (h, w), model.in_chans, mean, std))  # resize, centre crop to H x W
-    try:
-        dataset = build_dataset(data, split, transform=transform, mode="L" if model.in_chans == 1 else "RGB")
-    except DataError:  # a folder without a val split: show training images
-        if split == "train":
-            raise
-        dataset = build_dataset(data, "train", transform=transform, mode="L" if model.in_chans == 1 else "RGB")
-    count = min(num_images, len(dataset))  # type: ignore[arg-type]  # torch types no Dataset.__len__
-    step = max(1, len(dataset) // count)  # type: ignore[arg-type]  # torch types no Dataset.__len__
-    return torch.stack([dataset[i * step][0] for i in range(count)])
+    return pick_images(transform, model.in_chans, data=data, images=images, num_images=num_images, split=split)[0]
 
 
-def save_reconstructions(model: MaskedAutoencoderViT, data: str, out: str | Path,
+def save_reconstructions(model: MaskedAutoencoderViT, data: str | None, out: str | Path,
                          mask_ratios: Sequence[float] = (0.75,), num_images: int = 8,
                          mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                         seed: int = 0) -> Path:
-    """Reconstruction grid for the first images of ``data``'s validation split."""
-    imgs = load_images(data, model, num_images, mean=mean, std=std)
+                         seed: int = 0, images: Sequence[str | Path] | None = None) -> Path:
+    """Reconstruction grid for the first images of ``data``'s validation split, or of the image files `images`."""
+    imgs = load_images(data, model, num_images, mean=mean, std=std, images=images)
     return draw_reconstructions(model, imgs, out, mask_ratios, mean, std, seed)
 
 
