@@ -7,7 +7,8 @@ official layout (``mae/<folder>/<file>.pth`` holding ``{'model': state_dict}``) 
 library; ``MAE_WEIGHTS_MIRROR`` points at it and ``MAE_HOME`` is a fresh cache per test, so every test downloads
 for real. The catalogue's entries are patched per test (`monkeypatch`) in two ways, said where used: their
 architecture is a tiny architecture registered for the test (the real ones are ViT-B/L/H, which a 32-wide file does
-not fit), and an entry with a published md5 prefix gets the prefix of the test's file (the download still checks it).
+not fit; the RGB encoder the transfer recipes start from has its own), and an entry with a published md5 prefix gets
+the prefix of the test's file (the download still checks it).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import dataclasses
 import functools
 import hashlib
 import http.server
+import json
 import threading
 from pathlib import Path
 
@@ -44,6 +46,11 @@ VISUALIZE = "official:mae_visualize_vit_base"  # encoder + decoder, pixel target
 FULL = "official:mae_pretrain_vit_base_full"  # encoder + decoder, norm_pixel target, no published md5
 ENCODER = "official:mae_pretrain_vit_base"  # encoder only, norm_pixel target, published md5 (patched per test)
 FINETUNED = "official:mae_finetuned_vit_base"  # 1000-class classifier, published md5 (patched per test)
+TRANSFER = "official:mae_pretrain_vit_large"  # encoder only, RGB (detection / segmentation images), md5 patched
+TRANSFER_ARCH = "mae_vit_test_weights_rgb"
+RGB = {"img_size": 32, "patch_size": 8, "in_chans": 3, "embed_dim": 32, "depth": 4, "num_heads": 2,
+       "decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2}
+ARCH_OF = {TRANSFER: TRANSFER_ARCH}  # the catalogue entry's architecture; every other served name: TINY_ARCH
 
 
 def _tiny_mae(seed: int):
@@ -67,7 +74,10 @@ def release(tmp_path_factory):
     classifier = build_classifier(ClassifierConfig.from_mae(pretrained.config, num_classes=1000, global_pool="avg"))
     load_encoder_into(classifier, pretrained.state_dict(), pretrained.config)
     finetuned = {k: v for k, v in classifier.state_dict().items() if not k.startswith("norm.")}
-    files = {VISUALIZE: full, FULL: full, ENCODER: encoder, FINETUNED: finetuned}
+    torch.manual_seed(4)
+    rgb = {k: v for k, v in build_model("mae_vit_micro_patch4_28", **RGB).state_dict().items()
+           if part_of(k) == "encoder"}
+    files = {VISUALIZE: full, FULL: full, ENCODER: encoder, FINETUNED: finetuned, TRANSFER: rgb}
     for name, sd in files.items():
         path = root / "mae" / CATALOGUE[name].location
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,11 +103,12 @@ def weights_env(release, tmp_path, monkeypatch):
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.delenv("MAE_OFFLINE", raising=False)
     monkeypatch.setitem(ARCHITECTURES, TINY_ARCH, dict(TINY))
+    monkeypatch.setitem(ARCHITECTURES, TRANSFER_ARCH, dict(RGB))
     for name in release["sd"]:
         md5 = hashlib.md5(local_file(release, name).read_bytes(), usedforsecurity=False).hexdigest()
         entry = CATALOGUE[name]
         monkeypatch.setitem(CATALOGUE, name, dataclasses.replace(
-            entry, architecture=TINY_ARCH, md5_prefix=md5[:6] if entry.md5_prefix else None))
+            entry, architecture=ARCH_OF.get(name, TINY_ARCH), md5_prefix=md5[:6] if entry.md5_prefix else None))
 
 
 def _equal_states(a: dict, b: dict, keys=None) -> None:
@@ -233,20 +244,37 @@ def test_pretrain_init_warns_when_the_target_is_set_to_another_and_refuses_weigh
     assert len(err) == 1 and "is [" in err[0] and "leave model.name at its default" in err[0], err
 
 
+def _timm_carries(pretrained_cfg: dict, weights: dict) -> None:
+    """timm's own fields of an export's pretrained_cfg: the licence (a Hub id) and the provenance lines in notes."""
+    assert pretrained_cfg["license"] == "cc-by-nc-4.0"
+    notes = "\n".join(pretrained_cfg["notes"])
+    assert f"initial weights: {weights['name']}" in notes and weights["checksum"] in notes, notes
+    assert "initial weights licence: CC-BY-NC-4.0" in notes
+
+
 def test_finetune_and_knn_from_a_name_record_its_provenance_and_the_export_carries_its_licence(release, tmp_path):
     """`mae finetune --checkpoint NAME` writes name, source, checksum and licence into config.yaml's run record, and
-    its transformers export's model card carries them and the licence (cc-by-nc-4.0); `mae knn --checkpoint NAME`
-    records them too."""
+    its transformers export's model card carries them and the licence (cc-by-nc-4.0), as do its timm exports
+    (``export=[timm]``'s file and `mae convert RUN --to timm`'s directory: ``license`` and ``notes`` in timm's
+    pretrained_cfg, which timm still loads); `mae knn --checkpoint NAME` records them too."""
     out = tmp_path / "ft"
     assert main(["finetune", "--checkpoint", VISUALIZE, "--output-dir", str(out), "epochs=1", "batch_size=32",
                  "data.train_limit=64", "data.val_limit=32", "data.num_workers=0", "precision=fp32", "device=cpu",
                  "progress=false", "aug.hflip=0", "optim.warmup_epochs=0", "model.global_pool=token",
-                 "export=[hf]"]) == 0
+                 "export=[hf,timm]"]) == 0
     weights = _config_yaml(out)["_run"]["weights"]
     assert weights["name"] == VISUALIZE and weights["source"] == "official" and weights["licence"] == "CC-BY-NC-4.0"
     assert weights["checksum"].startswith("sha256:")
     card = (out / "hf" / "README.md").read_text()
     assert "license: cc-by-nc-4.0" in card and VISUALIZE in card and weights["checksum"] in card
+    _timm_carries(json.loads((out / "model_timm.json").read_text())["pretrained_cfg"], weights)
+    converted = tmp_path / "timm_dir"
+    assert main(["convert", str(out), str(converted), "--to", "timm"]) == 0
+    _timm_carries(json.loads((converted / "config.json").read_text())["pretrained_cfg"], weights)
+    import timm
+
+    loaded = timm.create_model(f"local-dir:{converted}", pretrained=True)
+    assert loaded.pretrained_cfg["license"] == "cc-by-nc-4.0"
     knn = tmp_path / "knn"
     assert main(["knn", "--checkpoint", VISUALIZE, "--output-dir", str(knn), "data.train_limit=64",
                  "data.val_limit=32", "data.num_workers=0", "precision=fp32", "device=cpu"]) == 0
@@ -266,3 +294,33 @@ def test_an_unknown_name_is_one_line_and_exit_2(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"mae {argv[0]}: error: unknown weights name"), err
         assert "official:mae_visualize_vit_base" in err[0]
+
+
+def test_segment_from_a_name_records_its_provenance(release, tmp_path):
+    """`mae segment --checkpoint NAME` (the backbone's checkpoint) writes the weights' name, source, checksum (the
+    sha256 of the served file) and licence into config.yaml's run record, as fine-tuning does."""
+    out = tmp_path / "seg"
+    assert main(["segment", "--config", "segment/synthetic_tiny", f"--checkpoint={TRANSFER}", f"--output-dir={out}",
+                 f"--data=synthetic:{tmp_path / 'shapes'}", "data.synthetic.num_train=2", "data.synthetic.num_val=1",
+                 "data.synthetic.image_size=64", "data.synthetic.max_objects=2", "data.eval_scale=null",
+                 "data.crop_size=64", "data.scale=64", "--epochs=1", "batch_size=2", "eval_every=1",
+                 "head.channels=8", "head.aux_channels=8", "num_workers=0", "progress=false", "--device=cpu",
+                 "--precision=fp32"]) == 0
+    sha256 = hashlib.sha256(local_file(release, TRANSFER).read_bytes()).hexdigest()
+    assert _config_yaml(out)["_run"]["weights"] == {"name": TRANSFER, "source": "official",
+                                                    "checksum": f"sha256:{sha256}", "licence": "CC-BY-NC-4.0"}
+
+
+def test_evaluate_of_a_name_records_its_provenance_in_its_summary(release, tmp_path):
+    """`mae evaluate --checkpoint NAME` (no training run) keeps the weights' provenance in summary.json and in
+    config.yaml's run record."""
+    class_map = tmp_path / "classes.txt"
+    class_map.write_text("".join(f"{i}\n" for i in range(10)))
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--checkpoint", FINETUNED, "--data", "builtin:mnist5k", "--output-dir", str(out),
+                 "--class-map", str(class_map), "data.val_limit=16", "batch_size=16", "data.num_workers=0",
+                 "--device=cpu", "--precision=fp32"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["weights"]["name"] == FINETUNED and summary["weights"]["licence"] == "CC-BY-NC-4.0"
+    assert summary["weights"]["checksum"].startswith("sha256:")
+    assert _config_yaml(out)["_run"]["weights"] == summary["weights"]

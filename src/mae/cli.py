@@ -432,7 +432,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="NAME",
                    help="registered architecture (`mae models`) for files that store none, e.g. a reference .pth")
     p.add_argument("--license", default="unknown",
-                   help="license field of a Hugging Face model card (default: unknown), e.g. cc-by-nc-4.0")
+                   help="license of a Hugging Face model card or a timm classifier's pretrained_cfg (default: the "
+                        "released weights' the source started from, else unknown), e.g. cc-by-nc-4.0")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output file, or write into an existing output folder (files of the same "
                         "names are replaced, nothing else is touched; a DCP checkpoint is replaced whole); without it "
@@ -498,10 +499,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "  mae weights download official:mae_pretrain_vit_base hf:facebook/vit-mae-base\n"
         "  mae weights verify\n"
         "  MAE_HOME=/shared/mae mae weights download official:mae_visualize_vit_large")
-    # imported here, not at the top: the actions are declared next to their code (no torch, no huggingface_hub)
-    from mae.weights.commands import add_arguments
-
-    add_arguments(p)
+    # the action is checked by mae.weights.commands, not by argparse, so that a bad one is one error line
+    p.add_argument("action", nargs="?", default="list", metavar="ACTION",
+                   help="list (the default: every name, what it holds, its target, size, licence, whether and where "
+                        "it is cached), download NAME... (fetch into the cache, checked and recorded), or verify "
+                        "[NAME...] (re-read the cache; default: everything cached; exit code 2 if one is bad)")
+    p.add_argument("names", nargs="*", metavar="NAME",
+                   help="official:<file stem>, hf:ORG/REPO[@REVISION] or timm:<tag>")
     p.set_defaults(handler=_cmd_weights)
     return parser
 

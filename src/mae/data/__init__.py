@@ -6,8 +6,9 @@ augmentations; `build_loader(...)` a loader whose order is a pure function of (s
 
 Where each idea lives: `datasets` (which dataset a spec names, the hold-out split), `sampling` (seeded samplers and
 per-sample seeding), `loader` (`build_loader`, `set_epoch`), `memoize`, `provenance` (fingerprints, skipped files),
-`mask_noise` (the pre-training sample), `shards` (tar shards), `folders`, `builtin`, `lists`, `transforms`. The
-names below are re-exported here, so ``from mae.data import X`` is the one import users need.
+`mask_noise` (the pre-training sample), `moving_mnist` (the clip dataset), `shards` (tar shards), `folders`,
+`builtin`, `lists`, `transforms`. The names below are re-exported here, so ``from mae.data import X`` is the one
+import users need.
 """
 
 from mae.data.builtin import DATASETS, BuiltinDataset, Digits, MNIST5k, Photos
@@ -24,6 +25,7 @@ from mae.data.folders import UNLABELED, ClassFolderDataset, PlainFolderDataset, 
 from mae.data.loader import build_loader, set_epoch
 from mae.data.mask_noise import WithMaskNoise
 from mae.data.memoize import MEMOIZE_MAX_BYTES, MemoizedDataset, memoize_if_fixed
+from mae.data.moving_mnist import CLIP_DATASETS, ClipNormalize, MovingMNIST
 from mae.data.provenance import fingerprint, passed_over_files, skipped_files
 from mae.data.sampling import EpochSampler, SeededDataset, SeededSampler, sample_seed
 from mae.data.shards import (
@@ -49,12 +51,12 @@ from mae.data.transforms import (
 from mae.data.workers import ignore_stop_signals
 
 __all__ = [
-    "AUGMENTATIONS", "BUILTIN_PREFIX", "DATASETS", "GRAY_MEAN", "GRAY_STD", "HOLDOUT_SEED", "IMAGENET_MEAN",
-    "IMAGENET_STD", "MEMOIZE_MAX_BYTES", "SHARDS_PREFIX", "SPLIT_FOLDERS", "UNLABELED", "BuiltinDataset",
-    "ClassFolderDataset", "Digits", "EpochSampler", "MNIST5k", "MemoizedDataset", "Photos", "PlainFolderDataset",
-    "SeededDataset", "SeededSampler", "ShardDataset", "ShardLoader", "WithMaskNoise", "build_dataset",
-    "build_eval_transform", "build_loader", "build_shard_dataset", "build_shard_loader", "build_transform",
-    "default_mean_std", "eval_preprocessing", "fingerprint", "has_split_folders", "holdout_split",
-    "ignore_stop_signals", "is_shard_spec", "list_builtin", "memoize_if_fixed", "passed_over_files",
-    "resolve_shards", "sample_seed", "set_epoch", "skipped_files", "to_mode",
+    "AUGMENTATIONS", "BUILTIN_PREFIX", "CLIP_DATASETS", "DATASETS", "GRAY_MEAN", "GRAY_STD", "HOLDOUT_SEED",
+    "IMAGENET_MEAN", "IMAGENET_STD", "MEMOIZE_MAX_BYTES", "SHARDS_PREFIX", "SPLIT_FOLDERS", "UNLABELED",
+    "BuiltinDataset", "ClassFolderDataset", "ClipNormalize", "Digits", "EpochSampler", "MNIST5k", "MemoizedDataset",
+    "MovingMNIST", "Photos", "PlainFolderDataset", "SeededDataset", "SeededSampler", "ShardDataset", "ShardLoader",
+    "WithMaskNoise", "build_dataset", "build_eval_transform", "build_loader", "build_shard_dataset",
+    "build_shard_loader", "build_transform", "default_mean_std", "eval_preprocessing", "fingerprint",
+    "has_split_folders", "holdout_split", "ignore_stop_signals", "is_shard_spec", "list_builtin", "memoize_if_fixed",
+    "passed_over_files", "resolve_shards", "sample_seed", "set_epoch", "skipped_files", "to_mode",
 ]

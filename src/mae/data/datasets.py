@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from mae.data.builtin import DATASETS
 from mae.data.folders import ClassFolderDataset, PlainFolderDataset, is_dir_entry, is_image_entry
 from mae.data.lists import find_split_file, split_dataset
+from mae.data.moving_mnist import CLIP_DATASETS
 from mae.data.shards.dataset import build_shard_dataset
 from mae.data.shards.index import is_shard_spec
 from mae.errors import ConfigError, DataError
@@ -24,9 +25,10 @@ SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "validation", "valid")}
 """Sub-folders that `build_dataset` reads for each split when the data folder has them."""
 
 
-def list_builtin() -> list[str]:
-    """Specs of the built-in datasets, e.g. 'builtin:mnist5k'."""
-    return [BUILTIN_PREFIX + name for name in DATASETS]
+def list_builtin(clips: bool = False) -> list[str]:
+    """Specs of the built-in image datasets, e.g. 'builtin:mnist5k'; with `clips`, also the clip datasets
+    ('builtin:moving_mnist'), which only video models read."""
+    return [BUILTIN_PREFIX + name for name in (*DATASETS, *(CLIP_DATASETS if clips else ()))]
 
 
 def _has_direct_images(folder: Path) -> bool:
@@ -89,7 +91,8 @@ def holdout_split(targets: Sequence[int], fraction: float, seed: int = HOLDOUT_S
 
 
 def build_dataset(spec: str, split: str = "train", transform: Callable | None = None, mode: str | None = None,
-                  strict: bool = False, require_classes: bool = False, decode: str = "pil") -> Dataset:
+                  strict: bool = False, require_classes: bool = False, decode: str = "pil",
+                  clips: bool = False) -> Dataset:
     """A dataset of `(image, label)` from `builtin:<name>` or a folder.
 
     A folder's `train` / `val` sub-folder is used for that split when present, else the whole folder. A folder
@@ -100,24 +103,31 @@ def build_dataset(spec: str, split: str = "train", transform: Callable | None = 
     -1.
 
     Args:
-        spec: 'builtin:mnist5k' | 'builtin:digits' | 'builtin:photos' | a folder path | a split file path with
-            '{split}'.
+        spec: 'builtin:mnist5k' | 'builtin:digits' | 'builtin:photos' | 'builtin:moving_mnist' (clips
+            `[C, T, H, W]`, see `mae.data.moving_mnist`) | a folder path | a split file path with '{split}'.
         split: 'train' or 'val'.
-        transform: applied to each PIL image (see `build_transform`).
+        transform: applied to each PIL image (see `build_transform`); for clip datasets, to the clip tensor.
         mode: 'RGB' or 'L'; None keeps a built-in dataset's native mode and reads folders as 'RGB'.
         strict: raise at the first corrupt image file instead of skipping it with a warning.
         require_classes: the folder must have class sub-folders (for fine-tuning and linear probing).
         decode: for folders, 'tensor' decodes JPEGs with torchvision.io into uint8 tensors (the transform then gets
             tensors; v2 transforms take both) instead of PIL; built-in datasets ignore it.
+        clips: the caller reads clips `[C, T, H, W]` (a video model); without it a clip dataset is refused with one
+            line instead of failing inside an image transform.
     """
     if is_shard_spec(spec):  # tar shards written by `mae prepare` (mae.data.shards)
         return build_shard_dataset(spec, split, transform=transform, mode=mode or "RGB", decode=decode, strict=strict)
     if spec.startswith(BUILTIN_PREFIX):
         name = spec[len(BUILTIN_PREFIX):]
+        if name in CLIP_DATASETS:  # clips [C, T, H, W]: `transform` takes the clip tensor, not a PIL image
+            if not clips:
+                raise DataError(f"'{spec}' holds video clips [C, T, H, W] and this command reads images; pass an "
+                                f"image dataset ({', '.join(list_builtin())}) or a folder of images")
+            return CLIP_DATASETS[name](split, transform=transform, mode=mode)
         if name not in DATASETS:
-            close = difflib.get_close_matches(name, DATASETS, n=1)
+            close = difflib.get_close_matches(name, [*DATASETS, *CLIP_DATASETS], n=1)
             hint = f"did you mean '{BUILTIN_PREFIX}{close[0]}'? " if close else ""
-            raise DataError(f"unknown built-in dataset '{spec}'; {hint}valid: {', '.join(list_builtin())}")
+            raise DataError(f"unknown built-in dataset '{spec}'; {hint}valid: {', '.join(list_builtin(clips=True))}")
         return DATASETS[name](split, transform=transform, mode=mode)
     if "{split}" in spec:
         return split_dataset(Path(spec.replace("{split}", split)).expanduser(), transform, mode or "RGB", strict,

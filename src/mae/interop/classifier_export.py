@@ -106,12 +106,15 @@ def _timm_model_args(config: ClassifierConfig) -> dict[str, Any]:
 def timm_export_config(model_or_config: torch.nn.Module | ClassifierConfig,
                        class_names: Sequence[str] | None = None, mean: Sequence[float] | None = None,
                        std: Sequence[float] | None = None, crop_pct: float | None = None,
-                       state_dict: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
+                       state_dict: Mapping[str, torch.Tensor] | None = None,
+                       training: Mapping[str, Any] | None = None, license: str = "unknown") -> dict[str, Any]:
     """timm's ``config.json`` for the exported classifier, written by timm itself (``save_config_for_hf``) from a
     shapes-only timm model: ``architecture``, ``num_classes``, ``label_names``, ``model_args`` and a
     ``pretrained_cfg`` with our evaluation preprocessing (mean / std default to ImageNet's for RGB, 0.5 for grey;
-    crop_pct to 0.875, 1.0 for images of 32 px or less). With `state_dict`, its keys and shapes must equal the timm
-    model's (strict)."""
+    crop_pct to 0.875, 1.0 for images of 32 px or less), the `license` when known and the `training` facts
+    (`mae.interop.hub_metadata.run_facts`: data, epochs, the released weights it started from) as its ``notes``,
+    fields timm's ``PretrainedCfg`` has. With `state_dict`, its keys and shapes must equal the timm model's
+    (strict)."""
     import timm  # heavy (about a second): only the timm export needs it
     from timm.models._hub import save_config_for_hf
 
@@ -126,6 +129,8 @@ def timm_export_config(model_or_config: torch.nn.Module | ClassifierConfig,
         "crop_mode": prep["crop_mode"], "mean": prep["mean"], "std": prep["std"], "num_classes": config.num_classes,
         "first_conv": "patch_embed.proj", "classifier": "head",
         "paper_name": "Masked Autoencoders Are Scalable Vision Learners", "paper_ids": "arXiv:2111.06377",
+        **({"license": license} if license and license != "unknown" else {}),
+        **({"notes": tuple(f"{k}: {v}" for k, v in training.items())} if training else {}),
     }
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         vit = timm.create_model(architecture, pretrained=False, pretrained_cfg=pretrained_cfg, **args)
@@ -149,7 +154,8 @@ def timm_export_config(model_or_config: torch.nn.Module | ClassifierConfig,
 
 def save_timm_classifier(model: torch.nn.Module, path: str | Path, config: ClassifierConfig | None = None,
                          class_names: Sequence[str] | None = None, mean: Sequence[float] | None = None,
-                         std: Sequence[float] | None = None, crop_pct: float | None = None) -> Path:
+                         std: Sequence[float] | None = None, crop_pct: float | None = None,
+                         training: Mapping[str, Any] | None = None, license: str = "unknown") -> Path:
     """Write the classifier for timm; returns `path`.
 
     - `path` without a suffix: a directory in timm's own layout, ``config.json`` + ``model.safetensors``:
@@ -158,12 +164,14 @@ def save_timm_classifier(model: torch.nn.Module, path: str | Path, config: Class
       ``pretrained_cfg``: ``timm.create_model(cfg["pretrained_cfg"]["architecture"], pretrained=True,
       pretrained_cfg_overlay={"file": "NAME.safetensors"}, **cfg)``.
 
-    `class_names`, `mean`, `std` and `crop_pct` go into timm's ``pretrained_cfg`` (see `timm_export_config`).
+    `class_names`, `mean`, `std`, `crop_pct`, `license` and the `training` facts go into timm's ``pretrained_cfg``
+    (see `timm_export_config`), as `save_hf_classifier` puts them in its model card.
     """
     config = _config_of(model, config)
     path = Path(path)
     tensors = {k: v.cpu().contiguous() for k, v in to_timm_classifier_state_dict(model).items()}
-    hub = timm_export_config(config, class_names, mean, std, crop_pct, state_dict=tensors)
+    hub = timm_export_config(config, class_names, mean, std, crop_pct, state_dict=tensors, training=training,
+                             license=license)
     if not path.suffix:
         _save_tensors(tensors, path / TIMM_WEIGHTS_NAME)
         write_json(path / TIMM_CONFIG_NAME, hub)

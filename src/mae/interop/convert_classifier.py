@@ -51,7 +51,8 @@ def convert_classifier(src: str | Path, dst: str | Path, to: str, model_name: st
     data = run_preprocessing(src)
     dst = Path(dst)
     if to == "timm":
-        return save_timm_classifier(model, dst, config, class_names=names, **data)
+        return save_timm_classifier(model, dst, config, class_names=names, training=run_facts(src), license=license,
+                                    **data)
     if to == "hf":
         if dst.suffix:
             raise ConfigError(f"a transformers export is a directory, got '{dst}'; drop the suffix")
@@ -95,9 +96,9 @@ def _convert_weights(src: str | Path, dst: str | Path, to: str, classifier: bool
     if classifier:
         return convert_classifier(src, dst, to, model_name, license)
     out = convert(src, dst, to=to, model_name=model_name)
-    if to == "hf":
-        config = config_from_hf(json.loads((Path(out) / HF_CONFIG_NAME).read_text()))
-        write_hf_metadata(out, config, run_facts(src), license, **_run_mean_std(src))
+    written = json.loads((Path(out) / HF_CONFIG_NAME).read_text()) if to == "hf" else {}
+    if written.get("model_type") == "vit_mae":  # a VideoMAE directory gets no card or preprocessor yet
+        write_hf_metadata(out, config_from_hf(written), run_facts(src), license, **_run_mean_std(src))
     return out
 
 

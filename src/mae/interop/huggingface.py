@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +29,13 @@ HF_WEIGHTS_NAME = "model.safetensors"
 HF_CONFIG_NAME = "config.json"
 
 # reference block sub-key -> Hub sub-key (qkv is split separately)
-_BLOCK_TO_HF = {
+BLOCK_TO_HF = {
     "norm1": "layernorm_before",
     "attn.proj": "attention.output.dense",
     "norm2": "layernorm_after",
     "mlp.fc1": "intermediate.dense",
     "mlp.fc2": "output.dense",
 }
-_QKV_HF = ("attention.attention.query", "attention.attention.key", "attention.attention.value")
 # every spelling of a block sub-module seen in the wild -> reference sub-key ('q'/'k'/'v' are joined into qkv)
 _BLOCK_FROM_HF = {
     "layernorm_before": "norm1",
@@ -61,9 +61,134 @@ _TOP_TO_HF = {
     "norm.weight": "vit.layernorm.weight",
     "norm.bias": "vit.layernorm.bias",
 }
-_TOP_FROM_HF = {v: k for k, v in _TOP_TO_HF.items()}
-_ENC_BLOCK = re.compile(r"^vit\.(?:encoder\.layer|layers)\.(\d+)\.(.+)\.(weight|bias)$")
-_DEC_BLOCK = re.compile(r"^decoder\.(?:decoder_layers|decoder_encoder\.layer)\.(\d+)\.(.+)\.(weight|bias)$")
+_ATTENTION = "attention.attention."
+
+
+@dataclass(frozen=True)
+class KeyLayout:
+    """What differs between the transformers MAE models in their state_dict names; `to_hf_keys` / `from_hf_keys`
+    do the rest. Block sub-keys are what follows ``<blocks>.<i>.``; a ``qkv`` tensor is handled by `split_qkv`
+    (our leaf, tensor -> [(HF sub-key, tensor)]) and, reading, by `qkv_parts` (HF sub-key -> (group, part)),
+    whose parts are joined per block and group by `join_qkv` (prefix, group, parts -> {our sub-key: tensor})."""
+
+    model: str  # the transformers class, for messages
+    encoder: str  # HF prefix of the encoder: "vit." / "videomae."
+    top: Mapping[str, str]  # our top-level key -> HF key
+    block_to_hf: Mapping[str, str]  # our block sub-module -> HF sub-module (qkv apart)
+    block_from_hf: Mapping[str, str]  # HF block sub-module (every spelling read) -> ours (qkv parts apart)
+    split_qkv: Callable[[str, torch.Tensor], list[tuple[str, torch.Tensor]]]
+    qkv_parts: Mapping[str, tuple[str, str]]
+    join_qkv: Callable[[str, str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+    encoder_blocks: str = r"encoder\.layer"  # regex of the HF encoder block list (after `encoder`)
+    decoder_blocks: str = r"decoder\.decoder_layers"  # regex of the HF decoder block list
+    passthrough: tuple[tuple[str, str], ...] = ()  # (our key prefix, HF key prefix): renamed as they are
+    read_only: tuple[tuple[str, str], ...] = ()  # further (our prefix, HF prefix) pairs applied when reading
+    any_leaf: bool = False  # reading, a known sub-module's tensors may have any name (not only weight / bias)
+
+    @property
+    def top_from_hf(self) -> dict[str, str]:
+        return {v: k for k, v in self.top.items()}
+
+    @property
+    def block_pattern(self) -> re.Pattern[str]:
+        return re.compile(rf"^(?:({re.escape(self.encoder)}(?:{self.encoder_blocks}))|(?:{self.decoder_blocks}))"
+                          rf"\.(\d+)\.(.+)$")
+
+
+def to_hf_keys(layout: KeyLayout, state_dict: Mapping[str, torch.Tensor] | torch.nn.Module
+               ) -> dict[str, torch.Tensor]:
+    """Our key names -> ``layout``'s HF names (see `to_hf_state_dict`). ``qkv`` pieces are copies; the other
+    tensors are the input's own (detached)."""
+    sd = state_dict.state_dict() if isinstance(state_dict, torch.nn.Module) else state_dict
+    sd = select(sd, ("encoder", "decoder"), f"a transformers {layout.model} checkpoint")
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in sd.items():
+        value = tensor.detach()
+        if key in layout.top:
+            out[layout.top[key]] = value
+            continue
+        m = re.match(r"^(blocks|decoder_blocks)\.(\d+)\.(.+)\.(weight|bias)$", key)
+        if m:
+            kind, i, sub, leaf = m.groups()
+            prefix = f"{layout.encoder}encoder.layer.{i}." if kind == "blocks" else f"decoder.decoder_layers.{i}."
+            if sub == "attn.qkv":
+                for name, piece in layout.split_qkv(leaf, value):
+                    out[f"{prefix}{name}"] = piece
+                continue
+            if sub in layout.block_to_hf:
+                out[f"{prefix}{layout.block_to_hf[sub]}.{leaf}"] = value
+                continue
+        else:
+            renamed = _rename_prefix(key, layout.passthrough, 0)
+            if renamed is not None:
+                out[renamed] = value
+                continue
+        raise CheckpointError(f"'{key}' has no counterpart in transformers' {layout.model}")
+    return out
+
+
+def from_hf_keys(layout: KeyLayout, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``layout``'s HF names -> ours (see `from_hf_state_dict`); keys without a counterpart are returned
+    unchanged so that the loader can report them."""
+    top, pattern = layout.top_from_hf, layout.block_pattern
+    out: dict[str, torch.Tensor] = {}
+    parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        if key in top:
+            out[top[key]] = value
+            continue
+        m = pattern.match(key)
+        if m:
+            enc, i, sub = m.groups()
+            prefix = f"blocks.{i}" if enc else f"decoder_blocks.{i}"
+            module, _, leaf = sub.rpartition(".")
+            if sub in layout.qkv_parts:
+                group, part = layout.qkv_parts[sub]
+                parts.setdefault((prefix, group), {})[part] = value
+                continue
+            if (layout.any_leaf or leaf in ("weight", "bias")) and module in layout.block_from_hf:
+                out[f"{prefix}.{layout.block_from_hf[module]}.{leaf}"] = value
+                continue
+        renamed = _rename_prefix(key, layout.passthrough + layout.read_only, 1)
+        out[key if renamed is None else renamed] = value  # unknown: reported by the loader
+    for (prefix, group), p in parts.items():
+        out.update((f"{prefix}.{sub}", t) for sub, t in layout.join_qkv(prefix, group, p).items())
+    return out
+
+
+def _rename_prefix(key: str, pairs: tuple[tuple[str, str], ...], side: int) -> str | None:
+    """`key` with the first matching prefix of ``pairs[.][side]`` replaced by the other side's; None: no match."""
+    for pair in pairs:
+        if key.startswith(pair[side]):
+            return pair[1 - side] + key[len(pair[side]):]
+    return None
+
+
+def _split_qkv(leaf: str, qkv: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """ViTMAE: ``qkv`` [3D, ...] -> query / key / value rows [0:D], [D:2D], [2D:3D], weight and bias alike."""
+    return [(f"{_ATTENTION}{name}.{leaf}", chunk.clone())
+            for name, chunk in zip(("query", "key", "value"), qkv.chunk(3, dim=0), strict=False)]
+
+
+def _join_qkv(prefix: str, leaf: str, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if set(parts) != {"q", "k", "v"}:
+        raise CheckpointError(f"{prefix}: the file has attention {'/'.join(sorted(parts))} {leaf} but not all of "
+                              f"query, key and value")
+    return {f"attn.qkv.{leaf}": torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)}
+
+
+VIT_MAE_KEYS = KeyLayout(
+    model="ViTMAEForPreTraining", encoder="vit.", top=_TOP_TO_HF, block_to_hf=BLOCK_TO_HF,
+    block_from_hf={k: v for k, v in _BLOCK_FROM_HF.items() if v not in ("q", "k", "v")},
+    split_qkv=_split_qkv,
+    qkv_parts={f"{module}.{leaf}": (leaf, ref) for module, ref in _BLOCK_FROM_HF.items() if ref in ("q", "k", "v")
+               for leaf in ("weight", "bias")},
+    join_qkv=_join_qkv, encoder_blocks=r"encoder\.layer|layers",
+    decoder_blocks=r"decoder\.(?:decoder_layers|decoder_encoder\.layer)",
+    passthrough=(("mask_token", "decoder.mask_token"), ("decoder_", "decoder.decoder_")),
+    read_only=(("pooler.", "vit.pooler."),),  # ViTModel's pooler: a classifier part, skipped by the loader
+)
+
 
 # ViTMAEConfig's own defaults, used for fields a config.json leaves out
 _HF_DEFAULTS: dict[str, Any] = {
@@ -85,30 +210,7 @@ def to_hf_state_dict(state_dict: Mapping[str, torch.Tensor] | torch.nn.Module) -
     value rows [0:D], [D:2D], [2D:3D]. Tensors without an HF counterpart (``target.*``) are dropped, with a
     warning if they hold anything. query / key / value are copies (safetensors refuses tensors that share
     memory); the other tensors are the input's own (detached), as in ``state_dict()``."""
-    sd = state_dict.state_dict() if isinstance(state_dict, torch.nn.Module) else state_dict
-    sd = select(sd, ("encoder", "decoder"), "a transformers ViTMAEForPreTraining checkpoint")
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in sd.items():
-        value = tensor.detach()
-        if key in _TOP_TO_HF:
-            out[_TOP_TO_HF[key]] = value
-            continue
-        m = re.match(r"^(blocks|decoder_blocks)\.(\d+)\.(.+)\.(weight|bias)$", key)
-        if m:
-            kind, i, sub, leaf = m.groups()
-            prefix = f"vit.encoder.layer.{i}." if kind == "blocks" else f"decoder.decoder_layers.{i}."
-            if sub == "attn.qkv":
-                for name, chunk in zip(_QKV_HF, value.chunk(3, dim=0), strict=False):
-                    out[f"{prefix}{name}.{leaf}"] = chunk.clone()
-                continue
-            if sub in _BLOCK_TO_HF:
-                out[f"{prefix}{_BLOCK_TO_HF[sub]}.{leaf}"] = value
-                continue
-        elif key.startswith(("mask_token", "decoder_")):
-            out[f"decoder.{key}"] = value
-            continue
-        raise CheckpointError(f"'{key}' has no counterpart in transformers' ViTMAEForPreTraining")
-    return out
+    return to_hf_keys(VIT_MAE_KEYS, state_dict)
 
 
 def from_hf_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -118,36 +220,7 @@ def from_hf_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torc
     sd = dict(state_dict)
     if not any(k.startswith("vit.") for k in sd) and any(k.startswith("embeddings.") for k in sd):
         sd = {f"vit.{k}" if not k.startswith("decoder.") else k: v for k, v in sd.items()}  # a bare ViTMAEModel
-    out: dict[str, torch.Tensor] = {}
-    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    for key, value in sd.items():
-        if key in _TOP_FROM_HF:
-            out[_TOP_FROM_HF[key]] = value
-            continue
-        m_enc, m_dec = _ENC_BLOCK.match(key), _DEC_BLOCK.match(key)
-        m = m_enc or m_dec
-        if m and m.group(2) in _BLOCK_FROM_HF:
-            i, sub, leaf = m.groups()
-            prefix = f"blocks.{i}" if m_enc else f"decoder_blocks.{i}"
-            ref = _BLOCK_FROM_HF[sub]
-            if ref in ("q", "k", "v"):
-                qkv.setdefault((prefix, leaf), {})[ref] = value
-            else:
-                out[f"{prefix}.{ref}.{leaf}"] = value
-            continue
-        if key.startswith("decoder.") and key[len("decoder."):].startswith(("mask_token", "decoder_")):
-            out[key[len("decoder."):]] = value
-            continue
-        if key.startswith("vit.pooler."):  # ViTModel's pooler: a classifier part, skipped by the loader
-            out[key[len("vit."):]] = value
-            continue
-        out[key] = value  # unknown: reported by the loader
-    for (prefix, leaf), parts in qkv.items():
-        if set(parts) != {"q", "k", "v"}:
-            raise CheckpointError(f"{prefix}: the file has attention {'/'.join(sorted(parts))} {leaf} but not all of "
-                                  f"query, key and value")
-        out[f"{prefix}.attn.qkv.{leaf}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
-    return out
+    return from_hf_keys(VIT_MAE_KEYS, sd)
 
 
 # ---------------------------------------------------------------------------------------------------- config.json
@@ -199,13 +272,30 @@ def hf_config_dict(config: MAEConfig, dtype: torch.dtype | None = torch.float32)
 
 def config_from_hf(hf: Mapping[str, Any]) -> MAEConfig:
     """MAEConfig from a `ViTMAEConfig` dict (config.json); missing fields take ViTMAEConfig's defaults."""
-    model_type = hf.get("model_type", "vit_mae")
-    if model_type != "vit_mae":
-        raise CheckpointError(f"config.json is for a '{model_type}' model, expected 'vit_mae' (ViTMAEForPreTraining)")
-    c = {**_HF_DEFAULTS, **hf}
-    if c["hidden_act"] != "gelu" or not c["qkv_bias"]:
-        raise CheckpointError(f"this MAE implements hidden_act 'gelu' with qkv_bias true; the file has "
-                              f"hidden_act '{c['hidden_act']}', qkv_bias {c['qkv_bias']}")
+    c, (image, patch, d, dd, mlp_ratio) = read_hf_config(hf, "vit_mae", VIT_MAE_KEYS.model, _HF_DEFAULTS,
+                                                         "qkv_bias", "MAE")
+    return MAEConfig(
+        img_size=image, patch_size=patch, in_chans=int(c["num_channels"]), embed_dim=d,
+        depth=int(c["num_hidden_layers"]), num_heads=int(c["num_attention_heads"]), mlp_ratio=mlp_ratio,
+        decoder_embed_dim=dd, decoder_depth=int(c["decoder_num_hidden_layers"]),
+        decoder_num_heads=int(c["decoder_num_attention_heads"]), norm_eps=float(c["layer_norm_eps"]),
+        norm_pix_loss=bool(c["norm_pix_loss"]), mask_ratio=float(c["mask_ratio"]),
+    )
+
+
+def read_hf_config(hf: Mapping[str, Any], model_type: str, model: str, defaults: Mapping[str, Any], bias: str,
+                   ours: str) -> tuple[dict[str, Any], tuple[Any, int, int, int, float]]:
+    """A transformers MAE config dict (`model_type`, class `model`) with its missing fields taken from `defaults`,
+    and its (image size, patch size, encoder width, decoder width, MLP ratio). CheckpointError for another model
+    type, an activation other than gelu, no attention bias (the flag `bias`), non-square patches and MLP ratios
+    that differ between encoder and decoder; `ours` names our model in messages."""
+    found = hf.get("model_type", model_type)
+    if found != model_type:
+        raise CheckpointError(f"config.json is for a '{found}' model, expected '{model_type}' ({model})")
+    c = {**defaults, **hf}
+    if c["hidden_act"] != "gelu" or not c[bias]:
+        raise CheckpointError(f"this {ours} implements hidden_act 'gelu' with {bias} true; the file has "
+                              f"hidden_act '{c['hidden_act']}', {bias} {c[bias]}")
     patch = c["patch_size"]
     if isinstance(patch, (list, tuple)):
         if len(set(patch)) != 1:
@@ -220,13 +310,34 @@ def config_from_hf(hf: Mapping[str, Any]) -> MAEConfig:
         raise CheckpointError(f"encoder MLP {c['intermediate_size']} / {d} and decoder MLP "
                               f"{c['decoder_intermediate_size']} / {dd} use different ratios; this MAE uses one "
                               f"mlp_ratio for both")
-    return MAEConfig(
-        img_size=image, patch_size=int(patch), in_chans=int(c["num_channels"]), embed_dim=d,
-        depth=int(c["num_hidden_layers"]), num_heads=int(c["num_attention_heads"]), mlp_ratio=mlp_ratio,
-        decoder_embed_dim=dd, decoder_depth=int(c["decoder_num_hidden_layers"]),
-        decoder_num_heads=int(c["decoder_num_attention_heads"]), norm_eps=float(c["layer_norm_eps"]),
-        norm_pix_loss=bool(c["norm_pix_loss"]), mask_ratio=float(c["mask_ratio"]),
-    )
+    return c, (image, int(patch), d, dd, mlp_ratio)
+
+
+def model_config(state_dict: object, config: MAEConfig | None) -> MAEConfig:
+    """`config`, or by default the model's own (`state_dict` being a model)."""
+    if config is None:
+        config = getattr(state_dict, "config", None)
+        if not isinstance(config, MAEConfig):
+            raise CheckpointError("writing a transformers directory needs the model's MAEConfig (pass config=)")
+    return config
+
+
+def write_hf_directory(directory: str | Path, tensors: Mapping[str, torch.Tensor], hf_config: dict[str, Any],
+                       model: str) -> Path:
+    """model.safetensors (HF-named `tensors`) and config.json (`hf_config`, given the tensors' ``dtype``) of a
+    transformers `model` directory, each replaced atomically. Warns when the tensors have no decoder."""
+    if not any(k.startswith("decoder.") for k in tensors):
+        warnings.warn(f"writing an encoder-only transformers checkpoint: {model}.from_pretrained will "
+                      "initialise the decoder itself and report its keys as missing", stacklevel=3)
+    dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    hf_config["dtype"] = str(dtypes.pop() if len(dtypes) == 1 else torch.float32).removeprefix("torch.")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.cpu().contiguous() for k, v in tensors.items()}
+    replace_atomically(directory / HF_WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    text = json.dumps(hf_config, indent=2, sort_keys=True) + "\n"
+    replace_atomically(directory / HF_CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    return directory
 
 
 def save_hf_pretrained(state_dict: Mapping[str, torch.Tensor] | torch.nn.Module, directory: str | Path,
@@ -238,23 +349,9 @@ def save_hf_pretrained(state_dict: Mapping[str, torch.Tensor] | torch.nn.Module,
     our evaluation transform with `mean` / `std`) and a model card ``README.md`` (`training`: what is known of the
     pre-training, see `mae.interop.hub_metadata.run_facts`; `license`). ``config`` defaults to the model's own when
     a model is given."""
-    if config is None:
-        config = getattr(state_dict, "config", None)
-        if not isinstance(config, MAEConfig):
-            raise CheckpointError("writing a transformers directory needs the model's MAEConfig (pass config=)")
+    config = model_config(state_dict, config)
     hf_config = hf_config_dict(config, dtype=None)  # validate before writing anything
-    tensors = to_hf_state_dict(state_dict)
-    if not any(k.startswith("decoder.") for k in tensors):
-        warnings.warn("writing an encoder-only transformers checkpoint: ViTMAEForPreTraining.from_pretrained will "
-                      "initialise the decoder itself and report its keys as missing", stacklevel=2)
-    dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
-    hf_config["dtype"] = str(dtypes.pop() if len(dtypes) == 1 else torch.float32).removeprefix("torch.")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.cpu().contiguous() for k, v in tensors.items()}
-    replace_atomically(directory / HF_WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    text = json.dumps(hf_config, indent=2, sort_keys=True) + "\n"
-    replace_atomically(directory / HF_CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    directory = write_hf_directory(directory, to_hf_state_dict(state_dict), hf_config, VIT_MAE_KEYS.model)
     write_hf_metadata(directory, config, training, license, mean, std)
     return directory
 

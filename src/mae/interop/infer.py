@@ -43,7 +43,8 @@ def registered_name(hint: str | None) -> str | None:
 def standard_heads(width: int, decoder: bool = False) -> tuple[int, str]:
     """Heads for a width, and where the number came from ('registry' or 'head_dim rule')."""
     dim_key, heads_key = ("decoder_embed_dim", "decoder_num_heads") if decoder else ("embed_dim", "num_heads")
-    table = {a[dim_key]: a[heads_key] for a in ARCHITECTURES.values()}
+    # the image architectures only: a clip model's decoder of the same width may have other heads (VideoMAE-L: 512 / 8)
+    table = {a[dim_key]: a[heads_key] for a in ARCHITECTURES.values() if not a.get("num_frames")}
     if width in table:
         return table[width], "registry"
     head_dim = 32 if decoder else 64

@@ -1,8 +1,8 @@
 """One entry point for every checkpoint format: detect, convert to our (reference) key names, check, load.
 
 Formats: ``mae`` (this project's safetensors file or directory, or a training checkpoint with its config),
-``reference`` (the reference release's ``{'model': sd}`` ``.pth``), ``hf`` (a transformers ViTMAE directory or
-state_dict) and ``timm`` (a bare ViT encoder state_dict). Every ``.pth`` / ``.bin`` goes through
+``reference`` (the reference release's ``{'model': sd}`` ``.pth``), ``hf`` (a transformers ViTMAE or VideoMAE
+directory or state_dict) and ``timm`` (a bare ViT encoder state_dict). Every ``.pth`` / ``.bin`` goes through
 `mae.train.checkpoint.safe_load` (weights only; nothing in a file is ever executed). A released-weights name
 (``official:mae_pretrain_vit_base``, ``hf:facebook/vit-mae-base``, ``timm:vit_base_patch16_224.mae``) reads as its
 cached file (`mae.train.run_dir.released_weights`), with what the catalogue says of it (architecture, target) as hints.
@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from mae.errors import CheckpointError, ConfigError
 from mae.interop import huggingface as hf
+from mae.interop import videomae_hf
 from mae.interop.classifier_export import load_hf_classifier
 from mae.interop.classifier_io import is_classifier_checkpoint
 from mae.interop.infer import NAME_FIELDS, check_model_name, infer_config, pixel_target_overrides, registered_name
@@ -52,7 +53,7 @@ WEIGHT_FORMATS = ("mae", "reference", "hf", "timm")
 `mae.train.checkpoint_formats`)."""
 _ENCODER_FIELDS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "norm_eps")
 _ARCH_FIELDS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio",
-                "decoder_embed_dim", "decoder_depth", "decoder_num_heads")
+                "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "num_frames", "tubelet_size")
 
 
 @dataclass
@@ -136,6 +137,9 @@ def _read_local(path: Path) -> Checkpoint:
     if isinstance(container.get("classifier_config"), dict):  # this project's classifier: its encoder's fields
         encoder = {k: v for k, v in container["classifier_config"].items() if k in _ENCODER_FIELDS}
         return Checkpoint(tensors, "mae", MAEConfig(**encoder), path=path)
+    if videomae_hf.is_videomae_state_dict(tensors) or (json_config or {}).get("model_type") == videomae_hf.MODEL_TYPE:
+        config = videomae_hf.config_from_hf(json_config) if json_config and "model_type" in json_config else None
+        return Checkpoint(videomae_hf.from_hf_state_dict(tensors, config), "hf", config, path=path)
     if hf.is_hf_state_dict(tensors) or (json_config or {}).get("model_type") == "vit_mae":
         config = hf.config_from_hf(json_config) if json_config and "model_type" in json_config else None
         return Checkpoint(hf.from_hf_state_dict(tensors), "hf", config, path=path)
@@ -385,6 +389,8 @@ def convert(src: str | Path, dst: str | Path, to: str = "mae", model_name: str |
         if dst.suffix not in ("", ".safetensors"):
             raise ConfigError(f"the mae format is a .safetensors file or a directory, got '{dst}'")
         return save_state_dict(kept, config.to_dict(), dst)
+    if videomae_hf.is_video_config(config):  # the one video MAE transformers has
+        return videomae_hf.save_hf_pretrained(kept, dst, config)
     return hf.save_hf_pretrained(kept, dst, config)
 
 

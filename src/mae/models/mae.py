@@ -57,6 +57,10 @@ class MAEConfig:
     channel_groups: list[list[int]] = field(default_factory=list)  # channels per token group (SatMAE); []: none
     pos_embed_type: str = "sincos"  # sincos | sincos_1d | separable | learned | any registered table
     cls_token: bool = True  # a class token in front of the tokens (VideoMAE has none)
+    attn_k_bias: bool = True  # False: biases on query and value only (VideoMAE); the key third of qkv.bias stays 0
+    encoder_norm: bool = True  # a LayerNorm after the encoder blocks (HF VideoMAE with use_mean_pooling has none)
+    decoder_embed_bias: bool = True  # a bias in the encoder-to-decoder projection (VideoMAE has none)
+    decoder_norm_eps: float | None = None  # eps of the decoder's final LayerNorm; None: norm_eps (HF VideoMAE: 1e-5)
 
     def __post_init__(self) -> None:
         self.channel_groups = [[int(c) for c in group] for group in self.channel_groups or []]
@@ -137,6 +141,8 @@ class MAEConfig:
             sizes = [len(g) for g in self.channel_groups]
             raise ConfigError(f"channel groups of different sizes {sizes} need one prediction head per group, which "
                               f"this model does not have; use groups of equal size")
+        if self.decoder_norm_eps is not None and not self.decoder_norm_eps > 0:
+            raise ConfigError(f"decoder_norm_eps must be > 0 (or unset: norm_eps), got {self.decoder_norm_eps}")
         if self.depth < 1 or self.decoder_depth < 0:
             raise ConfigError(f"depth must be >= 1 and decoder_depth >= 0, got {self.depth}, {self.decoder_depth}")
 
@@ -176,9 +182,13 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
 
+    def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, T, D] -> [N, T, 3D]: queries, keys and values side by side."""
+        return self.qkv(x)
+
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         n, length, dim = x.shape
-        qkv = self.qkv(x).reshape(n, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        qkv = self.project_qkv(x).reshape(n, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [N, heads, T, dim / heads]
         drop = self.attn_drop if self.training else 0.0
         if q.device.type == "cpu" and q.dtype != torch.float32:
@@ -188,6 +198,21 @@ class Attention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop, is_causal=is_causal)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(n, length, dim)))  # [N, T, D]
+
+
+class QVBiasAttention(Attention):
+    """VideoMAE's attention: biases on the query and the value, none on the key. timm's ``qkv.bias`` keeps its key
+    and shape (the encoder still loads into timm's ViT); its key third is replaced by zeros in the forward pass, so
+    no gradient reaches it. (A key bias adds the same number to every score of a query, which the softmax removes:
+    this is exactness, not a different model.)"""
+
+    def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.qkv.bias
+        if bias is None:
+            return self.qkv(x)
+        dim = bias.shape[0] // 3
+        return F.linear(x, self.qkv.weight, torch.cat([bias[:dim], torch.zeros_like(bias[dim:2 * dim]),
+                                                       bias[2 * dim:]]))
 
 
 class MaskedAutoencoderViT(nn.Module):
@@ -204,7 +229,8 @@ class MaskedAutoencoderViT(nn.Module):
         self.num_prefix_tokens = int(cfg.cls_token)
         self.positions = position_table(cfg.pos_embed_type)
         norm_layer = partial(nn.LayerNorm, eps=cfg.norm_eps)
-        block = partial(Block, mlp_ratio=cfg.mlp_ratio, qkv_bias=True, norm_layer=norm_layer, attn_layer=Attention)  # type: ignore[arg-type]  # timm calls norm_layer(dim): a partial works
+        attention = Attention if cfg.attn_k_bias else QVBiasAttention
+        block = partial(Block, mlp_ratio=cfg.mlp_ratio, qkv_bias=True, norm_layer=norm_layer, attn_layer=attention)  # type: ignore[arg-type]  # timm calls norm_layer(dim): a partial works
         self.grad_checkpointing = False
 
         # encoder
@@ -213,19 +239,20 @@ class MaskedAutoencoderViT(nn.Module):
             self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
         self._add_position_table("pos_embed", cfg.embed_dim)
         self.blocks = nn.ModuleList([block(cfg.embed_dim, cfg.num_heads) for _ in range(cfg.depth)])
-        self.norm = norm_layer(cfg.embed_dim)
+        self.norm = norm_layer(cfg.embed_dim) if cfg.encoder_norm else nn.Identity()
         if cfg.mask_in_encoder:
             self.encoder_mask_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
 
         # decoder
         self.target = build_target(cfg.target, cfg.patch_size, cfg.in_chans, **cfg.target_options())
-        self.decoder_embed = nn.Linear(cfg.embed_dim, cfg.decoder_embed_dim)
+        self.decoder_embed = nn.Linear(cfg.embed_dim, cfg.decoder_embed_dim, bias=cfg.decoder_embed_bias)
         if not cfg.mask_in_encoder:
             self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_embed_dim))
         self._add_position_table("decoder_pos_embed", cfg.decoder_embed_dim)
         self.decoder_blocks = nn.ModuleList(
             [block(cfg.decoder_embed_dim, cfg.decoder_num_heads) for _ in range(cfg.decoder_depth)])
-        self.decoder_norm = norm_layer(cfg.decoder_embed_dim)
+        decoder_eps = cfg.norm_eps if cfg.decoder_norm_eps is None else cfg.decoder_norm_eps
+        self.decoder_norm = nn.LayerNorm(cfg.decoder_embed_dim, eps=decoder_eps)
         self.decoder_pred = nn.Linear(cfg.decoder_embed_dim, self.target.dim)
         self.initialize_weights()
 

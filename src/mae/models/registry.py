@@ -52,6 +52,39 @@ ARCHITECTURES["mae_vit_nano_patch4_28"] = {
     "decoder_embed_dim": 64, "decoder_depth": 2, "decoder_num_heads": 4,
 }
 
+# VideoMAE (Tong et al., 2022) on this core, as Hugging Face's VideoMAEForPreTraining computes it: 16 frames of 224^2 in
+# 2 x 16 x 16 tubelets, one fixed 1-D sin-cos table over all tokens (encoder and decoder), no class token, tube masking
+# at 90%, a decoder half as wide with 4 blocks, no bias in the encoder-to-decoder projection, query / value biases
+# only, LayerNorm eps 1e-12 (the decoder's final one 1e-5), and VideoMAE's per-tubelet, per-channel target.
+_VIDEOMAE = {"num_frames": 16, "tubelet_size": 2, "img_size": 224, "patch_size": 16, "pos_embed_type": "sincos_1d",
+             "cls_token": False, "mask_strategy": "tube", "mask_ratio": 0.9, "attn_k_bias": False,
+             "decoder_embed_bias": False, "norm_eps": 1e-12, "decoder_norm_eps": 1e-5, "decoder_depth": 4,
+             "target": "videomae_norm_pixel"}
+for _size in ("base", "large", "huge"):
+    _enc = _ENCODERS[_size]
+    ARCHITECTURES[f"mae_videomae_vit_{_size}_patch16_t16"] = {
+        **_VIDEOMAE, **_enc, "decoder_embed_dim": _enc["embed_dim"] // 2, "decoder_num_heads": _enc["num_heads"] // 2}
+# Its CPU-size sibling for tests: 8 frames of 32 x 32, 2 x 8 x 8 tubelets (4 x 4 x 4 = 64 tokens).
+ARCHITECTURES["mae_videomae_vit_micro_patch8_t8"] = {
+    **_VIDEOMAE, "num_frames": 8, "img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 4,
+    "decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2}
+
+
+# MAE-ST (Feichtenhofer et al., 2022, "Masked Autoencoders As Spatiotemporal Learners") on this core: 16 frames of
+# 224^2 in 2 x 16 x 16 tubelets (8 x 14 x 14 = 1568 tokens), separable learned positions (a spatial table tiled over
+# time plus a temporal table repeated over space, and the class token's own row; the decoder has its own), random
+# masking over all space-time tokens at 90%, a 512-wide decoder of 4 blocks (its PRETRAIN.md; the code's default is
+# 8), LayerNorm eps 1e-6, and its target: one frame per tubelet, normalised per patch (`maest_norm_pixel`).
+_MAEST = {"num_frames": 16, "tubelet_size": 2, "img_size": 224, "patch_size": 16, "pos_embed_type": "separable",
+          "cls_token": True, "mask_strategy": "random", "mask_ratio": 0.9, "norm_eps": 1e-6,
+          "decoder_embed_dim": 512, "decoder_depth": 4, "decoder_num_heads": 16, "target": "maest_norm_pixel"}
+for _size in ("base", "large", "huge"):
+    ARCHITECTURES[f"mae_maest_vit_{_size}_patch16_t16"] = {**_MAEST, **_ENCODERS[_size]}
+# Its CPU-size sibling for tests: 8 frames of 32 x 32, 2 x 8 x 8 tubelets (4 x 4 x 4 = 64 tokens).
+ARCHITECTURES["mae_maest_vit_micro_patch8_t8"] = {
+    **_MAEST, "num_frames": 8, "img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 4,
+    "decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2}
+
 
 def list_models(pattern: str = "*") -> list[str]:
     """Registered model names matching a shell-style pattern, e.g. ``list_models('*large*')``."""

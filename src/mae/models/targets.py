@@ -2,7 +2,9 @@
 
 A target maps images [N, C, H, W] (or clips [N, C, T, H, W]: the pixel and PCA targets cut any token grid,
 `mae.models.grid`) to per-patch targets [N, L, dim] and scores predictions on removed patches only. Built in:
-``pixel``, ``norm_pixel`` (per-patch mean / unbiased variance + 1e-6, the reference's ``norm_pix_loss``), ``pca``
+``pixel``, ``norm_pixel`` (per-patch mean / unbiased variance + 1e-6, the reference's ``norm_pix_loss``),
+``videomae_pixel`` / ``videomae_norm_pixel`` (VideoMAE's: ImageNet-un-normalised, per tubelet and channel),
+``maest_pixel`` / ``maest_norm_pixel`` (MAE-ST's: one sampled frame per tubelet, normalised per patch), ``pca``
 (coefficients on the top-k principal components of training patches, fitted from data and stored in the
 checkpoint) and ``hog`` (histograms of oriented gradients, as in MaskFeat). Tokenizer targets (BEiT's dVAE) plug
 in through `TokenTarget` with a tokenizer the user supplies, or any other target through `register_target`.
@@ -61,6 +63,82 @@ class PixelTarget(Target):
         if self.normalize:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)  # unbiased, as the reference
+            target = (target - mean) / (var + self.eps) ** 0.5
+        return target
+
+
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+"""The ImageNet statistics VideoMAE's target undoes (the input's normalisation; `mae.data.transforms` has the same
+numbers, and models may not import data)."""
+
+
+class VideoMAEPixelTarget(Target):
+    """VideoMAE's target (its ``engine_for_pretraining`` and Hugging Face's ``VideoMAEForPreTraining``): the input
+    un-normalised to [0, 1] with the ImageNet mean / std (RGB inputs only), patch vectors in the grid's (u, p, q, c)
+    order and, with ``normalize``, each tubelet normalised per channel over its u*p*q pixels by the mean and the
+    unbiased std + ``eps`` (std + eps, not the square root of var + eps as in ``norm_pixel``)."""
+
+    def __init__(self, grid: TokenGrid | None, normalize: bool, eps: float = 1e-6):
+        super().__init__()
+        if grid is None or grid.channel_groups:
+            raise ConfigError("the videomae targets need the model's token grid without channel groups; use pixel or "
+                              "norm_pixel for grouped channels")
+        if not normalize and grid.in_chans != 3:
+            raise ConfigError(f"the videomae_pixel target un-normalises ImageNet RGB; with in_chans={grid.in_chans} "
+                              f"use videomae_norm_pixel or pixel")
+        self.grid, self.normalize, self.eps = grid, normalize, eps
+        self.dim = grid.patch_dim()
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        x = imgs
+        if self.grid.in_chans == 3:  # as the references: only RGB input is un-normalised
+            shape = (1, 3) + (1,) * (x.dim() - 2)
+            mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=x.device, dtype=x.dtype).view(shape)
+            std = torch.tensor(IMAGENET_DEFAULT_STD, device=x.device, dtype=x.dtype).view(shape)
+            x = x * std + mean  # [N, C, (T,) H, W] in [0, 1]
+        target = self.grid.patchify(x)  # [N, L, u*p*p*C], channel last
+        if not self.normalize:
+            return target
+        n, length, dim = target.shape
+        per_channel = target.reshape(n, length, dim // self.grid.in_chans, self.grid.in_chans)  # [N, L, u*p*p, C]
+        mean = per_channel.mean(dim=-2, keepdim=True)
+        std = per_channel.var(dim=-2, unbiased=True, keepdim=True).sqrt()
+        return ((per_channel - mean) / (std + self.eps)).reshape(n, length, dim)
+
+
+def maest_target_frames(num_frames: int, time_tokens: int) -> torch.Tensor:
+    """The frames MAE-ST predicts, one per time step of the token grid: ``linspace(0, T-1, t)`` rounded down
+    ([0, 2, 4, 6, 8, 10, 12, 15] for 16 frames in tubelets of 2: the last is the second frame of its tubelet)."""
+    return torch.linspace(0, num_frames - 1, time_tokens, dtype=torch.float32).long()
+
+
+class MAESTPixelTarget(Target):
+    """MAE-ST's target (Feichtenhofer et al., 2022): of each tubelet only one frame, picked by
+    `maest_target_frames`, so a token's target is that frame's p x q patch, (u=1, p, q, c) with the channel last, and
+    the decoder predicts p*q*C values, not the whole tubelet. With ``normalize``, each patch vector is normalised by
+    its own mean and unbiased variance, (var + eps) ** 0.5, on the input as it comes (already normalised)."""
+
+    def __init__(self, grid: TokenGrid | None, normalize: bool, eps: float = 1e-6):
+        super().__init__()
+        if grid is None or not grid.has_time or grid.channel_groups:
+            raise ConfigError("the maest targets need a clip's token grid (num_frames > 0) without channel groups; use "
+                              "pixel or norm_pixel for images and grouped channels")
+        self.grid, self.normalize, self.eps = grid, normalize, eps
+        # one frame per token: t frames of H x W cut into 1 x p x q patches, in the model's token order
+        self.frame_grid = TokenGrid((grid.grid[0], *grid.size[1:]), (1, *grid.patch[1:]), grid.in_chans)
+        self.dim = self.frame_grid.patch_dim()  # p*q*C
+
+    def frames(self) -> torch.Tensor:
+        """The input frames the targets are cut from, one per time step of the grid."""
+        return maest_target_frames(self.grid.size[0], self.grid.grid[0])
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        x = imgs[:, :, self.frames().to(imgs.device)]  # [N, C, t, H, W]
+        target = self.frame_grid.patchify(x)  # [N, t*h*w, p*q*C], tokens in the model's (t, h, w) order
+        if self.normalize:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)  # unbiased, as the image reference
             target = (target - mean) / (var + self.eps) ** 0.5
         return target
 
@@ -184,6 +262,10 @@ _TARGETS: dict[str, TargetFactory] = {
                                                                                      pca_components, grid),
     "hog": lambda patch_size, in_chans, hog_bins=9, grid=None, **kw: HOGTarget(patch_size, in_chans, hog_bins,
                                                                               grid=grid),
+    "videomae_pixel": lambda patch_size, in_chans, grid=None, **kw: VideoMAEPixelTarget(grid, normalize=False),
+    "videomae_norm_pixel": lambda patch_size, in_chans, grid=None, **kw: VideoMAEPixelTarget(grid, normalize=True),
+    "maest_pixel": lambda patch_size, in_chans, grid=None, **kw: MAESTPixelTarget(grid, normalize=False),
+    "maest_norm_pixel": lambda patch_size, in_chans, grid=None, **kw: MAESTPixelTarget(grid, normalize=True),
 }
 
 

@@ -55,6 +55,13 @@ class ModelSection:
     pos_embed_type: str | None = field(default=None, metadata={
         "help": "sincos | sincos_1d | separable | learned"})
     cls_token: bool | None = field(default=None, metadata={"help": "a class token in front of the tokens"})
+    attn_k_bias: bool | None = field(default=None, metadata={
+        "help": "a bias on the attention keys (false: query and value biases only, VideoMAE)"})
+    encoder_norm: bool | None = field(default=None, metadata={"help": "a LayerNorm after the encoder blocks"})
+    decoder_embed_bias: bool | None = field(default=None, metadata={
+        "help": "a bias in the encoder-to-decoder projection (VideoMAE: false)"})
+    decoder_norm_eps: float | None = field(default=None, metadata={
+        "help": "eps of the decoder's final LayerNorm (default: norm_eps; HF VideoMAE: 1e-5)"})
 
     RANGES: ClassVar[dict[str, str]] = {"mlp_ratio": "> 0", "mask_ratio": "[0, 1)", "norm_eps": "> 0"}
 

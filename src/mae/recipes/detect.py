@@ -26,6 +26,7 @@ from mae.recipes.transfer_run import (
     TransferOptim,
     TransferRun,
     backbone_spec,
+    backbone_weights,
     eval_progress,
     evaluation_setup,
     load_task_checkpoint,
@@ -213,4 +214,4 @@ def build_spec(cfg: DetectConfig, run: Run) -> TrainSpec:
     return transfer_spec(run, model=model, backbone=backbone, backbone_prefix="backbone.body.",
                          train_set=train_set, train_loader=loader, loss_fn=loss_fn,
                          evaluate=_scorer(cfg, val_set, device, run.precision), best_key="box_AP", task=task,
-                         init_report=report, metric_keys=METRICS)
+                         init_report=report, metric_keys=METRICS, weights=backbone_weights(cfg.backbone))

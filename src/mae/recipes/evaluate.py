@@ -50,11 +50,12 @@ from mae.files import atomic_write_path, check_output_folder, config_has_keys, w
 from mae.interop.classifier_io import load_classifier
 from mae.models import model_config
 from mae.recipes.classify_common import ClassifyData, eval_transform, labelled_dataset, square_side
-from mae.recipes.common import prepare_output_dir, run_distributed
+from mae.recipes.common import prepare_output_dir, run_distributed, weights_record
 from mae.train.distributed import DistInfo
 from mae.train.metrics_log import MetricsLogger
 from mae.train.precision import resolve_precision
 from mae.train.run import RunFields
+from mae.train.run_dir import released_weights
 
 log = logging.getLogger("mae")
 
@@ -256,6 +257,13 @@ def _written_by_evaluate(folder: Path) -> bool:
     return config_has_keys(folder, {"checkpoint", "protocol", "class_map"})
 
 
+def _weights(checkpoint: str | None) -> dict[str, Any]:
+    """The provenance of the released weights `checkpoint` names (name, source, checksum, licence), as the summary
+    and config.yaml's run record keep it; {} for a path. Read from the cache `load_classifier` filled."""
+    weights = released_weights(checkpoint) if checkpoint else None
+    return weights.provenance() if weights is not None else {}
+
+
 def run(cfg: EvaluateConfig) -> dict:
     """Evaluate a classifier; returns top-1 / top-5 and the paths of what it wrote."""
     check_output_folder(cfg.output_dir, "evaluate", cfg.overwrite, own=_written_by_evaluate)
@@ -286,8 +294,11 @@ def _run(cfg: EvaluateConfig, dist: DistInfo) -> dict[str, Any]:
         "images": result.count, "classes": len(classes), "model_classes": ccfg.num_classes,
         "img_size": ccfg.img_size if isinstance(ccfg.img_size, int) else list(ccfg.img_size),
         "checkpoint": str(cfg.checkpoint), "seconds": seconds, "output_dir": str(out)}
+    weights = _weights(cfg.checkpoint)
+    if weights:
+        summary["weights"] = weights
     if dist.is_main:
-        save_config(cfg, out / "config.yaml")
+        save_config(cfg, out / "config.yaml", run_info=weights_record(weights))
         assert result.confusion is not None
         summary["per_class_csv"] = str(write_per_class_csv(result.confusion, classes, model_index,
                                                            out / "per_class_accuracy.csv"))
@@ -347,8 +358,11 @@ def _run_imagenet_c(cfg: EvaluateConfig, dist: DistInfo) -> dict[str, Any]:
         "protocol": "imagenet-c", **summary_fields(report), "clean_data": clean,
         "images": sum(sum(v.values()) for v in images.values()), "classes": len(reference_classes or []),
         "checkpoint": str(cfg.checkpoint), "seconds": time.perf_counter() - t0, "output_dir": str(out)}
+    weights = _weights(cfg.checkpoint)
+    if weights:
+        summary["weights"] = weights
     if dist.is_main:
-        save_config(cfg, out / "config.yaml")
+        save_config(cfg, out / "config.yaml", run_info=weights_record(weights))
         summary["csv"] = str(write_text(out / "imagenet_c.csv", report_csv(report)))
         summary["markdown"] = str(write_text(out / "imagenet_c.md", report_markdown(
             report, f"ImageNet-C: {Path(str(cfg.checkpoint)).name}")))

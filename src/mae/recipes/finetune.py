@@ -266,11 +266,12 @@ def _export(cfg: FinetuneConfig, out, classes: list[str], best) -> dict:
     model, ccfg, names = load_classifier(best)
     paths = {}
     prep: dict[str, Any] = {"mean": cfg.data.mean, "std": cfg.data.std, "crop_pct": cfg.data.crop_pct}
+    # both exports carry what the run recorded: its facts, the released weights it started from and their licence
+    facts: dict[str, Any] = {"training": run_facts(out), "license": weights_licence(out) or "unknown"}
     if "timm" in cfg.export:
         paths["timm_export"] = str(save_timm_classifier(model, out / "model_timm.safetensors", ccfg,
-                                                        class_names=names or classes, **prep))
+                                                        class_names=names or classes, **facts, **prep))
     if "hf" in cfg.export:
-        paths["hf_export"] = str(save_hf_classifier(model, out / "hf", ccfg, class_names=names or classes,
-                                                    training=run_facts(out), license=weights_licence(out) or "unknown",
+        paths["hf_export"] = str(save_hf_classifier(model, out / "hf", ccfg, class_names=names or classes, **facts,
                                                     **prep))
     return paths

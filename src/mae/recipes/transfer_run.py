@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from mae.errors import CheckpointError, ConfigError
 from mae.files import write_json
 from mae.models.loading import LoadReport
-from mae.recipes.common import resolve_device
+from mae.recipes.common import resolve_device, weights_record
 from mae.threads import default_workers
 from mae.train.checkpoint import safe_load
 from mae.train.checkpoint_kinds import describe, kind_of_state
@@ -28,7 +28,7 @@ from mae.train.metrics_log import draw_curves, progress
 from mae.train.precision import resolve_precision
 from mae.train.rng import seed_everything
 from mae.train.run import Run, TrainFields
-from mae.train.run_dir import resolve_run
+from mae.train.run_dir import released_weights, resolve_run
 from mae.train.spec import TrainSpec, run_training
 from mae.train.trainer import Best, TrainResult
 from mae.transfer.backbone import PYRAMIDS, ViTPyramid, backbone_param_groups, build_backbone
@@ -156,6 +156,16 @@ def make_backbone(section: BackboneSection, img_size: int) -> tuple[ViTPyramid, 
                           drop_path_rate=section.drop_path, **section.pyramid_kwargs())
 
 
+def backbone_weights(section: BackboneSection) -> dict[str, Any] | None:
+    """Name, source, checksum and licence of the released weights the backbone starts from (``backbone.checkpoint``
+    a weights name, ``init=pretrained``), for config.yaml's run record; None otherwise. Read from the cache
+    `make_backbone` filled, not downloaded again."""
+    if section.init != "pretrained" or section.checkpoint is None:
+        return None
+    weights = released_weights(section.checkpoint)
+    return weights.provenance() if weights is not None else None
+
+
 def backbone_spec(backbone: ViTPyramid) -> dict[str, Any]:
     """The `ViTPyramid` arguments that rebuild ``backbone`` (stored in task checkpoints)."""
     block = backbone.blocks[0]
@@ -188,11 +198,13 @@ def run_transfer(cfg: TransferRun, kind: str, build: Callable[[Run], TrainSpec])
 def transfer_spec(run: Run, *, model: nn.Module, backbone: ViTPyramid, backbone_prefix: str, train_set: Any,
                   train_loader: DataLoader, loss_fn: Callable[[nn.Module, Any], torch.Tensor],
                   evaluate: Callable[[nn.Module], dict[str, Any]], best_key: str, task: dict[str, Any],
-                  init_report: LoadReport | None = None, metric_keys: tuple[str, ...] = ()) -> TrainSpec:
+                  init_report: LoadReport | None = None, metric_keys: tuple[str, ...] = (),
+                  weights: Mapping[str, Any] | None = None) -> TrainSpec:
     """What a transfer recipe trains: `model` end to end with layer-wise lr decay on the `backbone` (its parameters
     named under `backbone_prefix`, e.g. 'backbone.body.'), `evaluate` on the val split every ``eval_every`` epochs and
     after the last, the highest `best_key` as checkpoint-best.pth, `task` (what rebuilds the model without the
-    pre-training checkpoint) in every checkpoint; `metric_keys` go into the summary."""
+    pre-training checkpoint) in every checkpoint; `metric_keys` go into the summary; `weights` (the provenance of
+    released weights the backbone came from, `backbone_weights`) goes into config.yaml's run record."""
     cfg, out = run.cfg, run.out
     optim = cfg.optim  # type: ignore[attr-defined]  # the transfer recipes' configs (TrainFields subclasses) have it
     eval_every = cfg.eval_every  # type: ignore[attr-defined]  # as optim: a `TransferRun` field
@@ -240,7 +252,8 @@ def transfer_spec(run: Run, *, model: nn.Module, backbone: ViTPyramid, backbone_
                                                "min_lr": optim.min_lr, "betas": tuple(optim.betas),
                                                "weight_decay": optim.weight_decay, "clip_grad": optim.clip_grad},
                      best=Best(best_key, "max"), summarize=summarize, meta={"task": task}, evaluate=evaluate_epoch,
-                     eval_every=eval_every, checkpointing=backbone, schedule=schedule, on_start=on_start)
+                     eval_every=eval_every, checkpointing=backbone, schedule=schedule, on_start=on_start,
+                     run_info=weights_record(weights))
 
 
 def _plain_metrics(metrics: dict[str, Any]) -> dict[str, Any]:

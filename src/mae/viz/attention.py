@@ -12,16 +12,19 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from matplotlib.figure import Figure
 from torch import nn
 
 from mae.data import build_eval_transform, default_mean_std
 from mae.errors import ConfigError
 from mae.files import atomic_write_path
 from mae.viz.images import pick_images
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["cls_attention", "draw_attention", "load_image_files", "save_attention_maps"]
 
@@ -84,6 +87,10 @@ def draw_attention(model: nn.Module, images: torch.Tensor, display: torch.Tensor
         display = (images - lo) / (images.amax(dim=(1, 2, 3), keepdim=True) - lo).clamp_min(1e-12)
     display = display.detach().float().cpu()
     columns = ["image", *[f"head {i + 1}" for i in range(heads)], "mean of heads"]
+    # matplotlib takes 0.6 s to import: loaded when a picture is drawn, not by every command that can draw one;
+    # a bare Figure renders with Agg and leaves pyplot's global state alone
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(1.5 * len(columns), 1.5 * n + 0.8), layout="constrained")
     axes = fig.subplots(n, len(columns), squeeze=False)
     for row in range(n):

@@ -6,14 +6,17 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from matplotlib.figure import Figure  # a bare Figure renders with Agg and leaves pyplot's global state alone
 
 from mae.data import build_eval_transform, build_transform, default_mean_std
 from mae.files import atomic_write_path
 from mae.models import MaskedAutoencoderViT
 from mae.viz.images import pick_images
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def _denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -82,6 +85,10 @@ def grid_figure(columns: Sequence[tuple[str, torch.Tensor]], title: str) -> Figu
     two short lines (wrapped at 12 characters) in `LABEL_FONTSIZE` points, so that they stay apart and legible."""
     n = columns[0][1].shape[0]
     side = 1.35  # inches per panel
+    # matplotlib takes 0.6 s to import: loaded when a picture is drawn, not by every command that can draw one;
+    # a bare Figure renders with Agg and leaves pyplot's global state alone
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(side * len(columns), side * n + 1.0), layout="constrained")
     axes = fig.subplots(n, len(columns), squeeze=False)
     for col, (name, batch) in enumerate(columns):

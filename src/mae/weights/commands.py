@@ -3,7 +3,6 @@ the lines come from here (through the `out` / `note` callables it passes, so the
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -14,22 +13,10 @@ from mae.weights.official import cached_official, verify_official
 from mae.weights.resolve import resolve_weights
 from mae.weights.settings import cache_home, is_offline, official_url
 
-__all__ = ["ACTIONS", "add_arguments", "run_command"]
+__all__ = ["ACTIONS", "run_command"]
 
 Echo = Callable[[str], object]
 ACTIONS = ("list", "download", "verify")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments of ``mae weights [ACTION] [NAME...]``. The action is checked here, not by argparse, so that a
-    bad one is one error line like every other mistake."""
-    parser.add_argument("action", nargs="?", default="list", metavar="ACTION",
-                        help="list (the default: every name, what it holds, its target, size, licence, whether and "
-                             "where it is cached), download NAME... (fetch into the cache, checked and recorded), or "
-                             "verify [NAME...] (re-read the cache; default: everything cached; exit code 2 if one is "
-                             "bad)")
-    parser.add_argument("names", nargs="*", metavar="NAME",
-                        help="official:<file stem>, hf:ORG/REPO[@REVISION] or timm:<tag>")
 
 
 def run_command(action: str, names: Sequence[str], out: Echo, note: Echo) -> int:
