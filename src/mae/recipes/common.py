@@ -63,7 +63,8 @@ class ModelSection:
     decoder_norm_eps: float | None = field(default=None, metadata={
         "help": "eps of the decoder's final LayerNorm (default: norm_eps; HF VideoMAE: 1e-5)"})
 
-    RANGES: ClassVar[dict[str, str]] = {"mlp_ratio": "> 0", "mask_ratio": "[0, 1)", "norm_eps": "> 0"}
+    RANGES: ClassVar[dict[str, str]] = {"mlp_ratio": "> 0", "mask_ratio": "[0, 1)", "norm_eps": "> 0",
+                                        "decoder_norm_eps": "> 0"}
 
     def overrides(self) -> dict:
         return {k: v for k, v in vars(self).items() if k != "name" and v is not None}
@@ -72,6 +73,8 @@ class ModelSection:
         """This section with every field set to the value the built model has (`config`: its `MAEConfig`): what
         config.yaml records, so that the file alone rebuilds the same architecture."""
         values = config.to_dict()
+        if values.get("decoder_norm_eps") is None:  # unset means the encoder's eps: record the value it has
+            values["decoder_norm_eps"] = values["norm_eps"]
         return {"name": self.name, **{f.name: values[f.name] for f in fields(self) if f.name != "name"}}
 
     def validate(self) -> None:
